@@ -1,0 +1,92 @@
+"""Command lines: `moe-rec` (record routing traces) and `moe-sim` (inspect, replay and plan from traces).
+
+Both groups are thin. Each command lives beside the library code it calls (`<package>/commands.py`) and is
+imported only when it runs, so `moe-sim info` never pays for importing torch and `moe-rec` never compiles Numba
+kernels. Any InputError becomes one line on stderr and exit code 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from importlib.metadata import PackageNotFoundError, version
+
+import click
+
+from traces.errors import InputError
+
+try:
+    __version__ = version("moe-trace")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+source"
+
+# command name -> ("module:function", one-line help shown by the group's --help)
+REC_COMMANDS = {
+    "record": ("recorder.commands:record", "Run a transformers MoE model over prompts and record its routing."),
+}
+SIM_COMMANDS = {
+    "info": ("traces.commands:info", "Summarise traces: tokens, phases, layers, size, per-layer expert load."),
+    "validate": ("traces.commands:validate", "Check traces fully; exit non-zero on the first problem."),
+    "convert": ("traces.commands:convert", "Convert a trace between HDF5 and Arrow (by the output's extension)."),
+    "synth": ("traces.commands:synth", "Write a synthetic trace with realistic skew and co-selection."),
+    "replay": ("simulator.commands:replay", "Replay a trace on a GPU layout and compare expert placements."),
+    "plan": ("simulator.commands:plan", "Find the cheapest layouts that meet a throughput target."),
+    "report": ("simulator.commands:report", "Write a self-contained HTML or Markdown capacity-planning report."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose commands are imported on first use; InputError becomes a one-line error."""
+
+    def __init__(self, *args, lazy_commands: dict[str, tuple[str, str]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = lazy_commands
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.lazy_commands)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.lazy_commands:
+            return None
+        module_name, attr = self.lazy_commands[cmd_name][0].split(":")
+        command = getattr(importlib.import_module(module_name), attr)
+        assert isinstance(command, click.Command)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # The group's --help lists commands from the table above, importing none of them.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, short) for name, (_, short) in self.lazy_commands.items()])
+
+    def invoke(self, ctx: click.Context):
+        debug = bool(ctx.params.get("debug")) or os.environ.get("MOE_TRACE_DEBUG") == "1"
+        try:
+            return super().invoke(ctx)
+        except InputError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=LazyGroup, lazy_commands=REC_COMMANDS)
+@click.version_option(__version__, prog_name="moe-rec")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+def moe_rec(debug: bool) -> None:
+    """Record mixture-of-experts routing traces from Hugging Face transformers models."""
+
+
+@click.group(cls=LazyGroup, lazy_commands=SIM_COMMANDS)
+@click.version_option(__version__, prog_name="moe-sim")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+def moe_sim(debug: bool) -> None:
+    """Inspect MoE routing traces and replay them to plan expert-parallel serving."""
+
+
+if __name__ == "__main__":
+    moe_sim()

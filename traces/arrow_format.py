@@ -1,0 +1,173 @@
+"""Arrow IPC encoding: the same columns as HDF5, routing columns as nested fixed-size lists.
+
+expert_ids: FixedSizeList<FixedSizeList<uint8|uint16, K>, L>; router_logits: ...<float16, E>, L>.
+Schema metadata: b"moe_trace" = metadata JSON. A cleanly closed file ends with a zero-row batch whose custom
+metadata is {b"moe_trace_status": b"complete"}; a file without it is partial. A writer killed before its footer
+leaves an IPC stream after the magic bytes, from which every completed batch is recovered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from traces.chunk import TraceChunk
+from traces.errors import InputError
+from traces.schema import TraceMetadata
+
+ARROW_MAGIC = b"ARROW1"
+META_KEY = b"moe_trace"
+STATUS_KEY = b"moe_trace_status"
+COMPRESSIONS = ("lz4", "zstd", "none")
+
+
+def _arrow_type(meta: TraceMetadata, name: str) -> pa.DataType:
+    scalar = pa.from_numpy_dtype(meta.field_dtype(name))
+    shape = meta.field_shape(name)
+    for size in reversed(shape):
+        scalar = pa.list_(scalar, size)
+    return scalar
+
+
+def arrow_schema(meta: TraceMetadata) -> pa.Schema:
+    return pa.schema(
+        [pa.field(n, _arrow_type(meta, n), nullable=False) for n in meta.stored_fields()],
+        metadata={META_KEY: meta.to_json().encode()},
+    )
+
+
+def _to_arrow(values: np.ndarray, type_: pa.DataType) -> pa.Array:
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+    sizes = []
+    while pa.types.is_fixed_size_list(type_):
+        sizes.append(type_.list_size)
+        type_ = type_.value_type
+    for size in reversed(sizes):
+        flat = pa.FixedSizeListArray.from_arrays(flat, size)
+    return flat
+
+
+def _to_numpy(column: pa.Array | pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    n = len(column)
+    for _ in shape:
+        column = column.flatten()
+    return column.to_numpy(zero_copy_only=False).reshape(n, *shape)
+
+
+class ArrowTraceWriter:
+    def __init__(self, path: Path, metadata: TraceMetadata, compression: str = "lz4"):
+        self.path = path
+        self.metadata = metadata
+        self.schema = arrow_schema(metadata)
+        self.sink = pa.OSFile(str(path), "wb")
+        options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
+        self.writer = pa.ipc.new_file(self.sink, self.schema, options=options)
+        self.num_tokens = 0
+
+    def append(self, chunk: TraceChunk) -> None:
+        arrays = [_to_arrow(getattr(chunk, f.name), f.type) for f in self.schema]
+        self.writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
+        self.sink.flush()
+        self.num_tokens += chunk.num_tokens
+
+    def close(self, complete: bool) -> None:
+        if complete:
+            empty = self.schema.empty_table().to_batches()
+            batch = empty[0] if empty else pa.RecordBatch.from_pylist([], schema=self.schema)
+            self.writer.write_batch(batch, custom_metadata={STATUS_KEY: b"complete"})
+        self.writer.close()
+        self.sink.close()
+
+
+class ArrowShardReader:
+    """Reads one Arrow trace file; falls back to stream reading for a file whose writer died."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.source = pa.memory_map(str(path), "r")
+        self.batches: list[pa.RecordBatch] | None = None  # set only for footer-less (crashed) files
+        try:
+            self.reader: pa.ipc.RecordBatchFileReader | None = pa.ipc.open_file(self.source)
+            schema = self.reader.schema
+            complete = self._has_complete_marker()
+            num_tokens = self.reader.count_rows()  # from batch headers, nothing decompressed
+        except (pa.ArrowInvalid, OSError):
+            self.reader = None
+            schema, num_tokens = self._recover_stream()
+            complete = False
+        raw = (schema.metadata or {}).get(META_KEY)
+        if raw is None:
+            raise InputError(f"{path}: Arrow file is not a moe-trace trace (no {META_KEY.decode()} metadata)")
+        self.metadata = TraceMetadata.from_json(raw, str(path))
+        self.metadata.status = "complete" if complete else "partial"
+        self.schema = schema
+        self.num_tokens = int(num_tokens)
+        for name in self.metadata.stored_fields():
+            if schema.get_field_index(name) < 0:
+                raise InputError(f"{path}: column {name} is missing")
+
+    def _has_complete_marker(self) -> bool:
+        assert self.reader is not None
+        n = self.reader.num_record_batches
+        if n == 0:
+            return False
+        last = self.reader.get_batch_with_custom_metadata(n - 1)
+        meta = last.custom_metadata or {}
+        return meta.get(STATUS_KEY) == b"complete"
+
+    def _recover_stream(self) -> tuple[pa.Schema, int]:
+        buf = self.source.read_buffer()
+        if buf.size < 8 or buf.slice(0, 6).to_pybytes() != ARROW_MAGIC:
+            raise InputError(f"{self.path}: not an Arrow IPC file")
+        try:
+            stream = pa.ipc.open_stream(buf.slice(8))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{self.path}: Arrow file is truncated or corrupt ({exc})") from exc
+        batches = []
+        while True:  # keep every batch that reads back whole; stop at the first damaged one
+            try:
+                batches.append(stream.read_next_batch())
+            except StopIteration:
+                break
+            except (pa.ArrowInvalid, OSError):
+                break
+        self.batches = batches
+        return stream.schema, sum(b.num_rows for b in batches)
+
+    def _batches(self, names: list[str]) -> Iterator[pa.RecordBatch]:
+        if self.batches is not None:
+            for b in self.batches:
+                yield b.select(names)
+            return
+        # Re-open with only the wanted columns so the others are never decompressed.
+        idx = [self.schema.get_field_index(n) for n in names]
+        reader = pa.ipc.open_file(self.source, options=pa.ipc.IpcReadOptions(included_fields=idx))
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
+
+    def iter_blocks(self, names: list[str], block_tokens: int) -> Iterator[TraceChunk]:
+        del block_tokens  # Arrow batches are read whole; the caller regroups them
+        for batch in self._batches(names):
+            if batch.num_rows == 0:
+                continue
+            yield TraceChunk(
+                **{n: _to_numpy(batch.column(n), self.metadata.field_shape(n)) for n in names}
+            )
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def chunk_to_table(chunk: TraceChunk, meta: TraceMetadata) -> pa.Table:
+    """In-memory Arrow form of a chunk (for users who want a pyarrow Table)."""
+    schema = arrow_schema(meta)
+    return pa.Table.from_arrays([_to_arrow(getattr(chunk, f.name), f.type) for f in schema], schema=schema)
+
+
+def is_arrow(head: bytes) -> bool:
+    return head.startswith(ARROW_MAGIC)

@@ -1,0 +1,156 @@
+"""open_trace(): one file or several shards (paths or globs) read as one trace, in bounded-memory chunks."""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from traces.chunk import TraceChunk
+from traces.errors import InputError
+from traces.schema import ALL_FIELDS, TraceMetadata
+
+DEFAULT_CHUNK_TOKENS = 1 << 16
+
+
+class _Shard(Protocol):
+    path: Path
+    metadata: TraceMetadata
+    num_tokens: int
+
+    def iter_blocks(self, names: list[str], block_tokens: int) -> Iterator[TraceChunk]: ...
+    def close(self) -> None: ...
+
+
+def open_shard(path: Path) -> _Shard:
+    from traces.arrow_format import ArrowShardReader, is_arrow
+    from traces.hdf5_format import Hdf5ShardReader, is_hdf5
+
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a trace file")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if is_hdf5(head):
+        return Hdf5ShardReader(path)
+    if is_arrow(head):
+        return ArrowShardReader(path)
+    raise InputError(f"{path}: not a trace (neither HDF5 nor Arrow IPC)")
+
+
+def expand_paths(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Expand globs; a pattern that matches nothing is an error, a plain missing path is reported by open."""
+    items = [paths] if isinstance(paths, str | Path) else list(paths)
+    out: list[Path] = []
+    for item in items:
+        text = str(item)
+        if glob.has_magic(text):
+            matches = sorted(glob.glob(text))
+            if not matches:
+                raise InputError(f"{text}: no file matches this pattern")
+            out.extend(Path(m) for m in matches)
+        else:
+            out.append(Path(text))
+    if not out:
+        raise InputError("no trace file given")
+    return out
+
+
+class Trace:
+    """A trace made of one or more shards with agreeing metadata. Shards are read in the order given."""
+
+    def __init__(self, shards: list[_Shard]):
+        self.shards = shards
+        self.metadata = shards[0].metadata
+        first = self.metadata.contract()
+        for shard in shards[1:]:
+            other = shard.metadata.contract()
+            diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+            if diff:
+                raise InputError(
+                    f"{shard.path}: shard disagrees with {shards[0].path} on {', '.join(diff[:4])}"
+                )
+
+    @property
+    def paths(self) -> list[Path]:
+        return [s.path for s in self.shards]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.shards)
+
+    @property
+    def complete(self) -> bool:
+        return all(s.metadata.status == "complete" for s in self.shards)
+
+    def iter_chunks(
+        self, fields: Sequence[str] = ("expert_ids",), chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    ) -> Iterator[TraceChunk]:
+        """Yield chunks of at most chunk_tokens tokens with only `fields` read from disk.
+
+        Memory is bounded by the chunk size (plus one storage block), whatever the trace's length.
+        """
+        names = list(fields)
+        stored = set(self.metadata.stored_fields())
+        for name in names:
+            if name not in ALL_FIELDS:
+                raise InputError(f"unknown trace field {name!r}")
+            if name not in stored:
+                raise InputError(f"{self.shards[0].path}: this trace does not store {name}")
+        pending: list[TraceChunk] = []
+        pending_rows = 0
+        for shard in self.shards:
+            for block in shard.iter_blocks(names, chunk_tokens):
+                start = 0
+                while start < block.num_tokens:
+                    take = min(chunk_tokens - pending_rows, block.num_tokens - start)
+                    if start == 0 and take == block.num_tokens:
+                        pending.append(block)
+                    else:
+                        pending.append(block.slice(start, start + take))
+                    pending_rows += take
+                    start += take
+                    if pending_rows == chunk_tokens:
+                        yield TraceChunk.concat(pending)
+                        pending, pending_rows = [], 0
+        if pending:
+            yield TraceChunk.concat(pending)
+
+    def read_all(self, fields: Sequence[str] | None = None) -> TraceChunk:
+        """The whole trace in memory (small traces and tests)."""
+        names = list(fields) if fields is not None else self.metadata.stored_fields()
+        chunks = list(self.iter_chunks(names, chunk_tokens=max(1, self.num_tokens)))
+        if not chunks:
+            return TraceChunk(**{n: _empty(self.metadata, n) for n in names})
+        return TraceChunk.concat(chunks)
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()
+
+    def __enter__(self) -> Trace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _empty(meta: TraceMetadata, name: str):
+    import numpy as np
+
+    return np.zeros((0, *meta.field_shape(name)), dtype=meta.field_dtype(name))
+
+
+def open_trace(paths: str | Path | Sequence[str | Path]) -> Trace:
+    """Open one trace file, several shards, or glob patterns, checking that the shards' metadata agree."""
+    shards: list[_Shard] = []
+    try:
+        for path in expand_paths(paths):
+            shards.append(open_shard(path))
+        return Trace(shards)
+    except BaseException:
+        for shard in shards:
+            shard.close()
+        raise
