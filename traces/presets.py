@@ -173,7 +173,7 @@ def preset_metadata(name: str, **overrides: Any) -> TraceMetadata:
     16
     """
     p = get_preset(name)
-    notes = {"preset": p.name}
+    notes: dict[str, Any] = {"preset": p.name}
     if p.expert_groups > 1:
         notes.update(expert_groups=p.expert_groups, topk_groups=p.topk_groups)
     fields: dict[str, Any] = dict(
