@@ -16,7 +16,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     pip install -q --no-index --no-deps "torch>=2.4" 2>/dev/null \
       || pip install -q --no-deps "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu
     # torch's own dependencies, keeping the CPU build just installed
-    pip install -q "torch==$(python -c 'import torch; print(torch.__version__)')"
+    pip install -q "torch==$(python -c 'from importlib.metadata import version; print(version("torch"))')"
   fi
 fi
 pip install -q -e ".[dev]"
