@@ -1,0 +1,412 @@
+"""Rebalance windows: how often should a deployment refit its expert placement?
+
+Online expert-parallel servers (vLLM's and SGLang's EPLB) count expert load over a sliding window of recent forward
+passes and periodically refit the placement. This module replays that on a trace: every W steps the placement is
+refitted from the last N steps' load and then scored on the steps that follow, until the next refit. Two baselines
+are scored on exactly the same steps:
+
+- fixed: fitted once on the first N steps (the warm-up window, never scored) and kept for the whole trace;
+- oracle: for each interval of W scored steps, fitted on those very steps (the best a refit could do, with
+  hindsight).
+
+The score of a step is its load imbalance: the sum over layers of the busiest GPU's load over the sum over layers of
+the mean GPU load, with each expert's load split evenly among its replicas (as `placement.expected_gpu_load`). Each
+refit after the first moves expert weights: every (GPU, expert) copy that the new placement has and the old one did
+not is one expert's weights sent to that GPU (3 x hidden x expert FFN x dtype bytes for a SwiGLU expert).
+
+Memory: the window (N steps) and the pending interval (W steps) of per-step loads [L, E] int32, plus O(steps)
+floats of scores; never per-token data. Shape legend: L MoE layers, E experts, G GPUs, S slots per GPU, W interval
+steps, N window steps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from traces.errors import InputError
+from traces.reader import DEFAULT_CHUNK_TOKENS, Trace
+from traces.schema import PHASE_NAMES, TraceMetadata
+
+SCHEDULES = ("fixed", "rebalanced", "oracle")
+# Bytes per weight element by the model's dtype name (trace metadata `model_dtype`).
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1}
+MAX_REFITS = 400  # default_intervals() keeps each schedule to this many refits
+_PIECE_ENTRIES = 1 << 22  # bound on a per-step bincount's size: [steps in piece, L, E] counts
+
+
+def expert_weight_bytes(metadata: TraceMetadata) -> int:
+    """Bytes of one routed expert's weights: (3 for SwiGLU, else 2) matrices of hidden x expert FFN x dtype size."""
+    matrices = 3 if metadata.expert_activation == "swiglu" else 2
+    dtype_bytes = DTYPE_BYTES.get(metadata.model_dtype.replace("torch.", ""), 2)
+    return matrices * metadata.hidden_size * metadata.expert_intermediate_size * dtype_bytes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-step loads, streamed
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def iter_step_loads(
+    trace: Trace,
+    *,
+    phase: str | None = None,
+    tokens_per_step: int | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[np.ndarray]:
+    """Yield each step's expert load [L, E] int32, in trace order.
+
+    A step is a recorded forward pass (consecutive tokens sharing a `step` value), or, with tokens_per_step B,
+    each run of B consecutive tokens. phase ("prefill" / "decode") keeps only that phase's tokens. A step that spans
+    chunk boundaries is yielded once, whole.
+    """
+    if tokens_per_step is not None and tokens_per_step < 1:
+        raise InputError(f"--tokens-per-step must be at least 1, not {tokens_per_step}")
+    meta = trace.metadata
+    L, E = meta.num_moe_layers, meta.num_experts
+    phase_code = None
+    if phase is not None:
+        codes = {name: code for code, name in PHASE_NAMES.items()}
+        if phase not in codes:
+            raise InputError(f"--phase must be one of {', '.join(codes)}, not {phase!r}")
+        phase_code = codes[phase]
+    pending: np.ndarray | None = None  # the last, possibly unfinished, step seen
+    pending_key = -1
+    kept = 0  # tokens kept so far (for tokens_per_step grouping)
+    piece_tokens = max(1, _PIECE_ENTRIES // (L * E))
+    for chunk in trace.iter_chunks(("expert_ids", "step", "phase"), chunk_tokens=chunk_tokens):
+        n = chunk.num_tokens
+        ids, step = chunk.expert_ids, chunk.step
+        assert ids is not None and step is not None and chunk.phase is not None
+        if phase_code is not None:
+            mask = chunk.phase == phase_code
+            ids, step = ids[mask], step[mask]
+        for start in range(0, ids.shape[0], piece_tokens):
+            piece = ids[start:start + piece_tokens]  # [T, L, K]
+            if tokens_per_step is None:
+                key = step[start:start + piece_tokens].astype(np.int64)
+            else:
+                key = (kept + np.arange(piece.shape[0], dtype=np.int64)) // tokens_per_step
+            kept += piece.shape[0]
+            for load, k in _group_loads(piece, key, E):
+                if pending is not None and k == pending_key:
+                    pending += load
+                    continue
+                if pending is not None:
+                    yield pending
+                pending, pending_key = load, k
+        if progress is not None:
+            progress(n)
+    if pending is not None:
+        yield pending
+
+
+def _group_loads(ids: np.ndarray, key: np.ndarray, num_experts: int) -> list[tuple[np.ndarray, int]]:
+    """Split tokens into runs of equal key and count each run's load. ids: [T, L, K] -> [(load [L, E], key)]."""
+    if ids.shape[0] == 0:
+        return []
+    _, L, _ = ids.shape
+    new_run = np.empty(key.size, dtype=np.int64)
+    new_run[0] = 0
+    new_run[1:] = key[1:] != key[:-1]
+    run = np.cumsum(new_run)  # [T] run index of each token
+    runs = int(run[-1]) + 1
+    flat = ((run[:, None, None] * L + np.arange(L)[None, :, None]) * num_experts + ids).ravel()
+    counts = np.bincount(flat, minlength=runs * L * num_experts).astype(np.int32).reshape(runs, L, num_experts)
+    firsts = np.flatnonzero(np.concatenate([[1], new_run[1:]]))
+    return [(counts[r], int(key[firsts[r]])) for r in range(runs)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring helpers (pure)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def gpu_share(slots: np.ndarray, num_experts: int) -> np.ndarray:
+    """[L, E, G] fraction of each expert's load that lands on each GPU (even split over replicas).
+
+    slots: [L, G, S] expert id per slot (-1 empty).
+    """
+    L, G, S = slots.shape
+    held = np.zeros((L, E := num_experts, G), dtype=np.float64)
+    layer = np.broadcast_to(np.arange(L)[:, None, None], slots.shape)
+    gpu = np.broadcast_to(np.arange(G)[None, :, None], slots.shape)
+    used = slots >= 0
+    np.add.at(held, (layer[used], slots[used], gpu[used]), 1.0)
+    replicas = held.sum(axis=2, keepdims=True)  # [L, E, 1]
+    return np.divide(held, replicas, out=np.zeros((L, E, G)), where=replicas > 0)
+
+
+def step_peaks_means(loads: np.ndarray, share: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per step: sum over layers of the busiest GPU's load, and sum over layers of the mean GPU load.
+
+    loads: [W, L, E]; share: [L, E, G]. Returns two [W] float64 arrays; their ratio is the step's imbalance.
+    """
+    gpu = np.einsum("wle,leg->wlg", loads.astype(np.float64), share)  # [W, L, G]
+    return gpu.max(axis=2).sum(axis=1), gpu.mean(axis=2).sum(axis=1)
+
+
+def copies_moved(old: np.ndarray, new: np.ndarray, num_experts: int) -> int:
+    """(layer, GPU, expert) copies held by `new` but not by `old`: weights to send when switching. slots [L, G, S]."""
+    def presence(slots: np.ndarray) -> np.ndarray:
+        out = np.zeros((*slots.shape[:2], num_experts + 1), dtype=bool)  # last column collects empty slots
+        np.put_along_axis(out, np.where(slots >= 0, slots, num_experts), True, axis=2)
+        return out[..., :num_experts]
+
+    return int((presence(new) & ~presence(old)).sum())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The replay of one schedule
+# ---------------------------------------------------------------------------------------------------------------
+
+FitFn = Callable[[np.ndarray], np.ndarray]  # load [L, E] -> slots [L, G, S]
+
+
+@dataclass
+class RebalanceResult:
+    """Scores of one (W, N) schedule. per_step: name -> [scored steps] imbalance (max/mean) of each step."""
+
+    every: int
+    window: int
+    steps: int  # steps in the trace (after the phase filter)
+    scored_steps: int  # steps after the warm-up window
+    rebalances: int  # refits after the first fit (each may move weights)
+    per_step: dict[str, np.ndarray]
+    aggregate: dict[str, float]  # name -> sum over scored steps of peaks / sum of means
+    moved_copies: np.ndarray  # [rebalances] expert copies sent to GPUs at each refit
+    expert_bytes: int  # bytes of one expert's weights
+    settings: dict[str, Any] = field(default_factory=dict)  # policy, GPUs, redundancy, phase, ...
+
+    @property
+    def moved_bytes(self) -> np.ndarray:
+        """[rebalances] expert-weight bytes moved at each refit."""
+        return self.moved_copies.astype(np.int64) * self.expert_bytes
+
+    def mean_imbalance(self, name: str) -> float:
+        values = self.per_step[name]
+        return float(values.mean()) if values.size else float("nan")
+
+    def percentile(self, name: str, q: float) -> float:
+        values = self.per_step[name]
+        return float(np.percentile(values, q)) if values.size else float("nan")
+
+    def to_dict(self, series: bool = False) -> dict[str, Any]:
+        """JSON-ready summary; series=True adds the per-step imbalance of each schedule."""
+        moved = self.moved_bytes
+        out: dict[str, Any] = {
+            "every": self.every,
+            "window": self.window,
+            "steps": self.steps,
+            "scored_steps": self.scored_steps,
+            "rebalances": self.rebalances,
+            "expert_bytes": self.expert_bytes,
+            "moved_copies_per_rebalance": float(self.moved_copies.mean()) if self.rebalances else 0.0,
+            "moved_bytes_per_rebalance": float(moved.mean()) if self.rebalances else 0.0,
+            "moved_bytes_max": int(moved.max()) if self.rebalances else 0,
+            "moved_bytes_total": int(moved.sum()),
+            "settings": self.settings,
+        }
+        for name in SCHEDULES:
+            out[name] = {
+                "mean_imbalance": self.mean_imbalance(name),
+                "p50": self.percentile(name, 50),
+                "p95": self.percentile(name, 95),
+                "p99": self.percentile(name, 99),
+                "aggregate_imbalance": self.aggregate[name],
+            }
+            if series:
+                out[name]["per_step"] = self.per_step[name].tolist()
+        return out
+
+
+class RebalanceReplay:
+    """Feed per-step loads [L, E] in order with push(); finish() returns the RebalanceResult.
+
+    Steps 0..N-1 are the warm-up window. At scored step t = N + j*W the rebalanced placement is refitted from steps
+    [t-N, t); the fixed placement is the fit at j = 0; the oracle for steps [t, t+W) is fitted on those steps.
+    """
+
+    def __init__(self, every: int, window: int, fit: FitFn, num_experts: int, expert_bytes: int):
+        if every < 1:
+            raise InputError(f"--rebalance-every must be at least 1 step, not {every}")
+        if window < 1:
+            raise InputError(f"--window must be at least 1 step, not {window}")
+        self.every, self.window, self.fit = every, window, fit
+        self.num_experts, self.expert_bytes = num_experts, expert_bytes
+        self.steps = 0
+        self._window: deque[np.ndarray] = deque()
+        self._window_sum: np.ndarray | None = None  # [L, E] int64
+        self._interval: list[np.ndarray] = []  # scored steps since the last refit, for the oracle
+        self._fixed: np.ndarray | None = None  # share [L, E, G]
+        self._current: np.ndarray | None = None  # share [L, E, G]
+        self._current_slots: np.ndarray | None = None
+        self._peaks: dict[str, list[np.ndarray]] = {name: [] for name in SCHEDULES}
+        self._means: dict[str, list[np.ndarray]] = {name: [] for name in SCHEDULES}
+        self._moved: list[int] = []
+
+    def push(self, load: np.ndarray) -> None:
+        t = self.steps
+        if t >= self.window:
+            if (t - self.window) % self.every == 0:
+                self._close_interval()
+                self._refit()
+            assert self._fixed is not None and self._current is not None
+            one = load[None]
+            for name, share in (("fixed", self._fixed), ("rebalanced", self._current)):
+                peak, mean = step_peaks_means(one, share)
+                self._peaks[name].append(peak)
+                self._means[name].append(mean)
+            self._interval.append(load)
+        self._window.append(load)
+        self._window_sum = load.astype(np.int64) if self._window_sum is None else self._window_sum + load
+        if len(self._window) > self.window:
+            self._window_sum -= self._window.popleft()
+        self.steps += 1
+
+    def _refit(self) -> None:
+        assert self._window_sum is not None
+        slots = np.asarray(self.fit(self._window_sum))
+        share = gpu_share(slots, self.num_experts)
+        if self._current_slots is None:
+            self._fixed = share
+        else:
+            self._moved.append(copies_moved(self._current_slots, slots, self.num_experts))
+        self._current, self._current_slots = share, slots
+
+    def _close_interval(self) -> None:
+        if not self._interval:
+            return
+        loads = np.stack(self._interval)  # [W, L, E]
+        share = gpu_share(np.asarray(self.fit(loads.sum(axis=0, dtype=np.int64))), self.num_experts)
+        peak, mean = step_peaks_means(loads, share)
+        self._peaks["oracle"].append(peak)
+        self._means["oracle"].append(mean)
+        self._interval = []
+
+    def finish(self, settings: dict[str, Any] | None = None) -> RebalanceResult:
+        if self.steps <= self.window:
+            raise InputError(
+                f"--window {self.window}: the trace has only {self.steps} steps, none left to score after the window"
+            )
+        self._close_interval()
+        per_step: dict[str, np.ndarray] = {}
+        aggregate: dict[str, float] = {}
+        for name in SCHEDULES:
+            peaks = np.concatenate(self._peaks[name])
+            means = np.concatenate(self._means[name])
+            per_step[name] = np.divide(peaks, means, out=np.ones_like(peaks), where=means > 0)
+            aggregate[name] = float(peaks.sum() / means.sum()) if means.sum() > 0 else 1.0
+        return RebalanceResult(
+            every=self.every,
+            window=self.window,
+            steps=self.steps,
+            scored_steps=self.steps - self.window,
+            rebalances=len(self._moved),
+            per_step=per_step,
+            aggregate=aggregate,
+            moved_copies=np.array(self._moved, dtype=np.int64),
+            expert_bytes=self.expert_bytes,
+            settings=dict(settings or {}),
+        )
+
+
+def replay_rebalance(
+    step_loads: Iterable[np.ndarray],
+    fit: FitFn,
+    *,
+    every: Sequence[int],
+    window: int,
+    num_experts: int,
+    expert_bytes: int,
+    settings: dict[str, Any] | None = None,
+) -> list[RebalanceResult]:
+    """Replay several rebalance intervals (one result per value of `every`) over one pass of per-step loads."""
+    replays = [RebalanceReplay(w, window, fit, num_experts, expert_bytes) for w in every]
+    for load in step_loads:
+        for r in replays:
+            r.push(load)
+    return [r.finish(settings) for r in replays]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On a trace
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RebalanceConfig:
+    """What `moe-sim rebalance` and the report's rebalance section replay."""
+
+    every: tuple[int, ...]  # W values: steps between refits
+    window: int  # N: steps of load each refit looks at
+    policy: str = "balanced"  # placement policy refitted each time (a load-only policy)
+    num_gpus: int = 8
+    gpus_per_node: int = 8
+    redundant_experts: int = 0
+    phase: str | None = None  # "prefill", "decode" or None for both
+    tokens_per_step: int | None = None  # regroup tokens into steps of this size; None: recorded forward passes
+
+    def __post_init__(self) -> None:
+        if not self.every:
+            raise InputError("--rebalance-every: give at least one interval")
+        for w in self.every:
+            if w < 1:
+                raise InputError(f"--rebalance-every must be at least 1 step, not {w}")
+        if self.window < 1:
+            raise InputError(f"--window must be at least 1 step, not {self.window}")
+        if self.policy.startswith("file:"):
+            raise InputError("--placement: a fixed placement file cannot be refitted; choose a policy")
+
+    def fit_function(self, num_experts: int) -> FitFn:
+        from simulator.placement import NEEDS_COSELECTION, fit_placement
+
+        if self.policy in NEEDS_COSELECTION:
+            raise InputError(f"--placement {self.policy}: rebalancing refits from load alone; choose a load policy")
+
+        def fit(load: np.ndarray) -> np.ndarray:
+            return fit_placement(self.policy, load, num_gpus=self.num_gpus, gpus_per_node=self.gpus_per_node,
+                                 redundant_experts=self.redundant_experts).slots
+
+        fit(np.ones((1, num_experts)))  # check the layout once, before streaming the trace
+        return fit
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "num_gpus": self.num_gpus,
+            "gpus_per_node": self.gpus_per_node,
+            "redundant_experts": self.redundant_experts,
+            "phase": self.phase or "all",
+            "tokens_per_step": self.tokens_per_step,
+        }
+
+
+def rebalance_trace(
+    trace: Trace,
+    config: RebalanceConfig,
+    *,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    progress: Callable[[int], None] | None = None,
+) -> list[RebalanceResult]:
+    """Replay every interval in config.every over one streamed pass of the trace."""
+    meta = trace.metadata
+    fit = config.fit_function(meta.num_experts)
+    loads = iter_step_loads(trace, phase=config.phase, tokens_per_step=config.tokens_per_step,
+                            chunk_tokens=chunk_tokens, progress=progress)
+    return replay_rebalance(loads, fit, every=config.every, window=config.window, num_experts=meta.num_experts,
+                            expert_bytes=expert_weight_bytes(meta), settings=config.settings())
+
+
+def default_intervals(steps: int, window: int) -> tuple[int, ...]:
+    """Refit intervals worth comparing on a trace of `steps` steps: powers of ~3 from 1 up to the scored length."""
+    scored = max(1, steps - window)
+    candidates = [1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000]
+    # at most MAX_REFITS refits per interval keeps the sweep quick; an interval as long as the trace means "never"
+    picked = tuple(w for w in candidates if w <= scored and scored / w <= MAX_REFITS)
+    return picked or (scored,)

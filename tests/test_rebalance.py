@@ -1,0 +1,159 @@
+"""Rebalance windows: a hand-worked replay, streaming of per-step loads, and the real placement policies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from report_fixtures import DECODE, PREFILL, random_ids, tiny_metadata, write_ids_trace
+
+from simulator.placement import Placement, expected_gpu_load, fit_placement
+from simulator.rebalance import (
+    RebalanceConfig,
+    copies_moved,
+    expert_weight_bytes,
+    gpu_share,
+    iter_step_loads,
+    rebalance_trace,
+    replay_rebalance,
+    step_peaks_means,
+)
+from traces import InputError, open_trace
+
+
+def pair_hot_with_cold(load: np.ndarray) -> np.ndarray:
+    """Hand-checkable fit for 4 experts on 2 GPUs: GPU 0 gets the hottest and coldest, GPU 1 the middle two."""
+    order = np.argsort(-load[0], kind="stable")
+    return np.array([[[order[0], order[3]], [order[1], order[2]]]], dtype=np.int32)
+
+
+# window N = 2 steps, refit every W = 2 steps; one layer, 4 experts, 2 GPUs
+HAND_STEPS = [[3, 2, 1, 0], [3, 2, 1, 0], [0, 2, 2, 0], [0, 2, 2, 0], [0, 3, 0, 1], [0, 3, 0, 1]]
+
+
+def test_hand_worked_rebalance():
+    loads = [np.array([row], dtype=np.int32) for row in HAND_STEPS]
+    (result,) = replay_rebalance(iter(loads), pair_hot_with_cold, every=[2], window=2, num_experts=4,
+                                 expert_bytes=384)
+    # Warm-up window (steps 0-1) load (6,4,2,0): GPU0 {0,3}, GPU1 {1,2}; this is the fixed placement and the first fit.
+    # Steps 2-3 (0,2,2,0): fixed and rebalanced put 4 on GPU1, 0 on GPU0 -> 4/2 = 2. Oracle fitted on (0,4,4,0):
+    #   GPU0 {1,3}, GPU1 {2,0} -> 2 and 2 -> 1.
+    # Refit at step 4 from steps 2-3 (0,4,4,0): GPU0 {1,3}, GPU1 {2,0}: GPU0 gains expert 1, GPU1 gains expert 0
+    #   -> 2 copies moved, 2 x 384 bytes.
+    # Steps 4-5 (0,3,0,1): rebalanced GPU0 {1,3} = 4, GPU1 = 0 -> 2; fixed GPU0 {0,3} = 1, GPU1 {1,2} = 3 -> 1.5;
+    #   oracle on (0,6,0,2): order 1,3,0,2 -> GPU0 {1,2} = 3, GPU1 {3,0} = 1 -> 1.5.
+    assert result.per_step["fixed"].tolist() == [2.0, 2.0, 1.5, 1.5]
+    assert result.per_step["rebalanced"].tolist() == [2.0, 2.0, 2.0, 2.0]
+    assert result.per_step["oracle"].tolist() == [1.0, 1.0, 1.5, 1.5]
+    assert (result.steps, result.scored_steps, result.rebalances) == (6, 4, 1)
+    assert result.moved_copies.tolist() == [2]
+    assert result.moved_bytes.tolist() == [768]
+    assert result.aggregate["fixed"] == pytest.approx(14 / 8)
+    summary = result.to_dict()
+    assert summary["rebalanced"]["mean_imbalance"] == 2.0
+    assert summary["moved_bytes_per_rebalance"] == 768.0
+
+
+def test_partial_last_interval_and_every_one():
+    loads = [np.array([row], dtype=np.int32) for row in HAND_STEPS[:5]]
+    every1, every2 = replay_rebalance(iter(loads), pair_hot_with_cold, every=[1, 2], window=2, num_experts=4,
+                                      expert_bytes=1)
+    # W = 1: the oracle is fitted on each step alone, and the refit at step t uses steps t-2, t-1.
+    assert every1.rebalances == 2  # refits at steps 3 and 4 (step 2's refit is the first fit)
+    assert every1.per_step["oracle"].tolist() == [1.0, 1.0, 1.5]
+    # W = 2: steps 2-3 then a partial interval of step 4 alone
+    assert every2.per_step["oracle"].tolist() == [1.0, 1.0, 1.5]
+    assert every2.scored_steps == 3
+
+
+def test_window_longer_than_trace_is_input_error():
+    loads = [np.array([row], dtype=np.int32) for row in HAND_STEPS[:2]]
+    with pytest.raises(InputError, match="--window 2"):
+        replay_rebalance(iter(loads), pair_hot_with_cold, every=[1], window=2, num_experts=4, expert_bytes=1)
+    with pytest.raises(InputError, match="--rebalance-every"):
+        RebalanceConfig(every=(0,), window=3)
+
+
+def test_scoring_helpers_match_placement_module():
+    rng = np.random.default_rng(3)
+    load = rng.integers(0, 100, size=(3, 16)).astype(np.float64)
+    placement = fit_placement("replicated", load, num_gpus=4, gpus_per_node=2, redundant_experts=4)
+    share = gpu_share(placement.slots, 16)
+    assert np.allclose(np.einsum("le,leg->lg", load, share), expected_gpu_load(placement, load))
+    peaks, means = step_peaks_means(load[None], share)
+    gpu = expected_gpu_load(placement, load)
+    assert peaks[0] == pytest.approx(gpu.max(axis=1).sum()) and means[0] == pytest.approx(gpu.mean(axis=1).sum())
+    # moving: identical placements move nothing; swapping two experts between GPUs moves two copies per layer
+    assert copies_moved(placement.slots, placement.slots, 16) == 0
+    swapped = Placement("x", np.array([[[0, 1], [2, 3]]]), 4, 2).slots
+    other = np.array([[[2, 1], [0, 3]]], dtype=np.int32)
+    assert copies_moved(swapped, other, 4) == 2
+    assert copies_moved(np.array([[[0, -1], [1, 2]]]), np.array([[[0, 1], [1, 2]]]), 3) == 1
+
+
+def test_expert_bytes_from_metadata():
+    assert expert_weight_bytes(tiny_metadata(1, 4, 2)) == 3 * 8 * 4 * 4  # SwiGLU, float32
+    assert expert_weight_bytes(tiny_metadata(1, 4, 2, model_dtype="bfloat16", hidden_size=2048,
+                                             expert_intermediate_size=1024)) == 3 * 2048 * 1024 * 2
+    assert expert_weight_bytes(tiny_metadata(1, 4, 2, expert_activation="mlp")) == 2 * 8 * 4 * 4
+
+
+def test_step_loads_stream_across_chunks(tmp_path):
+    rng = np.random.default_rng(5)
+    ids = random_ids(rng, 600, 2, 8, 2)
+    step = np.repeat(np.arange(60), 10)
+    phase = np.where(step < 20, PREFILL, DECODE)
+    path = write_ids_trace(tmp_path / "s.h5", ids, num_experts=8, step=step, phase=phase)
+
+    def reference(rows: np.ndarray) -> np.ndarray:
+        out = np.zeros((2, 8), np.int64)
+        for layer in range(2):
+            out[layer] = np.bincount(rows[:, layer].ravel(), minlength=8)
+        return out
+
+    with open_trace(path) as trace:
+        for chunk in (600, 7, 64):
+            got = list(iter_step_loads(trace, chunk_tokens=chunk))
+            assert len(got) == 60
+            assert all(np.array_equal(g, reference(ids[step == s])) for s, g in enumerate(got))
+        decode = list(iter_step_loads(trace, phase="decode", chunk_tokens=33))
+        assert len(decode) == 40 and np.array_equal(decode[0], reference(ids[step == 20]))
+        regrouped = list(iter_step_loads(trace, tokens_per_step=25, chunk_tokens=64))
+        assert len(regrouped) == 24 and np.array_equal(regrouped[1], reference(ids[25:50]))
+        with pytest.raises(InputError, match="--phase"):
+            list(iter_step_loads(trace, phase="both"))
+
+
+def test_rebalance_trace_with_real_policy(tmp_path):
+    rng = np.random.default_rng(11)
+    # popularity drifts: the first half favours one set of experts, the second half another
+    ids = np.concatenate([random_ids(rng, 2000, 2, 16, 2, skew=1.5), random_ids(rng, 2000, 2, 16, 2, skew=1.5)])
+    step = np.arange(4000) // 100
+    path = write_ids_trace(tmp_path / "d.h5", ids, num_experts=16, step=step)
+    config = RebalanceConfig(every=(2, 30), window=4, policy="balanced", num_gpus=4, gpus_per_node=4)
+    with open_trace(path) as trace:
+        fast, slow = rebalance_trace(trace, config, chunk_tokens=512)
+    assert (fast.steps, fast.scored_steps, fast.rebalances) == (40, 36, 17)
+    assert (slow.scored_steps, slow.rebalances) == (36, 1)
+
+    def fit(load: np.ndarray) -> Placement:
+        return fit_placement("balanced", load, num_gpus=4, gpus_per_node=4)
+
+    def imbalance(placement: Placement, load: np.ndarray) -> float:
+        gpu = expected_gpu_load(placement, load)
+        return float(gpu.max(axis=1).sum() / gpu.mean(axis=1).sum())
+
+    step_loads = np.stack([[np.bincount(ids[step == s, layer].ravel(), minlength=16) for layer in range(2)]
+                           for s in range(40)])  # [steps, L, E]
+    fixed = fit(step_loads[:4].sum(axis=0))
+    assert fast.per_step["fixed"] == pytest.approx([imbalance(fixed, step_loads[s]) for s in range(4, 40)])
+    oracle = []
+    for start in range(4, 40, 2):  # W = 2: oracle fitted on each pair of scored steps
+        placement = fit(step_loads[start:start + 2].sum(axis=0))
+        oracle += [imbalance(placement, step_loads[s]) for s in range(start, start + 2)]
+    assert fast.per_step["oracle"] == pytest.approx(oracle)
+    rebalanced = [imbalance(fit(step_loads[t - 4:t].sum(axis=0)), step_loads[t + d])
+                  for t in range(4, 40, 2) for d in range(2)]
+    assert fast.per_step["rebalanced"] == pytest.approx(rebalanced)
+    # after the popularity shift, refitting often beats the placement fitted on the first window
+    assert fast.aggregate["rebalanced"] < fast.aggregate["fixed"]
+    assert fast.moved_copies.sum() > 0 and fast.settings["policy"] == "balanced"
