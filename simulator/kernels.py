@@ -1,0 +1,251 @@
+"""Numba replay kernels over plain arrays (no I/O): route each token's top-k experts to physical slots of several
+placements at once, count per step, and price each finished step on several GPU types.
+
+Shape legend: T tokens in a chunk, L MoE layers, K top-k, E experts, V placements ("variants"), H hardware specs,
+G GPUs (padded to the largest variant's), S slots per GPU, M = G*S slots, N nodes.
+
+Per-step accumulator of one variant: acc [L, W] int64 with W = M + 2G + 2N columns:
+  [0, M)            assignments per physical slot (slot = gpu * S + s)
+  [M, M+G)          scale-up sends per GPU: unique (token, destination GPU) pairs inside the source's node
+  [M+G, M+2G)       scale-up receives per GPU
+  [M+2G, M+2G+N)    scale-out sends per node: unique (token, destination node) pairs, destination != source node
+  [M+2G+N, W)       scale-out receives per node
+Replica rule: a token's source GPU is (global token index) mod G. If the source GPU holds a replica of the expert,
+that replica serves it; otherwise replica number ((token index) div G) mod (replica count), which spreads every
+source GPU's tokens evenly over the replicas.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# Columns of the cost array, one row per hardware spec: effective FLOP/s, effective HBM bytes/s, effective scale-up
+# bytes/s for dispatch and combine, effective scale-out bytes/s per NIC for dispatch and combine, latencies (s).
+C_FLOPS, C_HBM, C_SU_DISPATCH, C_SU_COMBINE, C_SO_DISPATCH, C_SO_COMBINE, C_SU_LAT, C_SO_LAT = range(8)
+NUM_COST_COLUMNS = 8
+# Entries of the model array: FLOPs per assignment, bytes of one expert's weights, bytes sent per token copy in
+# dispatch and in combine, capacity factor (<= 0: no capacity limit), top-k.
+M_FLOPS, M_EXPERT_BYTES, M_DISPATCH_BYTES, M_COMBINE_BYTES, M_CAPACITY_FACTOR, M_TOP_K = range(6)
+NUM_MODEL_ENTRIES = 6
+# Time components, in this order everywhere: expert compute, expert weight reads, dispatch, combine.
+COMPONENTS = ("compute", "weights", "dispatch", "combine")
+# Integer totals per variant and layer (tot_int [V, L, 8]).
+I_LEAVE_GPU, I_LEAVE_NODE, I_SU_PAIRS, I_SO_PAIRS, I_DROPPED, I_ACTIVE, I_PEAK, I_STEPS = range(8)
+NUM_INT_TOTALS = 8
+
+
+@njit(cache=True)
+def step_key(phase: int, sel_in_phase: int, recorded_step: int, tokens_per_step: int) -> int:
+    """Key of the step a token belongs to; a step is a run of consecutive scored tokens sharing one key.
+
+    Regrouped steps (tokens_per_step > 0) count tokens per phase, so prefill and decode never share a step.
+    """
+    if tokens_per_step > 0:
+        return phase * (1 << 40) + sel_in_phase // tokens_per_step
+    return recorded_step
+
+
+@njit(cache=True)
+def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gpus_per_node: int,
+               used_slots: int, model: np.ndarray, cost: np.ndarray, comp: np.ndarray, tot_int: np.ndarray,
+               step_time: np.ndarray) -> float:
+    """Price one finished step of one variant; return its load imbalance (sum of layer max / sum of layer mean).
+
+    acc [L, W] counts as in the module docstring; model [6]; cost [H, 8].
+    Adds seconds into comp [H, L, 4] and dropped / active slots / busiest-GPU assignments / steps into
+    tot_int [L, 8]; writes step_time [H] seconds.
+    Per layer: the slowest GPU's roofline max(FLOPs / FLOP/s, weight bytes / HBM B/s), plus dispatch and combine,
+    each the slower tier's max(send, receive) bytes over its effective bandwidth plus that tier's latency.
+    """
+    layers = acc.shape[0]
+    m = num_gpus * slots_per_gpu
+    num_nodes = max(1, num_gpus // gpus_per_node)
+    n_hw = cost.shape[0]
+    cap = np.inf
+    if model[M_CAPACITY_FACTOR] > 0:
+        # One physical slot may take cf x (the step's assignments) / (slots holding an expert), rounded up.
+        cap = np.ceil(model[M_CAPACITY_FACTOR] * ntok * model[M_TOP_K] / used_slots)
+    step_time[:] = 0.0
+    t_expert = np.zeros(n_hw)
+    compute_bound = np.zeros(n_hw, dtype=np.bool_)
+    sum_max = 0.0
+    sum_mean = 0.0
+    for layer in range(layers):
+        row = acc[layer]
+        t_expert[:] = 0.0
+        gpu_max = 0
+        total = 0
+        for g in range(num_gpus):
+            a_raw = 0
+            a_kept = 0.0
+            act = 0
+            for s in range(slots_per_gpu):
+                c = row[g * slots_per_gpu + s]
+                if c > 0:
+                    act += 1
+                    a_raw += c
+                    kept = min(float(c), cap)
+                    a_kept += kept
+                    tot_int[layer, I_DROPPED] += c - int(kept)
+            tot_int[layer, I_ACTIVE] += act
+            total += a_raw
+            gpu_max = max(gpu_max, a_raw)
+            flops = a_kept * model[M_FLOPS]
+            wbytes = act * model[M_EXPERT_BYTES]
+            for h in range(n_hw):
+                tc = flops / cost[h, C_FLOPS]
+                tw = wbytes / cost[h, C_HBM]
+                if max(tc, tw) > t_expert[h]:
+                    t_expert[h] = max(tc, tw)
+                    compute_bound[h] = tc >= tw
+        tot_int[layer, I_PEAK] += gpu_max
+        tot_int[layer, I_STEPS] += 1
+        sum_max += gpu_max
+        sum_mean += total / num_gpus
+        su_max = 0
+        for g in range(num_gpus):
+            su_max = max(su_max, row[m + g], row[m + num_gpus + g])
+        so_max = 0
+        for n in range(num_nodes):
+            so_max = max(so_max, row[m + 2 * num_gpus + n], row[m + 2 * num_gpus + num_nodes + n])
+        for h in range(n_hw):
+            disp = 0.0
+            comb = 0.0
+            if su_max > 0:
+                disp = su_max * model[M_DISPATCH_BYTES] / cost[h, C_SU_DISPATCH] + cost[h, C_SU_LAT]
+                comb = su_max * model[M_COMBINE_BYTES] / cost[h, C_SU_COMBINE] + cost[h, C_SU_LAT]
+            if so_max > 0:
+                # A node's scale-out traffic is spread over its gpus_per_node NICs (rail-optimised, as in DeepEP).
+                per_nic = so_max / gpus_per_node
+                disp = max(disp, per_nic * model[M_DISPATCH_BYTES] / cost[h, C_SO_DISPATCH] + cost[h, C_SO_LAT])
+                comb = max(comb, per_nic * model[M_COMBINE_BYTES] / cost[h, C_SO_COMBINE] + cost[h, C_SO_LAT])
+            comp[h, layer, 0 if compute_bound[h] else 1] += t_expert[h]
+            comp[h, layer, 2] += disp
+            comp[h, layer, 3] += comb
+            step_time[h] += t_expert[h] + disp + comb
+    if sum_mean <= 0:
+        return 1.0
+    return sum_max / sum_mean
+
+
+@njit(cache=True)
+def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int, phase_filter: int,
+                 score_start: int, var_gpus: np.ndarray, var_slots: np.ndarray, var_gpn: np.ndarray,
+                 var_tps: np.ndarray, var_used: np.ndarray, rep_count: np.ndarray, rep_slot: np.ndarray,
+                 model: np.ndarray, cost: np.ndarray,
+                 sel_count: np.ndarray, cur_key: np.ndarray, cur_ntok: np.ndarray, acc: np.ndarray,
+                 fresh: np.ndarray, head_key: np.ndarray, head_ntok: np.ndarray, head_acc: np.ndarray,
+                 tot_gpu: np.ndarray, tot_int: np.ndarray, comp: np.ndarray,
+                 out_imb: np.ndarray, out_time: np.ndarray, out_ntok: np.ndarray, out_n: np.ndarray) -> None:
+    """Route one chunk of tokens for every variant; price each step as it closes.
+
+    ids [T, L, K]; steps, phases [T]; t0: global index of the chunk's first token. A token is scored when its
+    phase matches phase_filter (-1: both) and its global index >= score_start.
+    Variant v: var_gpus, var_slots, var_gpn, var_tps (tokens per step, 0 = recorded steps), var_used (slots holding
+    an expert) [V]; rep_count [V, L, E]; rep_slot [V, L, E, R] slot index of each replica. model [6], cost [H, 8].
+    State carried from chunk to chunk: sel_count [2] scored tokens per phase; cur_key, cur_ntok [V] and
+    acc [V, L, W] (the open step); fresh [V] (1 until the segment's first step closes) and head_key, head_ntok [V],
+    head_acc [V, L, W]: a segment's first step is kept unpriced, because it may continue a step from the segment
+    before it (replay.Segment.merge).
+    Totals: tot_gpu [V, L, G] assignments per GPU; tot_int [V, L, 8] (I_* columns); comp [V, H, L, 4] seconds.
+    Per closed step: out_imb [V, T + 1], out_time [V, H, T + 1], out_ntok [V, T + 1]; out_n [V] counts them.
+    """
+    n_tok, layers, top_k = ids.shape
+    n_var = var_gpus.shape[0]
+    g_max = tot_gpu.shape[2]
+    mark_gpu = -np.ones(g_max, dtype=np.int64)  # stamp of the last (token, layer, variant) sent to each GPU
+    mark_node = -np.ones(g_max, dtype=np.int64)  # ... and to each node (nodes <= GPUs)
+    step_time = np.zeros(cost.shape[0])
+    for i in range(n_tok):
+        ph = phases[i]
+        t = t0 + i
+        if (phase_filter >= 0 and ph != phase_filter) or t < score_start:
+            continue
+        sel = sel_count[ph]
+        sel_count[ph] += 1
+        for v in range(n_var):
+            g_count = var_gpus[v]
+            s_count = var_slots[v]
+            gpn = var_gpn[v]
+            m = g_count * s_count
+            n_nodes = max(1, g_count // gpn)
+            key = step_key(ph, sel, steps[i], var_tps[v])
+            if key != cur_key[v]:
+                if cur_ntok[v] > 0:
+                    if fresh[v]:
+                        head_key[v] = cur_key[v]
+                        head_ntok[v] = cur_ntok[v]
+                        head_acc[v] = acc[v]
+                        fresh[v] = 0
+                    else:
+                        c = out_n[v]
+                        out_imb[v, c] = price_step(acc[v], cur_ntok[v], g_count, s_count, gpn, var_used[v],
+                                                   model, cost, comp[v], tot_int[v], step_time)
+                        out_time[v, :, c] = step_time
+                        out_ntok[v, c] = cur_ntok[v]
+                        out_n[v] = c + 1
+                    acc[v] = 0
+                cur_key[v] = key
+                cur_ntok[v] = 0
+            cur_ntok[v] += 1
+            src = t % g_count
+            src_node = src // gpn
+            rr = t // g_count
+            for layer in range(layers):
+                stamp = (t * layers + layer) * n_var + v
+                row = acc[v, layer]
+                for k in range(top_k):
+                    e = ids[i, layer, k]
+                    n_rep = rep_count[v, layer, e]
+                    slot = rep_slot[v, layer, e, 0]
+                    if n_rep > 1:
+                        slot = -1
+                        for r in range(n_rep):
+                            if rep_slot[v, layer, e, r] // s_count == src:
+                                slot = rep_slot[v, layer, e, r]
+                                break
+                        if slot < 0:
+                            slot = rep_slot[v, layer, e, rr % n_rep]
+                    row[slot] += 1
+                    g = slot // s_count
+                    tot_gpu[v, layer, g] += 1
+                    if g == src:
+                        continue
+                    tot_int[v, layer, I_LEAVE_GPU] += 1
+                    node = g // gpn
+                    if node == src_node:
+                        if mark_gpu[g] != stamp:
+                            mark_gpu[g] = stamp
+                            row[m + src] += 1
+                            row[m + g_count + g] += 1
+                            tot_int[v, layer, I_SU_PAIRS] += 1
+                    else:
+                        tot_int[v, layer, I_LEAVE_NODE] += 1
+                        if mark_node[node] != stamp:
+                            mark_node[node] = stamp
+                            row[m + 2 * g_count + src_node] += 1
+                            row[m + 2 * g_count + n_nodes + node] += 1
+                            tot_int[v, layer, I_SO_PAIRS] += 1
+
+
+@njit(cache=True)
+def count_load(ids: np.ndarray, phases: np.ndarray, t0: int, phase_filter: int, stop: int,
+               load: np.ndarray, cosel: np.ndarray, with_cosel: bool) -> None:
+    """Fit statistics over tokens with global index < stop: load [L, E] and co-selection cosel [L, E, E].
+
+    ids [T, L, K]; cosel[l, a, b] counts tokens that chose both a and b at layer l (a != b).
+    """
+    n_tok, layers, top_k = ids.shape
+    for i in range(min(n_tok, stop - t0)):
+        if phase_filter >= 0 and phases[i] != phase_filter:
+            continue
+        for layer in range(layers):
+            for k in range(top_k):
+                a = ids[i, layer, k]
+                load[layer, a] += 1
+                if with_cosel:
+                    for q in range(k + 1, top_k):
+                        b = ids[i, layer, q]
+                        cosel[layer, a, b] += 1
+                        cosel[layer, b, a] += 1

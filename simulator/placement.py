@@ -1,0 +1,628 @@
+"""Expert placement policies: pure functions from a per-layer expert load to physical slots on GPUs.
+
+Shape legend: L MoE layers, E experts per layer, G GPUs, S slots per GPU, N nodes, M = G*S physical slots.
+
+A placement is `slots [L, G, S]`: the expert id held by each physical slot (-1: empty). An expert may be held by
+several slots (replicas); a GPU never holds two replicas of one expert. Every policy is registered in POLICIES and
+called through `fit_placement`. The packing kernels are Numba functions over plain arrays (no I/O).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from traces.errors import InputError
+
+# Coactivation policy: a GPU may carry this much more load than the mean (or the balanced packing's own maximum,
+# whichever is larger) while experts are moved next to their usual partners.
+COACTIVATION_LOAD_SLACK = 0.05
+# Weight of keeping a co-selected pair in one node relative to one GPU: a pair split across nodes costs scale-out
+# bytes, whose bandwidth is about 9x below NVLink's (450 vs 50 GB/s per GPU on H100 nodes, hardware.md).
+COACTIVATION_NODE_WEIGHT = 4.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Expert ids per physical slot, per layer.
+
+    slots: [L, G, S] int32, expert id held by each slot of each GPU (-1 = empty slot).
+    """
+
+    policy: str
+    slots: np.ndarray
+    num_experts: int
+    gpus_per_node: int
+
+    def __post_init__(self) -> None:
+        if self.slots.ndim != 3:
+            raise InputError(f"placement {self.policy}: slots must be [layers, gpus, slots], got shape {self.slots.shape}")
+        object.__setattr__(self, "slots", np.ascontiguousarray(self.slots, dtype=np.int32))
+        check_slots(self.slots, self.num_experts, self.policy)
+        g = self.num_gpus
+        if g % self.gpus_per_node and g > self.gpus_per_node:
+            raise InputError(f"placement {self.policy}: {g} GPUs are not divisible into nodes of {self.gpus_per_node}")
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.slots.shape[0])
+
+    @property
+    def num_gpus(self) -> int:
+        return int(self.slots.shape[1])
+
+    @property
+    def slots_per_gpu(self) -> int:
+        return int(self.slots.shape[2])
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.num_gpus // self.gpus_per_node)
+
+    @property
+    def replica_counts(self) -> np.ndarray:
+        """[L, E] number of slots holding each expert."""
+        out = np.zeros((self.num_layers, self.num_experts), dtype=np.int64)
+        for layer in range(self.num_layers):
+            ids = self.slots[layer].ravel()
+            np.add.at(out[layer], ids[ids >= 0], 1)
+        return out
+
+    @property
+    def max_experts_per_gpu(self) -> int:
+        """Most filled slots on any GPU in any layer (expert weight memory is sized by this)."""
+        return int((self.slots >= 0).sum(axis=2).max())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "num_experts": self.num_experts,
+            "gpus_per_node": self.gpus_per_node,
+            "layers": self.slots.tolist(),
+        }
+
+
+def check_slots(slots: np.ndarray, num_experts: int, source: str) -> None:
+    """Every expert held at least once per layer, ids in range, no expert twice on one GPU."""
+    if slots.size == 0:
+        raise InputError(f"{source}: placement has no slots")
+    if slots.min() < -1 or slots.max() >= num_experts:
+        raise InputError(f"{source}: expert id out of range 0..{num_experts - 1}")
+    for layer in range(slots.shape[0]):
+        held = np.zeros(num_experts, dtype=np.int64)
+        ids = slots[layer].ravel()
+        np.add.at(held, ids[ids >= 0], 1)
+        missing = np.flatnonzero(held == 0)
+        if missing.size:
+            raise InputError(f"{source}: layer {layer} misses expert(s) {', '.join(map(str, missing[:8]))}")
+        for gpu in range(slots.shape[1]):
+            row = slots[layer, gpu]
+            row = row[row >= 0]
+            if np.unique(row).size != row.size:
+                raise InputError(f"{source}: layer {layer} GPU {gpu} holds the same expert twice")
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+@njit(cache=True)
+def replica_counts_minmax(load: np.ndarray, num_slots: int, max_per_expert: int) -> np.ndarray:
+    """Replicas per expert minimising the largest load per replica (greedy; optimal for that objective).
+
+    load: [E] float64; num_slots >= E; returns [E] int64 counts summing to num_slots, each <= max_per_expert.
+    """
+    e_count = load.shape[0]
+    counts = np.ones(e_count, dtype=np.int64)
+    for _ in range(num_slots - e_count):
+        best, best_val = -1, -1.0
+        for e in range(e_count):
+            if counts[e] < max_per_expert and load[e] / counts[e] > best_val:
+                best_val = load[e] / counts[e]
+                best = e
+        counts[best] += 1
+    return counts
+
+
+@njit(cache=True)
+def _has_expert(bin_items: np.ndarray, fill: int, item_expert: np.ndarray, expert: int) -> bool:
+    for q in range(fill):  # noqa: SIM110 (a plain loop compiles in Numba; any() over a generator does not)
+        if item_expert[bin_items[q]] == expert:
+            return True
+    return False
+
+
+@njit(cache=True)
+def pack_items(weight: np.ndarray, item_expert: np.ndarray, num_bins: int, capacity: int,
+               max_iters: int) -> np.ndarray:
+    """Pack weighted items into bins of `capacity` items, no two items of one expert in a bin, min-max bin weight.
+
+    weight: [M] float64 item weights; item_expert: [M] int64 expert of each item (replicas share an expert).
+    Returns bin_items [num_bins, capacity] int64 (item index, -1 = empty).
+    Longest-processing-time first (heaviest item into the lightest bin with room), then local search: move or swap
+    an item of the heaviest bin with an item of another bin whenever that lowers the larger of the two bins.
+    """
+    m = weight.shape[0]
+    bins = -np.ones((num_bins, capacity), dtype=np.int64)
+    fill = np.zeros(num_bins, dtype=np.int64)
+    total = np.zeros(num_bins, dtype=np.float64)
+    order = np.argsort(-weight, kind="mergesort")
+    for idx in range(m):
+        i = order[idx]
+        best = -1
+        for b in range(num_bins):
+            ok = fill[b] < capacity and not _has_expert(bins[b], fill[b], item_expert, item_expert[i])
+            if ok and (best < 0 or total[b] < total[best]):
+                best = b
+        if best < 0:  # only possible when an expert has more replicas than bins: caller prevents it
+            for b in range(num_bins):
+                if fill[b] < capacity and (best < 0 or total[b] < total[best]):
+                    best = b
+        bins[best, fill[best]] = i
+        fill[best] += 1
+        total[best] += weight[i]
+    for _ in range(max_iters):
+        a = np.argmax(total)
+        la = total[a]
+        best_peak = la * (1.0 - 1e-12)
+        bi, bb, bq = -1, -1, -1
+        for p in range(fill[a]):
+            i = bins[a, p]
+            wi = weight[i]
+            for b in range(num_bins):
+                if b == a:
+                    continue
+                lb = total[b]
+                if lb + wi >= best_peak and lb >= best_peak:
+                    continue
+                # move into a free slot
+                if fill[b] < capacity and not _has_expert(bins[b], fill[b], item_expert, item_expert[i]):
+                    peak = max(la - wi, lb + wi)
+                    if peak < best_peak:
+                        best_peak, bi, bb, bq = peak, p, b, -1
+                for q in range(fill[b]):
+                    j = bins[b, q]
+                    wj = weight[j]
+                    if wj >= wi:
+                        continue
+                    peak = max(la - wi + wj, lb + wi - wj)
+                    if peak >= best_peak:
+                        continue
+                    ei, ej = item_expert[i], item_expert[j]
+                    if ei != ej:
+                        dup = False
+                        for r in range(fill[b]):
+                            if r != q and item_expert[bins[b, r]] == ei:
+                                dup = True
+                        for r in range(fill[a]):
+                            if r != p and item_expert[bins[a, r]] == ej:
+                                dup = True
+                        if dup:
+                            continue
+                    best_peak, bi, bb, bq = peak, p, b, q
+        if bi < 0:
+            break
+        i = bins[a, bi]
+        if bq < 0:
+            bins[a, bi] = bins[a, fill[a] - 1]
+            bins[a, fill[a] - 1] = -1
+            fill[a] -= 1
+            bins[bb, fill[bb]] = i
+            fill[bb] += 1
+            total[a] -= weight[i]
+            total[bb] += weight[i]
+        else:
+            j = bins[bb, bq]
+            bins[a, bi] = j
+            bins[bb, bq] = i
+            total[a] += weight[j] - weight[i]
+            total[bb] += weight[i] - weight[j]
+    return bins
+
+
+@njit(cache=True)
+def _best_replicated_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, max_iters: int) -> np.ndarray:
+    """One layer of the replicated policy: [G, S] expert ids.
+
+    Replica counts start at the min-max-per-replica greedy; then, while the packed maximum is above the ideal
+    (mean GPU load), a replica is moved from the expert whose per-replica load is lowest to the expert whose replica
+    sits on the heaviest GPU, keeping the change only when the repacked maximum drops.
+    """
+    e_count = load.shape[0]
+    m = num_gpus * slots_per_gpu
+    counts = replica_counts_minmax(load, m, num_gpus)
+    best_slots = _pack_counts(load, counts, num_gpus, slots_per_gpu, max_iters)
+    best_peak = _peak(load, counts, best_slots)
+    mean = load.sum() / num_gpus
+    for _ in range(4 * (m - e_count) + 1):
+        if best_peak <= mean * (1.0 + 1e-9) or m == e_count:
+            break
+        # heaviest GPU's heaviest replicated item gets one more replica; the least loaded per-replica expert loses one
+        gpu_load = np.zeros(num_gpus)
+        for g in range(num_gpus):
+            for s in range(slots_per_gpu):
+                e = best_slots[g, s]
+                if e >= 0:
+                    gpu_load[g] += load[e] / counts[e]
+        hot = np.argmax(gpu_load)
+        improved = False
+        # candidates to gain a replica: experts on the hottest GPU, heaviest per replica first
+        cand = best_slots[hot].copy()
+        per = np.empty(cand.shape[0])
+        for s in range(cand.shape[0]):
+            per[s] = -load[cand[s]] / counts[cand[s]] if cand[s] >= 0 else 0.0
+        for s in np.argsort(per):
+            gain = cand[s]
+            if gain < 0 or counts[gain] >= num_gpus:
+                continue
+            # donor: the expert with >1 replica whose load per replica after losing one is smallest
+            donor, donor_val = -1, np.inf
+            for e in range(e_count):
+                if e != gain and counts[e] > 1:
+                    v = load[e] / (counts[e] - 1)
+                    if v < donor_val:
+                        donor_val, donor = v, e
+            if donor < 0:
+                break
+            counts[gain] += 1
+            counts[donor] -= 1
+            trial = _pack_counts(load, counts, num_gpus, slots_per_gpu, max_iters)
+            peak = _peak(load, counts, trial)
+            if peak < best_peak * (1.0 - 1e-9):
+                best_peak, best_slots, improved = peak, trial, True
+                break
+            counts[gain] -= 1
+            counts[donor] += 1
+        if not improved:
+            break
+    return best_slots
+
+
+@njit(cache=True)
+def _pack_counts(load: np.ndarray, counts: np.ndarray, num_gpus: int, slots_per_gpu: int,
+                 max_iters: int) -> np.ndarray:
+    m = counts.sum()
+    item_expert = np.empty(m, dtype=np.int64)
+    weight = np.empty(m)
+    k = 0
+    for e in range(load.shape[0]):
+        for _ in range(counts[e]):
+            item_expert[k] = e
+            weight[k] = load[e] / counts[e]
+            k += 1
+    bins = pack_items(weight, item_expert, num_gpus, slots_per_gpu, max_iters)
+    out = -np.ones((num_gpus, slots_per_gpu), dtype=np.int64)
+    for g in range(num_gpus):
+        for s in range(slots_per_gpu):
+            if bins[g, s] >= 0:
+                out[g, s] = item_expert[bins[g, s]]
+    return out
+
+
+@njit(cache=True)
+def _peak(load: np.ndarray, counts: np.ndarray, slots: np.ndarray) -> float:
+    peak = 0.0
+    for g in range(slots.shape[0]):
+        t = 0.0
+        for s in range(slots.shape[1]):
+            e = slots[g, s]
+            if e >= 0:
+                t += load[e] / counts[e]
+        peak = max(peak, t)
+    return peak
+
+
+@njit(cache=True)
+def _coactivation_layer(slots: np.ndarray, load: np.ndarray, cosel: np.ndarray, gpus_per_node: int,
+                        node_weight: float, cap: float, max_passes: int) -> np.ndarray:
+    """Swap slots between GPUs to raise co-selected pairs sharing a GPU (weight 1) or a node (node_weight).
+
+    slots: [G, S] expert ids (-1 empty); load: [E]; cosel: [E, E] tokens choosing both experts (diagonal ignored).
+    A swap is kept only if both GPUs stay at or under `cap` load and no GPU holds an expert twice.
+    """
+    g_count, s_count = slots.shape
+    out = slots.copy()
+    counts = np.zeros(load.shape[0])
+    for g in range(g_count):
+        for s in range(s_count):
+            if out[g, s] >= 0:
+                counts[out[g, s]] += 1
+    per = np.zeros(load.shape[0])
+    for e in range(load.shape[0]):
+        if counts[e] > 0:
+            per[e] = load[e] / counts[e]
+    gpu_load = np.zeros(g_count)
+    for g in range(g_count):
+        for s in range(s_count):
+            if out[g, s] >= 0:
+                gpu_load[g] += per[out[g, s]]
+    multi_node = g_count > gpus_per_node
+
+    def affinity(e: int, g: int, skip_g: int, skip_s: int) -> float:
+        # pairs e would form on GPU g (and its node), leaving out slot (skip_g, skip_s)
+        total = 0.0
+        node = g // gpus_per_node
+        for h in range(g_count):
+            same_node = h // gpus_per_node == node
+            if h != g and not (multi_node and same_node):
+                continue
+            for s in range(s_count):
+                if h == skip_g and s == skip_s:
+                    continue
+                f = out[h, s]
+                if f < 0 or f == e:
+                    continue
+                c = cosel[e, f] / (counts[e] * counts[f])
+                if h == g:
+                    total += c
+                if multi_node and same_node:
+                    total += node_weight * c
+        return total
+
+    for _ in range(max_passes):
+        best, bg1, bs1, bg2, bs2 = 1e-12, -1, -1, -1, -1
+        for g1 in range(g_count):
+            for s1 in range(s_count):
+                e1 = out[g1, s1]
+                if e1 < 0:
+                    continue
+                here1 = affinity(e1, g1, g1, s1)
+                for g2 in range(g1 + 1, g_count):
+                    for s2 in range(s_count):
+                        e2 = out[g2, s2]
+                        if e2 < 0 or e2 == e1:
+                            continue
+                        l1 = gpu_load[g1] - per[e1] + per[e2]
+                        l2 = gpu_load[g2] - per[e2] + per[e1]
+                        if l1 > cap or l2 > cap:
+                            continue
+                        dup = False
+                        for s in range(s_count):
+                            if (s != s2 and out[g2, s] == e1) or (s != s1 and out[g1, s] == e2):
+                                dup = True
+                        if dup:
+                            continue
+                        before = here1 + affinity(e2, g2, g2, s2)
+                        out[g1, s1], out[g2, s2] = e2, e1
+                        after = affinity(e1, g2, -1, -1) + affinity(e2, g1, -1, -1)
+                        out[g1, s1], out[g2, s2] = e1, e2
+                        if after - before > best:
+                            best, bg1, bs1, bg2, bs2 = after - before, g1, s1, g2, s2
+        if bg1 < 0:
+            break
+        e1, e2 = out[bg1, bs1], out[bg2, bs2]
+        out[bg1, bs1], out[bg2, bs2] = e2, e1
+        gpu_load[bg1] += per[e2] - per[e1]
+        gpu_load[bg2] += per[e1] - per[e2]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- policies
+
+
+def _check_common(load: np.ndarray, num_gpus: int, gpus_per_node: int) -> tuple[int, int]:
+    if load.ndim != 2:
+        raise InputError(f"placement: load must be [layers, experts], got shape {load.shape}")
+    if num_gpus < 1 or gpus_per_node < 1:
+        raise InputError("placement: --gpus and --gpus-per-node must be positive")
+    if num_gpus % gpus_per_node and num_gpus > gpus_per_node:
+        raise InputError(f"--gpus {num_gpus} is not divisible into nodes of --gpus-per-node {gpus_per_node}")
+    return int(load.shape[0]), int(load.shape[1])
+
+
+def _slots_without_replicas(num_experts: int, num_gpus: int, policy: str) -> int:
+    if num_experts % num_gpus:
+        raise InputError(
+            f"--placements {policy}: {num_experts} experts do not divide over {num_gpus} GPUs without replicas "
+            "(use --redundant-experts with the replicated policy, or another GPU count)"
+        )
+    return num_experts // num_gpus
+
+
+def contiguous(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant_experts: int = 0,
+               coselection: np.ndarray | None = None) -> np.ndarray:
+    """Expert e on GPU e // (E / G), every layer alike.
+
+    load: [L, E] expert load (only its shape is used). Returns slots [L, G, E/G] int32.
+    """
+    layers, experts = _check_common(load, num_gpus, gpus_per_node)
+    s = _slots_without_replicas(experts, num_gpus, "contiguous")
+    one = np.arange(experts, dtype=np.int32).reshape(num_gpus, s)
+    return np.broadcast_to(one, (layers, num_gpus, s)).copy()
+
+
+def round_robin(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant_experts: int = 0,
+                coselection: np.ndarray | None = None) -> np.ndarray:
+    """Expert e on GPU e mod G, every layer alike.
+
+    load: [L, E] expert load (only its shape is used). Returns slots [L, G, E/G] int32.
+    """
+    layers, experts = _check_common(load, num_gpus, gpus_per_node)
+    s = _slots_without_replicas(experts, num_gpus, "round-robin")
+    one = np.arange(experts, dtype=np.int32).reshape(s, num_gpus).T.copy()
+    return np.broadcast_to(one, (layers, num_gpus, s)).copy()
+
+
+def balanced(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant_experts: int = 0,
+             coselection: np.ndarray | None = None) -> np.ndarray:
+    """No replicas; each GPU gets E/G experts with summed loads as even as possible (LPT + swap search).
+
+    load: [L, E] expert load. Returns slots [L, G, E/G] int32.
+    """
+    layers, experts = _check_common(load, num_gpus, gpus_per_node)
+    s = _slots_without_replicas(experts, num_gpus, "balanced")
+    out = np.empty((layers, num_gpus, s), dtype=np.int32)
+    item_expert = np.arange(experts, dtype=np.int64)
+    for layer in range(layers):
+        bins = pack_items(load[layer].astype(np.float64), item_expert, num_gpus, s, 64 * experts)
+        out[layer] = bins
+    return out
+
+
+def _replicated_slots(experts: int, num_gpus: int, redundant: int) -> int:
+    if redundant < 0:
+        raise InputError(f"--redundant-experts must not be negative, got {redundant}")
+    total = experts + redundant
+    if total % num_gpus:
+        raise InputError(
+            f"--redundant-experts {redundant}: {experts} experts + {redundant} replicas = {total} slots do not "
+            f"divide over {num_gpus} GPUs"
+        )
+    return total // num_gpus
+
+
+def replicated(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant_experts: int = 0,
+               coselection: np.ndarray | None = None) -> np.ndarray:
+    """Replicate hot experts into R extra slots and pack replicas flat over all GPUs.
+
+    load: [L, E] expert load; redundant_experts: R, with (E + R) divisible by G.
+    Returns slots [L, G, (E + R) / G] int32. Replica counts minimise max load per replica, then are adjusted
+    while repacking (LPT + move/swap search) lowers the heaviest GPU; replicas of one expert sit on different GPUs.
+    """
+    layers, experts = _check_common(load, num_gpus, gpus_per_node)
+    s = _replicated_slots(experts, num_gpus, redundant_experts)
+    out = np.empty((layers, num_gpus, s), dtype=np.int32)
+    for layer in range(layers):
+        out[layer] = _best_replicated_layer(load[layer].astype(np.float64), num_gpus, s, 16 * num_gpus * s)
+    return out
+
+
+def replicated_hierarchical(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant_experts: int = 0,
+                            coselection: np.ndarray | None = None) -> np.ndarray:
+    """Replicated, packed in two levels: replicas onto nodes (min-max node load), then each node's onto its GPUs.
+
+    load: [L, E]; returns slots [L, G, (E + R) / G] int32. Same replica counts as the flat policy's start.
+    """
+    layers, experts = _check_common(load, num_gpus, gpus_per_node)
+    s = _replicated_slots(experts, num_gpus, redundant_experts)
+    nodes = max(1, num_gpus // gpus_per_node)
+    gpn = num_gpus // nodes
+    out = np.empty((layers, num_gpus, s), dtype=np.int32)
+    for layer in range(layers):
+        lw = load[layer].astype(np.float64)
+        counts = replica_counts_minmax(lw, num_gpus * s, num_gpus)
+        item_expert = np.repeat(np.arange(experts, dtype=np.int64), counts)
+        weight = lw[item_expert] / counts[item_expert]
+        # Nodes may hold two replicas of an expert (on different GPUs): allow it at node level by packing items as
+        # distinct "experts" there, then enforce the per-GPU rule inside the node.
+        node_bins = pack_items(weight, np.arange(item_expert.size, dtype=np.int64), nodes, gpn * s, 16 * num_gpus * s)
+        for n in range(nodes):
+            items = node_bins[n]
+            gpu_bins = pack_items(weight[items], item_expert[items], gpn, s, 16 * gpn * s)
+            for g in range(gpn):
+                out[layer, n * gpn + g] = item_expert[items[gpu_bins[g]]]
+    return out
+
+
+def coactivation(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant_experts: int = 0,
+                 coselection: np.ndarray | None = None) -> np.ndarray:
+    """Keep experts that tokens choose together on one GPU (and one node), under a load cap.
+
+    load: [L, E]; coselection: [L, E, E] tokens choosing both experts. Starts from `balanced` (or `replicated`
+    when R > 0) and swaps slots between GPUs while co-selected pairs sharing a GPU (weight 1) or a node
+    (weight COACTIVATION_NODE_WEIGHT) increase and every GPU stays under max(start max, mean x (1 + slack)).
+    Returns slots [L, G, S] int32.
+    """
+    layers, experts = _check_common(load, num_gpus, gpus_per_node)
+    if coselection is None or coselection.shape != (layers, experts, experts):
+        raise InputError("placement coactivation: needs co-selection counts [layers, experts, experts]")
+    base_policy = replicated if redundant_experts else balanced
+    base = base_policy(load, num_gpus=num_gpus, gpus_per_node=gpus_per_node, redundant_experts=redundant_experts)
+    out = np.empty_like(base)
+    for layer in range(layers):
+        lw = load[layer].astype(np.float64)
+        slots = base[layer].astype(np.int64)
+        counts = np.bincount(slots[slots >= 0], minlength=experts)
+        gpu = np.array([(lw[r[r >= 0]] / counts[r[r >= 0]]).sum() for r in slots])
+        cap = max(gpu.max(), lw.sum() / num_gpus * (1 + COACTIVATION_LOAD_SLACK))
+        co = coselection[layer].astype(np.float64)
+        out[layer] = _coactivation_layer(slots, lw, co, gpus_per_node, COACTIVATION_NODE_WEIGHT, cap,
+                                         4 * experts)
+    return out
+
+
+PolicyFn = Callable[..., np.ndarray]
+POLICIES: dict[str, PolicyFn] = {
+    "contiguous": contiguous,
+    "round-robin": round_robin,
+    "balanced": balanced,
+    "replicated": replicated,
+    "replicated-hier": replicated_hierarchical,
+    "coactivation": coactivation,
+}
+NEEDS_COSELECTION = frozenset({"coactivation"})
+USES_REDUNDANCY = frozenset({"replicated", "replicated-hier", "coactivation"})
+
+
+def fit_placement(policy: str, load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant_experts: int = 0,
+                  coselection: np.ndarray | None = None) -> Placement:
+    """Fit a named policy (or `file:PATH`) to a load [L, E]; coselection [L, E, E] for coactivation."""
+    load = np.asarray(load, dtype=np.float64)
+    if policy.startswith("file:"):
+        placement = load_placement_file(policy[5:], num_experts=load.shape[1], num_layers=load.shape[0])
+        if placement.num_gpus != num_gpus:
+            raise InputError(f"{policy[5:]}: placement is for {placement.num_gpus} GPUs, not --gpus {num_gpus}")
+        return Placement(policy, placement.slots, placement.num_experts, gpus_per_node)
+    if policy not in POLICIES:
+        raise InputError(f"--placements: unknown policy {policy!r}; choose from {', '.join(POLICIES)} or file:PATH")
+    if redundant_experts and policy not in USES_REDUNDANCY:
+        redundant_experts = 0
+    slots = POLICIES[policy](load, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
+                             redundant_experts=redundant_experts, coselection=coselection)
+    return Placement(policy, slots, int(load.shape[1]), gpus_per_node)
+
+
+def load_placement_file(path: str | Path, *, num_experts: int, num_layers: int) -> Placement:
+    """Read a placement JSON: {"num_experts": E, "gpus_per_node": n (optional), "layers": [[[ids per GPU]...]...]}.
+
+    "layers" is [L][G][S] (pad short GPUs with -1), or a single [G][S] used for every layer.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: placement file not found")
+    try:
+        data = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{p}: placement file is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or "layers" not in data:
+        raise InputError(f"{p}: placement file needs a \"layers\" list ([layers][gpus][slots] expert ids)")
+    file_experts = data.get("num_experts", num_experts)
+    if file_experts != num_experts:
+        raise InputError(f"{p}: placement is for {file_experts} experts but the trace has {num_experts}")
+    try:
+        arr = np.array(data["layers"], dtype=np.int64)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{p}: \"layers\" must be a rectangular list of integers (pad with -1)") from exc
+    if arr.ndim == 2:
+        arr = np.broadcast_to(arr, (num_layers, *arr.shape)).copy()
+    if arr.ndim != 3:
+        raise InputError(f"{p}: \"layers\" must be [layers][gpus][slots], got {arr.ndim} dimensions")
+    if arr.shape[0] != num_layers:
+        raise InputError(f"{p}: placement has {arr.shape[0]} layers but the trace has {num_layers}")
+    gpn_raw = data.get("gpus_per_node", arr.shape[1])
+    if not isinstance(gpn_raw, int) or gpn_raw < 1:
+        raise InputError(f"{p}: \"gpus_per_node\" must be a positive integer")
+    gpn = gpn_raw
+    return Placement(f"file:{p}", arr.astype(np.int32), num_experts, gpn)
+
+
+def expected_gpu_load(placement: Placement, load: np.ndarray) -> np.ndarray:
+    """[L, G] load per GPU when each expert's load [L, E] is split evenly among its replicas."""
+    counts = placement.replica_counts.astype(np.float64)
+    per = np.divide(load, counts, out=np.zeros_like(load, dtype=np.float64), where=counts > 0)  # [L, E]
+    slots = placement.slots  # [L, G, S]
+    layer_idx = np.arange(placement.num_layers)[:, None, None]
+    vals = np.where(slots >= 0, per[layer_idx, np.maximum(slots, 0)], 0.0)
+    return vals.sum(axis=2)
+
+
+def imbalance(gpu_load: np.ndarray) -> np.ndarray:
+    """max / mean over the last axis (GPUs); 1.0 is perfect balance. Rows with zero load give 1.0."""
+    mean = gpu_load.mean(axis=-1)
+    peak = gpu_load.max(axis=-1)
+    return np.divide(peak, mean, out=np.ones_like(mean, dtype=np.float64), where=mean > 0)
