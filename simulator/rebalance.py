@@ -12,7 +12,8 @@ are scored on exactly the same steps:
 The score of a step is its load imbalance: the sum over layers of the busiest GPU's load over the sum over layers of
 the mean GPU load, with each expert's load split evenly among its replicas (as `placement.expected_gpu_load`). Each
 refit after the first moves expert weights: every (GPU, expert) copy that the new placement has and the old one did
-not is one expert's weights sent to that GPU (3 x hidden x expert FFN x dtype bytes for a SwiGLU expert).
+not is one expert's weights sent to that GPU (3 x hidden x expert FFN x 2 bytes for a SwiGLU expert in BF16,
+the serving precision of the cost model).
 
 Memory: the window (N steps) and the pending interval (W steps) of per-step loads [L, E] int32, plus O(steps)
 floats of scores; never per-token data. Shape legend: L MoE layers, E experts, G GPUs, S slots per GPU, W interval
@@ -28,22 +29,15 @@ from typing import Any
 
 import numpy as np
 
+from simulator.cost_model import expert_weight_bytes
 from traces.errors import InputError
 from traces.reader import DEFAULT_CHUNK_TOKENS, Trace
-from traces.schema import PHASE_NAMES, TraceMetadata
+from traces.schema import PHASE_NAMES
 
 SCHEDULES = ("fixed", "rebalanced", "oracle")
-# Bytes per weight element by the model's dtype name (trace metadata `model_dtype`).
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1}
 MAX_REFITS = 400  # default_intervals() keeps each schedule to this many refits
 _PIECE_ENTRIES = 1 << 22  # bound on a per-step bincount's size: [steps in piece, L, E] counts
-
-
-def expert_weight_bytes(metadata: TraceMetadata) -> int:
-    """Bytes of one routed expert's weights: (3 for SwiGLU, else 2) matrices of hidden x expert FFN x dtype size."""
-    matrices = 3 if metadata.expert_activation == "swiglu" else 2
-    dtype_bytes = DTYPE_BYTES.get(metadata.model_dtype.replace("torch.", ""), 2)
-    return matrices * metadata.hidden_size * metadata.expert_intermediate_size * dtype_bytes
+_PHASE_KEY = 1 << 40  # regrouped step keys: phase * _PHASE_KEY + index of the step within its phase
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -62,7 +56,7 @@ def iter_step_loads(
     """Yield each step's expert load [L, E] int32, in trace order.
 
     A step is a recorded forward pass (consecutive tokens sharing a `step` value), or, with tokens_per_step B,
-    each run of B consecutive tokens. phase ("prefill" / "decode") keeps only that phase's tokens. A step that spans
+    each run of B consecutive tokens of one phase (as simulator.kernels.step_key). phase ("prefill" / "decode") keeps only that phase's tokens. A step that spans
     chunk boundaries is yielded once, whole.
     """
     if tokens_per_step is not None and tokens_per_step < 1:
@@ -77,22 +71,26 @@ def iter_step_loads(
         phase_code = codes[phase]
     pending: np.ndarray | None = None  # the last, possibly unfinished, step seen
     pending_key = -1
-    kept = 0  # tokens kept so far (for tokens_per_step grouping)
+    kept = np.zeros(2, dtype=np.int64)  # tokens kept so far per phase (for tokens_per_step grouping)
     piece_tokens = max(1, _PIECE_ENTRIES // (L * E))
     for chunk in trace.iter_chunks(("expert_ids", "step", "phase"), chunk_tokens=chunk_tokens):
         n = chunk.num_tokens
-        ids, step = chunk.expert_ids, chunk.step
-        assert ids is not None and step is not None and chunk.phase is not None
+        ids, step, phases = chunk.expert_ids, chunk.step, chunk.phase
+        assert ids is not None and step is not None and phases is not None
         if phase_code is not None:
-            mask = chunk.phase == phase_code
-            ids, step = ids[mask], step[mask]
+            mask = phases == phase_code
+            ids, step, phases = ids[mask], step[mask], phases[mask]
+        if tokens_per_step is None:
+            keys = step.astype(np.int64)
+        else:  # as the replay kernels: tokens counted per phase, so prefill and decode never share a step
+            keys = np.empty(ids.shape[0], dtype=np.int64)
+            for code in (0, 1):
+                where = np.flatnonzero(phases == code)
+                keys[where] = code * _PHASE_KEY + (kept[code] + np.arange(where.size)) // tokens_per_step
+                kept[code] += where.size
         for start in range(0, ids.shape[0], piece_tokens):
             piece = ids[start:start + piece_tokens]  # [T, L, K]
-            if tokens_per_step is None:
-                key = step[start:start + piece_tokens].astype(np.int64)
-            else:
-                key = (kept + np.arange(piece.shape[0], dtype=np.int64)) // tokens_per_step
-            kept += piece.shape[0]
+            key = keys[start:start + piece_tokens]
             for load, k in _group_loads(piece, key, E):
                 if pending is not None and k == pending_key:
                     pending += load
@@ -399,8 +397,9 @@ def rebalance_trace(
     fit = config.fit_function(meta.num_experts)
     loads = iter_step_loads(trace, phase=config.phase, tokens_per_step=config.tokens_per_step,
                             chunk_tokens=chunk_tokens, progress=progress)
+    # weights move at the serving precision the cost model assumes (BF16), as the replay prices weight reads
     return replay_rebalance(loads, fit, every=config.every, window=config.window, num_experts=meta.num_experts,
-                            expert_bytes=expert_weight_bytes(meta), settings=config.settings())
+                            expert_bytes=int(expert_weight_bytes(meta)), settings=config.settings())
 
 
 def default_intervals(steps: int, window: int) -> tuple[int, ...]:

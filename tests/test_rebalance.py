@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from report_fixtures import DECODE, PREFILL, random_ids, tiny_metadata, write_ids_trace
+from report_fixtures import DECODE, PREFILL, random_ids, write_ids_trace
 
 from simulator.placement import Placement, expected_gpu_load, fit_placement
 from simulator.rebalance import (
     RebalanceConfig,
     copies_moved,
-    expert_weight_bytes,
     gpu_share,
     iter_step_loads,
     rebalance_trace,
@@ -90,13 +89,6 @@ def test_scoring_helpers_match_placement_module():
     assert copies_moved(np.array([[[0, -1], [1, 2]]]), np.array([[[0, 1], [1, 2]]]), 3) == 1
 
 
-def test_expert_bytes_from_metadata():
-    assert expert_weight_bytes(tiny_metadata(1, 4, 2)) == 3 * 8 * 4 * 4  # SwiGLU, float32
-    assert expert_weight_bytes(tiny_metadata(1, 4, 2, model_dtype="bfloat16", hidden_size=2048,
-                                             expert_intermediate_size=1024)) == 3 * 2048 * 1024 * 2
-    assert expert_weight_bytes(tiny_metadata(1, 4, 2, expert_activation="mlp")) == 2 * 8 * 4 * 4
-
-
 def test_step_loads_stream_across_chunks(tmp_path):
     rng = np.random.default_rng(5)
     ids = random_ids(rng, 600, 2, 8, 2)
@@ -157,3 +149,4 @@ def test_rebalance_trace_with_real_policy(tmp_path):
     # after the popularity shift, refitting often beats the placement fitted on the first window
     assert fast.aggregate["rebalanced"] < fast.aggregate["fixed"]
     assert fast.moved_copies.sum() > 0 and fast.settings["policy"] == "balanced"
+    assert fast.expert_bytes == 3 * 8 * 4 * 2  # SwiGLU, hidden 8, expert FFN 4, BF16 serving weights
