@@ -42,7 +42,7 @@ def _olmoe_1b_7b() -> Any:
     return OlmoeConfig(
         vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
         num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False,
-        max_position_embeddings=4096, rope_theta=10000.0, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
+        max_position_embeddings=4096, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
         bos_token_id=BOS_ID,
     )
 

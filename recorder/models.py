@@ -60,4 +60,5 @@ def load_model(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-    return model.to(device).eval(), tokenizer
+    loaded: Any = model
+    return loaded.to(device).eval(), tokenizer

@@ -65,7 +65,7 @@ def _parse_jsonl(path: Path, lines: list[str], prompt_field: str) -> tuple[list[
             continue
         try:
             obj = json.loads(line)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             raise InputError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
         if not isinstance(obj, dict):
             raise InputError(f"{path}:{i}: expected a JSON object")

@@ -8,7 +8,6 @@ and retried, and later batches keep the smaller size.
 
 from __future__ import annotations
 
-import datetime as _dt
 import inspect
 import signal
 import time
@@ -26,9 +25,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from recorder.capture import HostPass, PassTokens, RoutingCapture, TraceSink
 from recorder.config import RecordConfig
+from recorder.metadata import build_metadata
 from recorder.models import load_model, resolve_device, resolve_dtype
 from recorder.prompts import PromptSet, load_prompts, render
-from recorder.routers import RouterLayout, discover_routers, text_config
+from recorder.routers import discover_routers
 from traces.errors import InputError
 from traces.reader import open_trace
 from traces.schema import PHASE_DECODE, PHASE_PREFILL, TraceMetadata
@@ -65,63 +65,6 @@ def forward_kwargs(model: Any) -> tuple[str, bool]:
 def output_cache(out: Any) -> Any:
     cache = out.get("cache")
     return cache if cache is not None else out.get("past_key_values")
-
-
-def build_metadata(
-    cfg: RecordConfig, model: Any, layout: RouterLayout, dtype: torch.dtype, prompts_sha256: str | None
-) -> TraceMetadata:
-    import transformers
-
-    from cli import __version__
-
-    config = text_config(model)
-    heads = int(getattr(config, "num_attention_heads", 0) or 0)
-    head_dim = int(getattr(config, "head_dim", 0) or (layout.hidden_size // heads if heads else 0))
-    experts_impl = getattr(model.config, "_experts_implementation", None)
-    return TraceMetadata(
-        model_id=cfg.model,
-        model_type=layout.model_type,
-        num_hidden_layers=layout.num_hidden_layers,
-        moe_layers=[s.layer for s in layout.sites],
-        moe_module_names=[s.name for s in layout.sites],
-        num_experts=layout.num_experts,
-        top_k=layout.top_k,
-        hidden_size=layout.hidden_size,
-        expert_intermediate_size=layout.expert_intermediate_size,
-        num_shared_experts=layout.num_shared_experts,
-        shared_expert_intermediate_size=layout.shared_expert_intermediate_size,
-        router_scoring=layout.router_scoring,
-        norm_topk_prob=layout.norm_topk_prob,
-        router_first_output=layout.first_output,
-        routed_scaling_factor=layout.routed_scaling_factor,
-        expert_activation="swiglu",
-        vocab_size=int(getattr(config, "vocab_size", 0) or 0),
-        num_attention_heads=heads,
-        num_key_value_heads=int(getattr(config, "num_key_value_heads", 0) or heads),
-        head_dim=head_dim,
-        dense_intermediate_size=layout.dense_intermediate_size,
-        model_revision=cfg.revision,
-        model_dtype=str(dtype).removeprefix("torch."),
-        weights_dtype="float16",
-        has_token_ids=cfg.token_ids,
-        has_weights=True,
-        has_logits=cfg.save_logits,
-        source="recorded",
-        transformers_version=transformers.__version__,
-        torch_version=torch.__version__,
-        prompts_sha256=prompts_sha256,
-        tool_version=__version__,
-        created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        command_line=cfg.command_line,
-        notes={
-            "router_convention": layout.convention,
-            "router_adapter": layout.adapter,
-            "experts_implementation": str(experts_impl) if experts_impl else "default",
-            "decoding": "greedy",
-            "max_length": cfg.max_length,
-            "max_new_tokens": cfg.max_new_tokens,
-        },
-    )
 
 
 @dataclass
@@ -308,7 +251,11 @@ def record(cfg: RecordConfig, console: Console | None = None) -> RecordResult:
     model, tokenizer = load_model(cfg.model, device, dtype, revision=cfg.revision,
                                   trust_remote_code=cfg.trust_remote_code)
     layout = discover_routers(model)
-    meta = build_metadata(cfg, model, layout, dtype, prompts.sha256)
+    meta = build_metadata(
+        model, layout, model_id=cfg.model, revision=cfg.revision, token_ids=cfg.token_ids,
+        save_logits=cfg.save_logits, prompts_sha256=prompts.sha256, command_line=cfg.command_line,
+        notes={"decoding": "greedy", "max_length": cfg.max_length, "max_new_tokens": cfg.max_new_tokens},
+    )
     resume = ResumeState(set(), 0, 0)
     if cfg.resume and partial.exists() and not cfg.force:
         resume = read_resume_state(partial, meta)
