@@ -1,0 +1,250 @@
+"""`moe-sim replay` and `moe-sim plan`: parse options into a config, call the library, render a table or JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from simulator.cost_model import DEFAULT_CONTEXT_TOKENS, DEFAULT_HBM_RESERVE
+from simulator.hardware import load_hardware, parse_hardware_list
+from simulator.plan import PlanConfig, PlanResult
+from simulator.plan import plan as run_plan
+from simulator.replay import DEFAULT_FIT_FRACTION, DEFAULT_PLACEMENTS, PHASES, ReplayConfig, ReplayResult
+from simulator.replay import replay as run_replay
+from traces.errors import InputError
+from traces.reader import open_trace
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{option}: expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise InputError(f"{option}: give at least one value")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+@contextmanager
+def _progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[int], None] | None]:
+    if quiet:
+        yield None
+        return
+    console = Console(stderr=True)
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _console() -> Console:
+    """Wide enough for the comparison table when stdout is a pipe or a file."""
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
+def _bytes(x: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f} B"
+
+
+def _time(seconds: float) -> str:
+    if seconds != seconds:  # NaN
+        return "-"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds * 1e6:.3g} us"
+
+
+def replay_table(result: ReplayResult) -> Table:
+    cfg = result.config
+    hw = cfg["hardware"]["name"]
+    title = (f"{cfg['num_gpus']} x {hw} ({cfg['gpus_per_node']} per node), phase {cfg['phase']}, "
+             f"fitted on {result.fit_tokens:,} tokens, scored on {result.placements[0].tokens:,}")
+    table = Table(title=title, title_style="bold")
+    for col in ("placement", "imbalance", "step imb. p50/p95/p99", "leave GPU", "leave node", "all-to-all/step",
+                "MoE time/step", "compute|weights|dispatch|combine", "tokens/s/GPU", "experts/GPU (HBM)",
+                "dropped"):
+        table.add_column(col, justify="left" if col == "placement" else "right")
+    for s in result.placements:
+        t = s.timings[0]
+        si = s.step_imbalance
+        b = t.breakdown
+        table.add_row(
+            s.label, f"{s.imbalance:.3f}", f"{si['p50']:.2f}/{si['p95']:.2f}/{si['p99']:.2f}",
+            f"{s.leave_gpu_share:.1%}", f"{s.leave_node_share:.1%}", _bytes(s.all_to_all_bytes_per_step),
+            _time(t.step_time["mean"]),
+            "|".join(_time(b[k]) for k in ("compute", "weights", "dispatch", "combine")),
+            f"{t.tokens_per_s_per_gpu:,.0f}", f"{_bytes(t.expert_memory_bytes)} ({t.expert_memory_share:.1%})",
+            f"{s.dropped_assignments:,} ({s.dropped_share:.2%})",
+        )
+    return table
+
+
+def per_layer_table(result: ReplayResult) -> Table:
+    table = Table(title="Per layer: imbalance, leave-node share, MoE time per step", title_style="bold")
+    table.add_column("layer", justify="right")
+    for s in result.placements:
+        table.add_column(s.label, justify="right")
+    layers = len(result.placements[0].per_layer)
+    for layer in range(layers):
+        cells = []
+        for s in result.placements:
+            row = s.per_layer[layer]
+            time = sum(s.timings[0].per_layer[layer].values())
+            cells.append(f"{row['imbalance']:.2f} | {row['leave_node_share']:.0%} | {_time(time)}")
+        table.add_row(str(layer), *cells)
+    return table
+
+
+@click.command()
+@click.argument("trace", nargs=-1, required=True)
+@click.option("--gpus", type=int, default=8, show_default=True, help="Number of GPUs serving the experts.")
+@click.option("--gpus-per-node", type=int, default=8, show_default=True, help="GPUs per node (NVLink domain).")
+@click.option("--hardware", default="h100", show_default=True,
+              help="GPU preset (h100, h200, b200, a100, mi300x) or a YAML/JSON file with the GpuSpec fields.")
+@click.option("--placements", default=",".join(DEFAULT_PLACEMENTS), show_default=True,
+              help="Comma-separated policies to compare: contiguous, round-robin, balanced, replicated, "
+                   "replicated-hier, coactivation, file:PATH.")
+@click.option("--redundant-experts", type=int, default=None,
+              help="Extra expert slots for replicated / coactivation (default: one per GPU).")
+@click.option("--tokens-per-step", type=int, default=0, show_default=True,
+              help="Regroup scored tokens into steps of this many (0: the recorded forward passes).")
+@click.option("--phase", type=click.Choice(list(PHASES)), default="all", show_default=True,
+              help="Replay prefill tokens, decode tokens, or both.")
+@click.option("--fit-fraction", type=float, default=DEFAULT_FIT_FRACTION, show_default=True,
+              help="Fit placements on this leading share of the trace and score on the rest (0: fit and score on "
+                   "everything, which flatters fitted policies).")
+@click.option("--capacity-factor", type=float, default=None,
+              help="Drop assignments over this factor x the even share per expert slot per step (default: none).")
+@click.option("--hbm-reserve", type=float, default=DEFAULT_HBM_RESERVE, show_default=True,
+              help="Share of HBM kept for KV cache and activations.")
+@click.option("--per-layer", is_flag=True, help="Also print a per-layer breakdown.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout instead of tables.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def replay_cmd(trace: tuple[str, ...], gpus: int, gpus_per_node: int, hardware: str, placements: str,
+               redundant_experts: int | None, tokens_per_step: int, phase: str, fit_fraction: float,
+               capacity_factor: float | None, hbm_reserve: float, per_layer: bool, as_json: bool,
+               quiet: bool) -> None:
+    """Replay TRACE (one file, shards or a glob) on GPUS and compare expert placements.
+
+    Placements are fitted on the first --fit-fraction of the trace and scored on the rest, all in one pass.
+    """
+    config = ReplayConfig(
+        num_gpus=gpus, gpus_per_node=gpus_per_node, hardware=load_hardware(hardware),
+        placements=tuple(_names(placements)),
+        redundant_experts=gpus if redundant_experts is None else redundant_experts,
+        tokens_per_step=tokens_per_step, phase=phase, fit_fraction=fit_fraction, capacity_factor=capacity_factor,
+        hbm_reserve=hbm_reserve,
+    )
+    with open_trace(list(trace)) as tr, _progress(tr.num_tokens, "replay", quiet or as_json) as progress:
+        result = run_replay(tr, config, progress=progress)
+    if as_json:
+        json.dump(result.to_dict(), sys.stdout)
+        sys.stdout.write("\n")
+        return
+    console = _console()
+    console.print(replay_table(result))
+    if per_layer:
+        console.print(per_layer_table(result))
+    best = min(result.placements, key=lambda s: s.timings[0].step_time["mean"])
+    console.print(f"Fastest: [bold]{best.label}[/bold] at {_time(best.timings[0].step_time['mean'])} MoE time per "
+                  f"step, imbalance {best.imbalance:.3f}.")
+
+
+replay_cmd.name = "replay"
+replay = replay_cmd  # (cli.py looks the command up as simulator.commands:replay)
+
+
+def plan_table(result: PlanResult, rows: list, title: str) -> Table:
+    table = Table(title=title, title_style="bold")
+    for col in ("hardware", "GPUs", "placement", "tokens/step", "step ms (p95)", "tokens/s", "tokens/s/GPU",
+                "imbalance", "memory/GPU", "fits", "meets"):
+        table.add_column(col, justify="left" if col in ("hardware", "placement") else "right")
+    for c in rows:
+        table.add_row(
+            c.hardware, str(c.num_gpus), c.placement,
+            "recorded" if c.tokens_per_step == 0 else str(c.tokens_per_step),
+            f"{c.step_ms:.3g} ({c.step_ms_p95:.3g})", f"{c.tokens_per_s:,.0f}", f"{c.tokens_per_s_per_gpu:,.0f}",
+            f"{c.imbalance:.3f}", _bytes(c.memory_per_gpu_bytes), "yes" if c.fits_memory else "no",
+            "[green]yes[/green]" if c.meets_target else "no",
+        )
+    return table
+
+
+@click.command()
+@click.argument("trace", nargs=-1, required=True)
+@click.option("--target-tokens-per-s", type=float, required=True, help="Whole-model throughput to reach.")
+@click.option("--hardware", default="h100", show_default=True,
+              help="Comma-separated GPU presets or YAML/JSON files to compare.")
+@click.option("--gpus", default="8,16,32,64", show_default=True, help="Comma-separated GPU counts.")
+@click.option("--gpus-per-node", type=int, default=8, show_default=True, help="GPUs per node.")
+@click.option("--placements", default="contiguous,balanced,replicated", show_default=True,
+              help="Comma-separated placement policies (see `moe-sim replay --help`).")
+@click.option("--redundant-experts", default="0,8,16", show_default=True,
+              help="Comma-separated redundant slot counts for replicating policies.")
+@click.option("--tokens-per-step", default="0", show_default=True,
+              help="Comma-separated batch sizes in tokens per step (0: the recorded forward passes).")
+@click.option("--max-step-ms", type=float, default=None, help="Latency bound on the p95 whole-model step time.")
+@click.option("--phase", type=click.Choice(list(PHASES)), default="all", show_default=True,
+              help="Plan for prefill tokens, decode tokens, or both.")
+@click.option("--fit-fraction", type=float, default=DEFAULT_FIT_FRACTION, show_default=True,
+              help="Leading share of the trace placements are fitted on; the rest is scored.")
+@click.option("--capacity-factor", type=float, default=None, help="Drop assignments over this factor (default: none).")
+@click.option("--hbm-reserve", type=float, default=DEFAULT_HBM_RESERVE, show_default=True,
+              help="Share of HBM kept for KV cache and activations.")
+@click.option("--context-tokens", type=int, default=DEFAULT_CONTEXT_TOKENS, show_default=True,
+              help="Attention context assumed when estimating non-expert FLOPs.")
+@click.option("--all", "show_all", is_flag=True, help="Print every grid point, not only the frontier.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout instead of tables.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def plan_cmd(trace: tuple[str, ...], target_tokens_per_s: float, hardware: str, gpus: str, gpus_per_node: int,
+             placements: str, redundant_experts: str, tokens_per_step: str, max_step_ms: float | None, phase: str,
+             fit_fraction: float, capacity_factor: float | None, hbm_reserve: float, context_tokens: int,
+             show_all: bool, as_json: bool, quiet: bool) -> None:
+    """Sweep hardware x GPUs x placement x redundancy x batch over TRACE in one pass and recommend a layout.
+
+    The recommendation is the layout with the fewest GPUs, then the lowest step time, that meets the throughput
+    target and the latency bound with its weights in HBM next to the reserve.
+    """
+    config = PlanConfig(
+        target_tokens_per_s=target_tokens_per_s, hardware=parse_hardware_list(hardware),
+        gpus=_int_list(gpus, "--gpus"), gpus_per_node=gpus_per_node, placements=_names(placements),
+        redundant_experts=_int_list(redundant_experts, "--redundant-experts"),
+        tokens_per_step=_int_list(tokens_per_step, "--tokens-per-step"), max_step_ms=max_step_ms, phase=phase,
+        fit_fraction=fit_fraction, capacity_factor=capacity_factor, hbm_reserve=hbm_reserve,
+        context_tokens=context_tokens,
+    )
+    with open_trace(list(trace)) as tr, _progress(tr.num_tokens, "plan", quiet or as_json) as progress:
+        result = run_plan(tr, config, progress=progress)
+    if as_json:
+        json.dump(result.to_dict(), sys.stdout)
+        sys.stdout.write("\n")
+        return
+    console = _console()
+    rows = result.candidates if show_all else result.frontier
+    title = f"{'All grid points' if show_all else 'Frontier'} ({len(result.candidates)} candidates)"
+    console.print(plan_table(result, rows, title))
+    for line in result.skipped:
+        console.print(f"[dim]skipped: {line}[/dim]")
+    head = "Recommendation" if result.recommendation else "No recommendation"
+    console.print(f"[bold]{head}[/bold]")
+    for reason in result.reasons:
+        console.print(f"  - {reason}")
+
+
+plan_cmd.name = "plan"
+plan = plan_cmd  # (cli.py looks the command up as simulator.commands:plan)
