@@ -1,0 +1,65 @@
+"""`moe-sim replay` and `moe-sim plan` through a subprocess: tables, JSON, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from test_sim_fixtures import random_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def moe_sim(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
+def test_replay_table_and_json(tmp_path):
+    path = random_trace(tmp_path / "t.h5", tokens=1500, experts=16)
+    out = moe_sim("replay", str(path), "--gpus", "4", "--gpus-per-node", "2", "--per-layer", "--quiet")
+    assert out.returncode == 0, out.stderr
+    for word in ("contiguous", "replicated+4", "coactivation+4", "imbalance", "Per layer"):
+        assert word in out.stdout
+    out = moe_sim("replay", str(path), "--gpus", "4", "--placements", "balanced,replicated", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert [p["label"] for p in data["placements"]] == ["balanced", "replicated+4"]
+    assert data["placements"][0]["timings"][0]["hardware"] == "h100"
+
+
+def test_replay_bad_inputs(tmp_path):
+    path = random_trace(tmp_path / "t.h5", tokens=300, experts=16)
+    placement = tmp_path / "p.json"
+    placement.write_text(json.dumps({"num_experts": 8, "layers": [[0, 1, 2, 3], [4, 5, 6, 7]]}))
+    hw = tmp_path / "gpu.json"
+    hw.write_text(json.dumps({"name": "x", "bf16_flops": 1e15}))
+    cases = [
+        (["--gpus", "3", "--placements", "contiguous"], "do not divide over 3 GPUs"),
+        (["--gpus", "12", "--gpus-per-node", "8"], "not divisible into nodes"),
+        (["--capacity-factor", "-1"], "capacity-factor"),
+        (["--gpus", "2", "--placements", f"file:{placement}"], "8 experts"),
+        (["--hardware", str(hw)], "missing field"),
+        (["--placements", "nope"], "unknown policy"),
+    ]
+    for extra, message in cases:
+        out = moe_sim("replay", str(path), "--quiet", *extra)
+        assert out.returncode == 2, (extra, out.stderr)
+        assert out.stderr.startswith("error:") and message in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+    out = moe_sim("replay", str(tmp_path / "missing.h5"))
+    assert out.returncode == 2 and "no such file" in out.stderr
+
+
+def test_plan_json(tmp_path):
+    path = random_trace(tmp_path / "t.h5", tokens=1500, experts=16)
+    out = moe_sim("plan", str(path), "--target-tokens-per-s", "1e3", "--gpus", "2,4", "--gpus-per-node", "2",
+                  "--hardware", "h100,b200", "--redundant-experts", "0,4", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    # 2 GPU counts x (contiguous, balanced, replicated R=0 and 4) x 2 GPU types
+    assert len(data["candidates"]) == 2 * 4 * 2
+    assert data["recommendation"]["num_gpus"] == 2
+    assert data["reasons"]

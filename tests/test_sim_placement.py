@@ -1,0 +1,132 @@
+"""Placement policies: invariants, balance against a plain greedy reference on real OLMoE counts, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simulator.hardware import ClusterLayout, GpuSpec, load_hardware
+from simulator.placement import POLICIES, expected_gpu_load, fit_placement, imbalance, load_placement_file
+from traces.errors import InputError
+
+COUNTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "olmoe_expert_counts.json"
+
+
+def olmoe_counts(domain: str) -> np.ndarray:
+    if not COUNTS.exists():
+        pytest.skip("real OLMoE counts not available")
+    return np.array(json.loads(COUNTS.read_text())["domains"][domain], dtype=np.float64)  # [3, 64]
+
+
+def greedy_reference(load: np.ndarray, num_gpus: int, redundant: int) -> float:
+    """EPLB-style greedy in plain Python: replicas to the largest load per replica, heaviest into lightest GPU."""
+    out = []
+    for w in load:
+        cnt = [1] * len(w)
+        for _ in range(redundant):
+            e = max(range(len(w)), key=lambda i: w[i] / cnt[i])
+            cnt[e] += 1
+        items = sorted(((w[e] / cnt[e], e) for e in range(len(w)) for _ in range(cnt[e])), reverse=True)
+        per_gpu = (len(w) + redundant) // num_gpus
+        tot, n = [0.0] * num_gpus, [0] * num_gpus
+        for x, _e in items:
+            g = min((g for g in range(num_gpus) if n[g] < per_gpu), key=lambda g: tot[g])
+            tot[g] += x
+            n[g] += 1
+        out.append(max(tot) / (sum(tot) / num_gpus))
+    return float(np.mean(out))
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_invariants(policy):
+    rng = np.random.default_rng(1)
+    load = rng.pareto(1.5, size=(3, 32)) + 0.1
+    cosel = rng.integers(0, 50, size=(3, 32, 32))
+    r = 8 if policy in ("replicated", "replicated-hier", "coactivation") else 0
+    p = fit_placement(policy, load, num_gpus=8, gpus_per_node=4, redundant_experts=r, coselection=cosel)
+    assert p.slots.shape == (3, 8, (32 + r) // 8)
+    counts = p.replica_counts
+    assert (counts >= 1).all() and (counts.sum(axis=1) == 32 + r).all()
+    for layer in range(3):
+        for g in range(8):
+            row = p.slots[layer, g]
+            assert len(set(row.tolist())) == row.size  # no expert twice on a GPU
+    gpu = expected_gpu_load(p, load)
+    np.testing.assert_allclose(gpu.sum(axis=1), load.sum(axis=1))
+
+
+def test_contiguous_matches_published_anchor():
+    load = olmoe_counts("arxiv")
+    p8 = fit_placement("contiguous", load, num_gpus=8, gpus_per_node=8)
+    p32 = fit_placement("contiguous", load, num_gpus=32, gpus_per_node=8)
+    assert imbalance(expected_gpu_load(p8, load)).mean() == pytest.approx(1.661, abs=1e-3)
+    assert imbalance(expected_gpu_load(p32, load)).mean() == pytest.approx(3.905, abs=1e-3)
+
+
+@pytest.mark.parametrize("domain", ["arxiv", "github"])
+@pytest.mark.parametrize("gpus,redundant", [(8, 0), (8, 8), (32, 32)])
+def test_replicated_beats_greedy_on_real_counts(domain, gpus, redundant):
+    load = olmoe_counts(domain)
+    policy = "replicated" if redundant else "balanced"
+    p = fit_placement(policy, load, num_gpus=gpus, gpus_per_node=8, redundant_experts=redundant)
+    ours = imbalance(expected_gpu_load(p, load)).mean()
+    greedy = greedy_reference(load, gpus, redundant)
+    assert ours <= greedy + 1e-12
+    if redundant == 32:  # the issue's target: excess at most a quarter of EPLB's (8.3% on arxiv)
+        assert ours - 1 <= (greedy - 1) / 4
+
+
+def test_coactivation_keeps_pairs_together():
+    load = np.ones((1, 8))
+    cosel = np.zeros((1, 8, 8))
+    for a, b in ((0, 7), (1, 6), (2, 5), (3, 4)):
+        cosel[0, a, b] = cosel[0, b, a] = 100
+    p = fit_placement("coactivation", load, num_gpus=4, gpus_per_node=4, coselection=cosel)
+    pairs = {tuple(sorted(r)) for r in p.slots[0].tolist()}
+    assert pairs == {(0, 7), (1, 6), (2, 5), (3, 4)}
+
+
+def test_placement_file(tmp_path):
+    good = tmp_path / "p.json"
+    good.write_text(json.dumps({"num_experts": 4, "layers": [[0, 1], [2, 3]]}))
+    p = load_placement_file(good, num_experts=4, num_layers=2)
+    assert p.slots.shape == (2, 2, 2)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"layers": [[0, 1], [1, 3]]}))
+    with pytest.raises(InputError, match="misses expert"):
+        load_placement_file(bad, num_experts=4, num_layers=2)
+    bad.write_text(json.dumps({"layers": [[0, 0], [2, 3], [1, -1]]}))
+    with pytest.raises(InputError, match="same expert twice"):
+        load_placement_file(bad, num_experts=4, num_layers=2)
+    bad.write_text(json.dumps({"num_experts": 8, "layers": [[0, 1], [2, 3]]}))
+    with pytest.raises(InputError, match="8 experts"):
+        load_placement_file(bad, num_experts=4, num_layers=2)
+
+
+def test_hardware_presets_and_files(tmp_path):
+    assert GpuSpec.from_name("H100").bf16_flops == 989e12
+    assert load_hardware("b200").hbm_bandwidth == 8.0e12
+    f = tmp_path / "gpu.yaml"
+    f.write_text("name: mine\nbf16_flops: 1e15\nhbm_bytes: 1e11\nhbm_bandwidth: 4e12\nscale_up_bandwidth: 4e11\n")
+    with pytest.raises(InputError, match="missing field"):
+        load_hardware(str(f))
+    f.write_text(f.read_text() + "scale_out_bandwidth: 5e10\n")
+    assert load_hardware(str(f)).scale_out_bandwidth == 5e10
+    with pytest.raises(InputError, match="unknown GPU"):
+        load_hardware("h900")
+    with pytest.raises(InputError, match="not divisible"):
+        ClusterLayout(12, 8)
+    assert ClusterLayout(32, 8).num_nodes == 4
+
+
+def test_policy_bad_input():
+    load = np.ones((2, 10))
+    with pytest.raises(InputError, match="do not divide"):
+        fit_placement("balanced", load, num_gpus=4, gpus_per_node=4)
+    with pytest.raises(InputError, match="unknown policy"):
+        fit_placement("magic", load, num_gpus=2, gpus_per_node=2)
+    with pytest.raises(InputError, match="slots do not"):
+        fit_placement("replicated", load, num_gpus=4, gpus_per_node=4, redundant_experts=1)
