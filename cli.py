@@ -31,7 +31,8 @@ SIM_COMMANDS = {
     "synth": ("traces.commands:synth", "Write a synthetic trace with realistic skew and co-selection."),
     "replay": ("simulator.commands:replay", "Replay a trace on a GPU layout and compare expert placements."),
     "plan": ("simulator.commands:plan", "Find the cheapest layouts that meet a throughput target."),
-    "report": ("simulator.commands:report", "Write a self-contained HTML or Markdown capacity-planning report."),
+    "report": ("simulator.report.commands:report", "Write a self-contained HTML or Markdown capacity-planning report."),
+    "rebalance": ("simulator.report.commands:rebalance", "Replay periodic placement refits: how often to rebalance."),
 }
 
 

@@ -11,8 +11,9 @@ are scored on exactly the same steps:
 
 The score of a step is its load imbalance: the sum over layers of the busiest GPU's load over the sum over layers of
 the mean GPU load, with each expert's load split evenly among its replicas (as `placement.expected_gpu_load`). Each
-refit after the first moves expert weights: every (GPU, expert) copy that the new placement has and the old one did
-not is one expert's weights sent to that GPU (3 x hidden x expert FFN x 2 bytes for a SwiGLU expert in BF16,
+refit after the first moves expert weights: its GPUs are first renumbered to keep as many experts in place as
+possible (align_gpus), then every (GPU, expert) copy that the new placement has and the old one did not is one
+expert's weights sent to that GPU (3 x hidden x expert FFN x 2 bytes for a SwiGLU expert in BF16,
 the serving precision of the cost model).
 
 Memory: the window (N steps) and the pending interval (W steps) of per-step loads [L, E] int32, plus O(steps)
@@ -56,19 +57,14 @@ def iter_step_loads(
     """Yield each step's expert load [L, E] int32, in trace order.
 
     A step is a recorded forward pass (consecutive tokens sharing a `step` value), or, with tokens_per_step B,
-    each run of B consecutive tokens of one phase (as simulator.kernels.step_key). phase ("prefill" / "decode") keeps only that phase's tokens. A step that spans
-    chunk boundaries is yielded once, whole.
+    each run of B consecutive tokens of one phase (as simulator.kernels.step_key). phase ("prefill" / "decode")
+    keeps only that phase's tokens ("all" or None: both). A step that spans chunk boundaries is yielded once, whole.
     """
     if tokens_per_step is not None and tokens_per_step < 1:
         raise InputError(f"--tokens-per-step must be at least 1, not {tokens_per_step}")
     meta = trace.metadata
     L, E = meta.num_moe_layers, meta.num_experts
-    phase_code = None
-    if phase is not None:
-        codes = {name: code for code, name in PHASE_NAMES.items()}
-        if phase not in codes:
-            raise InputError(f"--phase must be one of {', '.join(codes)}, not {phase!r}")
-        phase_code = codes[phase]
+    phase_code = _phase_code(phase)
     pending: np.ndarray | None = None  # the last, possibly unfinished, step seen
     pending_key = -1
     kept = np.zeros(2, dtype=np.int64)  # tokens kept so far per phase (for tokens_per_step grouping)
@@ -80,14 +76,7 @@ def iter_step_loads(
         if phase_code is not None:
             mask = phases == phase_code
             ids, step, phases = ids[mask], step[mask], phases[mask]
-        if tokens_per_step is None:
-            keys = step.astype(np.int64)
-        else:  # as the replay kernels: tokens counted per phase, so prefill and decode never share a step
-            keys = np.empty(ids.shape[0], dtype=np.int64)
-            for code in (0, 1):
-                where = np.flatnonzero(phases == code)
-                keys[where] = code * _PHASE_KEY + (kept[code] + np.arange(where.size)) // tokens_per_step
-                kept[code] += where.size
+        keys = _step_keys(step, phases, tokens_per_step, kept)
         for start in range(0, ids.shape[0], piece_tokens):
             piece = ids[start:start + piece_tokens]  # [T, L, K]
             key = keys[start:start + piece_tokens]
@@ -102,6 +91,47 @@ def iter_step_loads(
             progress(n)
     if pending is not None:
         yield pending
+
+
+def _step_keys(step: np.ndarray, phases: np.ndarray, tokens_per_step: int | None, kept: np.ndarray) -> np.ndarray:
+    """[T] key of each token's step; a step is a run of consecutive tokens with one key. kept: [2] tokens per phase
+    before this chunk (updated). Regrouped steps count tokens per phase, as the replay kernels (kernels.step_key)."""
+    if tokens_per_step is None:
+        return step.astype(np.int64)
+    keys = np.empty(step.shape[0], dtype=np.int64)
+    for code in (0, 1):
+        where = np.flatnonzero(phases == code)
+        keys[where] = code * _PHASE_KEY + (kept[code] + np.arange(where.size)) // tokens_per_step
+        kept[code] += where.size
+    return keys
+
+
+def count_steps(trace: Trace, *, phase: str | None = None, tokens_per_step: int | None = None,
+                chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> int:
+    """Number of steps iter_step_loads would yield, reading only the step and phase columns."""
+    phase_code = _phase_code(phase)
+    kept = np.zeros(2, dtype=np.int64)
+    count, last = 0, None
+    for chunk in trace.iter_chunks(("step", "phase"), chunk_tokens=chunk_tokens):
+        step, phases = chunk.step, chunk.phase
+        assert step is not None and phases is not None
+        if phase_code is not None:
+            step, phases = step[phases == phase_code], phases[phases == phase_code]
+        if step.size == 0:
+            continue
+        keys = _step_keys(step, phases, tokens_per_step, kept)
+        count += int((keys[1:] != keys[:-1]).sum()) + int(last is None or keys[0] != last)
+        last = keys[-1]
+    return count
+
+
+def _phase_code(phase: str | None) -> int | None:
+    if phase is None or phase == "all":
+        return None
+    codes = {name: code for code, name in PHASE_NAMES.items()}
+    if phase not in codes:
+        raise InputError(f"--phase must be one of all, {', '.join(codes)}, not {phase!r}")
+    return codes[phase]
 
 
 def _group_loads(ids: np.ndarray, key: np.ndarray, num_experts: int) -> list[tuple[np.ndarray, int]]:
@@ -149,14 +179,41 @@ def step_peaks_means(loads: np.ndarray, share: np.ndarray) -> tuple[np.ndarray, 
     return gpu.max(axis=2).sum(axis=1), gpu.mean(axis=2).sum(axis=1)
 
 
+def presence(slots: np.ndarray, num_experts: int) -> np.ndarray:
+    """[L, G, E] whether each GPU holds each expert. slots: [L, G, S]."""
+    out = np.zeros((*slots.shape[:2], num_experts + 1), dtype=bool)  # last column collects empty slots
+    np.put_along_axis(out, np.where(slots >= 0, slots, num_experts), True, axis=2)
+    return out[..., :num_experts]
+
+
 def copies_moved(old: np.ndarray, new: np.ndarray, num_experts: int) -> int:
     """(layer, GPU, expert) copies held by `new` but not by `old`: weights to send when switching. slots [L, G, S]."""
-    def presence(slots: np.ndarray) -> np.ndarray:
-        out = np.zeros((*slots.shape[:2], num_experts + 1), dtype=bool)  # last column collects empty slots
-        np.put_along_axis(out, np.where(slots >= 0, slots, num_experts), True, axis=2)
-        return out[..., :num_experts]
+    return int((presence(new, num_experts) & ~presence(old, num_experts)).sum())
 
-    return int((presence(new) & ~presence(old)).sum())
+
+def align_gpus(old: np.ndarray, new: np.ndarray, num_experts: int, gpus_per_node: int) -> np.ndarray:
+    """`new` with its GPUs renumbered to keep as many experts as possible where `old` has them.
+
+    A policy refitted from scratch may put the same groups of experts on differently numbered GPUs; renumbering
+    changes no GPU's load, only how many weights must move. Nodes are matched as wholes first, then GPUs inside each
+    matched pair of nodes, so a placement's node grouping survives. Both matchings maximise shared experts
+    (linear assignment). old, new: [L, G, S] -> [L, G, S].
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    L, G, _ = new.shape
+    nodes = max(1, G // gpus_per_node) if G % gpus_per_node == 0 else 1
+    gpn = G // nodes
+    shared = np.einsum("lae,lbe->lab", presence(old, num_experts).astype(np.int32),
+                       presence(new, num_experts).astype(np.int32))  # [L, G old, G new]
+    out = np.empty_like(new)
+    for layer in range(L):
+        by_node = shared[layer].reshape(nodes, gpn, nodes, gpn).sum(axis=(1, 3))
+        for n_old, n_new in zip(*linear_sum_assignment(by_node, maximize=True), strict=True):
+            block = shared[layer, n_old * gpn:(n_old + 1) * gpn, n_new * gpn:(n_new + 1) * gpn]
+            g_old, g_new = linear_sum_assignment(block, maximize=True)
+            out[layer, n_old * gpn + g_old] = new[layer, n_new * gpn + g_new]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,13 +287,15 @@ class RebalanceReplay:
     [t-N, t); the fixed placement is the fit at j = 0; the oracle for steps [t, t+W) is fitted on those steps.
     """
 
-    def __init__(self, every: int, window: int, fit: FitFn, num_experts: int, expert_bytes: int):
+    def __init__(self, every: int, window: int, fit: FitFn, num_experts: int, expert_bytes: int,
+                 gpus_per_node: int | None = None):
         if every < 1:
             raise InputError(f"--rebalance-every must be at least 1 step, not {every}")
         if window < 1:
             raise InputError(f"--window must be at least 1 step, not {window}")
         self.every, self.window, self.fit = every, window, fit
         self.num_experts, self.expert_bytes = num_experts, expert_bytes
+        self.gpus_per_node = gpus_per_node  # None: one node (GPUs renumbered freely)
         self.steps = 0
         self._window: deque[np.ndarray] = deque()
         self._window_sum: np.ndarray | None = None  # [L, E] int64
@@ -270,6 +329,9 @@ class RebalanceReplay:
     def _refit(self) -> None:
         assert self._window_sum is not None
         slots = np.asarray(self.fit(self._window_sum))
+        if self._current_slots is not None:
+            gpn = self.gpus_per_node or slots.shape[1]
+            slots = align_gpus(self._current_slots, slots, self.num_experts, gpn)
         share = gpu_share(slots, self.num_experts)
         if self._current_slots is None:
             self._fixed = share
@@ -322,10 +384,11 @@ def replay_rebalance(
     window: int,
     num_experts: int,
     expert_bytes: int,
+    gpus_per_node: int | None = None,
     settings: dict[str, Any] | None = None,
 ) -> list[RebalanceResult]:
     """Replay several rebalance intervals (one result per value of `every`) over one pass of per-step loads."""
-    replays = [RebalanceReplay(w, window, fit, num_experts, expert_bytes) for w in every]
+    replays = [RebalanceReplay(w, window, fit, num_experts, expert_bytes, gpus_per_node) for w in every]
     for load in step_loads:
         for r in replays:
             r.push(load)
@@ -399,7 +462,13 @@ def rebalance_trace(
                             chunk_tokens=chunk_tokens, progress=progress)
     # weights move at the serving precision the cost model assumes (BF16), as the replay prices weight reads
     return replay_rebalance(loads, fit, every=config.every, window=config.window, num_experts=meta.num_experts,
-                            expert_bytes=int(expert_weight_bytes(meta)), settings=config.settings())
+                            expert_bytes=int(expert_weight_bytes(meta)), gpus_per_node=config.gpus_per_node,
+                            settings=config.settings())
+
+
+def default_window(steps: int) -> int:
+    """Window N when none is given: an eighth of the trace's steps, at most 1000 (vLLM's EPLB window)."""
+    return max(1, min(1000, steps // 8))
 
 
 def default_intervals(steps: int, window: int) -> tuple[int, ...]:

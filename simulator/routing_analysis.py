@@ -315,14 +315,18 @@ class RoutingAnalysis:
         np.fill_diagonal(out, 0.0)
         return out
 
-    def top_pairs(self, layer: int, n: int = 5) -> list[tuple[int, int, int, float]]:
-        """The n expert pairs most often chosen together in a layer: (i, j, tokens, lift), i < j."""
+    def top_pairs(self, layer: int, n: int = 5, by: str = "count",
+                  min_share: float = 0.0) -> list[tuple[int, int, int, float]]:
+        """The n expert pairs of a layer chosen together most often (by="count") or most above chance (by="lift"),
+        among pairs chosen together by at least min_share of the tokens: (i, j, tokens, lift), i < j."""
         co = self.coselection[layer]
         lift = self.coselection_lift(layer)
         iu, ju = np.triu_indices(self.num_experts, 1)
         counts = co[iu, ju]
-        order = np.argsort(-counts, kind="stable")[:n]
-        return [(int(iu[o]), int(ju[o]), int(counts[o]), float(lift[iu[o], ju[o]])) for o in order if counts[o] > 0]
+        key = counts.astype(np.float64) if by == "count" else lift[iu, ju]
+        eligible = (counts > 0) & (counts >= min_share * self.num_tokens)
+        order = [o for o in np.argsort(-key, kind="stable") if eligible[o]][:n]
+        return [(int(iu[o]), int(ju[o]), int(counts[o]), float(lift[iu[o], ju[o]])) for o in order]
 
     def phase_comparison(self) -> dict[str, Any]:
         """Prefill against decode per layer: entropy of each, total variation distance and load correlation."""

@@ -9,7 +9,9 @@ from report_fixtures import DECODE, PREFILL, random_ids, write_ids_trace
 from simulator.placement import Placement, expected_gpu_load, fit_placement
 from simulator.rebalance import (
     RebalanceConfig,
+    align_gpus,
     copies_moved,
+    count_steps,
     gpu_share,
     iter_step_loads,
     rebalance_trace,
@@ -62,6 +64,29 @@ def test_partial_last_interval_and_every_one():
     # W = 2: steps 2-3 then a partial interval of step 4 alone
     assert every2.per_step["oracle"].tolist() == [1.0, 1.0, 1.5]
     assert every2.scored_steps == 3
+
+
+def test_refit_renumbers_gpus_to_move_less():
+    # the refit yields the same two groups on swapped GPUs: renumbering keeps every expert in place
+    old = np.array([[[0, 1], [2, 3]]], dtype=np.int32)
+    new = np.array([[[2, 3], [1, 0]]], dtype=np.int32)
+    assert copies_moved(old, new, 4) == 4
+    assert copies_moved(old, align_gpus(old, new, 4, gpus_per_node=2), 4) == 0
+    # two nodes of two GPUs: node groups {0,1,2,3} | {4,5,6,7} come back on swapped nodes, GPUs inside swapped too
+    old = np.array([[[0, 1], [2, 3], [4, 5], [6, 7]]], dtype=np.int32)
+    new = np.array([[[6, 7], [4, 5], [2, 3], [1, 0]]], dtype=np.int32)
+    aligned = align_gpus(old, new, 8, gpus_per_node=2)
+    assert copies_moved(old, aligned, 8) == 0
+    assert sorted(aligned[0, 0].tolist()) == [0, 1]
+    # in a replay, a fit that numbers GPUs the other way round each time moves nothing when the groups stay
+    loads = [np.array([row], dtype=np.int32) for row in ([3, 2, 1, 0],) * 2 + ([2, 3, 0, 1],) * 4]
+
+    def swap_fit(load: np.ndarray) -> np.ndarray:  # renumbered GPUs each time: alignment must undo it
+        return pair_hot_with_cold(load)[:, ::-1]
+
+    (result,) = replay_rebalance(iter(loads), swap_fit, every=[2], window=2, num_experts=4, expert_bytes=1)
+    # window (6,4,2,0): {0,3} | {1,2} (reversed); refit at 4 from (4,6,0,2): {1,2} | {0,3} -> same groups, renumbered
+    assert result.moved_copies.tolist() == [0]
 
 
 def test_window_longer_than_trace_is_input_error():
@@ -150,3 +175,16 @@ def test_rebalance_trace_with_real_policy(tmp_path):
     assert fast.aggregate["rebalanced"] < fast.aggregate["fixed"]
     assert fast.moved_copies.sum() > 0 and fast.settings["policy"] == "balanced"
     assert fast.expert_bytes == 3 * 8 * 4 * 2  # SwiGLU, hidden 8, expert FFN 4, BF16 serving weights
+
+
+def test_count_steps_matches_stream(tmp_path):
+    rng = np.random.default_rng(2)
+    ids = random_ids(rng, 500, 1, 8, 2)
+    step = np.repeat(np.arange(50), 10)
+    phase = np.tile(np.r_[np.zeros(6), np.ones(4)], 50)  # prefill and decode tokens in every step
+    path = write_ids_trace(tmp_path / "c.h5", ids, num_experts=8, step=step, phase=phase)
+    with open_trace(path) as trace:
+        for kwargs in ({}, {"phase": "decode"}, {"tokens_per_step": 7}, {"tokens_per_step": 7, "phase": "all"}):
+            want = len(list(iter_step_loads(trace, chunk_tokens=64, **kwargs)))
+            assert count_steps(trace, chunk_tokens=33, **kwargs) == want, kwargs
+        assert count_steps(trace) == 50

@@ -54,6 +54,9 @@ def test_coselection_by_hand(hand):
     assert hand.coselection_conditional(0)[1, 0] == pytest.approx(2 / 3)  # 2 of expert 1's 3 tokens also chose 0
     assert hand.coselection_lift(0)[0, 1] == pytest.approx(2 * 5 / (4 * 3))
     assert hand.top_pairs(0, 1) == [(0, 1, 2, pytest.approx(10 / 12))]
+    # by lift: (1,2) 1*5/(3*2) = 0.83, (0,2) 1*5/(4*2) = 0.625, (0,3) 1*5/(4*1) = 1.25 is the most above chance
+    assert hand.top_pairs(0, 1, by="lift") == [(0, 3, 1, pytest.approx(1.25))]
+    assert [p[:2] for p in hand.top_pairs(0, 3, by="lift", min_share=0.3)] == [(0, 1)]  # only (0,1) has 2/5 tokens
 
 
 def test_phases_by_hand(hand):

@@ -1,0 +1,158 @@
+"""Run everything a report shows over a trace: plan (when a target is given), replay, rebalance, routing analysis.
+
+The replayed layout is the plan's recommendation when there is one (so the report shows how its placements compare),
+else the first GPU count and hardware given. Each pass streams the trace; none holds per-token data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+
+from simulator.cost_model import DEFAULT_CONTEXT_TOKENS, DEFAULT_HBM_RESERVE
+from simulator.hardware import GpuSpec
+from simulator.placement import fit_placement
+from simulator.plan import PlanConfig, PlanResult, plan
+from simulator.rebalance import (
+    RebalanceConfig,
+    count_steps,
+    default_intervals,
+    default_window,
+    rebalance_trace,
+)
+from simulator.replay import DEFAULT_FIT_FRACTION, DEFAULT_PLACEMENTS, ReplayConfig, replay
+from simulator.report.build import ReportInputs
+from simulator.routing_analysis import DEFAULT_SEGMENTS, analyze_routing
+from traces.errors import InputError
+from traces.reader import DEFAULT_CHUNK_TOKENS, Trace
+
+# (pass label, tokens to stream) -> progress callback for that pass
+ProgressFactory = Callable[[str, int], Callable[[int], None] | None]
+
+
+@dataclass
+class ReportOptions:
+    """The report command's options, as the library sees them."""
+
+    hardware: list[GpuSpec]
+    gpus: list[int]  # GPU counts swept by the plan; the first is replayed when there is no plan
+    gpus_per_node: int = 8
+    placements: tuple[str, ...] = DEFAULT_PLACEMENTS  # compared in the replay section
+    plan_placements: tuple[str, ...] = ("contiguous", "balanced", "replicated")
+    redundant_experts: list[int] = field(default_factory=lambda: [0, 8, 16])
+    tokens_per_step: int = 0  # 0: the recorded forward passes
+    phase: str = "all"
+    fit_fraction: float = DEFAULT_FIT_FRACTION
+    capacity_factor: float | None = None
+    hbm_reserve: float = DEFAULT_HBM_RESERVE
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS
+    target_tokens_per_s: float | None = None  # None: no plan sweep
+    max_step_ms: float | None = None
+    rebalance_every: tuple[int, ...] = ()  # empty: a spread of intervals chosen from the trace's length
+    window: int | None = None  # None: default_window(steps)
+    rebalance_policy: str | None = None  # None: replicated when the layout has redundant slots, else balanced
+    segments: int = DEFAULT_SEGMENTS
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+
+    def __post_init__(self) -> None:
+        if not self.hardware:
+            raise InputError("--hardware: give at least one GPU preset or file")
+        if not self.gpus or any(g < 1 for g in self.gpus):
+            raise InputError("--gpus: give one or more positive GPU counts")
+
+
+def _buildable(policies: tuple[str, ...], num_experts: int, num_layers: int, num_gpus: int, gpus_per_node: int,
+               redundant: int) -> tuple[tuple[str, ...], list[str]]:
+    """Policies that can be fitted on this layout (e.g. contiguous needs E divisible by G), and why others cannot."""
+    ok, skipped = [], []
+    probe = np.ones((num_layers, num_experts))
+    cosel = np.ones((num_layers, num_experts, num_experts))
+    for policy in policies:
+        try:
+            fit_placement(policy, probe, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
+                          redundant_experts=redundant, coselection=cosel)
+            ok.append(policy)
+        except InputError as exc:
+            skipped.append(f"{policy}: {exc}")
+    if not ok:
+        raise InputError(f"no placement can be built on {num_gpus} GPUs: {skipped[0]}")
+    return tuple(ok), skipped
+
+
+def _redundancy(num_experts: int, num_gpus: int, candidates: list[int]) -> int:
+    """Largest candidate redundancy that spreads evenly over the GPUs (0 if none does)."""
+    fitting = [r for r in candidates if r >= 0 and (num_experts + r) % num_gpus == 0]
+    return max(fitting, default=0)
+
+
+def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFactory | None = None,
+                   settings: dict | None = None) -> ReportInputs:
+    """Run the analyses the report needs over `trace` and gather their results."""
+    meta = trace.metadata
+    tokens = trace.num_tokens
+    if tokens == 0:
+        raise InputError(f"{trace.paths[0]}: the trace has no tokens to report on")
+
+    def bar(label: str) -> Callable[[int], None] | None:
+        return progress(label, tokens) if progress is not None else None
+
+    plan_result: PlanResult | None = None
+    if options.target_tokens_per_s is not None:
+        plan_config = PlanConfig(
+            target_tokens_per_s=options.target_tokens_per_s, hardware=options.hardware, gpus=options.gpus,
+            gpus_per_node=options.gpus_per_node, placements=list(options.plan_placements),
+            redundant_experts=options.redundant_experts, tokens_per_step=[options.tokens_per_step],
+            max_step_ms=options.max_step_ms, phase=options.phase, fit_fraction=options.fit_fraction,
+            capacity_factor=options.capacity_factor, hbm_reserve=options.hbm_reserve,
+            context_tokens=options.context_tokens, chunk_tokens=options.chunk_tokens,
+        )
+        plan_result = plan(trace, plan_config, progress=bar("plan"))
+
+    rec = plan_result.recommendation if plan_result is not None else None
+    if rec is not None:
+        gpu = next(h for h in options.hardware if h.name == rec.hardware)
+        num_gpus, redundant = rec.num_gpus, rec.redundant_experts
+    else:
+        gpu, num_gpus = options.hardware[0], options.gpus[0]
+        redundant = 0
+    if redundant == 0:
+        redundant = _redundancy(meta.num_experts, num_gpus, options.redundant_experts + [num_gpus])
+    placements, skipped = _buildable(options.placements, meta.num_experts, meta.num_moe_layers, num_gpus,
+                                     options.gpus_per_node, redundant)
+    replay_config = ReplayConfig(
+        num_gpus=num_gpus, gpus_per_node=options.gpus_per_node, hardware=gpu, placements=placements,
+        redundant_experts=redundant, tokens_per_step=options.tokens_per_step, phase=options.phase,
+        fit_fraction=options.fit_fraction, capacity_factor=options.capacity_factor, hbm_reserve=options.hbm_reserve,
+        chunk_tokens=options.chunk_tokens,
+    )
+    replay_result = replay(trace, replay_config, progress=bar("replay"))
+
+    phase = None if options.phase == "all" else options.phase
+    tps = options.tokens_per_step or None
+    steps = count_steps(trace, phase=phase, tokens_per_step=tps, chunk_tokens=options.chunk_tokens)
+    window = options.window if options.window is not None else default_window(steps)
+    every = options.rebalance_every or default_intervals(steps, window)
+    policy = options.rebalance_policy or ("replicated" if redundant else "balanced")
+    rebalance_config = RebalanceConfig(every=tuple(every), window=window, policy=policy, num_gpus=num_gpus,
+                                       gpus_per_node=options.gpus_per_node, redundant_experts=redundant,
+                                       phase=phase, tokens_per_step=tps)
+    if steps <= window:
+        raise InputError(f"--window {window}: the trace has only {steps} steps, none left to score after the window"
+                         " (lower --window)")
+    rebalance_results = rebalance_trace(trace, rebalance_config, chunk_tokens=options.chunk_tokens,
+                                        progress=bar("rebalance"))
+
+    routing = analyze_routing(trace, segments=options.segments, chunk_tokens=options.chunk_tokens,
+                              progress=bar("routing"))
+    shown = dict(settings or {})
+    if skipped:
+        shown["placements not buildable on this layout"] = skipped
+    return ReportInputs(
+        trace_paths=[str(p) for p in trace.paths], metadata=meta, num_tokens=tokens, routing=routing,
+        replay=replay_result, rebalance=rebalance_results, hardware=list(options.hardware), plan=plan_result,
+        settings=shown, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+

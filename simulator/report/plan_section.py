@@ -1,0 +1,92 @@
+"""The report's first section (recommendation and frontier, from simulator.plan) and the time-breakdown plot.
+
+Without a plan (no throughput target given) the section names the replayed placement with the shortest predicted
+MoE step on the replayed layout, and says that no layouts were swept.
+"""
+
+from __future__ import annotations
+
+from simulator.plan import Candidate, PlanResult
+from simulator.replay import ReplayResult
+from simulator.report import figures
+from simulator.report.format import fmt_bytes, fmt_int, fmt_ms, fmt_num, fmt_pct
+from simulator.report.model import Figure, Section, Table
+
+MAX_BREAKDOWN_BARS = 16  # layouts drawn in the time breakdown (the best placement of each)
+
+
+def _short(c: Candidate) -> str:
+    batch = "" if c.tokens_per_step == 0 else f", {c.tokens_per_step} tok/step"
+    return f"{c.num_gpus}x{c.hardware} {c.placement}{batch}"
+
+
+def best_per_layout(plan: PlanResult) -> list[Candidate]:
+    """For each (hardware, GPU count, tokens per step), the candidate with the highest throughput among those whose
+    memory fits (else the highest overall), ordered by hardware then GPU count."""
+    best: dict[tuple[str, int, int], Candidate] = {}
+    for c in plan.candidates:
+        key = (c.hardware, c.num_gpus, c.tokens_per_step)
+        old = best.get(key)
+        if old is None or (c.fits_memory, c.tokens_per_s) > (old.fits_memory, old.tokens_per_s):
+            best[key] = c
+    return [best[k] for k in sorted(best)]
+
+
+def candidate_table(plan: PlanResult, rows_in: list[Candidate], caption: str) -> Table:
+    rec = plan.recommendation
+    rows = []
+    for c in rows_in:
+        rows.append([
+            "yes" if c is rec else "", c.hardware, str(c.num_gpus), c.placement,
+            "recorded" if c.tokens_per_step == 0 else str(c.tokens_per_step), fmt_num(c.step_ms),
+            fmt_num(c.step_ms_p95), fmt_int(c.tokens_per_s), fmt_int(c.tokens_per_s_per_gpu), fmt_num(c.imbalance),
+            fmt_pct(c.leave_node_share), f"{fmt_bytes(c.memory_per_gpu_bytes)} / {fmt_bytes(c.usable_hbm_bytes)}",
+            "yes" if c.meets_target else "no",
+        ])
+    return Table(
+        columns=["recommended", "GPU", "GPUs", "placement", "tokens/step", "step ms", "step ms p95", "tokens/s",
+                 "tokens/s / GPU", "imbalance", "leave node", "memory / usable HBM", "meets target"],
+        rows=rows, numeric=[False, False, True, False, True, True, True, True, True, True, True, True, False],
+        caption=caption,
+    )
+
+
+def plan_section(plan: PlanResult | None, replay: ReplayResult) -> Section:
+    if plan is None:
+        best = min(replay.placements, key=lambda p: p.timings[0].step_time["mean"])
+        t = best.timings[0]
+        cfg = replay.config
+        return Section("recommendation", "Recommendation", [
+            f"No throughput target was given, so no layouts were swept (pass --target-tokens-per-s to plan). On the "
+            f"replayed layout, {cfg['num_gpus']} x {cfg['hardware']['name']}, the {best.label} placement has the "
+            f"shortest predicted MoE step: {fmt_ms(t.step_time['mean'])} ms on average, "
+            f"{fmt_int(t.tokens_per_s_per_gpu)} tokens/s per GPU for the MoE layers, imbalance "
+            f"{fmt_num(best.imbalance)}.",
+        ])
+    rec = plan.recommendation
+    if rec is not None:
+        head = (f"Recommended: {rec.describe()}, predicted {fmt_int(rec.tokens_per_s)} tokens/s for the whole model "
+                f"({fmt_num(rec.step_ms)} ms per step, p95 {fmt_num(rec.step_ms_p95)} ms).")
+    else:
+        head = "No layout in the sweep meets the goal; the frontier below shows what comes closest."
+    bullets = list(plan.reasons) + [f"skipped: {s}" for s in plan.skipped]
+    target = fmt_int(plan.config.get("target_tokens_per_s", float("nan")))
+    tables = [
+        candidate_table(plan, plan.frontier, f"Frontier: layouts not beaten by one with no more GPUs and more "
+                                             f"throughput ({len(plan.candidates)} grid points, target {target} "
+                                             "tokens/s)"),
+        candidate_table(plan, best_per_layout(plan), "Best placement on each layout swept"),
+    ]
+    return Section("recommendation", "Recommendation", [head], tables, bullets=bullets)
+
+
+def time_breakdown_figure(plan: PlanResult | None, replay: ReplayResult) -> Figure:
+    """Mean time per step by component: the best placement of each swept layout (whole model, from the plan), else
+    the replayed placements (MoE layers only)."""
+    comps = ("compute", "weights", "dispatch", "combine")
+    if plan is not None and plan.candidates:
+        shown = best_per_layout(plan)[:MAX_BREAKDOWN_BARS]
+        parts = {c: [x.breakdown_ms[c] / 1e3 for x in shown] for c in (*comps, "non_expert")}
+        return figures.time_breakdown([_short(c) for c in shown], parts)
+    parts = {c: [p.timings[0].breakdown[c] for p in replay.placements] for c in comps}
+    return figures.time_breakdown([p.label for p in replay.placements], parts)
