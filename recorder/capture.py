@@ -99,9 +99,15 @@ class RoutingCapture:
         self.enabled = True
         self._pending: list[RouterRead | None] = [None] * layout.num_layers
         self._buffers: dict[str, torch.Tensor] = {}
-        self._handles = [
-            site.module.register_forward_hook(self._make_hook(slot)) for slot, site in enumerate(layout.sites)
-        ]
+        self._handles: list[Any] = []
+        self.attach()
+
+    def attach(self) -> None:
+        """Register the router hooks (done by the constructor; again after remove())."""
+        if not self._handles:
+            self._handles = [
+                site.module.register_forward_hook(self._make_hook(slot)) for slot, site in enumerate(self.layout.sites)
+            ]
 
     # -- inside the forward pass: references only -------------------------------------------------------------
     def _make_hook(self, slot: int) -> Callable[..., None]:
@@ -190,6 +196,7 @@ class RoutingCapture:
         return HostPass(ids, weights, logits, host_tokens, event, nbytes)
 
     def remove(self) -> None:
+        """Detach every hook; the device buffers are kept for a later attach()."""
         for handle in self._handles:
             handle.remove()
         self._handles = []

@@ -143,7 +143,7 @@ cli.moe_rec()
 def test_sigterm_leaves_partial_and_cli_resume_completes(tmp_path: Path) -> None:
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
     root = Path(__file__).resolve().parent.parent
-    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     args = ["record", "--prompts", "p.txt", "-o", "t.h5", "--batch-size", "2", "--max-new-tokens", "2"]
     child = subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)

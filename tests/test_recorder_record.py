@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -191,7 +192,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     code = "import sys, cli; sys.argv[0] = 'moe-rec'; cli.moe_rec()"
     root = Path(__file__).resolve().parent.parent
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "HOME": str(cwd)}, timeout=300)
+                          env={"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), "PATH": "/usr/bin:/bin", "HOME": str(cwd)}, timeout=300)
 
 
 def test_cli_record_and_errors(tmp_path: Path) -> None:

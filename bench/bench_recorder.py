@@ -1,0 +1,221 @@
+"""Recorder overhead on a GPU: forward tokens/s with and without recording, side by side, plus end-to-end record.
+
+    python -m bench.bench_recorder --json results.json        # on a CUDA machine; writes figures as JSON
+    python -m bench.bench_recorder --from-json results.json   # here: put those figures into docs/benchmarks.md
+
+Regimes (full-size olmoe-1b-7b-random, bf16): prefill = one forward of 16 x 512 tokens; decode = one forward of
+256 sequences x 1 token. Modes, interleaved in every repeat so clocks and heat affect all alike:
+  baseline  - the model alone
+  moe-trace - RoutingCapture hooks + end_pass (device buffers, pinned copies) + TraceSink writing an HDF5 file
+  naive     - a forward hook that calls .cpu() on ids and weights in every layer (the common approach)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MODES = ("baseline", "moe-trace", "naive")
+
+
+def _regimes() -> dict[str, tuple[int, int]]:
+    return {"prefill": (16, 512), "decode": (256, 1)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], None], passes: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(passes):
+        fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, tmp: Path) -> dict[str, Any]:
+    """Time the three modes on one input shape; the device is the model's."""
+    from recorder.capture import PassTokens, RoutingCapture, TraceSink
+    from recorder.metadata import build_metadata
+    from recorder.routers import discover_routers
+    from traces.writer import open_writer
+
+    layout = discover_routers(model)
+    device = next(model.parameters()).device
+    ids = torch.randint(0, min(50000, model.config.vocab_size), (batch, seq), device=device)
+    valid = torch.ones((batch, seq), dtype=torch.bool, device=device)
+    position = torch.arange(seq, device=device).expand(batch, seq)
+    seq_ids = np.arange(batch)
+
+    def baseline() -> None:
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    capture = RoutingCapture(layout)
+    capture.remove()  # hooks are attached only while the moe-trace mode runs
+    path = tmp / f"bench-{batch}x{seq}.h5"
+    meta = build_metadata(model, layout, model_id="olmoe-1b-7b-random")
+    writer = open_writer(path, meta, force=True)
+    sink = TraceSink(writer, with_token_ids=True, id_dtype=meta.id_dtype, weights_dtype=np.dtype("float16"))
+    step = [0]
+
+    def recorded() -> None:
+        capture.attach()
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            host = capture.end_pass(PassTokens(seq_ids, position, ids, valid, 0, step[0]))
+        capture.remove()
+        sink.submit([host], batch)
+        step[0] += 1
+
+    def naive_hook(module: Any, args: Any, out: Any) -> None:
+        out[2].cpu()
+        out[1].cpu()
+
+    def naive() -> None:
+        handles = [s.module.register_forward_hook(naive_hook) for s in layout.sites]
+        try:
+            baseline()
+        finally:
+            for h in handles:
+                h.remove()
+
+    fns = {"baseline": baseline, "moe-trace": recorded, "naive": naive}
+    for fn in fns.values():  # warm-up (kernels, allocator, pinned pool)
+        _timed(fn, 2, device)
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    for _ in range(repeats):
+        for mode in MODES:
+            times[mode].append(_timed(fns[mode], passes, device))
+    sink.close()
+    writer.close(True)
+    capture.remove()
+    tokens = batch * seq * passes
+    med = {m: statistics.median(t) for m, t in times.items()}
+    return {
+        "batch": batch, "seq": seq, "passes_per_timing": passes, "repeats": repeats,
+        "tokens_per_s": {m: tokens / med[m] for m in MODES},
+        "slowdown_pct": {m: 100.0 * (med[m] / med["baseline"] - 1.0) for m in MODES if m != "baseline"},
+        "trace_tokens_written": sink.tokens_written,
+    }
+
+
+def bench_end_to_end(tmp: Path, prompts: int, chars: int, batch: int, new_tokens: int) -> dict[str, Any]:
+    from rich.console import Console
+
+    from recorder.config import RecordConfig
+    from recorder.record import record
+
+    rng = np.random.default_rng(0)
+    words = ["expert", "token", "router", "layer", "mixture", "gate", "load", "balance", "the", "of", "and"]
+    lines = []
+    for _ in range(prompts):
+        text = ""
+        while len(text) < chars:
+            text += str(rng.choice(words)) + " "
+        lines.append(text[:chars])
+    path = tmp / "prompts.txt"
+    path.write_text("\n".join(lines) + "\n")
+    cfg = RecordConfig(prompts=path, model="olmoe-1b-7b-random", output=tmp / f"e2e-{new_tokens}.h5", force=True,
+                       batch_size=batch, max_length=chars, max_new_tokens=new_tokens, dtype="bf16", progress=False)
+    result = record(cfg, Console(stderr=True))
+    size = result.path.stat().st_size
+    return {"prompts": prompts, "prompt_tokens": chars, "batch": batch, "max_new_tokens": new_tokens,
+            "tokens": result.tokens, "seconds": result.seconds, "tokens_per_s": result.tokens_per_second,
+            "bytes_per_token": size / max(result.tokens, 1)}
+
+
+def run(repeats: int, passes: int) -> dict[str, Any]:
+    import transformers
+
+    from bench.common import machine
+    from recorder.builtin_models import build_builtin_model
+
+    model = build_builtin_model("olmoe-1b-7b-random", torch.device("cuda"), torch.bfloat16)
+    impl = getattr(model.config, "_experts_implementation", None)
+    results: dict[str, Any] = {
+        "machine": machine(), "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "transformers": transformers.__version__, "experts_implementation": str(impl), "regimes": {},
+    }
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for name, (b, s) in _regimes().items():
+            results["regimes"][name] = bench_forward(model, b, s, repeats, passes if s > 1 else passes * 4, tmp)
+            print(name, json.dumps(results["regimes"][name]), flush=True)
+        del model
+        torch.cuda.empty_cache()
+        results["end_to_end"] = [
+            bench_end_to_end(tmp, prompts=256, chars=512, batch=16, new_tokens=0),
+            bench_end_to_end(tmp, prompts=256, chars=128, batch=128, new_tokens=32),
+        ]
+        print("end_to_end", json.dumps(results["end_to_end"]), flush=True)
+    return results
+
+
+def to_markdown(r: dict[str, Any]) -> str:
+    lines = [
+        "`python -m bench.bench_recorder` on " + r["machine"] + f"; transformers {r['transformers']}, "
+        f"experts implementation {r['experts_implementation']}. Model: olmoe-1b-7b-random (OLMoE-1B-7B shapes, "
+        "bf16, random weights). Medians of "
+        f"{r['regimes']['prefill']['repeats']} timings, modes interleaved in each repeat.",
+        "",
+        "| regime | tokens per pass | baseline tok/s | moe-trace tok/s | slowdown | naive .cpu() hook tok/s | slowdown |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, g in r["regimes"].items():
+        tps, slow = g["tokens_per_s"], g["slowdown_pct"]
+        lines.append(
+            f"| {name} | {g['batch']} x {g['seq']} | {tps['baseline']:,.0f} | {tps['moe-trace']:,.0f} | "
+            f"{slow['moe-trace']:+.2f}% | {tps['naive']:,.0f} | {slow['naive']:+.2f}% |"
+        )
+    lines += [
+        "",
+        "moe-trace = router hooks keeping references, one concatenation per field into a preallocated device buffer, "
+        "non-blocking copies to pinned memory, and the background thread writing the HDF5 trace. Target: 1% or "
+        "less in both regimes (anchors: a simple non-blocking hook 0.5% / 6%, a .cpu() hook 9% / 12.5%).",
+        "",
+        "End to end (`moe-rec record`, greedy loop, writing the trace; model loading excluded):",
+        "",
+        "| prompts | prompt tokens | batch | new tokens | tokens recorded | tokens/s | bytes/token |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in r["end_to_end"]:
+        lines.append(f"| {e['prompts']} | {e['prompt_tokens']} | {e['batch']} | {e['max_new_tokens']} | "
+                     f"{e['tokens']:,} | {e['tokens_per_s']:,.0f} | {e['bytes_per_token']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="write the figures here (on the GPU machine)")
+    parser.add_argument("--from-json", type=Path, help="update docs/benchmarks.md from figures measured elsewhere")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--passes", type=int, default=5, help="forward passes per timing (x4 for decode)")
+    args = parser.parse_args()
+    from bench.common import update_section
+
+    if args.from_json:
+        update_section("recorder", to_markdown(json.loads(args.from_json.read_text())))
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_recorder needs a CUDA GPU (figures are for the GPU path)")
+    results = run(args.repeats, args.passes)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    print(to_markdown(results))
+
+
+if __name__ == "__main__":
+    main()
