@@ -3,6 +3,12 @@
 Layout: /seq_id [T], /position [T], /token_id [T], /phase [T], /step [T],
 /expert_ids [T, L, K], /expert_weights [T, L, K], /router_logits [T, L, E].
 Root attributes: format, schema_version, metadata (JSON), num_tokens (rows committed), status.
+
+Compression (per dataset, chosen when the file is created): "lz4" (default) and "zstd" are Blosc with bit-shuffle
+from hdf5plugin: bit-shuffle exposes the unused high bits of expert ids (64 experts use 6 of 8 bits) and the
+exponent bits of weights, and Blosc decompresses at GB/s, so ids-only reads stay above 10M tokens/s while files
+shrink by a quarter. Readers need `import hdf5plugin` before h5py opens the file. "gzip" is built into every HDF5
+library (readable by any HDF5 tool) but reads about 10x slower; "lzf" ships with h5py; "none" stores raw.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import h5py
+import hdf5plugin  # registers the Blosc filter with HDF5, for reading as well as writing
 
 from traces.chunk import TraceChunk
 from traces.errors import InputError
@@ -17,13 +24,31 @@ from traces.schema import FORMAT_NAME, SCHEMA_VERSION, TraceMetadata
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 CHUNK_TOKENS = 8192  # HDF5 chunk along tokens: 1 MiB of OLMoE ids, large enough for fast sequential reads
-COMPRESSIONS = ("lzf", "gzip", "none")
+COMPRESSIONS = ("lz4", "zstd", "gzip", "lzf", "none")
+DEFAULT_COMPRESSION = "lz4"
+
+
+def dataset_filters(compression: str) -> dict:
+    """h5py create_dataset keyword arguments for a compression name."""
+    if compression == "lz4":
+        return dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.BITSHUFFLE))
+    if compression == "zstd":
+        return dict(hdf5plugin.Blosc(cname="zstd", clevel=1, shuffle=hdf5plugin.Blosc.BITSHUFFLE))
+    if compression == "gzip":
+        return {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+    if compression == "lzf":
+        return {"compression": "lzf", "shuffle": True}
+    if compression == "none":
+        return {}
+    raise InputError(f"--compression: HDF5 supports {', '.join(COMPRESSIONS)}, not {compression!r}")
 
 
 class Hdf5TraceWriter:
     """Appends TraceChunks to an HDF5 file; every append is flushed so a crash keeps completed batches."""
 
-    def __init__(self, path: Path, metadata: TraceMetadata, compression: str = "lzf", append: bool = False):
+    def __init__(
+        self, path: Path, metadata: TraceMetadata, compression: str = DEFAULT_COMPRESSION, append: bool = False
+    ):
         self.path = path
         self.metadata = metadata
         if append:
@@ -32,6 +57,7 @@ class Hdf5TraceWriter:
             for name in metadata.stored_fields():  # drop rows past the last committed batch
                 self.file[name].resize(self.num_tokens, axis=0)
             return
+        filters = dataset_filters(compression)
         self.file = h5py.File(path, "w")
         self.num_tokens = 0
         attrs = self.file.attrs
@@ -40,11 +66,6 @@ class Hdf5TraceWriter:
         attrs["metadata"] = metadata.to_json()
         attrs["num_tokens"] = 0
         attrs["status"] = "partial"
-        filters: dict = {}
-        if compression == "lzf":
-            filters = {"compression": "lzf", "shuffle": True}
-        elif compression == "gzip":
-            filters = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
         for name in metadata.stored_fields():
             shape = metadata.field_shape(name)
             self.file.create_dataset(
@@ -80,6 +101,8 @@ class Hdf5TraceWriter:
 class Hdf5ShardReader:
     """Reads one HDF5 trace file, trusting only the committed rows."""
 
+    encoding = "hdf5"
+
     def __init__(self, path: Path):
         self.path = path
         try:
@@ -112,7 +135,8 @@ class Hdf5ShardReader:
 
     def iter_blocks(self, names: list[str], block_tokens: int):
         # Read whole HDF5 chunks at a time: partial-chunk reads decompress the same chunk twice.
-        step = max(CHUNK_TOKENS, (block_tokens // CHUNK_TOKENS) * CHUNK_TOKENS)
+        chunk_rows = max((self.file[n].chunks or (CHUNK_TOKENS,))[0] for n in names) if names else CHUNK_TOKENS
+        step = max(chunk_rows, (block_tokens // chunk_rows) * chunk_rows)
         for start in range(0, self.num_tokens, step):
             yield self.read(names, start, min(start + step, self.num_tokens))
 

@@ -16,6 +16,7 @@ DEFAULT_CHUNK_TOKENS = 1 << 16
 
 class _Shard(Protocol):
     path: Path
+    encoding: str  # "hdf5" or "arrow"
     metadata: TraceMetadata
     num_tokens: int
 

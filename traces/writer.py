@@ -106,7 +106,9 @@ def open_writer(
     force: replace an existing trace (or leftover .partial) at this name.
     resume: continue a `.partial` file left by an interrupted writer (its rows are kept).
     """
+    from traces.arrow_format import DEFAULT_COMPRESSION as ARROW_DEFAULT
     from traces.arrow_format import ArrowTraceWriter
+    from traces.hdf5_format import DEFAULT_COMPRESSION as HDF5_DEFAULT
     from traces.hdf5_format import Hdf5TraceWriter
 
     path = Path(path)
@@ -122,14 +124,14 @@ def open_writer(
         if encoding == "hdf5":
             backend = Hdf5TraceWriter(part, metadata, append=True)
         else:
-            backend = _resume_arrow(part, metadata, compression or "lz4")
+            backend = _resume_arrow(part, metadata, compression or ARROW_DEFAULT)
         return TraceWriter(path, metadata, backend)
     if part.exists() and not force:
         raise InputError(f"{part}: an interrupted trace is here (pass --resume to continue it or --force to start over)")
     if encoding == "hdf5":
-        backend = Hdf5TraceWriter(part, metadata, compression=compression or "lzf")
+        backend = Hdf5TraceWriter(part, metadata, compression=compression or HDF5_DEFAULT)
     else:
-        backend = ArrowTraceWriter(part, metadata, compression=compression or "lz4")
+        backend = ArrowTraceWriter(part, metadata, compression=compression or ARROW_DEFAULT)
     return TraceWriter(path, metadata, backend)
 
 
@@ -138,13 +140,13 @@ def _resume_arrow(part: Path, metadata: TraceMetadata, compression: str) -> _Bac
     from traces.arrow_format import ArrowShardReader, ArrowTraceWriter
 
     old = ArrowShardReader(part)
-    names = old.metadata.stored_fields()
-    chunks = list(old.iter_blocks(names, 0))
-    old.close()
     tmp = part.with_name(part.name + ".resume")
     backend = ArrowTraceWriter(tmp, metadata, compression=compression)
-    for chunk in chunks:
-        backend.append(chunk)
+    try:
+        for chunk in old.iter_blocks(old.metadata.stored_fields(), 0):  # streamed: memory stays one batch
+            backend.append(chunk)
+    finally:
+        old.close()
     os.replace(tmp, part)
     backend.path = part
     return backend
