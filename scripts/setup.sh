@@ -20,4 +20,14 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 pip install -q -e ".[dev]"
+# The HTML report's browser test (tests/test_report_browser.py) drives Debian's chromium and chromium-driver. Install
+# them quietly when running as root with apt-get; never fail set-up over it (the test skips without chromium).
+if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+    && command -v apt-get >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  { timeout 900 apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+    || { timeout 300 apt-get update -qq >/dev/null 2>&1 \
+         && timeout 900 apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; }; } \
+    || echo "note: chromium not installed; the report's browser test will be skipped" >&2
+fi
 echo "moe-trace installed in .venv (torch $(python -c 'import torch; print(torch.__version__)'))"

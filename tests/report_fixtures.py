@@ -71,3 +71,23 @@ def random_ids(rng: np.random.Generator, tokens: int, layers: int, experts: int,
 
 
 PREFILL, DECODE = PHASE_PREFILL, PHASE_DECODE
+
+
+def small_report_inputs(directory: Path, tokens: int = 6000):
+    """A synthetic OLMoE-shaped trace and everything a report shows, computed with a plan (a target is given).
+
+    Returns (trace path, ReportInputs). Small enough for tests: a few seconds, mostly plotting.
+    """
+    from simulator.hardware import GpuSpec
+    from simulator.report.collect import ReportOptions, collect_inputs
+    from traces import open_trace
+    from traces.synthetic import SynthConfig, write_synthetic
+
+    path = write_synthetic(directory / "synthetic.h5", SynthConfig(tokens=tokens, seed=3, batch_size=4), force=True)
+    options = ReportOptions(
+        hardware=[GpuSpec.from_name("h100"), GpuSpec.from_name("h200")], gpus=[8, 16], target_tokens_per_s=1000.0,
+        redundant_experts=[0, 16], rebalance_every=(5, 20), window=10, segments=4, rebalance_policy="balanced",
+    )
+    with open_trace(path) as trace:
+        inputs = collect_inputs(trace, options, settings={"command line": "test"})
+    return path, inputs

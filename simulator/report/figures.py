@@ -24,8 +24,10 @@ COMPONENT_COLORS = {"compute": "#1f77b4", "weights": "#ff7f0e", "dispatch": "#2c
 def _finish(fig: MplFigure, key: str, title: str, caption: str) -> Figure:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
-    width, height = (int(round(v * DPI)) for v in fig.get_size_inches())
-    return Figure(key=key, title=title, caption=caption, png=buf.getvalue(), width=width, height=height)
+    png = buf.getvalue()
+    # pixel size from the PNG's IHDR chunk (bytes 16-24), which rounding of inches x DPI may miss by one
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    return Figure(key=key, title=title, caption=caption, png=png, width=width, height=height)
 
 
 def _layer_ticks(ax, labels: Sequence[str], axis: str = "x") -> None:

@@ -1,0 +1,195 @@
+"""The report: every section and plot present, numbers that match the results it was built from, renderers, the
+atomic write with its --force rules, and the commands through a subprocess."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from report_fixtures import small_report_inputs
+
+from simulator.report import build_report, render_html, render_markdown, write_report
+from simulator.report.build import SECTION_KEYS
+from simulator.report.format import fmt_int, fmt_num
+from traces import InputError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FIGURE_KEYS = {
+    "layouts": ["imbalance-over-time", "gpu-load", "node-traffic", "time-breakdown"],
+    "rebalance": ["rebalance"],
+    "routing": ["load-heatmap", "entropy-gini", "coselection", "phases", "stability"],
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    trace, inputs = small_report_inputs(tmp_path_factory.mktemp("report"))
+    return trace, inputs, build_report(inputs)
+
+
+def test_every_section_and_plot_present(built):
+    _, _, report = built
+    assert [s.key for s in report.sections] == list(SECTION_KEYS)
+    for key, figs in FIGURE_KEYS.items():
+        assert [f.key for f in report.section(key).figures] == figs
+    for fig in report.figures:
+        assert fig.png.startswith(PNG_SIGNATURE) and len(fig.png) > 5000, fig.key
+        assert fig.width >= 400 and fig.height >= 200, fig.key
+        assert fig.title and fig.caption
+
+
+def test_recommendation_matches_plan(built):
+    _, inputs, report = built
+    plan = inputs.plan
+    section = report.section("recommendation")
+    assert plan is not None and plan.recommendation is not None  # a 1000 tokens/s target is met by something
+    assert plan.recommendation.describe() in section.paragraphs[0]
+    assert section.bullets[:len(plan.reasons)] == plan.reasons
+    frontier, per_layout = section.tables
+    assert len(frontier.rows) == len(plan.frontier)
+    assert [r[0] for r in frontier.rows].count("yes") == (plan.recommendation in plan.frontier)
+    for row, cand in zip(frontier.rows, plan.frontier, strict=True):
+        assert row[1:4] == [cand.hardware, str(cand.num_gpus), cand.placement]
+        assert row[7] == fmt_int(cand.tokens_per_s)
+    # one row per (hardware, GPU count): 2 x 2
+    assert sorted((r[1], r[2]) for r in per_layout.rows) == [("h100", "16"), ("h100", "8"), ("h200", "16"),
+                                                            ("h200", "8")]
+    assert report.data["plan"]["recommendation"]["placement"] == plan.recommendation.placement
+
+
+def test_layouts_match_replay(built):
+    _, inputs, report = built
+    replay = inputs.replay
+    rec = inputs.plan.recommendation
+    # the replayed layout is the recommended one
+    assert (replay.config["num_gpus"], replay.config["hardware"]["name"]) == (rec.num_gpus, rec.hardware)
+    (table,) = report.section("layouts").tables
+    assert [r[0] for r in table.rows] == [p.label for p in replay.placements]
+    for row, p in zip(table.rows, replay.placements, strict=True):
+        assert row[1] == fmt_num(p.imbalance)
+        assert row[8] == f"{p.timings[0].step_time['mean'] * 1e3:.3f}"
+    assert report.data["replay"]["placements"][0]["label"] == replay.placements[0].label
+
+
+def test_rebalance_and_routing_match_results(built):
+    trace, inputs, report = built
+    (table,) = report.section("rebalance").tables
+    assert [r[0] for r in table.rows] == ["5", "20"]
+    for row, r in zip(table.rows, inputs.rebalance, strict=True):
+        assert row[2] == fmt_num(r.mean_imbalance("rebalanced"))
+        assert row[4] == fmt_num(r.mean_imbalance("fixed")) and row[5] == fmt_num(r.mean_imbalance("oracle"))
+        assert r.window == 10 and r.scored_steps == r.steps - 10
+    routing = report.section("routing")
+    stats, pairs = routing.tables
+    ra = inputs.routing
+    assert len(stats.rows) == ra.num_layers == 16
+    assert [row[3] for row in stats.rows] == [fmt_num(g) for g in ra.gini()]
+    assert pairs.rows, "co-selected pairs listed"
+    data = report.data["routing"]
+    assert data["num_tokens"] == inputs.num_tokens == 6000
+    assert data["gini"] == pytest.approx(ra.gini().tolist())
+    inputs_section = report.section("inputs")
+    cells = [c for t in inputs_section.tables for row in t.rows for c in row]
+    assert "6,000" in cells and str(trace) in cells and "h200" in cells
+    assert any("DeepEP" in c for c in cells)  # cost model assumptions with their sources
+
+
+class _Collect(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.imgs: list[dict[str, str | None]] = []
+        self.ids: list[str] = []
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a)
+        if "id" in a:
+            self.ids.append(a["id"] or "")
+        for name in ("src", "href"):
+            if a.get(name):
+                self.urls.append(a[name] or "")
+
+
+def test_html_is_self_contained(built):
+    _, _, report = built
+    page = render_html(report)
+    parser = _Collect()
+    parser.feed(page)
+    assert len(parser.imgs) == len(report.figures) == 10
+    for img, fig in zip(parser.imgs, report.figures, strict=True):
+        src = img["src"] or ""
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]) == fig.png
+    assert set(SECTION_KEYS) <= set(parser.ids)
+    # nothing to fetch: every URL is a data URI or an in-page anchor
+    assert all(u.startswith(("data:", "#")) for u in parser.urls), [u[:40] for u in parser.urls]
+    assert "<script" not in page
+    assert not re.search(r"url\(\s*['\"]?https?:", page)
+
+
+def test_markdown_links_images_beside_it(built, tmp_path):
+    _, _, report = built
+    text = render_markdown(report, image_dir="r_files")
+    assert text.count("](r_files/") == 10
+    assert all(f"## {s.title}" in text for s in report.sections)
+    assert "data:image/png;base64," in render_markdown(report)  # embedded form
+    written = write_report(report, tmp_path / "r.md")
+    assert written[0] == tmp_path / "r.md"
+    files = sorted(p.name for p in (tmp_path / "r_files").iterdir())
+    assert files == sorted(f"{f.key}.png" for f in report.figures)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.md", "r_files"]  # no temporary files left
+
+
+def test_write_rules(built, tmp_path):
+    _, _, report = built
+    out = tmp_path / "r.html"
+    write_report(report, out)
+    before = out.read_bytes()
+    with pytest.raises(InputError, match="already exists"):
+        write_report(report, out)
+    write_report(report, out, force=True)
+    assert out.read_bytes().startswith(b"<!DOCTYPE html>") and len(before) > 100_000
+    with pytest.raises(InputError, match="unsupported report extension"):
+        write_report(report, tmp_path / "r.pdf")
+    with pytest.raises(InputError, match="does not exist"):
+        write_report(report, tmp_path / "missing" / "r.html")
+    (tmp_path / "m_files").mkdir()
+    with pytest.raises(InputError, match="m_files: already exists"):
+        write_report(report, tmp_path / "m.md")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m_files", "r.html"]
+
+
+def _moe_sim(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_cli_report_and_rebalance(built, tmp_path):
+    trace, _, _ = built
+    out = tmp_path / "cli.html"
+    args = ["report", str(trace), "-o", str(out), "--gpus", "8", "--quiet", "--window", "10",
+            "--rebalance-every", "10", "--rebalance-placement", "balanced"]
+    done = _moe_sim(*args)
+    assert done.returncode == 0, done.stderr
+    assert "Report written" in done.stderr and out.stat().st_size > 100_000
+    again = _moe_sim(*args)
+    assert again.returncode == 2 and again.stderr.startswith("error: ") and "--force" in again.stderr
+    assert "Traceback" not in again.stderr
+    reb = _moe_sim("rebalance", str(trace), "--window", "10", "--rebalance-every", "5,50", "--gpus", "8",
+                   "--json", "--quiet")
+    assert reb.returncode == 0, reb.stderr
+    results = json.loads(reb.stdout)["results"]
+    assert [r["every"] for r in results] == [5, 50]
+    assert {"fixed", "rebalanced", "oracle", "moved_bytes_per_rebalance"} <= results[0].keys()
+    table = _moe_sim("rebalance", str(trace), "--window", "10", "--quiet")
+    assert table.returncode == 0 and "refit every" in table.stdout
+    bad = _moe_sim("rebalance", str(trace), "--window", "100000")
+    assert bad.returncode == 2 and "--window 100000" in bad.stderr
