@@ -173,6 +173,12 @@ class ArrowShardReader:
 
     def iter_blocks(self, names: list[str], block_tokens: int) -> Iterator[TraceChunk]:
         del block_tokens  # Arrow batches are read whole; the caller regroups them
+        try:
+            yield from self._chunks(names)
+        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+            raise InputError(f"{self.path}: Arrow data is corrupt ({str(exc).splitlines()[0]})") from exc
+
+    def _chunks(self, names: list[str]) -> Iterator[TraceChunk]:
         for batch in self._batches(names):
             if batch.num_rows == 0:
                 continue

@@ -40,6 +40,16 @@ PROVENANCE_KEYS = frozenset(
 )
 
 
+def current_tool_version() -> str:
+    """moe-trace's installed version, for the tool_version metadata key."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moe-trace")
+    except PackageNotFoundError:  # a source tree that was not installed
+        return "0.0.0+source"
+
+
 def expert_id_dtype(num_experts: int) -> np.dtype:
     """uint8 when expert ids fit in a byte, else uint16."""
     if num_experts <= 256:

@@ -38,7 +38,7 @@ import numpy as np
 from traces.chunk import TraceChunk
 from traces.errors import InputError
 from traces.presets import get_preset, preset_metadata
-from traces.schema import PHASE_DECODE, PHASE_PREFILL, TraceMetadata
+from traces.schema import PHASE_DECODE, PHASE_PREFILL, TraceMetadata, current_tool_version
 from traces.synth_kernels import alias_table
 
 DEFAULT_CHUNK_TOKENS = 1 << 16
@@ -375,6 +375,7 @@ def write_synthetic(
     meta = synth_metadata(config)
     meta.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta.command_line = command_line
+    meta.tool_version = current_tool_version()
     with open_writer(path, meta, force=force, compression=compression) as writer:
         for chunk in iter_synthetic(config, chunk_tokens):
             writer.append(chunk)
