@@ -49,12 +49,12 @@ def step_key(phase: int, sel_in_phase: int, recorded_step: int, tokens_per_step:
 @njit(cache=True)
 def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gpus_per_node: int,
                used_slots: int, model: np.ndarray, cost: np.ndarray, comp: np.ndarray, tot_int: np.ndarray,
-               step_time: np.ndarray) -> float:
+               tot_gpu: np.ndarray, step_time: np.ndarray) -> float:
     """Price one finished step of one variant; return its load imbalance (sum of layer max / sum of layer mean).
 
     acc [L, W] counts as in the module docstring; model [6]; cost [H, 8].
-    Adds seconds into comp [H, L, 4] and dropped / active slots / busiest-GPU assignments / steps into
-    tot_int [L, 8]; writes step_time [H] seconds.
+    Adds seconds into comp [H, L, 4], dropped / active slots / busiest-GPU assignments / steps into
+    tot_int [L, 8] and assignments per GPU into tot_gpu [L, G]; writes step_time [H] seconds.
     Per layer: the slowest GPU's roofline max(FLOPs / FLOP/s, weight bytes / HBM B/s), plus dispatch and combine,
     each the slower tier's max(send, receive) bytes over its effective bandwidth plus that tier's latency.
     """
@@ -89,6 +89,7 @@ def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gp
                     a_kept += kept
                     tot_int[layer, I_DROPPED] += c - int(kept)
             tot_int[layer, I_ACTIVE] += act
+            tot_gpu[layer, g] += a_raw
             total += a_raw
             gpu_max = max(gpu_max, a_raw)
             flops = a_kept * model[M_FLOPS]
@@ -133,7 +134,7 @@ def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gp
 def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int, phase_filter: int,
                  score_start: int, var_gpus: np.ndarray, var_slots: np.ndarray, var_gpn: np.ndarray,
                  var_tps: np.ndarray, var_used: np.ndarray, rep_count: np.ndarray, rep_slot: np.ndarray,
-                 model: np.ndarray, cost: np.ndarray,
+                 local_slot: np.ndarray, slot_gpu: np.ndarray, model: np.ndarray, cost: np.ndarray,
                  sel_count: np.ndarray, cur_key: np.ndarray, cur_ntok: np.ndarray, acc: np.ndarray,
                  fresh: np.ndarray, head_key: np.ndarray, head_ntok: np.ndarray, head_acc: np.ndarray,
                  tot_gpu: np.ndarray, tot_int: np.ndarray, comp: np.ndarray,
@@ -143,12 +144,15 @@ def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int
     ids [T, L, K]; steps, phases [T]; t0: global index of the chunk's first token. A token is scored when its
     phase matches phase_filter (-1: both) and its global index >= score_start.
     Variant v: var_gpus, var_slots, var_gpn, var_tps (tokens per step, 0 = recorded steps), var_used (slots holding
-    an expert) [V]; rep_count [V, L, E]; rep_slot [V, L, E, R] slot index of each replica. model [6], cost [H, 8].
+    an expert) [V]; rep_count [V, L, E]; rep_slot [V, L, E, R] slot index of each replica; local_slot [V, L, E, G]
+    the slot of expert e on GPU g (-1: none there); slot_gpu [V, M] the GPU of each slot (lookups, not divisions,
+    in the inner loop). model [6], cost [H, 8].
     State carried from chunk to chunk: sel_count [2] scored tokens per phase; cur_key, cur_ntok [V] and
     acc [V, L, W] (the open step); fresh [V] (1 until the segment's first step closes) and head_key, head_ntok [V],
     head_acc [V, L, W]: a segment's first step is kept unpriced, because it may continue a step from the segment
     before it (replay.Segment.merge).
-    Totals: tot_gpu [V, L, G] assignments per GPU; tot_int [V, L, 8] (I_* columns); comp [V, H, L, 4] seconds.
+    Totals: tot_gpu [V, L, G] assignments per GPU (added when a step is priced); tot_int [V, L, 8] (I_* columns);
+    comp [V, H, L, 4] seconds.
     Per closed step: out_imb [V, T + 1], out_time [V, H, T + 1], out_ntok [V, T + 1]; out_n [V] counts them.
     """
     n_tok, layers, top_k = ids.shape
@@ -157,19 +161,21 @@ def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int
     mark_gpu = -np.ones(g_max, dtype=np.int64)  # stamp of the last (token, layer, variant) sent to each GPU
     mark_node = -np.ones(g_max, dtype=np.int64)  # ... and to each node (nodes <= GPUs)
     step_time = np.zeros(cost.shape[0])
-    for i in range(n_tok):
-        ph = phases[i]
-        t = t0 + i
-        if (phase_filter >= 0 and ph != phase_filter) or t < score_start:
-            continue
-        sel = sel_count[ph]
-        sel_count[ph] += 1
-        for v in range(n_var):
-            g_count = var_gpus[v]
-            s_count = var_slots[v]
-            gpn = var_gpn[v]
-            m = g_count * s_count
-            n_nodes = max(1, g_count // gpn)
+    sel_start = sel_count.copy()
+    # Variant-outer: each variant's counters stay in cache while it walks the chunk.
+    for v in range(n_var):
+        sel_count[:] = sel_start
+        g_count = var_gpus[v]
+        gpn = var_gpn[v]
+        m = g_count * var_slots[v]
+        n_nodes = max(1, g_count // gpn)
+        for i in range(n_tok):
+            ph = phases[i]
+            t = t0 + i
+            if (phase_filter >= 0 and ph != phase_filter) or t < score_start:
+                continue
+            sel = sel_count[ph]
+            sel_count[ph] += 1
             key = step_key(ph, sel, steps[i], var_tps[v])
             if key != cur_key[v]:
                 if cur_ntok[v] > 0:
@@ -180,8 +186,8 @@ def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int
                         fresh[v] = 0
                     else:
                         c = out_n[v]
-                        out_imb[v, c] = price_step(acc[v], cur_ntok[v], g_count, s_count, gpn, var_used[v],
-                                                   model, cost, comp[v], tot_int[v], step_time)
+                        out_imb[v, c] = price_step(acc[v], cur_ntok[v], g_count, var_slots[v], gpn, var_used[v],
+                                                   model, cost, comp[v], tot_int[v], tot_gpu[v], step_time)
                         out_time[v, :, c] = step_time
                         out_ntok[v, c] = cur_ntok[v]
                         out_n[v] = c + 1
@@ -192,41 +198,43 @@ def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int
             src = t % g_count
             src_node = src // gpn
             rr = t // g_count
+            su_send = m + src
+            so_send = m + 2 * g_count + src_node
             for layer in range(layers):
                 stamp = (t * layers + layer) * n_var + v
-                row = acc[v, layer]
+                leave_gpu = 0
+                leave_node = 0
+                su_pairs = 0
+                so_pairs = 0
                 for k in range(top_k):
                     e = ids[i, layer, k]
-                    n_rep = rep_count[v, layer, e]
-                    slot = rep_slot[v, layer, e, 0]
-                    if n_rep > 1:
-                        slot = -1
-                        for r in range(n_rep):
-                            if rep_slot[v, layer, e, r] // s_count == src:
-                                slot = rep_slot[v, layer, e, r]
-                                break
-                        if slot < 0:
-                            slot = rep_slot[v, layer, e, rr % n_rep]
-                    row[slot] += 1
-                    g = slot // s_count
-                    tot_gpu[v, layer, g] += 1
-                    if g == src:
+                    slot = local_slot[v, layer, e, src]
+                    if slot >= 0:  # served on the source GPU: no traffic
+                        acc[v, layer, slot] += 1
                         continue
-                    tot_int[v, layer, I_LEAVE_GPU] += 1
+                    n_rep = rep_count[v, layer, e]
+                    slot = rep_slot[v, layer, e, 0] if n_rep == 1 else rep_slot[v, layer, e, rr % n_rep]
+                    acc[v, layer, slot] += 1
+                    g = slot_gpu[v, slot]
                     node = g // gpn
+                    leave_gpu += 1
                     if node == src_node:
                         if mark_gpu[g] != stamp:
                             mark_gpu[g] = stamp
-                            row[m + src] += 1
-                            row[m + g_count + g] += 1
-                            tot_int[v, layer, I_SU_PAIRS] += 1
+                            acc[v, layer, m + g_count + g] += 1
+                            su_pairs += 1
                     else:
-                        tot_int[v, layer, I_LEAVE_NODE] += 1
+                        leave_node += 1
                         if mark_node[node] != stamp:
                             mark_node[node] = stamp
-                            row[m + 2 * g_count + src_node] += 1
-                            row[m + 2 * g_count + n_nodes + node] += 1
-                            tot_int[v, layer, I_SO_PAIRS] += 1
+                            acc[v, layer, m + 2 * g_count + n_nodes + node] += 1
+                            so_pairs += 1
+                acc[v, layer, su_send] += su_pairs
+                acc[v, layer, so_send] += so_pairs
+                tot_int[v, layer, I_SU_PAIRS] += su_pairs
+                tot_int[v, layer, I_SO_PAIRS] += so_pairs
+                tot_int[v, layer, I_LEAVE_GPU] += leave_gpu
+                tot_int[v, layer, I_LEAVE_NODE] += leave_node
 
 
 @njit(cache=True)

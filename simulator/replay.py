@@ -179,6 +179,8 @@ class VariantArrays:
     used: np.ndarray
     rep_count: np.ndarray  # [V, L, E]
     rep_slot: np.ndarray  # [V, L, E, R]
+    local_slot: np.ndarray  # [V, L, E, G] slot of expert e on GPU g, -1 if none
+    slot_gpu: np.ndarray  # [V, M] GPU of each slot
     g_max: int
     width: int
 
@@ -191,20 +193,27 @@ class VariantArrays:
         width = max(v.placement.num_gpus * v.placement.slots_per_gpu + 4 * v.placement.num_gpus for v in variants)
         rep_count = np.zeros((n, layers, num_experts), dtype=np.int64)
         rep_slot = np.zeros((n, layers, num_experts, r_max), dtype=np.int64)
+        local_slot = -np.ones((n, layers, num_experts, g_max), dtype=np.int64)
+        m_max = max(v.placement.num_gpus * v.placement.slots_per_gpu for v in variants)
+        slot_gpu = np.zeros((n, m_max), dtype=np.int64)
         for i, v in enumerate(variants):
+            s_count = v.placement.slots_per_gpu
             flat = v.placement.slots.reshape(layers, -1)  # [L, G*S], slot index = gpu * S + s
+            slot_gpu[i, : flat.shape[1]] = np.arange(flat.shape[1]) // s_count
             for layer in range(layers):
-                for slot, e in enumerate(flat[layer]):
+                for slot, e in enumerate(flat[layer].tolist()):
                     if e >= 0:
                         rep_slot[i, layer, e, rep_count[i, layer, e]] = slot
                         rep_count[i, layer, e] += 1
+                        local_slot[i, layer, e, slot // s_count] = slot
         return cls(
             gpus=np.array([v.placement.num_gpus for v in variants], dtype=np.int64),
             slots=np.array([v.placement.slots_per_gpu for v in variants], dtype=np.int64),
             gpn=np.array([min(v.placement.gpus_per_node, v.placement.num_gpus) for v in variants], dtype=np.int64),
             tps=np.array([v.tokens_per_step for v in variants], dtype=np.int64),
             used=np.array([int((v.placement.slots[0] >= 0).sum()) for v in variants], dtype=np.int64),
-            rep_count=rep_count, rep_slot=rep_slot, g_max=g_max, width=width,
+            rep_count=rep_count, rep_slot=rep_slot, local_slot=local_slot, slot_gpu=slot_gpu, g_max=g_max,
+            width=width,
         )
 
 
@@ -262,7 +271,8 @@ class Segment:
         out_ntok = np.empty((v, cap), dtype=np.int64)
         out_n = np.zeros(v, dtype=np.int64)
         K.replay_chunk(ids, steps.astype(np.int64, copy=False), phases, t0, phase_filter, score_start,
-                       a.gpus, a.slots, a.gpn, a.tps, a.used, a.rep_count, a.rep_slot, self.model, self.cost,
+                       a.gpus, a.slots, a.gpn, a.tps, a.used, a.rep_count, a.rep_slot, a.local_slot,
+                       a.slot_gpu, self.model, self.cost,
                        self.sel_count, self.cur_key, self.cur_ntok, self.acc, self.fresh, self.head_key,
                        self.head_ntok, self.head_acc, self.tot_gpu, self.tot_int, self.comp,
                        out_imb, out_time, out_ntok, out_n)
@@ -277,7 +287,7 @@ class Segment:
         a = self.arrays
         t = np.zeros(self.cost.shape[0])
         imb = K.price_step(acc, ntok, int(a.gpus[i]), int(a.slots[i]), int(a.gpn[i]), int(a.used[i]),
-                           self.model, self.cost, self.comp[i], self.tot_int[i], t)
+                           self.model, self.cost, self.comp[i], self.tot_int[i], self.tot_gpu[i], t)
         return np.array([imb]), t[:, None], np.array([ntok], dtype=np.int64)
 
     def _append(self, i: int, priced: tuple[np.ndarray, np.ndarray, np.ndarray], front: bool = False) -> None:
