@@ -16,8 +16,9 @@ possible (align_gpus), then every (GPU, expert) copy that the new placement has 
 expert's weights sent to that GPU (3 x hidden x expert FFN x 2 bytes for a SwiGLU expert in BF16,
 the serving precision of the cost model).
 
-Memory: the window (N steps) and the pending interval (W steps) of per-step loads [L, E] int32, plus O(steps)
-floats of scores; never per-token data. Shape legend: L MoE layers, E experts, G GPUs, S slots per GPU, W interval
+Memory: the window (N steps) of per-step loads [L, E] int32, one [L, E] sum per refit interval, and O(steps)
+floats of scores; never per-token data, and nothing that grows with W. The oracle needs each interval's load before
+scoring it, so the steps are streamed twice. Shape legend: L MoE layers, E experts, G GPUs, S slots per GPU, W interval
 steps, N window steps.
 """
 
@@ -175,8 +176,8 @@ def step_peaks_means(loads: np.ndarray, share: np.ndarray) -> tuple[np.ndarray, 
 
     loads: [W, L, E]; share: [L, E, G]. Returns two [W] float64 arrays; their ratio is the step's imbalance.
     """
-    gpu = np.einsum("wle,leg->wlg", loads.astype(np.float64), share)  # [W, L, G]
-    return gpu.max(axis=2).sum(axis=1), gpu.mean(axis=2).sum(axis=1)
+    gpu = np.matmul(loads.astype(np.float64).transpose(1, 0, 2), share)  # [L, W, G]
+    return gpu.max(axis=2).sum(axis=0), gpu.mean(axis=2).sum(axis=0)
 
 
 def presence(slots: np.ndarray, num_experts: int) -> np.ndarray:
@@ -281,11 +282,16 @@ class RebalanceResult:
 
 
 class RebalanceReplay:
-    """Feed per-step loads [L, E] in order with push(); finish() returns the RebalanceResult.
+    """One (W, N) schedule, replayed in two passes over the per-step loads [L, E].
 
-    Steps 0..N-1 are the warm-up window. At scored step t = N + j*W the rebalanced placement is refitted from steps
-    [t-N, t); the fixed placement is the fit at j = 0; the oracle for steps [t, t+W) is fitted on those steps.
+    Pass 1 (push): steps 0..N-1 are the warm-up window. At scored step t = N + j*W the rebalanced placement is
+    refitted from steps [t-N, t); the fixed placement is the fit at j = 0. Both are scored on each step, and each
+    interval's summed load is kept. Pass 2 (push_oracle): the same steps again, each interval scored by a placement
+    fitted on that interval's own load. Two passes keep memory at the window plus one [L, E] sum per interval,
+    however long the interval. Scoring is batched: steps wait in a small block until the placement changes.
     """
+
+    BLOCK = 256  # steps scored together
 
     def __init__(self, every: int, window: int, fit: FitFn, num_experts: int, expert_bytes: int,
                  gpus_per_node: int | None = None):
@@ -299,27 +305,28 @@ class RebalanceReplay:
         self.steps = 0
         self._window: deque[np.ndarray] = deque()
         self._window_sum: np.ndarray | None = None  # [L, E] int64
-        self._interval: list[np.ndarray] = []  # scored steps since the last refit, for the oracle
-        self._fixed: np.ndarray | None = None  # share [L, E, G]
-        self._current: np.ndarray | None = None  # share [L, E, G]
+        self._interval_sums: list[np.ndarray] = []  # [L, E] int64 per interval of scored steps
+        self._block: list[np.ndarray] = []  # scored steps not yet scored
+        self._shares: dict[str, np.ndarray] = {}  # schedule -> share [L, E, G] in force
         self._current_slots: np.ndarray | None = None
         self._peaks: dict[str, list[np.ndarray]] = {name: [] for name in SCHEDULES}
         self._means: dict[str, list[np.ndarray]] = {name: [] for name in SCHEDULES}
         self._moved: list[int] = []
+        self._oracle_step = 0
+
+    # ------------------------------------------------------------------------------------------- pass 1
 
     def push(self, load: np.ndarray) -> None:
         t = self.steps
         if t >= self.window:
             if (t - self.window) % self.every == 0:
-                self._close_interval()
+                self._flush(("fixed", "rebalanced"))
                 self._refit()
-            assert self._fixed is not None and self._current is not None
-            one = load[None]
-            for name, share in (("fixed", self._fixed), ("rebalanced", self._current)):
-                peak, mean = step_peaks_means(one, share)
-                self._peaks[name].append(peak)
-                self._means[name].append(mean)
-            self._interval.append(load)
+                self._interval_sums.append(np.zeros(load.shape, dtype=np.int64))
+            self._interval_sums[-1] += load
+            self._block.append(load)
+            if len(self._block) >= self.BLOCK:
+                self._flush(("fixed", "rebalanced"))
         self._window.append(load)
         self._window_sum = load.astype(np.int64) if self._window_sum is None else self._window_sum + load
         if len(self._window) > self.window:
@@ -332,29 +339,41 @@ class RebalanceReplay:
         if self._current_slots is not None:
             gpn = self.gpus_per_node or slots.shape[1]
             slots = align_gpus(self._current_slots, slots, self.num_experts, gpn)
-        share = gpu_share(slots, self.num_experts)
-        if self._current_slots is None:
-            self._fixed = share
-        else:
             self._moved.append(copies_moved(self._current_slots, slots, self.num_experts))
-        self._current, self._current_slots = share, slots
+        share = gpu_share(slots, self.num_experts)
+        self._shares.setdefault("fixed", share)
+        self._shares["rebalanced"], self._current_slots = share, slots
 
-    def _close_interval(self) -> None:
-        if not self._interval:
+    def _flush(self, names: tuple[str, ...]) -> None:
+        if not self._block:
             return
-        loads = np.stack(self._interval)  # [W, L, E]
-        share = gpu_share(np.asarray(self.fit(loads.sum(axis=0, dtype=np.int64))), self.num_experts)
-        peak, mean = step_peaks_means(loads, share)
-        self._peaks["oracle"].append(peak)
-        self._means["oracle"].append(mean)
-        self._interval = []
+        loads = np.stack(self._block)  # [B, L, E]
+        for name in names:
+            peak, mean = step_peaks_means(loads, self._shares[name])
+            self._peaks[name].append(peak)
+            self._means[name].append(mean)
+        self._block = []
+
+    # ------------------------------------------------------------------------------------------- pass 2
+
+    def push_oracle(self, load: np.ndarray) -> None:
+        t = self._oracle_step
+        self._oracle_step += 1
+        if t < self.window:
+            return
+        j, k = divmod(t - self.window, self.every)
+        if k == 0:
+            self._flush(("oracle",))
+            self._shares["oracle"] = gpu_share(np.asarray(self.fit(self._interval_sums[j])), self.num_experts)
+        self._block.append(load)
+        if len(self._block) >= self.BLOCK:
+            self._flush(("oracle",))
 
     def finish(self, settings: dict[str, Any] | None = None) -> RebalanceResult:
-        if self.steps <= self.window:
-            raise InputError(
-                f"--window {self.window}: the trace has only {self.steps} steps, none left to score after the window"
-            )
-        self._close_interval()
+        """After pass 1 and pass 2: the scores."""
+        self._flush(("oracle",))
+        if self._oracle_step != self.steps:
+            raise RuntimeError("finish() needs the same steps pushed to push() and push_oracle()")
         per_step: dict[str, np.ndarray] = {}
         aggregate: dict[str, float] = {}
         for name in SCHEDULES:
@@ -375,9 +394,16 @@ class RebalanceReplay:
             settings=dict(settings or {}),
         )
 
+    def end_first_pass(self) -> None:
+        self._flush(("fixed", "rebalanced"))
+        if self.steps <= self.window:
+            raise InputError(
+                f"--window {self.window}: the trace has only {self.steps} steps, none left to score after the window"
+            )
+
 
 def replay_rebalance(
-    step_loads: Iterable[np.ndarray],
+    step_loads: Callable[[], Iterable[np.ndarray]],
     fit: FitFn,
     *,
     every: Sequence[int],
@@ -387,11 +413,19 @@ def replay_rebalance(
     gpus_per_node: int | None = None,
     settings: dict[str, Any] | None = None,
 ) -> list[RebalanceResult]:
-    """Replay several rebalance intervals (one result per value of `every`) over one pass of per-step loads."""
+    """Replay several rebalance intervals (one result per value of `every`) over two passes of per-step loads.
+
+    step_loads() must yield the same per-step loads [L, E] each time it is called (it is called twice).
+    """
     replays = [RebalanceReplay(w, window, fit, num_experts, expert_bytes, gpus_per_node) for w in every]
-    for load in step_loads:
+    for load in step_loads():
         for r in replays:
             r.push(load)
+    for r in replays:
+        r.end_first_pass()
+    for load in step_loads():
+        for r in replays:
+            r.push_oracle(load)
     return [r.finish(settings) for r in replays]
 
 
@@ -455,11 +489,14 @@ def rebalance_trace(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: Callable[[int], None] | None = None,
 ) -> list[RebalanceResult]:
-    """Replay every interval in config.every over one streamed pass of the trace."""
+    """Replay every interval in config.every over two streamed passes of the trace (progress counts both)."""
     meta = trace.metadata
     fit = config.fit_function(meta.num_experts)
-    loads = iter_step_loads(trace, phase=config.phase, tokens_per_step=config.tokens_per_step,
-                            chunk_tokens=chunk_tokens, progress=progress)
+
+    def loads() -> Iterator[np.ndarray]:
+        return iter_step_loads(trace, phase=config.phase, tokens_per_step=config.tokens_per_step,
+                               chunk_tokens=chunk_tokens, progress=progress)
+
     # weights move at the serving precision the cost model assumes (BF16), as the replay prices weight reads
     return replay_rebalance(loads, fit, every=config.every, window=config.window, num_experts=meta.num_experts,
                             expert_bytes=int(expert_weight_bytes(meta)), gpus_per_node=config.gpus_per_node,

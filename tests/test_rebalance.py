@@ -33,7 +33,7 @@ HAND_STEPS = [[3, 2, 1, 0], [3, 2, 1, 0], [0, 2, 2, 0], [0, 2, 2, 0], [0, 3, 0, 
 
 def test_hand_worked_rebalance():
     loads = [np.array([row], dtype=np.int32) for row in HAND_STEPS]
-    (result,) = replay_rebalance(iter(loads), pair_hot_with_cold, every=[2], window=2, num_experts=4,
+    (result,) = replay_rebalance(lambda: iter(loads), pair_hot_with_cold, every=[2], window=2, num_experts=4,
                                  expert_bytes=384)
     # Warm-up window (steps 0-1) load (6,4,2,0): GPU0 {0,3}, GPU1 {1,2}; this is the fixed placement and the first fit.
     # Steps 2-3 (0,2,2,0): fixed and rebalanced put 4 on GPU1, 0 on GPU0 -> 4/2 = 2. Oracle fitted on (0,4,4,0):
@@ -56,8 +56,8 @@ def test_hand_worked_rebalance():
 
 def test_partial_last_interval_and_every_one():
     loads = [np.array([row], dtype=np.int32) for row in HAND_STEPS[:5]]
-    every1, every2 = replay_rebalance(iter(loads), pair_hot_with_cold, every=[1, 2], window=2, num_experts=4,
-                                      expert_bytes=1)
+    every1, every2 = replay_rebalance(lambda: iter(loads), pair_hot_with_cold, every=[1, 2], window=2,
+                                      num_experts=4, expert_bytes=1)
     # W = 1: the oracle is fitted on each step alone, and the refit at step t uses steps t-2, t-1.
     assert every1.rebalances == 2  # refits at steps 3 and 4 (step 2's refit is the first fit)
     assert every1.per_step["oracle"].tolist() == [1.0, 1.0, 1.5]
@@ -84,7 +84,8 @@ def test_refit_renumbers_gpus_to_move_less():
     def swap_fit(load: np.ndarray) -> np.ndarray:  # renumbered GPUs each time: alignment must undo it
         return pair_hot_with_cold(load)[:, ::-1]
 
-    (result,) = replay_rebalance(iter(loads), swap_fit, every=[2], window=2, num_experts=4, expert_bytes=1)
+    (result,) = replay_rebalance(lambda: iter(loads), swap_fit, every=[2], window=2, num_experts=4,
+                                 expert_bytes=1)
     # window (6,4,2,0): {0,3} | {1,2} (reversed); refit at 4 from (4,6,0,2): {1,2} | {0,3} -> same groups, renumbered
     assert result.moved_copies.tolist() == [0]
 
@@ -92,7 +93,8 @@ def test_refit_renumbers_gpus_to_move_less():
 def test_window_longer_than_trace_is_input_error():
     loads = [np.array([row], dtype=np.int32) for row in HAND_STEPS[:2]]
     with pytest.raises(InputError, match="--window 2"):
-        replay_rebalance(iter(loads), pair_hot_with_cold, every=[1], window=2, num_experts=4, expert_bytes=1)
+        replay_rebalance(lambda: iter(loads), pair_hot_with_cold, every=[1], window=2, num_experts=4,
+                         expert_bytes=1)
     with pytest.raises(InputError, match="--rebalance-every"):
         RebalanceConfig(every=(0,), window=3)
 

@@ -96,8 +96,8 @@ def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFacto
     if tokens == 0:
         raise InputError(f"{trace.paths[0]}: the trace has no tokens to report on")
 
-    def bar(label: str) -> Callable[[int], None] | None:
-        return progress(label, tokens) if progress is not None else None
+    def bar(label: str, passes: int = 1) -> Callable[[int], None] | None:
+        return progress(label, passes * tokens) if progress is not None else None
 
     plan_result: PlanResult | None = None
     if options.target_tokens_per_s is not None:
@@ -143,7 +143,7 @@ def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFacto
         raise InputError(f"--window {window}: the trace has only {steps} steps, none left to score after the window"
                          " (lower --window)")
     rebalance_results = rebalance_trace(trace, rebalance_config, chunk_tokens=options.chunk_tokens,
-                                        progress=bar("rebalance"))
+                                        progress=bar("rebalance", passes=2))
 
     routing = analyze_routing(trace, segments=options.segments, chunk_tokens=options.chunk_tokens,
                               progress=bar("routing"))

@@ -133,7 +133,7 @@ def rebalance(trace: tuple[str, ...], rebalance_every: str | None, window: int |
             gpus_per_node=gpus_per_node, redundant_experts=redundant_experts, phase=phase_name, tokens_per_step=tps,
         )
         with _bars(quiet or as_json) as bars:
-            results = rebalance_trace(tr, config, progress=bars("rebalance", tr.num_tokens))
+            results = rebalance_trace(tr, config, progress=bars("rebalance", 2 * tr.num_tokens))
     if as_json:
         json.dump({"trace": [str(p) for p in tr.paths], "results": [r.to_dict(series) for r in results]},
                   sys.stdout)
