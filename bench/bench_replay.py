@@ -42,7 +42,7 @@ def build_trace(path: Path, tokens: int, seed: int = 0) -> None:
     for c in chunks:
         c.expert_weights = None
         c.token_id = None
-    step_span = int(max(int(c.step.max()) for c in chunks)) + 1  # type: ignore[union-attr]
+    step_span = max(int(c.step.max()) for c in chunks if c.step is not None) + 1
     written = 0
     with open_writer(path, meta, force=True) as writer:
         copy = 0
@@ -52,7 +52,8 @@ def build_trace(path: Path, tokens: int, seed: int = 0) -> None:
                 if take <= 0:
                     break
                 part = c.slice(0, take)
-                part.step = part.step + copy * step_span  # type: ignore[operator]
+                assert part.step is not None
+                part.step = (part.step + copy * step_span).astype(np.int32)
                 writer.append(part)
                 written += take
             copy += 1
