@@ -5,8 +5,8 @@ experts are chosen together by the same token (co-selection), how prefill and de
 routing is across the trace (load correlation between consecutive trace segments, and how many experts a token
 shares with the previous token of its own sequence).
 
-Everything here is plain NumPy over chunks; memory depends on L, E and the number of sequences, never on the number
-of tokens. Shape legend: T tokens in a chunk, L MoE layers, E experts per layer, K top-k, S trace segments,
+Counting runs in two Numba kernels (routing_kernels.py) over each chunk, checked against the plain NumPy functions
+below; memory depends on L, E and the number of sequences, never on the number of tokens. Shape legend: T tokens in a chunk, L MoE layers, E experts per layer, K top-k, S trace segments,
 P consecutive-token pairs.
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from simulator.routing_kernels import count_chunk, shared_sum
 from traces.chunk import TraceChunk
 from traces.errors import InputError
 from traces.reader import DEFAULT_CHUNK_TOKENS, Trace
@@ -108,6 +109,14 @@ def coselection_counts(expert_ids: np.ndarray, num_experts: int) -> np.ndarray:
     return out
 
 
+def with_diagonal(coselection: np.ndarray, load: np.ndarray) -> np.ndarray:
+    """A copy of co-selection counts [L, E, E] with each expert's load [L, E] on the diagonal."""
+    out = coselection.copy()
+    idx = np.arange(out.shape[1])
+    out[:, idx, idx] = load
+    return out
+
+
 def shared_experts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Experts two tokens have in common, per layer. a, b: [P, L, K] -> [P, L] int64."""
     out = np.empty(a.shape[:2], dtype=np.int64)
@@ -151,32 +160,29 @@ class RoutingAccumulator:
         self.phase_tokens = np.zeros(2, dtype=np.int64)
         self.phase_load = np.zeros((2, L, E), dtype=np.int64)  # [phase, L, E]
         self.segment_load = np.zeros((self.segments, L, E), dtype=np.int64)  # [S, L, E]
-        self.coselection = np.zeros((L, E, E), dtype=np.int64)
+        self.coselection = np.zeros((L, E, E), dtype=np.int64)  # off-diagonal pairs; result() adds the diagonal
         self.overlap_sum = np.zeros(L, dtype=np.int64)  # experts shared with the previous token, summed over pairs
         self.overlap_pairs = 0
         K = metadata.top_k
-        self._last = _LastTokens(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, L, K), np.int64))
+        self._last = _LastTokens(np.zeros(0, np.int64), np.zeros(0, np.int64),
+                                 np.zeros((0, L, K), metadata.id_dtype))
 
     def add(self, chunk: TraceChunk) -> None:
-        ids = chunk.expert_ids
-        if ids is None or chunk.phase is None:
+        ids, phase = chunk.expert_ids, chunk.phase
+        if ids is None or phase is None:
             raise ValueError("routing analysis needs the expert_ids and phase columns")
-        E = self.metadata.num_experts
         T = ids.shape[0]
         if T == 0:
             return
-        for phase in (PHASE_PREFILL, PHASE_DECODE):
-            mask = chunk.phase == phase
-            count = int(mask.sum())
-            if count:
-                self.phase_tokens[phase] += count
-                self.phase_load[phase] += layer_expert_counts(ids[mask], E)
+        # the kernels index arrays by these values without bounds checks: refuse a corrupt chunk first
+        if int(ids.max()) >= self.metadata.num_experts or int(phase.max()) > PHASE_DECODE:
+            raise InputError(f"trace tokens {self.seen}..{self.seen + T}: expert id or phase out of range "
+                             "(run `moe-sim validate`)")
         # Segment s holds global tokens [s*N/S, (s+1)*N/S).
         index = np.arange(self.seen, self.seen + T, dtype=np.int64)
         seg = np.minimum(index * self.segments // max(self.num_tokens, 1), self.segments - 1)
-        for s in np.unique(seg):
-            self.segment_load[s] += layer_expert_counts(ids[seg == s], E)
-        self.coselection += coselection_counts(ids, E)
+        count_chunk(ids, phase, seg, self.phase_load, self.segment_load, self.coselection)
+        self.phase_tokens += np.bincount(phase, minlength=2)[:2]
         if chunk.seq_id is not None and chunk.position is not None:
             self._add_consecutive(chunk.seq_id, chunk.position, ids)
         self.seen += T
@@ -186,13 +192,13 @@ class RoutingAccumulator:
         last = self._last
         all_seq = np.concatenate([last.seq_id, seq_id.astype(np.int64)])
         all_pos = np.concatenate([last.position, position.astype(np.int64)])
-        all_ids = np.concatenate([last.expert_ids, ids.astype(np.int64)])  # [M + T, L, K]
+        all_ids = np.concatenate([last.expert_ids.astype(ids.dtype), ids])  # [M + T, L, K]
         order = np.lexsort((all_pos, all_seq))
         s, p = all_seq[order], all_pos[order]
         adjacent = (s[1:] == s[:-1]) & (p[1:] == p[:-1] + 1)
         prev, cur = order[:-1][adjacent], order[1:][adjacent]
         if prev.size:
-            self.overlap_sum += shared_experts(all_ids[prev], all_ids[cur]).sum(axis=0)
+            shared_sum(all_ids, all_ids, prev, cur, self.metadata.num_experts, self.overlap_sum)
             self.overlap_pairs += int(prev.size)
         is_last = np.ones(s.size, dtype=bool)
         is_last[:-1] = s[1:] != s[:-1]
@@ -207,7 +213,7 @@ class RoutingAccumulator:
             phase_tokens=self.phase_tokens.copy(),
             phase_load=self.phase_load.copy(),
             segment_load=self.segment_load.copy(),
-            coselection=self.coselection.copy(),
+            coselection=with_diagonal(self.coselection, self.phase_load.sum(axis=0)),
             overlap_sum=self.overlap_sum.copy(),
             overlap_pairs=self.overlap_pairs,
         )

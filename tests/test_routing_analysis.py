@@ -6,10 +6,19 @@ import math
 
 import numpy as np
 import pytest
-from report_fixtures import DECODE, PREFILL, random_ids, write_ids_trace
+from report_fixtures import DECODE, PREFILL, random_ids, tiny_metadata, write_ids_trace
 
-from simulator.routing_analysis import analyze_routing, coselection_counts, gini, load_entropy
-from traces import InputError, open_trace
+from simulator.routing_analysis import (
+    RoutingAccumulator,
+    analyze_routing,
+    coselection_counts,
+    gini,
+    layer_expert_counts,
+    load_entropy,
+    shared_experts,
+)
+from simulator.routing_kernels import count_chunk, shared_sum
+from traces import InputError, TraceChunk, open_trace
 
 # Five tokens, two layers, four experts, top-2. Sequence 0 is tokens 0, 1, 3; sequence 1 is tokens 2, 4.
 HAND_IDS = np.array([
@@ -119,6 +128,36 @@ def test_random_trace_streaming_is_exact(tmp_path):
     assert whole.overlap_sum[2] == shared
     summary = whole.summary()
     assert summary["num_tokens"] == 3000 and len(summary["gini"]) == 3
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_kernels_match_numpy_reference(dtype):
+    rng = np.random.default_rng(1)
+    ids = random_ids(rng, 2000, 3, 40, 6, skew=1.0).astype(dtype)
+    phase = rng.integers(0, 2, 2000).astype(np.uint8)
+    segment = np.repeat(np.arange(5), 400)
+    phase_load = np.zeros((2, 3, 40), np.int64)
+    segment_load = np.zeros((5, 3, 40), np.int64)
+    cosel = np.zeros((3, 40, 40), np.int64)
+    count_chunk(ids, phase, segment, phase_load, segment_load, cosel)
+    for p in (0, 1):
+        assert np.array_equal(phase_load[p], layer_expert_counts(ids[phase == p], 40))
+    for s in range(5):
+        assert np.array_equal(segment_load[s], layer_expert_counts(ids[segment == s], 40))
+    reference = coselection_counts(ids, 40)
+    idx = np.arange(40)
+    reference[:, idx, idx] = 0  # the kernel leaves the diagonal to the caller
+    assert np.array_equal(cosel, reference)
+    prev, cur = rng.integers(0, 2000, 500), rng.integers(0, 2000, 500)
+    out = np.zeros(3, np.int64)
+    shared_sum(ids, ids, prev, cur, 40, out)
+    assert np.array_equal(out, shared_experts(ids[prev], ids[cur]).sum(axis=0))
+
+
+def test_corrupt_ids_are_input_error():
+    acc = RoutingAccumulator(tiny_metadata(1, 4, 2), 2)
+    with pytest.raises(InputError, match="out of range"):  # expert 9 of 4: refused before the kernel indexes it
+        acc.add(TraceChunk(expert_ids=np.array([[[0, 9]]], np.uint8), phase=np.zeros(1, np.uint8)))
 
 
 def test_empty_trace_is_input_error(tmp_path):
