@@ -42,6 +42,7 @@ class Placement:
     slots: np.ndarray
     num_experts: int
     gpus_per_node: int
+    model_id: str | None = None  # set when a placement file names the model it was made for
 
     def __post_init__(self) -> None:
         if self.slots.ndim != 3:
@@ -85,6 +86,7 @@ class Placement:
     def to_dict(self) -> dict[str, Any]:
         return {
             "policy": self.policy,
+            "model_id": self.model_id,
             "num_experts": self.num_experts,
             "gpus_per_node": self.gpus_per_node,
             "layers": self.slots.tolist(),
@@ -576,7 +578,7 @@ def fit_placement(policy: str, load: np.ndarray, *, num_gpus: int, gpus_per_node
         placement = load_placement_file(policy[5:], num_experts=load.shape[1], num_layers=load.shape[0])
         if placement.num_gpus != num_gpus:
             raise InputError(f"{policy[5:]}: placement is for {placement.num_gpus} GPUs, not --gpus {num_gpus}")
-        return Placement(policy, placement.slots, placement.num_experts, gpus_per_node)
+        return Placement(policy, placement.slots, placement.num_experts, gpus_per_node, placement.model_id)
     if policy not in POLICIES:
         raise InputError(f"--placements: unknown policy {policy!r}; choose from {', '.join(POLICIES)} or file:PATH")
     if redundant_experts and policy not in USES_REDUNDANCY:
@@ -587,7 +589,9 @@ def fit_placement(policy: str, load: np.ndarray, *, num_gpus: int, gpus_per_node
 
 
 def load_placement_file(path: str | Path, *, num_experts: int, num_layers: int) -> Placement:
-    """Read a placement JSON: {"num_experts": E, "gpus_per_node": n (optional), "layers": [[[ids per GPU]...]...]}.
+    """Read a placement JSON: {"num_experts": E, "gpus_per_node": n, "model_id": str, "layers": [[[ids]...]...]}.
+
+    Only "layers" is required; "model_id", when present, must match the trace's (checked by the replay).
 
     "layers" is [L][G][S] (pad short GPUs with -1), or a single [G][S] used for every layer.
     """
@@ -617,7 +621,9 @@ def load_placement_file(path: str | Path, *, num_experts: int, num_layers: int) 
     if not isinstance(gpn_raw, int) or gpn_raw < 1:
         raise InputError(f"{p}: \"gpus_per_node\" must be a positive integer")
     gpn = gpn_raw
-    return Placement(f"file:{p}", arr.astype(np.int32), num_experts, gpn)
+    model_id = data.get("model_id")
+    return Placement(f"file:{p}", arr.astype(np.int32), num_experts, gpn,
+                     str(model_id) if model_id is not None else None)
 
 
 def expected_gpu_load(placement: Placement, load: np.ndarray) -> np.ndarray:

@@ -158,6 +158,10 @@ def fit_variants(stats: FitStatistics, meta: TraceMetadata, *, policies: tuple[s
 
 
 def check_placement_matches(placement: Placement, meta: TraceMetadata, source: str) -> None:
+    """A placement must be for the trace's model: same layers and experts, and the same model id if it names one."""
+    if placement.model_id is not None and placement.model_id != meta.model_id:
+        raise InputError(f"{source}: placement is for model {placement.model_id!r} but the trace is from "
+                         f"{meta.model_id!r}")
     if placement.num_experts != meta.num_experts or placement.num_layers != meta.num_moe_layers:
         raise InputError(
             f"{source}: placement is for {placement.num_layers} layers x {placement.num_experts} experts but the "

@@ -34,6 +34,9 @@ def test_replay_bad_inputs(tmp_path):
     path = random_trace(tmp_path / "t.h5", tokens=300, experts=16)
     placement = tmp_path / "p.json"
     placement.write_text(json.dumps({"num_experts": 8, "layers": [[0, 1, 2, 3], [4, 5, 6, 7]]}))
+    other_model = tmp_path / "q.json"
+    other_model.write_text(json.dumps({"model_id": "mistralai/Mixtral-8x7B-v0.1",
+                                       "layers": [list(range(8)), list(range(8, 16))]}))
     hw = tmp_path / "gpu.json"
     hw.write_text(json.dumps({"name": "x", "bf16_flops": 1e15}))
     cases = [
@@ -41,6 +44,7 @@ def test_replay_bad_inputs(tmp_path):
         (["--gpus", "12", "--gpus-per-node", "8"], "not divisible into nodes"),
         (["--capacity-factor", "-1"], "capacity-factor"),
         (["--gpus", "2", "--placements", f"file:{placement}"], "8 experts"),
+        (["--gpus", "2", "--placements", f"file:{other_model}"], "Mixtral"),
         (["--hardware", str(hw)], "missing field"),
         (["--placements", "nope"], "unknown policy"),
     ]
