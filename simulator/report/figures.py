@@ -176,20 +176,30 @@ def imbalance_vs_interval(every: Sequence[int], rebalanced: Sequence[float], fix
                    "scored steps themselves; bars: expert weight bytes moved per step, amortised over the interval.")
 
 
-def imbalance_over_time(series: Mapping[str, np.ndarray]) -> Figure:
-    """Per-step imbalance (max/mean GPU load) for each placement. series: name -> [steps]."""
+def imbalance_over_time(series: Mapping[str, np.ndarray], max_points: int = 400) -> Figure:
+    """Per-step imbalance (max/mean GPU load) for each placement. series: name -> [steps].
+
+    Longer series are averaged over consecutive bins of steps so that up to max_points points per line remain
+    legible; the caption says how many steps a point covers.
+    """
     fig = MplFigure(figsize=(9, 3.4), layout="constrained")
     ax = fig.add_subplot()
+    longest = max((len(v) for v in series.values()), default=0)
+    per_point = max(1, -(-longest // max_points))  # ceil
     for i, (name, values) in enumerate(series.items()):
         v = np.asarray(values, dtype=np.float64)
-        ax.plot(np.arange(v.size), v, color=COLORS[i % len(COLORS)], linewidth=0.9, label=name)
+        n = v.size // per_point * per_point
+        binned = v[:n].reshape(-1, per_point).mean(axis=1) if n else v
+        x = np.arange(binned.size) * per_point + (per_point - 1) / 2
+        ax.plot(x, binned, color=COLORS[i % len(COLORS)], linewidth=1.0, label=name)
     ax.set_xlabel("scored step")
     ax.set_ylabel("max/mean GPU load")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=min(3, max(1, len(series))))
+    binning = f" Each point is the mean of {per_point} consecutive steps." if per_point > 1 else ""
     return _finish(fig, "imbalance-over-time", "Per-step load imbalance",
                    "Each step's load imbalance (sum over layers of the busiest GPU's assignments over the sum of the "
-                   "mean) for every placement, on the scored part of the trace.")
+                   f"mean) for every placement, on the scored part of the trace.{binning}")
 
 
 def gpu_load_distribution(loads: Mapping[str, np.ndarray]) -> Figure:
