@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +58,7 @@ class HostPass:
             self.event.synchronize()
         t = self.tokens
         seq_len = t.valid.shape[1]
-        rows = np.flatnonzero(t.valid.numpy().reshape(-1))
+        rows = np.flatnonzero(t.valid.numpy().reshape(-1))  # valid: bool or 0/1 integers
 
         def per_layer(x: torch.Tensor, dtype: np.dtype) -> np.ndarray:
             # [L, T, X] -> [T_valid, L, X]
@@ -179,14 +180,7 @@ class RoutingCapture:
         weights = self._to_host("weights", [r[1] for r in reads], self.weights_dtype) if self.save_weights else None
         logits = self._to_host("logits", [r[2] for r in reads], torch.float16) if self.save_logits else None
         on_cuda = reads[0][0].device.type == "cuda"
-        host_tokens = PassTokens(
-            seq_id=tokens.seq_id,
-            position=_host(tokens.position),
-            token_id=_host(tokens.token_id) if tokens.token_id is not None else None,
-            valid=_host(tokens.valid),
-            phase=tokens.phase,
-            step=tokens.step,
-        )
+        host_tokens = _tokens_to_host(tokens)
         event = None
         if on_cuda:
             event = torch.cuda.Event()
@@ -203,20 +197,34 @@ class RoutingCapture:
         self.clear()
 
 
-def _host(x: torch.Tensor) -> torch.Tensor:
-    if x.device.type == "cpu":
-        return x.clone()
-    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-    host.copy_(x, non_blocking=True)
-    return host
+def _tokens_to_host(tokens: PassTokens) -> PassTokens:
+    """Position, token id and validity in one stacked [3, B, S] int64 copy (one kernel, one transfer)."""
+    parts = [tokens.position, tokens.token_id if tokens.token_id is not None else tokens.position, tokens.valid]
+    if any(p.device.type == "cuda" for p in parts):
+        device = next(p.device for p in parts if p.device.type == "cuda")
+        stacked = torch.stack([p.to(device=device, dtype=torch.int64, non_blocking=True) for p in parts])
+        host = torch.empty(stacked.shape, dtype=torch.int64, pin_memory=True)
+        host.copy_(stacked, non_blocking=True)
+    else:
+        host = torch.stack([p.to(torch.int64) for p in parts])
+    return PassTokens(
+        seq_id=tokens.seq_id,
+        position=host[0],
+        token_id=host[1] if tokens.token_id is not None else None,
+        valid=host[2],  # 0/1
+        phase=tokens.phase,
+        step=tokens.step,
+    )
 
 
 class TraceSink:
     """Background writer: turns batches of HostPass into trace chunks, in order, with bounded memory.
 
-    `submit` blocks while more than `max_bytes` of host buffers wait to be written (back-pressure). Each batch is
-    appended as one chunk, so an interrupted trace holds whole batches only. With `writer=None` the chunks are
-    kept in `self.chunks` (the Python API).
+    `submit` blocks while more than `max_bytes` of host buffers wait to be written (back-pressure). Batches are
+    coalesced and appended together once `flush_bytes` have gathered or `flush_seconds` have passed: every append
+    and flush of the file costs the writer thread time under Python's GIL, which a CPU-bound decode loop in the
+    main thread would otherwise feel. Appends happen only at batch boundaries, so an interrupted trace holds whole
+    batches; close() writes whatever is pending. With `writer=None` the chunks are kept in `self.chunks`.
     """
 
     def __init__(
@@ -227,6 +235,8 @@ class TraceSink:
         id_dtype: np.dtype,
         weights_dtype: np.dtype,
         max_bytes: int = 1 << 30,
+        flush_bytes: int = 16 << 20,
+        flush_seconds: float = 2.0,
         on_written: Callable[[int, int], None] | None = None,
     ):
         self.writer = writer
@@ -234,11 +244,16 @@ class TraceSink:
         self.id_dtype = id_dtype
         self.weights_dtype = weights_dtype
         self.max_bytes = max_bytes
+        self.flush_bytes = flush_bytes
+        self.flush_seconds = flush_seconds
         self.on_written = on_written
         self.chunks: list[TraceChunk] = []
         self.tokens_written = 0
         self.batches_written = 0
         self._queue: queue.Queue[tuple[list[HostPass], int] | None] = queue.Queue()
+        self._pending: list[tuple[list[HostPass], int]] = []
+        self._pending_bytes = 0
+        self._last_flush = time.monotonic()
         self._in_flight = 0
         self._cond = threading.Condition()
         self._error: BaseException | None = None
@@ -246,6 +261,7 @@ class TraceSink:
         self._thread.start()
 
     def submit(self, passes: list[HostPass], num_sequences: int) -> None:
+        """Hand over one whole batch (all its passes); blocks while too much waits to be written."""
         nbytes = sum(p.nbytes for p in passes)
         with self._cond:
             while self._in_flight > 0 and self._in_flight + nbytes > self.max_bytes and self._error is None:
@@ -257,30 +273,38 @@ class TraceSink:
     def _run(self) -> None:
         while True:
             item = self._queue.get()
+            if item is not None:
+                self._pending.append(item)
+                self._pending_bytes += sum(p.nbytes for p in item[0])
+            due = (item is None or self._pending_bytes >= self.flush_bytes
+                   or time.monotonic() - self._last_flush >= self.flush_seconds)
+            if due and self._pending:
+                batch, self._pending, freed = self._pending, [], self._pending_bytes
+                self._pending_bytes = 0
+                try:
+                    if self._error is None:
+                        self._write(batch)
+                except BaseException as exc:  # reported to the main thread at its next submit/close
+                    self._error = exc
+                finally:
+                    self._last_flush = time.monotonic()
+                    with self._cond:
+                        self._in_flight -= freed
+                        self._cond.notify_all()
             if item is None:
                 return
-            passes, num_sequences = item
-            try:
-                if self._error is None:
-                    self._write(passes, num_sequences)
-            except BaseException as exc:  # reported to the main thread at its next submit/close
-                self._error = exc
-            finally:
-                with self._cond:
-                    self._in_flight -= sum(p.nbytes for p in passes)
-                    self._cond.notify_all()
 
-    def _write(self, passes: list[HostPass], num_sequences: int) -> None:
-        parts = [p.to_chunk(self.with_token_ids, self.id_dtype, self.weights_dtype) for p in passes]
+    def _write(self, batches: list[tuple[list[HostPass], int]]) -> None:
+        parts = [p.to_chunk(self.with_token_ids, self.id_dtype, self.weights_dtype) for ps, _ in batches for p in ps]
         chunk = TraceChunk.concat(parts)
         if self.writer is not None:
             self.writer.append(chunk)
         else:
             self.chunks.append(chunk)
         self.tokens_written += chunk.num_tokens
-        self.batches_written += 1
+        self.batches_written += len(batches)
         if self.on_written is not None:
-            self.on_written(num_sequences, chunk.num_tokens)
+            self.on_written(sum(n for _, n in batches), chunk.num_tokens)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

@@ -38,6 +38,7 @@ def _write(path: Path, lines: list[str]) -> Path:
 
 def _record(tmp_path: Path, name: str = "t.h5", console: Console | None = None, **kw) -> Path:
     prompts = kw.pop("prompts", None) or _write(tmp_path / "p.txt", PROMPTS)
+    kw.setdefault("device", "cpu")  # the same arithmetic on machines with a GPU
     cfg = RecordConfig(prompts=prompts, output=tmp_path / name, progress=False, **kw)
     result = record(cfg, console or Console(file=io.StringIO()))
     return result.path
@@ -133,7 +134,7 @@ def test_jsonl_text_messages_field_blank_and_truncation(tmp_path: Path) -> None:
     prompts = _write(tmp_path / "p.jsonl", lines)
     out = io.StringIO()
     cfg = RecordConfig(prompts=prompts, output=tmp_path / "t.h5", progress=False, prompt_field="prompt",
-                       max_length=20)
+                       max_length=20, device="cpu")
     result = record(cfg, Console(file=out))
     assert result.truncated == 2 and result.blank_lines == 1
     cols, _ = _by_token(result.path)
@@ -197,7 +198,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_cli_record_and_errors(tmp_path: Path) -> None:
     _write(tmp_path / "p.txt", PROMPTS)
-    ok = _cli("record", "--prompts", "p.txt", "--max-new-tokens", "2", cwd=tmp_path)
+    ok = _cli("record", "--prompts", "p.txt", "--max-new-tokens", "2", "--device", "cpu", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert "bytes/token" in ok.stdout and "trace.h5" in ok.stdout
     with open_trace(tmp_path / "trace.h5") as t:
