@@ -26,7 +26,7 @@ STATUS_KEY = b"moe_trace_status"
 COMPRESSIONS = ("zstd", "lz4", "none")
 # zstd (level 1) shrinks OLMoE expert ids by a quarter; LZ4 finds no repeats in them and saves nothing.
 DEFAULT_COMPRESSION = "zstd"
-BATCH_TOKENS = 1 << 16  # rows per record batch: a reader holds a few batches, so this bounds its memory
+BATCH_BYTES = 8 << 20  # target record-batch size: a reader holds a few batches, so this bounds its memory
 PREFETCH = 2  # batches decompressed ahead by reader threads (pyarrow releases the GIL while decompressing)
 
 
@@ -65,6 +65,12 @@ def _to_numpy(column: pa.Array | pa.ChunkedArray, shape: tuple[int, ...]) -> np.
     return column.to_numpy(zero_copy_only=False).reshape(n, *shape)
 
 
+def batch_rows(meta: TraceMetadata) -> int:
+    """Rows per record batch: about BATCH_BYTES of raw columns, between 1024 and 65536 rows."""
+    row_bytes = sum(meta.field_dtype(n).itemsize * int(np.prod(meta.field_shape(n))) for n in meta.stored_fields())
+    return int(min(1 << 16, max(1 << 10, BATCH_BYTES // row_bytes)))
+
+
 class ArrowTraceWriter:
     def __init__(self, path: Path, metadata: TraceMetadata, compression: str = DEFAULT_COMPRESSION):
         if compression not in COMPRESSIONS:
@@ -72,14 +78,15 @@ class ArrowTraceWriter:
         self.path = path
         self.metadata = metadata
         self.schema = arrow_schema(metadata)
+        self.batch_rows = batch_rows(metadata)
         codec = None if compression == "none" else pa.Codec(compression, compression_level=1 if compression == "zstd" else None)
         self.sink = pa.OSFile(str(path), "wb")
         self.writer = pa.ipc.new_file(self.sink, self.schema, options=pa.ipc.IpcWriteOptions(compression=codec))
         self.num_tokens = 0
 
     def append(self, chunk: TraceChunk) -> None:
-        for start in range(0, chunk.num_tokens, BATCH_TOKENS):
-            part = chunk.slice(start, start + BATCH_TOKENS) if chunk.num_tokens > BATCH_TOKENS else chunk
+        for start in range(0, chunk.num_tokens, self.batch_rows):
+            part = chunk.slice(start, start + self.batch_rows) if chunk.num_tokens > self.batch_rows else chunk
             arrays = [_to_arrow(getattr(part, f.name), f.type) for f in self.schema]
             self.writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
             self.sink.flush()  # a batch is on disk before the next starts: a crash keeps it
@@ -133,6 +140,7 @@ class ArrowShardReader:
         return meta.get(STATUS_KEY) == b"complete"
 
     def _recover_stream(self) -> tuple[pa.Schema, int]:
+        self.source.seek(0)
         buf = self.source.read_buffer()
         if buf.size < 8 or buf.slice(0, 6).to_pybytes() != ARROW_MAGIC:
             raise InputError(f"{self.path}: not an Arrow IPC file")
@@ -154,6 +162,7 @@ class ArrowShardReader:
 
     def _batches(self, names: list[str]) -> Iterator[pa.RecordBatch]:
         if self.recovered_batches is not None:  # a crashed writer's file: replay its stream
+            self.source.seek(0)
             stream = pa.ipc.open_stream(self.source.read_buffer().slice(8))
             for _ in range(self.recovered_batches):
                 yield stream.read_next_batch().select(names)
@@ -162,7 +171,7 @@ class ArrowShardReader:
         # PREFETCH batches in threads while the caller works on this one.
         idx = [self.schema.get_field_index(n) for n in names]
         reader = pa.ipc.open_file(self.source, options=pa.ipc.IpcReadOptions(included_fields=idx))
-        with ThreadPoolExecutor(max_workers=PREFETCH) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, PREFETCH)) as pool:
             ahead: deque[Future[pa.RecordBatch]] = deque()
             for i in range(reader.num_record_batches):
                 ahead.append(pool.submit(reader.get_batch, i))
