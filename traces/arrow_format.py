@@ -108,7 +108,9 @@ class ArrowShardReader:
 
     def __init__(self, path: Path):
         self.path = path
-        self.source = pa.memory_map(str(path), "r")
+        # Plain reads, not a memory map: mapped pages count as the reader's resident memory and would grow with
+        # the file; reads keep memory to the batches in flight.
+        self.source = pa.OSFile(str(path), "r")
         self.recovered_batches: int | None = None  # set only for footer-less (crashed) files
         try:
             self.reader: pa.ipc.RecordBatchFileReader | None = pa.ipc.open_file(self.source)
@@ -139,33 +141,37 @@ class ArrowShardReader:
         meta = last.custom_metadata or {}
         return meta.get(STATUS_KEY) == b"complete"
 
-    def _recover_stream(self) -> tuple[pa.Schema, int]:
-        self.source.seek(0)
-        buf = self.source.read_buffer()
-        if buf.size < 8 or buf.slice(0, 6).to_pybytes() != ARROW_MAGIC:
+    def _open_stream(self, src: pa.NativeFile) -> pa.ipc.RecordBatchStreamReader:
+        """The IPC stream inside a file format file (after its 8 magic bytes), read sequentially."""
+        head = src.read(8)
+        if len(head) < 8 or head[:6] != ARROW_MAGIC:
             raise InputError(f"{self.path}: not an Arrow IPC file")
         try:
-            stream = pa.ipc.open_stream(buf.slice(8))
+            return pa.ipc.open_stream(src)
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(f"{self.path}: Arrow file is truncated or corrupt ({exc})") from exc
-        count = rows = 0
-        while True:  # count every batch that reads back whole; stop at the first damaged one
-            try:
-                rows += stream.read_next_batch().num_rows
-            except StopIteration:
-                break
-            except (pa.ArrowInvalid, OSError):
-                break
-            count += 1
+
+    def _recover_stream(self) -> tuple[pa.Schema, int]:
+        with pa.OSFile(str(self.path), "r") as src:
+            stream = self._open_stream(src)
+            count = rows = 0
+            while True:  # count every batch that reads back whole; stop at the first damaged one
+                try:
+                    rows += stream.read_next_batch().num_rows
+                except StopIteration:
+                    break
+                except (pa.ArrowInvalid, OSError):
+                    break
+                count += 1
         self.recovered_batches = count
         return stream.schema, rows
 
     def _batches(self, names: list[str]) -> Iterator[pa.RecordBatch]:
         if self.recovered_batches is not None:  # a crashed writer's file: replay its stream
-            self.source.seek(0)
-            stream = pa.ipc.open_stream(self.source.read_buffer().slice(8))
-            for _ in range(self.recovered_batches):
-                yield stream.read_next_batch().select(names)
+            with pa.OSFile(str(self.path), "r") as src:
+                stream = self._open_stream(src)
+                for _ in range(self.recovered_batches):
+                    yield stream.read_next_batch().select(names)
             return
         # Re-open with only the wanted columns so the others are never decompressed, and decompress the next
         # PREFETCH batches in threads while the caller works on this one.
