@@ -88,7 +88,9 @@ def replay_table(result: ReplayResult) -> Table:
             f"{s.leave_gpu_share:.1%}", f"{s.leave_node_share:.1%}", _bytes(s.all_to_all_bytes_per_step),
             _time(t.step_time["mean"]),
             "|".join(_time(b[k]) for k in ("compute", "weights", "dispatch", "combine")),
-            f"{t.tokens_per_s_per_gpu:,.0f}", f"{_bytes(t.expert_memory_bytes)} ({t.expert_memory_share:.1%})",
+            f"{t.tokens_per_s_per_gpu:,.0f}",
+            f"{_bytes(t.expert_memory_bytes)} ({t.expert_memory_share:.1%})"
+            + ("" if t.expert_memory_fits else " [red]over[/red]"),
             f"{s.dropped_assignments:,} ({s.dropped_share:.2%})",
         )
     return table
@@ -139,9 +141,10 @@ def replay_cmd(trace: tuple[str, ...], gpus: int, gpus_per_node: int, hardware: 
                redundant_experts: int | None, tokens_per_step: int, phase: str, fit_fraction: float,
                capacity_factor: float | None, hbm_reserve: float, per_layer: bool, as_json: bool,
                quiet: bool) -> None:
-    """Replay TRACE (one file, shards or a glob) on GPUS and compare expert placements.
+    """Replay TRACE (one file, shards or a glob) on --gpus GPUs and compare expert placements.
 
     Placements are fitted on the first --fit-fraction of the trace and scored on the rest, all in one pass.
+    Experts over HBM x (1 - --hbm-reserve) are marked "over".
     """
     config = ReplayConfig(
         num_gpus=gpus, gpus_per_node=gpus_per_node, hardware=load_hardware(hardware),

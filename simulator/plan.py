@@ -275,7 +275,7 @@ def plan(trace: Trace, config: PlanConfig, progress: Progress | None = None) -> 
     variants, skipped = grid_variants(trace, config, stats)
     seg = run_variants(trace, variants, config.hardware, phase=config.phase, score_start=stats.score_start,
                        capacity_factor=config.capacity_factor, chunk_tokens=config.chunk_tokens, progress=progress)
-    summaries = summarise(seg, variants, config.hardware, meta)
+    summaries = summarise(seg, variants, config.hardware, meta, hbm_reserve=config.hbm_reserve)
     if summaries[0].tokens == 0:
         raise InputError(f"{trace.paths[0]}: no {config.phase} tokens to score")
     ne = non_expert_work(meta, config.context_tokens)

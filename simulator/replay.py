@@ -408,6 +408,7 @@ class HardwareTiming:
     expert_memory_bytes: float  # routed expert weights per GPU
     hbm_bytes: float
     expert_memory_share: float  # of HBM
+    expert_memory_fits: bool  # expert weights <= HBM x (1 - hbm_reserve); plan adds the non-expert weights
     per_layer: list[dict[str, float]]  # mean seconds per step per component, per layer
 
 
@@ -444,7 +445,7 @@ class VariantSummary:
 
 
 def summarise(seg: Segment, variants: list[Variant], gpus: list[GpuSpec], meta: TraceMetadata,
-              keep_series: bool = True) -> list[VariantSummary]:
+              keep_series: bool = True, hbm_reserve: float = DEFAULT_HBM_RESERVE) -> list[VariantSummary]:
     out = []
     per_copy = seg.model[K.M_DISPATCH_BYTES] + seg.model[K.M_COMBINE_BYTES]
     ebytes = expert_weight_bytes(meta, BF16_BYTES)
@@ -470,6 +471,7 @@ def summarise(seg: Segment, variants: list[Variant], gpus: list[GpuSpec], meta: 
                 breakdown=dict(zip(K.COMPONENTS, map(float, per_step), strict=True)),
                 tokens_per_s_per_gpu=tokens / total_time / g if total_time > 0 else float("nan"),
                 expert_memory_bytes=mem, hbm_bytes=gpu.hbm_bytes, expert_memory_share=mem / gpu.hbm_bytes,
+                expert_memory_fits=mem <= gpu.hbm_bytes * (1 - hbm_reserve),
                 per_layer=[dict(zip(K.COMPONENTS, map(float, comp[layer] / max(steps, 1)), strict=True))
                            for layer in range(p.num_layers)],
             ))
@@ -548,7 +550,7 @@ def replay(trace: Trace, config: ReplayConfig, progress: Progress | None = None)
                             tokens_per_step=config.tokens_per_step)
     seg = run_variants(trace, variants, [config.hardware], phase=config.phase, score_start=stats.score_start,
                        capacity_factor=config.capacity_factor, chunk_tokens=config.chunk_tokens, progress=progress)
-    summaries = summarise(seg, variants, [config.hardware], meta)
+    summaries = summarise(seg, variants, [config.hardware], meta, hbm_reserve=config.hbm_reserve)
     if summaries and summaries[0].tokens == 0:
         raise InputError(f"{trace.paths[0]}: no {config.phase} tokens to score")
     cfg = dataclasses.asdict(config) | {"hardware": config.hardware.to_dict(), "placements": list(config.placements)}
