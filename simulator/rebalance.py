@@ -16,9 +16,9 @@ possible (align_gpus), then every (GPU, expert) copy that the new placement has 
 expert's weights sent to that GPU (3 x hidden x expert FFN x 2 bytes for a SwiGLU expert in BF16,
 the serving precision of the cost model).
 
-Memory: the window (N steps) of per-step loads [L, E] int32, one [L, E] sum per refit interval, and O(steps)
-floats of scores; never per-token data, and nothing that grows with W. The oracle needs each interval's load before
-scoring it, so the steps are streamed twice. Shape legend: L MoE layers, E experts, G GPUs, S slots per GPU, W interval
+Memory: the window (N steps) of per-step loads [L, E] int32, the open interval's steps while they fit in 64 MiB
+(the oracle needs an interval's whole load before scoring its steps), an [L, E] sum per longer interval, whose steps
+are then streamed a second time, and O(steps) floats of scores; never per-token data. Shape legend: L MoE layers, E experts, G GPUs, S slots per GPU, W interval
 steps, N window steps.
 """
 
@@ -148,7 +148,8 @@ def _group_loads(ids: np.ndarray, key: np.ndarray, num_experts: int) -> list[tup
     flat = ((run[:, None, None] * L + np.arange(L)[None, :, None]) * num_experts + ids).ravel()
     counts = np.bincount(flat, minlength=runs * L * num_experts).astype(np.int32).reshape(runs, L, num_experts)
     firsts = np.flatnonzero(np.concatenate([[1], new_run[1:]]))
-    return [(counts[r], int(key[firsts[r]])) for r in range(runs)]
+    # copies: a view would keep the whole [runs, L, E] buffer alive as long as any one step is held
+    return [(counts[r].copy(), int(key[firsts[r]])) for r in range(runs)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,19 +283,21 @@ class RebalanceResult:
 
 
 class RebalanceReplay:
-    """One (W, N) schedule, replayed in two passes over the per-step loads [L, E].
+    """One (W, N) schedule over the per-step loads [L, E], pushed in order.
 
-    Pass 1 (push): steps 0..N-1 are the warm-up window. At scored step t = N + j*W the rebalanced placement is
-    refitted from steps [t-N, t); the fixed placement is the fit at j = 0. Both are scored on each step, and each
-    interval's summed load is kept. Pass 2 (push_oracle): the same steps again, each interval scored by a placement
-    fitted on that interval's own load. Two passes keep memory at the window plus one [L, E] sum per interval,
-    however long the interval. Scoring is batched: steps wait in a small block until the placement changes.
+    Steps 0..N-1 are the warm-up window. At scored step t = N + j*W the rebalanced placement is refitted from steps
+    [t-N, t); the fixed placement is the fit at j = 0; both are scored on every step as it comes (in small blocks).
+    The oracle of an interval is fitted on the interval's own load, so its steps can only be scored once the
+    interval is complete: intervals of up to `buffer_steps` steps are held and scored when they close; longer ones
+    keep only their [L, E] sum, and their steps are scored in a second pass (push_oracle). Memory is thus the window,
+    at most buffer_steps steps, and one sum per long interval.
     """
 
     BLOCK = 256  # steps scored together
+    BUFFER_BYTES = 64 << 20  # steps of one interval held in memory for the oracle, at most this many bytes
 
     def __init__(self, every: int, window: int, fit: FitFn, num_experts: int, expert_bytes: int,
-                 gpus_per_node: int | None = None):
+                 gpus_per_node: int | None = None, buffer_steps: int | None = None):
         if every < 1:
             raise InputError(f"--rebalance-every must be at least 1 step, not {every}")
         if window < 1:
@@ -302,10 +305,12 @@ class RebalanceReplay:
         self.every, self.window, self.fit = every, window, fit
         self.num_experts, self.expert_bytes = num_experts, expert_bytes
         self.gpus_per_node = gpus_per_node  # None: one node (GPUs renumbered freely)
+        self.buffer_steps = buffer_steps  # None: from BUFFER_BYTES and the first step's size
         self.steps = 0
         self._window: deque[np.ndarray] = deque()
         self._window_sum: np.ndarray | None = None  # [L, E] int64
-        self._interval_sums: list[np.ndarray] = []  # [L, E] int64 per interval of scored steps
+        self._interval: list[np.ndarray] = []  # the open interval's steps (buffered oracle only)
+        self._interval_sums: list[np.ndarray] = []  # [L, E] int64 per interval (second-pass oracle only)
         self._block: list[np.ndarray] = []  # scored steps not yet scored
         self._shares: dict[str, np.ndarray] = {}  # schedule -> share [L, E, G] in force
         self._current_slots: np.ndarray | None = None
@@ -314,16 +319,26 @@ class RebalanceReplay:
         self._moved: list[int] = []
         self._oracle_step = 0
 
-    # ------------------------------------------------------------------------------------------- pass 1
+    @property
+    def needs_second_pass(self) -> bool:
+        """True when intervals are too long to hold: call push_oracle with the same steps again."""
+        return self.buffer_steps is not None and self.every > self.buffer_steps
 
     def push(self, load: np.ndarray) -> None:
+        if self.buffer_steps is None:
+            self.buffer_steps = max(1, self.BUFFER_BYTES // max(load.nbytes, 1))
         t = self.steps
         if t >= self.window:
             if (t - self.window) % self.every == 0:
                 self._flush(("fixed", "rebalanced"))
+                self._close_interval()
                 self._refit()
-                self._interval_sums.append(np.zeros(load.shape, dtype=np.int64))
-            self._interval_sums[-1] += load
+                if self.needs_second_pass:
+                    self._interval_sums.append(np.zeros(load.shape, dtype=np.int64))
+            if self.needs_second_pass:
+                self._interval_sums[-1] += load
+            else:
+                self._interval.append(load)
             self._block.append(load)
             if len(self._block) >= self.BLOCK:
                 self._flush(("fixed", "rebalanced"))
@@ -332,6 +347,18 @@ class RebalanceReplay:
         if len(self._window) > self.window:
             self._window_sum -= self._window.popleft()
         self.steps += 1
+
+    def _close_interval(self) -> None:
+        """Fit the buffered interval's oracle and score its steps."""
+        if not self._interval:
+            return
+        total = np.sum(self._interval, axis=0, dtype=np.int64)
+        share = gpu_share(np.asarray(self.fit(total)), self.num_experts)
+        for start in range(0, len(self._interval), self.BLOCK):
+            peak, mean = step_peaks_means(np.stack(self._interval[start:start + self.BLOCK]), share)
+            self._peaks["oracle"].append(peak)
+            self._means["oracle"].append(mean)
+        self._interval = []
 
     def _refit(self) -> None:
         assert self._window_sum is not None
@@ -354,9 +381,8 @@ class RebalanceReplay:
             self._means[name].append(mean)
         self._block = []
 
-    # ------------------------------------------------------------------------------------------- pass 2
-
     def push_oracle(self, load: np.ndarray) -> None:
+        """Second pass, for long intervals: the same steps again, each scored by its interval's oracle."""
         t = self._oracle_step
         self._oracle_step += 1
         if t < self.window:
@@ -370,9 +396,9 @@ class RebalanceReplay:
             self._flush(("oracle",))
 
     def finish(self, settings: dict[str, Any] | None = None) -> RebalanceResult:
-        """After pass 1 and pass 2: the scores."""
+        """The scores, after end_first_pass (and the second pass, if it was needed)."""
         self._flush(("oracle",))
-        if self._oracle_step != self.steps:
+        if self.needs_second_pass and self._oracle_step != self.steps:
             raise RuntimeError("finish() needs the same steps pushed to push() and push_oracle()")
         per_step: dict[str, np.ndarray] = {}
         aggregate: dict[str, float] = {}
@@ -396,6 +422,7 @@ class RebalanceReplay:
 
     def end_first_pass(self) -> None:
         self._flush(("fixed", "rebalanced"))
+        self._close_interval()
         if self.steps <= self.window:
             raise InputError(
                 f"--window {self.window}: the trace has only {self.steps} steps, none left to score after the window"
@@ -412,20 +439,25 @@ def replay_rebalance(
     expert_bytes: int,
     gpus_per_node: int | None = None,
     settings: dict[str, Any] | None = None,
+    buffer_steps: int | None = None,
 ) -> list[RebalanceResult]:
-    """Replay several rebalance intervals (one result per value of `every`) over two passes of per-step loads.
+    """Replay several rebalance intervals (one result per value of `every`) over the per-step loads.
 
-    step_loads() must yield the same per-step loads [L, E] each time it is called (it is called twice).
+    step_loads() must yield the same per-step loads [L, E] each time it is called: it is called a second time only
+    when an interval is too long to hold in memory (RebalanceReplay.needs_second_pass).
     """
-    replays = [RebalanceReplay(w, window, fit, num_experts, expert_bytes, gpus_per_node) for w in every]
+    replays = [RebalanceReplay(w, window, fit, num_experts, expert_bytes, gpus_per_node, buffer_steps)
+               for w in every]
     for load in step_loads():
         for r in replays:
             r.push(load)
     for r in replays:
         r.end_first_pass()
-    for load in step_loads():
-        for r in replays:
-            r.push_oracle(load)
+    second = [r for r in replays if r.needs_second_pass]
+    if second:
+        for load in step_loads():
+            for r in second:
+                r.push_oracle(load)
     return [r.finish(settings) for r in replays]
 
 
@@ -459,16 +491,25 @@ class RebalanceConfig:
             raise InputError("--placement: a fixed placement file cannot be refitted; choose a policy")
 
     def fit_function(self, num_experts: int) -> FitFn:
-        from simulator.placement import NEEDS_COSELECTION, fit_placement
+        """load [L, E] -> slots [L, G, S] with the configured policy.
+
+        The first fit goes through placement.fit_placement, which validates the layout and the slots; refits call the
+        policy's pure function from the POLICIES registry directly, skipping the per-fit validation of the Placement
+        object (a Python loop per layer and GPU that would otherwise dominate a replay with thousands of refits).
+        """
+        from simulator.placement import NEEDS_COSELECTION, POLICIES, USES_REDUNDANCY, fit_placement
 
         if self.policy in NEEDS_COSELECTION:
             raise InputError(f"--placement {self.policy}: rebalancing refits from load alone; choose a load policy")
+        fit_placement(self.policy, np.ones((1, num_experts)), num_gpus=self.num_gpus,
+                      gpus_per_node=self.gpus_per_node, redundant_experts=self.redundant_experts)
+        policy = POLICIES[self.policy]
+        redundant = self.redundant_experts if self.policy in USES_REDUNDANCY else 0
 
         def fit(load: np.ndarray) -> np.ndarray:
-            return fit_placement(self.policy, load, num_gpus=self.num_gpus, gpus_per_node=self.gpus_per_node,
-                                 redundant_experts=self.redundant_experts).slots
+            return policy(np.asarray(load, dtype=np.float64), num_gpus=self.num_gpus,
+                          gpus_per_node=self.gpus_per_node, redundant_experts=redundant)
 
-        fit(np.ones((1, num_experts)))  # check the layout once, before streaming the trace
         return fit
 
     def settings(self) -> dict[str, Any]:
@@ -489,7 +530,8 @@ def rebalance_trace(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: Callable[[int], None] | None = None,
 ) -> list[RebalanceResult]:
-    """Replay every interval in config.every over two streamed passes of the trace (progress counts both)."""
+    """Replay every interval in config.every over the trace: one streamed pass, two when an interval is too long to
+    hold its steps in memory (progress then counts both)."""
     meta = trace.metadata
     fit = config.fit_function(meta.num_experts)
 
@@ -501,6 +543,12 @@ def rebalance_trace(
     return replay_rebalance(loads, fit, every=config.every, window=config.window, num_experts=meta.num_experts,
                             expert_bytes=int(expert_weight_bytes(meta)), gpus_per_node=config.gpus_per_node,
                             settings=config.settings())
+
+
+def passes_needed(every: Sequence[int], num_layers: int, num_experts: int) -> int:
+    """Streamed passes rebalance_trace makes: 2 when some interval is too long to hold (for progress bars)."""
+    step_bytes = num_layers * num_experts * np.dtype(np.int32).itemsize
+    return 2 if max(every) > max(1, RebalanceReplay.BUFFER_BYTES // step_bytes) else 1
 
 
 def default_window(steps: int) -> int:

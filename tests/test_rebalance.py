@@ -31,10 +31,18 @@ def pair_hot_with_cold(load: np.ndarray) -> np.ndarray:
 HAND_STEPS = [[3, 2, 1, 0], [3, 2, 1, 0], [0, 2, 2, 0], [0, 2, 2, 0], [0, 3, 0, 1], [0, 3, 0, 1]]
 
 
-def test_hand_worked_rebalance():
+@pytest.mark.parametrize("buffer_steps", [None, 1], ids=["oracle-buffered", "oracle-second-pass"])
+def test_hand_worked_rebalance(buffer_steps):
     loads = [np.array([row], dtype=np.int32) for row in HAND_STEPS]
-    (result,) = replay_rebalance(lambda: iter(loads), pair_hot_with_cold, every=[2], window=2, num_experts=4,
-                                 expert_bytes=384)
+    passes = []
+
+    def stream():
+        passes.append(1)
+        return iter(loads)
+
+    (result,) = replay_rebalance(stream, pair_hot_with_cold, every=[2], window=2, num_experts=4,
+                                 expert_bytes=384, buffer_steps=buffer_steps)
+    assert len(passes) == (1 if buffer_steps is None else 2)  # intervals of 2 steps held unless the buffer is 1
     # Warm-up window (steps 0-1) load (6,4,2,0): GPU0 {0,3}, GPU1 {1,2}; this is the fixed placement and the first fit.
     # Steps 2-3 (0,2,2,0): fixed and rebalanced put 4 on GPU1, 0 on GPU0 -> 4/2 = 2. Oracle fitted on (0,4,4,0):
     #   GPU0 {1,3}, GPU1 {2,0} -> 2 and 2 -> 1.
@@ -151,6 +159,14 @@ def test_rebalance_trace_with_real_policy(tmp_path):
     config = RebalanceConfig(every=(2, 30), window=4, policy="balanced", num_gpus=4, gpus_per_node=4)
     with open_trace(path) as trace:
         fast, slow = rebalance_trace(trace, config, chunk_tokens=512)
+        loads = list(iter_step_loads(trace))
+    # the same replay with the oracle's intervals scored in a second pass gives the same numbers
+    fit = config.fit_function(16)
+    again = replay_rebalance(lambda: iter(loads), fit, every=[2, 30], window=4, num_experts=16, expert_bytes=1,
+                             gpus_per_node=4, buffer_steps=1)
+    for one, two in zip((fast, slow), again, strict=True):
+        for name in ("fixed", "rebalanced", "oracle"):
+            assert np.array_equal(one.per_step[name], two.per_step[name]), name
     assert (fast.steps, fast.scored_steps, fast.rebalances) == (40, 36, 17)
     assert (slow.scored_steps, slow.rebalances) == (36, 1)
 

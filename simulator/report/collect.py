@@ -21,6 +21,7 @@ from simulator.rebalance import (
     count_steps,
     default_intervals,
     default_window,
+    passes_needed,
     rebalance_trace,
 )
 from simulator.replay import DEFAULT_FIT_FRACTION, DEFAULT_PLACEMENTS, ReplayConfig, replay
@@ -143,7 +144,8 @@ def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFacto
         raise InputError(f"--window {window}: the trace has only {steps} steps, none left to score after the window"
                          " (lower --window)")
     rebalance_results = rebalance_trace(trace, rebalance_config, chunk_tokens=options.chunk_tokens,
-                                        progress=bar("rebalance", passes=2))
+                                        progress=bar("rebalance", passes_needed(every, meta.num_moe_layers,
+                                                                                   meta.num_experts)))
 
     routing = analyze_routing(trace, segments=options.segments, chunk_tokens=options.chunk_tokens,
                               progress=bar("routing"))

@@ -22,6 +22,7 @@ from simulator.rebalance import (
     count_steps,
     default_intervals,
     default_window,
+    passes_needed,
     rebalance_trace,
 )
 from simulator.replay import DEFAULT_PLACEMENTS, PHASES
@@ -133,7 +134,8 @@ def rebalance(trace: tuple[str, ...], rebalance_every: str | None, window: int |
             gpus_per_node=gpus_per_node, redundant_experts=redundant_experts, phase=phase_name, tokens_per_step=tps,
         )
         with _bars(quiet or as_json) as bars:
-            results = rebalance_trace(tr, config, progress=bars("rebalance", 2 * tr.num_tokens))
+            results = rebalance_trace(tr, config, progress=bars("rebalance", tr.num_tokens * passes_needed(
+                config.every, tr.metadata.num_moe_layers, tr.metadata.num_experts)))
     if as_json:
         json.dump({"trace": [str(p) for p in tr.paths], "results": [r.to_dict(series) for r in results]},
                   sys.stdout)
