@@ -352,7 +352,9 @@ class RebalanceReplay:
         """Fit the buffered interval's oracle and score its steps."""
         if not self._interval:
             return
-        total = np.sum(self._interval, axis=0, dtype=np.int64)
+        total = np.zeros(self._interval[0].shape, dtype=np.int64)
+        for load in self._interval:
+            total += load
         share = gpu_share(np.asarray(self.fit(total)), self.num_experts)
         for start in range(0, len(self._interval), self.BLOCK):
             peak, mean = step_peaks_means(np.stack(self._interval[start:start + self.BLOCK]), share)
