@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 MODES = ("baseline", "moe-trace", "naive")
+DIAGNOSTIC_MODES = ("hooks-only", "capture-only")  # where the overhead goes (--diagnose)
 
 
 def _regimes() -> dict[str, tuple[int, int]]:
@@ -45,7 +46,8 @@ def _timed(fn: Callable[[], None], passes: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, tmp: Path) -> dict[str, Any]:
+def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, tmp: Path,
+                  modes: tuple[str, ...] = MODES) -> dict[str, Any]:
     """Time the three modes on one input shape; the device is the model's."""
     from recorder.capture import PassTokens, RoutingCapture, TraceSink
     from recorder.metadata import build_metadata
@@ -92,12 +94,27 @@ def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, t
             for h in handles:
                 h.remove()
 
-    fns = {"baseline": baseline, "moe-trace": recorded, "naive": naive}
+    def hooks_only() -> None:  # router hooks keeping references; nothing leaves the device
+        capture.attach()
+        baseline()
+        capture.clear()
+        capture.remove()
+
+    def capture_only() -> None:  # hooks + end_pass (device buffers, pinned copies); no writer thread
+        capture.attach()
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            capture.end_pass(PassTokens(seq_ids, position, ids, valid, 0, 0))
+        capture.remove()
+
+    fns = {"baseline": baseline, "moe-trace": recorded, "naive": naive, "hooks-only": hooks_only,
+           "capture-only": capture_only}
+    fns = {m: fns[m] for m in modes}
     for fn in fns.values():  # warm-up (kernels, allocator, pinned pool)
         _timed(fn, 2, device)
-    times: dict[str, list[float]] = {m: [] for m in MODES}
+    times: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(repeats):
-        for mode in MODES:
+        for mode in modes:
             times[mode].append(_timed(fns[mode], passes, device))
     sink.close()
     writer.close(True)
@@ -106,8 +123,8 @@ def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, t
     med = {m: statistics.median(t) for m, t in times.items()}
     return {
         "batch": batch, "seq": seq, "passes_per_timing": passes, "repeats": repeats,
-        "tokens_per_s": {m: tokens / med[m] for m in MODES},
-        "slowdown_pct": {m: 100.0 * (med[m] / med["baseline"] - 1.0) for m in MODES if m != "baseline"},
+        "tokens_per_s": {m: tokens / med[m] for m in modes},
+        "slowdown_pct": {m: 100.0 * (med[m] / med["baseline"] - 1.0) for m in modes if m != "baseline"},
         "trace_tokens_written": sink.tokens_written,
     }
 
@@ -137,7 +154,7 @@ def bench_end_to_end(tmp: Path, prompts: int, chars: int, batch: int, new_tokens
             "bytes_per_token": size / max(result.tokens, 1)}
 
 
-def run(repeats: int, passes: int) -> dict[str, Any]:
+def run(repeats: int, passes: int, modes: tuple[str, ...] = MODES, end_to_end: bool = True) -> dict[str, Any]:
     import transformers
 
     from bench.common import machine
@@ -152,10 +169,13 @@ def run(repeats: int, passes: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for name, (b, s) in _regimes().items():
-            results["regimes"][name] = bench_forward(model, b, s, repeats, passes if s > 1 else passes * 4, tmp)
+            results["regimes"][name] = bench_forward(model, b, s, repeats, passes if s > 1 else passes * 4, tmp,
+                                                     modes)
             print(name, json.dumps(results["regimes"][name]), flush=True)
         del model
         torch.cuda.empty_cache()
+        if not end_to_end:
+            return results
         results["end_to_end"] = [
             bench_end_to_end(tmp, prompts=256, chars=512, batch=16, new_tokens=0),
             bench_end_to_end(tmp, prompts=256, chars=128, batch=128, new_tokens=32),
@@ -203,6 +223,8 @@ def main() -> None:
     parser.add_argument("--from-json", type=Path, help="update docs/benchmarks.md from figures measured elsewhere")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--passes", type=int, default=5, help="forward passes per timing (x4 for decode)")
+    parser.add_argument("--diagnose", action="store_true", help="also time hooks-only and capture-only modes")
+    parser.add_argument("--no-end-to-end", action="store_true", help="skip the end-to-end moe-rec record runs")
     args = parser.parse_args()
     from bench.common import update_section
 
@@ -211,10 +233,12 @@ def main() -> None:
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench_recorder needs a CUDA GPU (figures are for the GPU path)")
-    results = run(args.repeats, args.passes)
+    modes = MODES + DIAGNOSTIC_MODES if args.diagnose else MODES
+    results = run(args.repeats, args.passes, modes, end_to_end=not args.no_end_to_end)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    print(to_markdown(results))
+    if "end_to_end" in results:
+        print(to_markdown(results))
 
 
 if __name__ == "__main__":

@@ -37,46 +37,80 @@ class PassTokens:
     seq_id: np.ndarray  # [B] prompt index of each batch row
     position: torch.Tensor  # [B, S]
     token_id: torch.Tensor | None  # [B, S]
-    valid: torch.Tensor  # [B, S] bool: False for padding and finished sequences
+    valid: torch.Tensor  # [B, S] bool (or 0/1): False for padding and finished sequences
     phase: int
     step: int
 
 
+# One pass travels as one byte buffer: fields at 8-byte aligned offsets. name -> (offset, dtype, shape)
+Packing = dict[str, tuple[int, torch.dtype, tuple[int, ...]]]
+
+
+def _packing(fields: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[Packing, int]:
+    out: Packing = {}
+    offset = 0
+    for name, dtype, shape in fields:
+        out[name] = (offset, dtype, shape)
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        offset += (nbytes + 7) // 8 * 8
+    return out, offset
+
+
+_NP_DTYPES = {torch.uint8: np.uint8, torch.int32: np.int32, torch.int64: np.int64, torch.float16: np.float16,
+              torch.float32: np.float32, torch.bool: np.bool_}
+
+
 @dataclass
 class HostPass:
-    """One pass's routing in host memory; the copies may still be in flight until `event` completes."""
+    """One pass's routing and token columns in one host byte buffer (pinned on CUDA).
 
-    ids: torch.Tensor  # [L, T, K]
-    weights: torch.Tensor | None  # [L, T, K]
-    logits: torch.Tensor | None  # [L, T, E]
-    tokens: PassTokens  # with host tensors
+    The copy into it may still be in flight until `event` completes; only the writer thread waits for it.
+    Fields: ids, weights, logits [L, T, X]; tokens [3, B, S] (position, token id, valid).
+    """
+
+    data: torch.Tensor  # uint8 [nbytes]
+    packing: Packing
+    seq_id: np.ndarray  # [B]
+    has_token_ids: bool
+    phase: int
+    step: int
     event: Any  # torch.cuda.Event or None
-    nbytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.numel())
+
+    def field(self, name: str) -> np.ndarray:
+        offset, dtype, shape = self.packing[name]
+        np_dtype = np.dtype(_NP_DTYPES[dtype])
+        count = int(np.prod(shape))
+        raw = self.data.numpy()[offset: offset + count * np_dtype.itemsize]
+        return raw.view(np_dtype).reshape(shape)
 
     def to_chunk(self, with_token_ids: bool, id_dtype: np.dtype, weights_dtype: np.dtype) -> TraceChunk:
         if self.event is not None:
             self.event.synchronize()
-        t = self.tokens
-        seq_len = t.valid.shape[1]
-        rows = np.flatnonzero(t.valid.numpy().reshape(-1))  # valid: bool or 0/1 integers
+        tokens = self.field("tokens")
+        seq_len = tokens.shape[2]
+        rows = np.flatnonzero(tokens[2].reshape(-1))
 
-        def per_layer(x: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+        def per_layer(name: str, dtype: np.dtype) -> np.ndarray:
             # [L, T, X] -> [T_valid, L, X]
-            return np.ascontiguousarray(x.numpy()[:, rows].transpose(1, 0, 2)).astype(dtype, copy=False)
+            return np.ascontiguousarray(self.field(name)[:, rows].transpose(1, 0, 2)).astype(dtype, copy=False)
 
         chunk = TraceChunk(
-            seq_id=np.repeat(t.seq_id.astype(np.int32), seq_len)[rows],
-            position=t.position.numpy().reshape(-1)[rows].astype(np.int32),
-            phase=np.full(rows.size, t.phase, dtype=np.uint8),
-            step=np.full(rows.size, t.step, dtype=np.int32),
-            expert_ids=per_layer(self.ids, id_dtype),
+            seq_id=np.repeat(self.seq_id.astype(np.int32), seq_len)[rows],
+            position=tokens[0].reshape(-1)[rows].astype(np.int32),
+            phase=np.full(rows.size, self.phase, dtype=np.uint8),
+            step=np.full(rows.size, self.step, dtype=np.int32),
+            expert_ids=per_layer("ids", id_dtype),
         )
-        if with_token_ids and t.token_id is not None:
-            chunk.token_id = t.token_id.numpy().reshape(-1)[rows].astype(np.int32)
-        if self.weights is not None:
-            chunk.expert_weights = per_layer(self.weights, weights_dtype)
-        if self.logits is not None:
-            chunk.router_logits = per_layer(self.logits, np.dtype(np.float16))
+        if with_token_ids and self.has_token_ids:
+            chunk.token_id = tokens[1].reshape(-1)[rows].astype(np.int32)
+        if "weights" in self.packing:
+            chunk.expert_weights = per_layer("weights", weights_dtype)
+        if "logits" in self.packing:
+            chunk.router_logits = per_layer("logits", np.dtype(np.float16))
         return chunk
 
 
@@ -97,9 +131,9 @@ class RoutingCapture:
         self.weights_dtype = weights_dtype
         # uint8 ids on the device when they fit; int32 otherwise (torch has few uint16 kernels).
         self.id_dtype = torch.uint8 if layout.num_experts <= 256 else torch.int32
-        self.enabled = True
-        self._pending: list[RouterRead | None] = [None] * layout.num_layers
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._pending: list[Any] = [None] * layout.num_layers
+        self._device_bytes: torch.Tensor | None = None
+        self._views: dict[tuple, tuple[Packing, int, dict[str, torch.Tensor]]] = {}
         self._handles: list[Any] = []
         self.attach()
 
@@ -110,121 +144,129 @@ class RoutingCapture:
                 site.module.register_forward_hook(self._make_hook(slot)) for slot, site in enumerate(self.layout.sites)
             ]
 
-    # -- inside the forward pass: references only -------------------------------------------------------------
+    # -- inside the forward pass: one list store per router, nothing else ----------------------------------------
     def _make_hook(self, slot: int) -> Callable[..., None]:
+        pending = self._pending
+
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            if self.enabled:
-                self._pending[slot] = self._read(output)
+            pending[slot] = output
 
         return hook
 
     def _read(self, output: Any) -> RouterRead:
+        """(ids [T, K], weights [T, K], first output [T, E]) from one router output, by convention."""
         lay = self.layout
+        k = lay.top_k
         if lay.convention == "3-tuple":
             first, weights, ids = output
         elif lay.convention == "2-tuple":
             first, ids = output
             probs = first if lay.first_output == "probabilities" else F.softmax(first.float(), dim=-1)
-            weights = probs.reshape(-1, probs.shape[-1]).gather(-1, ids.reshape(-1, ids.shape[-1]))
+            weights = probs.reshape(-1, probs.shape[-1]).gather(-1, ids.reshape(-1, k))
             if lay.norm_topk_prob and not lay.dense_scores:
                 weights = weights / weights.sum(-1, keepdim=True)
         else:  # "logits": an nn.Linear gate; redo the block's softmax top-k (transformers 4.x)
             first = output
             probs = F.softmax(first.float(), dim=-1)
-            weights, ids = torch.topk(probs, lay.top_k, dim=-1)
+            weights, ids = torch.topk(probs, k, dim=-1)
             if lay.norm_topk_prob:
                 weights = weights / weights.sum(-1, keepdim=True)
             weights = weights.to(first.dtype)
-        k = lay.top_k
-        return ids.reshape(-1, k), weights.reshape(-1, k), first.reshape(-1, first.shape[-1])
+        if ids.dim() != 2:
+            ids, weights, first = ids.reshape(-1, k), weights.reshape(-1, k), first.reshape(-1, first.shape[-1])
+        return ids, weights, first
 
     # -- after the forward pass ------------------------------------------------------------------------------
     def clear(self) -> None:
-        self._pending = [None] * self.layout.num_layers
+        self._pending[:] = [None] * self.layout.num_layers
 
     @property
     def has_pending(self) -> bool:
         return any(p is not None for p in self._pending)
 
-    def _device_buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        numel = int(np.prod(shape))
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < numel or buf.device != device:
+    def _pass_views(self, t: int, b: int, s: int, device: torch.device) -> tuple[Packing, int, dict[str, torch.Tensor]]:
+        """Packing and device-buffer views for a pass shape, cached (building views costs host time)."""
+        key = (t, b, s, device)
+        cached = self._views.get(key)
+        if cached is not None:
+            return cached
+        lay = self.layout
+        fields: list[tuple[str, torch.dtype, tuple[int, ...]]] = [("tokens", torch.int64, (3, b, s)),
+                                                                  ("ids", self.id_dtype, (lay.num_layers, t, lay.top_k))]
+        if self.save_weights:
+            fields.append(("weights", self.weights_dtype, (lay.num_layers, t, lay.top_k)))
+        if self.save_logits:
+            fields.append(("logits", torch.float16, (lay.num_layers, t, lay.num_experts)))
+        packing, total = _packing(fields)
+        buf = self._device_bytes
+        if buf is None or buf.numel() < total or buf.device != device:
             # Grow with headroom; a copy still reading the old buffer is ordered before any reuse on the stream.
-            buf = torch.empty(max(numel, 2 * (buf.numel() if buf is not None else 0)), dtype=dtype, device=device)
-            self._buffers[name] = buf
-        return buf[:numel].view(shape)
-
-    def _to_host(self, name: str, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """Concatenate L per-layer tensors [T, X] into a device buffer, then copy it to (pinned) host memory."""
-        first = parts[0]
-        shape = (len(parts), *first.shape)
-        on_cuda = first.device.type == "cuda"
-        host = torch.empty(shape, dtype=dtype, pin_memory=on_cuda)
-        if on_cuda:
-            dev = self._device_buffer(name, shape, dtype, first.device)
-            torch.stack(parts, out=dev)
-            host.copy_(dev, non_blocking=True)
-        else:
-            torch.stack(parts, out=host)
-        return host
+            size = max(total, 2 * (buf.numel() if buf is not None and buf.device == device else 0))
+            buf = self._device_bytes = torch.empty(size, dtype=torch.uint8, device=device)
+            self._views.clear()
+        views = {name: buf[off: off + int(np.prod(shape)) * torch.empty((), dtype=dt).element_size()]
+                 .view(dt).view(shape) for name, (off, dt, shape) in packing.items()}
+        self._views[key] = (packing, total, views)
+        return self._views[key]
 
     def end_pass(self, tokens: PassTokens) -> HostPass:
-        """Start moving the pass just run to the host; never waits for the device."""
+        """Start moving the pass just run to the host: a few kernels and one copy; never waits for the device."""
         pending = self._pending
-        missing = [self.layout.sites[i].name for i, p in enumerate(pending) if p is None]
-        if missing:
+        if any(p is None for p in pending):
+            missing = [self.layout.sites[i].name for i, p in enumerate(pending) if p is None]
             raise RuntimeError(f"routers did not run in this forward pass: {', '.join(missing[:3])}")
-        reads = [p for p in pending if p is not None]
-        ids = self._to_host("ids", [r[0] for r in reads], self.id_dtype)
-        weights = self._to_host("weights", [r[1] for r in reads], self.weights_dtype) if self.save_weights else None
-        logits = self._to_host("logits", [r[2] for r in reads], torch.float16) if self.save_logits else None
-        on_cuda = reads[0][0].device.type == "cuda"
-        host_tokens = _tokens_to_host(tokens)
+        if self.layout.convention == "3-tuple" and pending[0][2].dim() == 2:
+            ids = [p[2] for p in pending]
+            weights = [p[1] for p in pending]
+            firsts = [p[0] for p in pending]
+        else:
+            reads = [self._read(p) for p in pending]
+            ids, weights, firsts = [r[0] for r in reads], [r[1] for r in reads], [r[2] for r in reads]
+        b, s = int(tokens.valid.shape[0]), int(tokens.valid.shape[1])
+        device = ids[0].device
+        on_cuda = device.type == "cuda"
+        packing, total, views = self._pass_views(int(ids[0].shape[0]), b, s, device)
+        token_parts = [tokens.position, tokens.token_id if tokens.token_id is not None else tokens.position,
+                       tokens.valid]
+        if on_cuda:
+            token_parts = [x.to(device, non_blocking=True) for x in token_parts]
+        torch.stack(token_parts, out=views["tokens"])
+        torch.stack(ids, out=views["ids"])
+        if self.save_weights:
+            torch.stack(weights, out=views["weights"])
+        if self.save_logits:
+            torch.stack(firsts, out=views["logits"])
+        assert self._device_bytes is not None
         event = None
         if on_cuda:
+            host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+            host.copy_(self._device_bytes[:total], non_blocking=True)
             event = torch.cuda.Event()
             event.record()
+        else:
+            host = self._device_bytes[:total].clone()
         self.clear()
-        nbytes = sum(x.numel() * x.element_size() for x in (ids, weights, logits) if x is not None)
-        return HostPass(ids, weights, logits, host_tokens, event, nbytes)
+        return HostPass(host, packing, tokens.seq_id, tokens.token_id is not None, tokens.phase, tokens.step, event)
 
     def remove(self) -> None:
-        """Detach every hook; the device buffers are kept for a later attach()."""
+        """Detach every hook; the device buffer is kept for a later attach()."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self.clear()
 
 
-def _tokens_to_host(tokens: PassTokens) -> PassTokens:
-    """Position, token id and validity in one stacked [3, B, S] int64 copy (one kernel, one transfer)."""
-    parts = [tokens.position, tokens.token_id if tokens.token_id is not None else tokens.position, tokens.valid]
-    if any(p.device.type == "cuda" for p in parts):
-        device = next(p.device for p in parts if p.device.type == "cuda")
-        stacked = torch.stack([p.to(device=device, dtype=torch.int64, non_blocking=True) for p in parts])
-        host = torch.empty(stacked.shape, dtype=torch.int64, pin_memory=True)
-        host.copy_(stacked, non_blocking=True)
-    else:
-        host = torch.stack([p.to(torch.int64) for p in parts])
-    return PassTokens(
-        seq_id=tokens.seq_id,
-        position=host[0],
-        token_id=host[1] if tokens.token_id is not None else None,
-        valid=host[2],  # 0/1
-        phase=tokens.phase,
-        step=tokens.step,
-    )
+_FLUSH = object()  # queue marker: a producer waits on back-pressure, write now
 
 
 class TraceSink:
     """Background writer: turns batches of HostPass into trace chunks, in order, with bounded memory.
 
-    `submit` blocks while more than `max_bytes` of host buffers wait to be written (back-pressure). Batches are
-    coalesced and appended together once `flush_bytes` have gathered or `flush_seconds` have passed: every append
-    and flush of the file costs the writer thread time under Python's GIL, which a CPU-bound decode loop in the
-    main thread would otherwise feel. Appends happen only at batch boundaries, so an interrupted trace holds whole
-    batches; close() writes whatever is pending. With `writer=None` the chunks are kept in `self.chunks`.
+    The thread wakes every `poll_seconds` rather than on each submit, and appends to the file once `flush_bytes`
+    have gathered or `flush_seconds` have passed: every wake-up and every append takes Python's GIL from the main
+    thread, whose decode loop is bound by how fast it launches kernels. Appends happen only at batch boundaries,
+    so an interrupted trace holds whole batches; close() writes whatever is pending. `submit` blocks while more
+    than `max_bytes` wait (back-pressure). With `writer=None` the chunks are kept in `self.chunks`.
     """
 
     def __init__(
@@ -237,6 +279,7 @@ class TraceSink:
         max_bytes: int = 1 << 30,
         flush_bytes: int = 16 << 20,
         flush_seconds: float = 2.0,
+        poll_seconds: float = 0.05,
         on_written: Callable[[int, int], None] | None = None,
     ):
         self.writer = writer
@@ -246,14 +289,12 @@ class TraceSink:
         self.max_bytes = max_bytes
         self.flush_bytes = flush_bytes
         self.flush_seconds = flush_seconds
+        self.poll_seconds = poll_seconds
         self.on_written = on_written
         self.chunks: list[TraceChunk] = []
         self.tokens_written = 0
         self.batches_written = 0
-        self._queue: queue.Queue[tuple[list[HostPass], int] | None] = queue.Queue()
-        self._pending: list[tuple[list[HostPass], int]] = []
-        self._pending_bytes = 0
-        self._last_flush = time.monotonic()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._in_flight = 0
         self._cond = threading.Condition()
         self._error: BaseException | None = None
@@ -264,35 +305,49 @@ class TraceSink:
         """Hand over one whole batch (all its passes); blocks while too much waits to be written."""
         nbytes = sum(p.nbytes for p in passes)
         with self._cond:
-            while self._in_flight > 0 and self._in_flight + nbytes > self.max_bytes and self._error is None:
-                self._cond.wait()
+            if self._in_flight > 0 and self._in_flight + nbytes > self.max_bytes:
+                self._queue.put(_FLUSH)
+                while self._in_flight > 0 and self._in_flight + nbytes > self.max_bytes and self._error is None:
+                    self._cond.wait()
             self._raise_if_failed()
             self._in_flight += nbytes
         self._queue.put((passes, num_sequences))
 
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is not None:
-                self._pending.append(item)
-                self._pending_bytes += sum(p.nbytes for p in item[0])
-            due = (item is None or self._pending_bytes >= self.flush_bytes
-                   or time.monotonic() - self._last_flush >= self.flush_seconds)
-            if due and self._pending:
-                batch, self._pending, freed = self._pending, [], self._pending_bytes
-                self._pending_bytes = 0
+        pending: list[tuple[list[HostPass], int]] = []
+        pending_bytes = 0
+        last_flush = time.monotonic()
+        stop = False
+        while not stop:
+            time.sleep(self.poll_seconds)
+            urgent = False
+            while True:
                 try:
-                    if self._error is None:
-                        self._write(batch)
-                except BaseException as exc:  # reported to the main thread at its next submit/close
-                    self._error = exc
-                finally:
-                    self._last_flush = time.monotonic()
-                    with self._cond:
-                        self._in_flight -= freed
-                        self._cond.notify_all()
-            if item is None:
-                return
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = urgent = True
+                elif item is _FLUSH:
+                    urgent = True
+                else:
+                    pending.append(item)
+                    pending_bytes += sum(p.nbytes for p in item[0])
+            due = urgent or pending_bytes >= self.flush_bytes or time.monotonic() - last_flush >= self.flush_seconds
+            if not (due and pending):
+                continue
+            try:
+                if self._error is None:
+                    self._write(pending)
+            except BaseException as exc:  # reported to the main thread at its next submit/close
+                self._error = exc
+            finally:
+                last_flush = time.monotonic()
+                pending = []
+                with self._cond:
+                    self._in_flight -= pending_bytes
+                    self._cond.notify_all()
+                pending_bytes = 0
 
     def _write(self, batches: list[tuple[list[HostPass], int]]) -> None:
         parts = [p.to_chunk(self.with_token_ids, self.id_dtype, self.weights_dtype) for ps, _ in batches for p in ps]

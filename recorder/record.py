@@ -169,11 +169,11 @@ class BatchRunner:
         seq = np.asarray(seq_ids, dtype=np.int64)
         new_tokens = self.cfg.max_new_tokens
         dev = self.device
-        mask_dev = mask.to(dev)
+        mask_dev, ids_dev, position_dev = mask.to(dev), input_ids.to(dev), position.to(dev)
         self.capture.clear()
-        out = self._forward(input_ids=input_ids.to(dev), attention_mask=mask_dev, position_ids=position.to(dev),
+        out = self._forward(input_ids=ids_dev, attention_mask=mask_dev, position_ids=position_dev,
                             use_cache=new_tokens > 0)
-        passes = [self.capture.end_pass(PassTokens(seq, position, input_ids, mask.bool(), PHASE_PREFILL, self.step))]
+        passes = [self.capture.end_pass(PassTokens(seq, position_dev, ids_dev, mask_dev, PHASE_PREFILL, self.step))]
         self.step += 1
         if new_tokens == 0:
             return passes
@@ -183,9 +183,9 @@ class BatchRunner:
         lengths_dev = lengths.to(dev)
         for j in range(new_tokens):
             mask_dev = torch.cat([mask_dev, torch.ones((b, 1), dtype=mask_dev.dtype, device=dev)], dim=1)
-            pos = (lengths + j)[:, None]
-            out = self._forward(input_ids=next_ids[:, None], attention_mask=mask_dev,
-                                position_ids=(lengths_dev + j)[:, None], use_cache=True, **{self.cache_arg: cache})
+            pos = (lengths_dev + j)[:, None]
+            out = self._forward(input_ids=next_ids[:, None], attention_mask=mask_dev, position_ids=pos,
+                                use_cache=True, **{self.cache_arg: cache})
             tokens = PassTokens(seq, pos, next_ids[:, None], ~finished[:, None], PHASE_DECODE, self.step)
             passes.append(self.capture.end_pass(tokens))
             self.step += 1
