@@ -503,8 +503,11 @@ class RebalanceConfig:
 
         if self.policy in NEEDS_COSELECTION:
             raise InputError(f"--placement {self.policy}: rebalancing refits from load alone; choose a load policy")
-        fit_placement(self.policy, np.ones((1, num_experts)), num_gpus=self.num_gpus,
-                      gpus_per_node=self.gpus_per_node, redundant_experts=self.redundant_experts)
+        try:
+            fit_placement(self.policy, np.ones((1, num_experts)), num_gpus=self.num_gpus,
+                          gpus_per_node=self.gpus_per_node, redundant_experts=self.redundant_experts)
+        except InputError as exc:
+            raise InputError(f"rebalance placement {self.policy!r} on {self.num_gpus} GPUs: {exc}") from exc
         policy = POLICIES[self.policy]
         redundant = self.redundant_experts if self.policy in USES_REDUNDANCY else 0
 

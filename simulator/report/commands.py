@@ -133,6 +133,7 @@ def rebalance(trace: tuple[str, ...], rebalance_every: str | None, window: int |
             every=_every(rebalance_every) or default_intervals(steps, n), window=n, policy=policy, num_gpus=gpus,
             gpus_per_node=gpus_per_node, redundant_experts=redundant_experts, phase=phase_name, tokens_per_step=tps,
         )
+        config.fit_function(tr.metadata.num_experts)  # a layout the policy cannot fill fails before the bar
         with _bars(quiet or as_json) as bars:
             results = rebalance_trace(tr, config, progress=bars("rebalance", tr.num_tokens * passes_needed(
                 config.every, tr.metadata.num_moe_layers, tr.metadata.num_experts)))
