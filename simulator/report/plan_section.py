@@ -9,7 +9,7 @@ from __future__ import annotations
 from simulator.plan import Candidate, PlanResult
 from simulator.replay import ReplayResult
 from simulator.report import figures
-from simulator.report.format import fmt_bytes, fmt_int, fmt_ms, fmt_num, fmt_pct
+from simulator.report.format import fmt_int, fmt_ms, fmt_num, fmt_pct
 from simulator.report.model import Figure, Section, Table
 
 MAX_BREAKDOWN_BARS = 16  # layouts drawn in the time breakdown (the best placement of each)
@@ -40,12 +40,13 @@ def candidate_table(plan: PlanResult, rows_in: list[Candidate], caption: str) ->
             "yes" if c is rec else "", c.hardware, str(c.num_gpus), c.placement,
             "recorded" if c.tokens_per_step == 0 else str(c.tokens_per_step), fmt_num(c.step_ms),
             fmt_num(c.step_ms_p95), fmt_int(c.tokens_per_s), fmt_int(c.tokens_per_s_per_gpu), fmt_num(c.imbalance),
-            fmt_pct(c.leave_node_share), f"{fmt_bytes(c.memory_per_gpu_bytes)} / {fmt_bytes(c.usable_hbm_bytes)}",
+            fmt_pct(c.leave_node_share),
+            f"{c.memory_per_gpu_bytes / 2**30:.2f} / {c.usable_hbm_bytes / 2**30:.2f}",
             "yes" if c.meets_target else "no",
         ])
     return Table(
-        columns=["recommended", "GPU", "GPUs", "placement", "tokens/step", "step ms", "step ms p95", "tokens/s",
-                 "tokens/s / GPU", "imbalance", "leave node", "memory / usable HBM", "meets target"],
+        columns=["rec.", "GPU", "GPUs", "placement", "tokens/step", "step ms", "step ms p95", "tokens/s",
+                 "tokens/s / GPU", "imbalance", "leave node", "memory / usable GiB", "meets target"],
         rows=rows, numeric=[False, False, True, False, True, True, True, True, True, True, True, True, False],
         caption=caption,
     )

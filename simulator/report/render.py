@@ -22,15 +22,15 @@ MARKDOWN_SUFFIXES = (".md", ".markdown")
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0; color: #1d2330;
        background: #f6f7f9; line-height: 1.45; }
-main { max-width: 1100px; margin: 0 auto; padding: 1.5rem 2rem 4rem; background: #fff; }
+main { max-width: 1200px; margin: 0 auto; padding: 1.5rem 2rem 4rem; background: #fff; }
 h1 { margin-bottom: 0.2rem; } .subtitle { color: #5a6372; margin-top: 0; }
 h2 { border-bottom: 2px solid #e3e6eb; padding-bottom: 0.2rem; margin-top: 2.4rem; }
 nav ol { columns: 2; padding-left: 1.2rem; } nav a { text-decoration: none; }
-table { border-collapse: collapse; margin: 0.8rem 0 1.2rem; font-size: 0.88rem; }
+.table-wrap { overflow-x: auto; margin: 0.8rem 0 1.2rem; }
+table { border-collapse: collapse; font-size: 0.85rem; }
 caption { text-align: left; font-weight: 600; padding: 0.3rem 0; }
 th, td { border: 1px solid #d8dce3; padding: 0.25rem 0.55rem; }
 th { background: #eef1f5; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.highlight td { background: #e9f6ec; font-weight: 600; }
 figure { margin: 1rem 0 1.6rem; } figure img { max-width: 100%; height: auto; border: 1px solid #eceef2; }
 figcaption { color: #4a5261; font-size: 0.88rem; } figcaption b { color: #1d2330; }
 .bullets li { margin: 0.2rem 0; }
@@ -51,7 +51,8 @@ def _html_table(table: Table) -> str:
         )
         rows.append(f"<tr>{cells}</tr>")
     caption = f"<caption>{html.escape(table.caption)}</caption>" if table.caption else ""
-    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    table_html = f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return f'<div class="table-wrap">{table_html}</div>'  # wide tables scroll inside the page, not the page
 
 
 def _html_figure(fig: Figure) -> str:
