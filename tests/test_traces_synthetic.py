@@ -15,6 +15,7 @@ from traces.synthetic import (
     build_model,
     iter_synthetic,
     load_counts,
+    make_clusters,
     synthesize,
     write_synthetic,
 )
@@ -217,9 +218,11 @@ def test_counts_file_sets_popularity() -> None:
     model = build_model(config)
     meta, c = synthesize(config)
     share = _loads(c.expert_ids, meta.num_experts)
-    for row, layer in enumerate(table.layers):  # counted layers keep their real expert ids
+    for row, layer in enumerate(table.layers):  # counted layers keep their real expert ids and shares
         real = table.counts[row] / table.counts[row].sum()
-        assert np.corrcoef(share[layer], real)[0, 1] > 0.9
+        assert np.corrcoef(share[layer], real)[0, 1] > 0.99
+        assert share[layer].max() == pytest.approx(real.max(), rel=0.05)  # the hottest expert is not capped
+        assert _entropy(share[layer]) == pytest.approx(_entropy(real), abs=0.01)
     # An uncounted layer has its nearest counted layer's skew with other hot experts.
     np.testing.assert_allclose(np.sort(model.pop[1]), np.sort(model.pop[0]))
     assert not np.array_equal(model.pop[1], model.pop[0])
@@ -250,6 +253,17 @@ def test_co_selected_experts_come_from_clusters() -> None:
     same = model.clusters.cluster_of[0][:, None] == model.clusters.cluster_of[0][None, :]
     off_diag = ~np.eye(e, dtype=bool)
     assert lift[same & off_diag].mean() > 1.5 * lift[~same].mean()
+
+
+def test_clusters_split_popularity_evenly() -> None:
+    pop = np.random.default_rng(0).permutation(np.arange(1, 65) ** -0.8)[None, :]
+    pop /= pop.sum()
+    clusters = make_clusters(pop, 8, np.random.default_rng(1))
+    np.testing.assert_array_equal(np.sort(np.concatenate(
+        [clusters.members[0, c, : clusters.member_count[0, c]] for c in range(8)])), np.arange(64))
+    assert clusters.mass[0].max() / clusters.mass[0].min() < 1.2  # topics drawn uniformly keep the skew
+    for c in range(8):
+        np.testing.assert_allclose(clusters.mass[0, c], pop[0, clusters.cluster_of[0] == c].sum())
 
 
 def test_consecutive_tokens_share_experts() -> None:

@@ -4,8 +4,9 @@ The model, per sequence and per MoE layer (shape legend: T tokens, L layers, E e
 
 * Popularity: each layer has an expert popularity vector pop[L, E]. Either Zipf, pop ~ rank^-skew over a
   seeded random permutation of the experts (skew 0 = uniform; 0.8 gives OLMoE-like max shares and entropies), or
-  taken from a counts file (see load_counts) such as data/olmoe_expert_counts.json.
-* Co-selection: each layer's experts are split at random into C clusters ("topics"). A sequence has a current
+  taken from a counts file (see load_counts and layer_popularity) such as data/olmoe_expert_counts.json.
+* Co-selection: each layer's experts are split into C clusters ("topics") of equal popularity mass (so drawing
+  from a uniformly chosen topic keeps each expert's popularity). A sequence has a current
   topic, shared by all layers, that it keeps from token to token and changes with probability topic_switch;
   part of each draw (cluster_weight) comes from that topic's cluster, so its experts are chosen together.
 * Temporal locality: part of each draw (stickiness) re-uses one of the experts the same sequence's previous token
@@ -141,6 +142,10 @@ def layer_popularity(meta: TraceMetadata, config: SynthConfig, rng: np.random.Ge
     From counts: a layer at the same relative depth as a counted layer uses those counts as they are; any other
     layer uses the counts of the nearest counted layer by relative depth with the expert ids shuffled (a seeded
     permutation), so it has a real layer's skew while its hot experts differ, as they do between real layers.
+    Counts give each expert's share s of selections, i.e. a chance pi = K * s of being in a token's top-k (OLMoE
+    layer 0's expert 0: 0.98). Drawing K without replacement caps such experts, so the draw weights are set by
+    Rosen's approximation of successive sampling, pi = 1 - exp(-lambda * w), i.e. w = -log(1 - pi): the trace's
+    selection shares then follow the counts.
     """
     num_layers, num_experts = meta.num_moe_layers, meta.num_experts
     pop = np.empty((num_layers, num_experts))
@@ -158,8 +163,9 @@ def layer_popularity(meta: TraceMetadata, config: SynthConfig, rng: np.random.Ge
             continue
         counted = np.asarray(table.layers, dtype=np.float64) / max(1, table.num_hidden_layers - 1)
         nearest = int(np.argmin(np.abs(counted - depth[layer])))
-        row = table.counts[nearest] + 0.5  # no expert is impossible
-        pop[layer] = row if math.isclose(counted[nearest], depth[layer]) else row[perm]
+        share = (table.counts[nearest] + 0.5) / (table.counts[nearest] + 0.5).sum()  # no expert is impossible
+        weight = -np.log1p(-np.minimum(meta.top_k * share, 0.995))
+        pop[layer] = weight if math.isclose(counted[nearest], depth[layer]) else weight[perm]
     return pop / pop.sum(axis=1, keepdims=True)
 
 
@@ -176,27 +182,40 @@ class Clusters:
 
 
 def make_clusters(pop: np.ndarray, num_clusters: int, rng: np.random.Generator) -> Clusters:
-    """Split each layer's experts at random into num_clusters near-equal clusters."""
+    """Split each layer's experts into num_clusters clusters of near-equal popularity mass.
+
+    Experts go, most popular first (ties in a seeded random order), to the cluster with the least mass so far
+    (ties to a seeded random cluster). Equal masses matter: topics are drawn uniformly, so a draw from the topic's
+    cluster then picks each expert with its popularity, and co-selection does not flatten the layer's skew.
+    """
     num_layers, num_experts = pop.shape
-    size = -(-num_experts // num_clusters)
     cluster_of = np.empty((num_layers, num_experts), np.int64)
+    for layer in range(num_layers):
+        order = np.lexsort((rng.permutation(num_experts), -pop[layer]))
+        tie_break = rng.permutation(num_clusters)
+        mass = np.zeros(num_clusters)
+        for e in order:
+            c = int(tie_break[np.argmin(mass[tie_break])])
+            cluster_of[layer, e] = c
+            mass[c] += pop[layer, e]
+    size = max(int(np.bincount(row, minlength=num_clusters).max()) for row in cluster_of)
     members = np.zeros((num_layers, num_clusters, size), np.int64)
     member_prob = np.ones((num_layers, num_clusters, size))
     member_alias = np.zeros((num_layers, num_clusters, size), np.int64)
     count = np.zeros((num_layers, num_clusters), np.int64)
-    mass = np.zeros((num_layers, num_clusters))
+    masses = np.zeros((num_layers, num_clusters))
     for layer in range(num_layers):
-        perm = rng.permutation(num_experts)
         for c in range(num_clusters):
-            ids = np.sort(perm[c::num_clusters])
-            cluster_of[layer, ids] = c
-            members[layer, c, : len(ids)] = ids
+            ids = np.flatnonzero(cluster_of[layer] == c)
             count[layer, c] = len(ids)
-            mass[layer, c] = pop[layer, ids].sum()
+            if not len(ids):
+                continue
+            members[layer, c, : len(ids)] = ids
+            masses[layer, c] = pop[layer, ids].sum()
             prob, alias = alias_table(pop[layer, ids])
             member_prob[layer, c, : len(ids)] = prob
             member_alias[layer, c, : len(ids)] = alias
-    return Clusters(cluster_of, members, member_prob, member_alias, count, mass)
+    return Clusters(cluster_of, members, member_prob, member_alias, count, masses)
 
 
 def sequence_lengths(config: SynthConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
