@@ -103,6 +103,9 @@ def _layouts_section(inputs: ReportInputs) -> Section:
         "is scored on the tokens it was fitted to. Imbalance is the sum over layers of the busiest GPU's "
         "assignments over the sum of the mean GPU's; step percentiles use each step's own imbalance.",
     ]
+    if nodes == 1:
+        paragraphs.append("This layout is one node: all of its all-to-all traffic stays on the scale-up links, none "
+                          "crosses the network between nodes.")
     return Section("layouts", "Placements and layouts", paragraphs, [table], figs)
 
 
