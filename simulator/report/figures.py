@@ -218,8 +218,9 @@ def gpu_load_distribution(loads: Mapping[str, np.ndarray]) -> Figure:
     ax.set_ylabel("GPU load / mean (every layer)")
     ax.grid(alpha=0.3, axis="y")
     return _finish(fig, "gpu-load", "GPU load distribution",
-                   "Load of every GPU in every layer relative to the layer's mean GPU load, on the scored tokens; "
-                   "whiskers reach the extremes. The top whisker is what sets the step time.")
+                   "Expected load of every GPU in every layer (each expert's assignments split evenly among its "
+                   "replicas) relative to the layer's mean GPU load, on the tokens after the fit part; whiskers "
+                   "reach the extremes. The top whisker is what sets the step time.")
 
 
 def node_traffic(names: Sequence[str], intra: Sequence[float], inter: Sequence[float]) -> Figure:
