@@ -23,6 +23,8 @@ from traces.errors import InputError
 # The replicated policy stops adjusting replica counts once the heaviest GPU is within this share of the mean
 # (0.05%: an order of magnitude below what EPLB's greedy leaves on real loads, anchors.md).
 GOOD_ENOUGH_EXCESS = 5e-4
+# Local search stops once the heaviest bin is within this share of the best any packing could do.
+PACKING_TOLERANCE = 1e-4
 # Coactivation policy: a GPU may carry this much more load than the mean (or the balanced packing's own maximum,
 # whichever is larger) while experts are moved next to their usual partners.
 COACTIVATION_LOAD_SLACK = 0.05
@@ -94,23 +96,26 @@ class Placement:
 
 
 def check_slots(slots: np.ndarray, num_experts: int, source: str) -> None:
-    """Every expert held at least once per layer, ids in range, no expert twice on one GPU."""
+    """Every expert held at least once per layer, ids in range, no expert twice on one GPU. slots: [L, G, S]."""
     if slots.size == 0:
         raise InputError(f"{source}: placement has no slots")
     if slots.min() < -1 or slots.max() >= num_experts:
         raise InputError(f"{source}: expert id out of range 0..{num_experts - 1}")
-    for layer in range(slots.shape[0]):
-        held = np.zeros(num_experts, dtype=np.int64)
-        ids = slots[layer].ravel()
-        np.add.at(held, ids[ids >= 0], 1)
-        missing = np.flatnonzero(held == 0)
-        if missing.size:
-            raise InputError(f"{source}: layer {layer} misses expert(s) {', '.join(map(str, missing[:8]))}")
-        for gpu in range(slots.shape[1]):
-            row = slots[layer, gpu]
-            row = row[row >= 0]
-            if np.unique(row).size != row.size:
-                raise InputError(f"{source}: layer {layer} GPU {gpu} holds the same expert twice")
+    layers = slots.shape[0]
+    flat = slots.reshape(layers, -1)
+    held = np.zeros((layers, num_experts + 1), dtype=np.int64)  # column num_experts collects empty slots
+    rows = np.repeat(np.arange(layers), flat.shape[1])
+    np.add.at(held, (rows, np.where(flat >= 0, flat, num_experts).ravel()), 1)
+    missing_layer, missing_expert = np.nonzero(held[:, :num_experts] == 0)
+    if missing_layer.size:
+        layer = int(missing_layer[0])
+        ids = missing_expert[missing_layer == layer][:8]
+        raise InputError(f"{source}: layer {layer} misses expert(s) {', '.join(map(str, ids))}")
+    ordered = np.sort(slots, axis=2)
+    twice = (ordered[:, :, 1:] == ordered[:, :, :-1]) & (ordered[:, :, 1:] >= 0)
+    if twice.any():
+        layer, gpu, _ = np.argwhere(twice)[0]
+        raise InputError(f"{source}: layer {layer} GPU {gpu} holds the same expert twice")
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -173,8 +178,8 @@ def pack_items(weight: np.ndarray, item_expert: np.ndarray, num_bins: int, capac
         bins[best, fill[best]] = i
         fill[best] += 1
         total[best] += weight[i]
-    # No packing can beat the mean bin or the heaviest item: stop there.
-    bound = max(weight.sum() / num_bins, weight.max() if m else 0.0) * (1.0 + 1e-9)
+    # No packing can beat the mean bin or the heaviest item: stop within 0.01% of that bound.
+    bound = max(weight.sum() / num_bins, weight.max() if m else 0.0) * (1.0 + PACKING_TOLERANCE)
     for _ in range(max_iters):
         a = np.argmax(total)
         la = total[a]
