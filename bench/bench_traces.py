@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -128,6 +129,7 @@ def main() -> None:
     from traces.synthetic import SynthConfig, iter_synthetic
 
     folder = Path(tempfile.mkdtemp(prefix="bench-traces-", dir=args.dir))
+    load_before = os.getloadavg()[0]
     try:
         for _ in iter_synthetic(SynthConfig(tokens=1000)):  # compile the kernels outside the timings
             pass
@@ -152,6 +154,7 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
     synth_rate = n / written["synth_s"]
+    load = f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     lines = [
         "## Trace storage (`python -m bench.bench_traces`)",
         "",
@@ -160,7 +163,8 @@ def main() -> None:
         "8192-token chunks; Arrow: Zstd level 1, ~8 MiB record batches). Reads stream 65,536-token chunks in a fresh "
         f"process, median of {args.repeats} after a warm-up run (page cache warm); peak memory is that process's "
         "maximum RSS (Python, NumPy, h5py, pyarrow included). Write throughput counts appends only "
-        f"(synthesis ran at {synth_rate / 1e6:.2f} M tokens/s on top).",
+        f"(synthesis ran at {synth_rate / 1e6:.2f} M tokens/s on top). Load average {load} (the cores are shared "
+        "with other jobs, so absolute rates vary run to run).",
         "",
         "| encoding | write tokens/s | read all columns tokens/s | ids-only read tokens/s | bytes/token | "
         "bytes/token without weights | peak RSS, all columns | peak RSS, ids only |",
