@@ -111,9 +111,10 @@ def route_rows(
 
 
 @njit(cache=True)
-def _route_slot(s, row0, key, slot, position, pop, pop_prob, pop_alias, cluster_of, members, member_prob,  # type: ignore[no-untyped-def]
+def _route_slot(s, row0, key, slot, position, pop, pop_prob, pop_alias, cluster_of, members, member_prob,
                 member_alias, member_count, cluster_mass, w_cluster, w_sticky, topic_switch, noise_odds,
                 scoring, norm_topk, scale, vocab_size, topic, prev, has_prev, out_ids, out_weights, out_tokens):
+    """The rows of slot s (parameters as in route_rows; every cluster has at least one member)."""
     num_rows = slot.shape[0]
     num_layers, num_experts = pop.shape
     k = out_ids.shape[2]
