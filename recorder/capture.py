@@ -229,7 +229,7 @@ class RoutingCapture:
         token_parts = [tokens.position, tokens.token_id if tokens.token_id is not None else tokens.position,
                        tokens.valid]
         if on_cuda:
-            token_parts = [x.to(device, non_blocking=True) for x in token_parts]
+            token_parts = [x if x.device == device else x.to(device, non_blocking=True) for x in token_parts]
         torch.stack(token_parts, out=views["tokens"])
         torch.stack(ids, out=views["ids"])
         if self.save_weights:
