@@ -8,6 +8,7 @@ from test_sim_fixtures import random_trace, tiny_meta, write_ids
 
 from simulator import kernels as K
 from simulator.cost_model import (
+    SCALE_OUT_DISPATCH_EFFICIENCY,
     SCALE_UP_COMBINE_EFFICIENCY,
     SCALE_UP_DISPATCH_EFFICIENCY,
     cost_matrix,
@@ -67,6 +68,28 @@ def test_hand_worked_tiny_trace(tmp_path):
     assert t.step_time["mean"] == pytest.approx(expert_l0 + expert_l1 + 2 * disp + 2 * comb)
     assert t.breakdown["dispatch"] == pytest.approx(2 * disp)
     assert t.tokens_per_s_per_gpu == pytest.approx(4 / t.step_time["mean"] / 2)
+
+
+def test_hand_worked_two_nodes(tmp_path):
+    """1 layer, 4 experts, top-2, 4 GPUs in 2 nodes, expert e on GPU e; token t starts on GPU t."""
+    ids = np.array([[[1, 2]],   # t0 (GPU0, node0): e1 -> GPU1 (scale-up), e2 -> node1 (scale-out)
+                    [[2, 3]],   # t1 (GPU1, node0): both on node1: one scale-out copy
+                    [[0, 2]],   # t2 (GPU2, node1): e2 local, e0 -> node0 (scale-out)
+                    [[2, 3]]])  # t3 (GPU3, node1): e3 local, e2 -> GPU2 (scale-up)
+    path = write_ids(tmp_path / "two.h5", tiny_meta(1, 4, 2), ids, np.zeros(4), np.zeros(4))
+    config = ReplayConfig(num_gpus=4, gpus_per_node=2, hardware=EASY_GPU, placements=("contiguous",),
+                          fit_fraction=0.0)
+    with open_trace(path) as tr:
+        s = replay(tr, config).placements[0]
+    assert s.imbalance == pytest.approx(4 / (8 / 4))  # GPU loads 1, 1, 4, 2
+    assert s.leave_gpu_share == pytest.approx(6 / 8)
+    assert s.leave_node_share == pytest.approx(4 / 8)
+    assert s.scale_up_bytes_per_step == pytest.approx(2 * 16 * 2)  # t0 -> GPU1, t3 -> GPU2
+    assert s.scale_out_bytes_per_step == pytest.approx(3 * 16 * 2)  # t0, t1 -> node1, t2 -> node0
+    # busiest: one scale-up copy per GPU; node0 sends 2 copies over its 2 NICs = 1 per NIC
+    up = 16 / (1e9 * SCALE_UP_DISPATCH_EFFICIENCY) + 1e-6
+    out = 1 * 16 / (1e8 * SCALE_OUT_DISPATCH_EFFICIENCY) + 1e-5
+    assert s.timings[0].breakdown["dispatch"] == pytest.approx(max(up, out))
 
 
 def test_hand_worked_replica_rule(tmp_path):
