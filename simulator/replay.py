@@ -434,6 +434,8 @@ class VariantSummary:
     scale_out_bytes_per_step: float  # dispatch + combine bytes over the network
     dropped_assignments: int
     dropped_share: float
+    expert_flops_per_step: float  # kept assignments x FLOPs per assignment, all GPUs
+    weight_bytes_read_per_step: float  # experts with work x expert bytes, all GPUs
     timings: list[HardwareTiming]
     per_layer: list[dict[str, float]]
     step_imbalance_series: list[float] = field(repr=False, default_factory=list)
@@ -486,6 +488,7 @@ def summarise(seg: Segment, variants: list[Variant], gpus: list[GpuSpec], meta: 
                 "scale_up_bytes_per_step": float(ti[layer, K.I_SU_PAIRS] * per_copy / max(steps, 1)),
                 "scale_out_bytes_per_step": float(ti[layer, K.I_SO_PAIRS] * per_copy / max(steps, 1)),
                 "dropped_assignments": int(ti[layer, K.I_DROPPED]),
+                "weight_bytes_read_per_step": float(ti[layer, K.I_ACTIVE] * ebytes / max(steps, 1)),
             })
         dropped = int(ti[:, K.I_DROPPED].sum())
         out.append(VariantSummary(
@@ -499,6 +502,8 @@ def summarise(seg: Segment, variants: list[Variant], gpus: list[GpuSpec], meta: 
             scale_up_bytes_per_step=float(ti[:, K.I_SU_PAIRS].sum() * per_copy / max(steps, 1)),
             scale_out_bytes_per_step=float(ti[:, K.I_SO_PAIRS].sum() * per_copy / max(steps, 1)),
             dropped_assignments=dropped, dropped_share=dropped / assignments if assignments else 0.0,
+            expert_flops_per_step=(assignments - dropped) * seg.model[K.M_FLOPS] / max(steps, 1),
+            weight_bytes_read_per_step=float(ti[:, K.I_ACTIVE].sum() * ebytes / max(steps, 1)),
             timings=timings, per_layer=per_layer,
             step_imbalance_series=imb.tolist() if keep_series else [],
             step_time_series=tim.tolist() if keep_series else [],

@@ -54,6 +54,8 @@ def test_hand_worked_tiny_trace(tmp_path):
     assert s.scale_up_bytes_per_step == pytest.approx(5 * 16 * 2)
     # capacity 1.0: ceil(1.0 x 4 tokens x 2 / 4 slots) = 2 per slot; layer 1 slots e0, e1 hold 4 each -> 4 dropped
     assert s.dropped_assignments == 4
+    assert s.expert_flops_per_step == (16 - 4) * 6 * 8 * 4
+    assert s.weight_bytes_read_per_step == (4 + 2) * 3 * 8 * 4 * 2  # layer 0: 4 experts with work, layer 1: 2
     t = s.timings[0]
     flops = 6 * 8 * 4  # per assignment
     expert_bytes = 3 * 8 * 4 * 2
