@@ -238,7 +238,9 @@ def plan_cmd(trace: tuple[str, ...], target_tokens_per_s: float, hardware: str, 
         sys.stdout.write("\n")
         return
     console = _console()
-    rows = result.candidates if show_all else result.frontier
+    rows = result.candidates if show_all else list(result.frontier)
+    if result.recommendation is not None and result.recommendation not in rows:
+        rows.append(result.recommendation)
     title = f"{'All grid points' if show_all else 'Frontier'} ({len(result.candidates)} candidates)"
     console.print(plan_table(result, rows, title))
     for line in result.skipped:
