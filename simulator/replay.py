@@ -226,7 +226,9 @@ class Segment:
     """Everything one pass over a contiguous range of tokens produced; `merge` joins consecutive segments exactly.
 
     Per variant: an unpriced head step (the segment's first; it may continue the previous segment's last step), the
-    priced steps after it, and the still-open tail step. Totals are plain sums.
+    priced steps after it, and the still-open tail step. Totals are plain sums. To replay shards in parallel, start
+    each shard's segment with `sel_offset` = the scored tokens per phase before it (only regrouped steps,
+    --tokens-per-step, depend on it; a cheap count over the phase column gives it) and merge them in order.
     """
 
     arrays: VariantArrays
