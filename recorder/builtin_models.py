@@ -95,20 +95,32 @@ def builtin_config(name: str) -> Any:
     return BUILTIN_MODELS[name]()
 
 
+# Built on the target device in the target dtype: a 28 GB fp32 copy on the host would be slow. Its random weights
+# therefore depend on the device's random generator; every other built-in model is the same on every machine.
+BUILT_ON_DEVICE = frozenset({"olmoe-1b-7b-random"})
+
+
 def build_builtin_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = BUILTIN_SEED) -> Any:
-    """The named built-in model with seeded random weights, created directly on `device` in `dtype`."""
+    """The named built-in model with seeded random weights, on `device` in `dtype`.
+
+    Small models are drawn on the CPU in float32 and then moved and cast, so the same name gives the same weights
+    on a CPU and on a GPU (the two random generators differ).
+    """
     from transformers import AutoModelForCausalLM
 
     config = builtin_config(name)
+    on_device = name in BUILT_ON_DEVICE
+    build_device, build_dtype = (device, dtype) if on_device else (torch.device("cpu"), torch.float32)
     torch.manual_seed(seed)
     default_dtype = torch.get_default_dtype()
     try:
-        # Creating the weights on the device in their final dtype avoids a 28 GB fp32 copy for the 7B model.
-        torch.set_default_dtype(dtype)
-        with device:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        torch.set_default_dtype(build_dtype)
+        with build_device:
+            model = AutoModelForCausalLM.from_config(config, dtype=build_dtype)
     finally:
         torch.set_default_dtype(default_dtype)
+    if not on_device:
+        model = model.to(device=device, dtype=dtype)
     model.config.name_or_path = name
     return model.eval()
 
