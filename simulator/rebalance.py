@@ -37,7 +37,7 @@ from traces.reader import DEFAULT_CHUNK_TOKENS, Trace
 from traces.schema import PHASE_NAMES
 
 SCHEDULES = ("fixed", "rebalanced", "oracle")
-MAX_REFITS = 400  # default_intervals() keeps each schedule to this many refits
+MAX_REFITS = 100  # default_intervals() keeps each schedule to this many refits
 _PIECE_ENTRIES = 1 << 22  # bound on a per-step bincount's size: [steps in piece, L, E] counts
 _PHASE_KEY = 1 << 40  # regrouped step keys: phase * _PHASE_KEY + index of the step within its phase
 
@@ -206,8 +206,9 @@ def align_gpus(old: np.ndarray, new: np.ndarray, num_experts: int, gpus_per_node
     L, G, _ = new.shape
     nodes = max(1, G // gpus_per_node) if G % gpus_per_node == 0 else 1
     gpn = G // nodes
-    shared = np.einsum("lae,lbe->lab", presence(old, num_experts).astype(np.int32),
-                       presence(new, num_experts).astype(np.int32))  # [L, G old, G new]
+    # [L, G old, G new] experts in common; float32 so that BLAS does it (exact: counts stay far below 2**24)
+    shared = np.matmul(presence(old, num_experts).astype(np.float32),
+                       presence(new, num_experts).astype(np.float32).transpose(0, 2, 1))
     out = np.empty_like(new)
     for layer in range(L):
         by_node = shared[layer].reshape(nodes, gpn, nodes, gpn).sum(axis=(1, 3))

@@ -65,13 +65,17 @@ class ReportOptions:
             raise InputError("--gpus: give one or more positive GPU counts")
 
 
-def _buildable(policies: tuple[str, ...], num_experts: int, num_layers: int, num_gpus: int, gpus_per_node: int,
+def _buildable(policies: tuple[str, ...], num_experts: int, num_gpus: int, gpus_per_node: int,
                redundant: int) -> tuple[tuple[str, ...], list[str]]:
     """Policies that can be fitted on this layout (e.g. contiguous needs E divisible by G), and why others cannot."""
     ok, skipped = [], []
-    probe = np.ones((num_layers, num_experts))
-    cosel = np.ones((num_layers, num_experts, num_experts))
+    # one layer is enough to learn whether the layout can be built (files are checked against the trace by replay)
+    probe = np.ones((1, num_experts))
+    cosel = np.ones((1, num_experts, num_experts))
     for policy in policies:
+        if policy.startswith("file:"):
+            ok.append(policy)  # a user's file is checked against the trace, with a clear error, by the replay
+            continue
         try:
             fit_placement(policy, probe, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
                           redundant_experts=redundant, coselection=cosel)
@@ -121,8 +125,8 @@ def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFacto
         redundant = 0
     if redundant == 0:
         redundant = _redundancy(meta.num_experts, num_gpus, options.redundant_experts + [num_gpus])
-    placements, skipped = _buildable(options.placements, meta.num_experts, meta.num_moe_layers, num_gpus,
-                                     options.gpus_per_node, redundant)
+    placements, skipped = _buildable(options.placements, meta.num_experts, num_gpus, options.gpus_per_node,
+                                     redundant)
     replay_config = ReplayConfig(
         num_gpus=num_gpus, gpus_per_node=options.gpus_per_node, hardware=gpu, placements=placements,
         redundant_experts=redundant, tokens_per_step=options.tokens_per_step, phase=options.phase,
