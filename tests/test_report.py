@@ -193,3 +193,25 @@ def test_cli_report_and_rebalance(built, tmp_path):
     assert table.returncode == 0 and "refit every" in table.stdout
     bad = _moe_sim("rebalance", str(trace), "--window", "100000")
     assert bad.returncode == 2 and "--window 100000" in bad.stderr
+
+
+def test_without_target_replays_first_layout_and_lists_unbuildable(built):
+    from simulator.hardware import GpuSpec
+    from simulator.report.collect import ReportOptions, collect_inputs
+    from traces import open_trace
+
+    trace, _, _ = built
+    options = ReportOptions(hardware=[GpuSpec.from_name("a100")], gpus=[6], redundant_experts=[0, 8],
+                            placements=("contiguous", "balanced", "replicated"), window=10, rebalance_every=(50,))
+    with open_trace(trace) as tr:
+        inputs = collect_inputs(tr, options)
+    # 64 experts do not divide over 6 GPUs: only the replicated policy, with the 8 redundant slots that make 72, fits
+    assert inputs.plan is None
+    assert [p.label for p in inputs.replay.placements] == ["replicated+8"]
+    assert inputs.replay.config["num_gpus"] == 6 and inputs.replay.config["hardware"]["name"] == "a100"
+    skipped = inputs.settings["placements not buildable on this layout"]
+    assert [s.split(":")[0] for s in skipped] == ["contiguous", "balanced"]
+    assert inputs.rebalance[0].settings["policy"] == "replicated"
+    report = build_report(inputs)
+    assert "No throughput target was given" in report.section("recommendation").paragraphs[0]
+    assert "replicated+8" in report.section("recommendation").paragraphs[0]
