@@ -110,8 +110,10 @@ def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, t
     fns = {"baseline": baseline, "moe-trace": recorded, "naive": naive, "hooks-only": hooks_only,
            "capture-only": capture_only}
     fns = {m: fns[m] for m in modes}
-    for fn in fns.values():  # warm-up (kernels, allocator, pinned pool)
-        _timed(fn, 2, device)
+    for fn in fns.values():  # warm-up: kernels, allocators, and the writer's first flush cycle
+        start = time.perf_counter()
+        while time.perf_counter() - start < 3.0:
+            _timed(fn, passes, device)
     times: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(repeats):
         # Modes run back to back in every repeat, in a rotating order, so slow drifts of the machine cancel in

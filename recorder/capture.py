@@ -262,11 +262,13 @@ _FLUSH = object()  # queue marker: a producer waits on back-pressure, write now
 class TraceSink:
     """Background writer: turns batches of HostPass into trace chunks, in order, with bounded memory.
 
-    The thread wakes every `poll_seconds` rather than on each submit, and appends to the file once `flush_bytes`
-    have gathered or `flush_seconds` have passed: every wake-up and every append takes Python's GIL from the main
-    thread, whose decode loop is bound by how fast it launches kernels. Appends happen only at batch boundaries,
-    so an interrupted trace holds whole batches; close() writes whatever is pending. `submit` blocks while more
-    than `max_bytes` wait (back-pressure). With `writer=None` the chunks are kept in `self.chunks`.
+    The thread wakes every `poll_seconds` rather than on each submit, converts what arrived (freeing its pinned
+    buffers), and appends to the file once `flush_bytes` have gathered or `flush_seconds` have passed: every
+    wake-up and every append takes Python's GIL from the main thread, whose decode loop is bound by how fast it
+    launches kernels. Appends happen only at batch boundaries, so an interrupted trace holds whole batches;
+    close() writes whatever is pending. `submit` blocks while more than `max_bytes` of pinned buffers wait
+    (back-pressure; converted data waiting for an append is bounded by `flush_bytes`). With `writer=None` the
+    chunks are kept in `self.chunks`.
     """
 
     def __init__(
@@ -314,8 +316,8 @@ class TraceSink:
         self._queue.put((passes, num_sequences))
 
     def _run(self) -> None:
-        pending: list[tuple[list[HostPass], int]] = []
-        pending_bytes = 0
+        pending: list[TraceChunk] = []  # converted batches waiting for the next append
+        pending_bytes = pending_batches = pending_sequences = 0
         last_flush = time.monotonic()
         stop = False
         while not stop:
@@ -328,38 +330,51 @@ class TraceSink:
                     break
                 if item is None:
                     stop = urgent = True
-                elif item is _FLUSH:
+                    continue
+                if item is _FLUSH:
                     urgent = True
-                else:
-                    pending.append(item)
-                    pending_bytes += sum(p.nbytes for p in item[0])
+                    continue
+                passes, sequences = item
+                nbytes = sum(p.nbytes for p in passes)
+                try:
+                    if self._error is None:
+                        # Converting now releases the pinned buffers at once, so few stay in use and the pinned
+                        # allocator keeps reusing the same blocks; only the file append waits for a flush.
+                        pending.extend(p.to_chunk(self.with_token_ids, self.id_dtype, self.weights_dtype)
+                                       for p in passes)
+                        pending_bytes += nbytes
+                        pending_batches += 1
+                        pending_sequences += sequences
+                except BaseException as exc:  # reported to the main thread at its next submit/close
+                    self._error = exc
+                finally:
+                    del passes, item
+                    with self._cond:
+                        self._in_flight -= nbytes
+                        self._cond.notify_all()
             due = urgent or pending_bytes >= self.flush_bytes or time.monotonic() - last_flush >= self.flush_seconds
             if not (due and pending):
                 continue
             try:
                 if self._error is None:
-                    self._write(pending)
-            except BaseException as exc:  # reported to the main thread at its next submit/close
+                    self._write(pending, pending_batches, pending_sequences)
+            except BaseException as exc:
                 self._error = exc
             finally:
                 last_flush = time.monotonic()
                 pending = []
-                with self._cond:
-                    self._in_flight -= pending_bytes
-                    self._cond.notify_all()
-                pending_bytes = 0
+                pending_bytes = pending_batches = pending_sequences = 0
 
-    def _write(self, batches: list[tuple[list[HostPass], int]]) -> None:
-        parts = [p.to_chunk(self.with_token_ids, self.id_dtype, self.weights_dtype) for ps, _ in batches for p in ps]
+    def _write(self, parts: list[TraceChunk], batches: int, sequences: int) -> None:
         chunk = TraceChunk.concat(parts)
         if self.writer is not None:
             self.writer.append(chunk)
         else:
             self.chunks.append(chunk)
         self.tokens_written += chunk.num_tokens
-        self.batches_written += len(batches)
+        self.batches_written += batches
         if self.on_written is not None:
-            self.on_written(sum(n for _, n in batches), chunk.num_tokens)
+            self.on_written(sequences, chunk.num_tokens)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
