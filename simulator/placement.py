@@ -142,22 +142,65 @@ def replica_counts_minmax(load: np.ndarray, num_slots: int, max_per_expert: int)
 
 
 @njit(cache=True)
-def _has_expert(bin_items: np.ndarray, fill: int, item_expert: np.ndarray, expert: int) -> bool:
-    for q in range(fill):  # noqa: SIM110 (a plain loop compiles in Numba; any() over a generator does not)
-        if item_expert[bin_items[q]] == expert:
-            return True
-    return False
+def _expert_count(bin_items: np.ndarray, fill: int, item_expert: np.ndarray, expert: int, skip: int) -> int:
+    """Items of `expert` among the first `fill` items of a bin, leaving out position `skip` (-1: none)."""
+    n = 0
+    for q in range(fill):
+        if q != skip and item_expert[bin_items[q]] == expert:
+            n += 1
+    return n
+
+
+@njit(cache=True)
+def _place_by_exchange(bins: np.ndarray, fill: np.ndarray, total: np.ndarray, weight: np.ndarray,
+                       item_expert: np.ndarray, i: int, max_per_bin: int) -> bool:
+    """Place item i when every bin with room already holds `max_per_bin` items of its expert.
+
+    Some full bin c holds fewer (an expert has at most max_per_bin x bins items), and c has an item j whose expert
+    the bin b with room can still take (b has fewer items than c and is saturated with i's expert): j moves to b, i
+    takes j's place in c. Among all such exchanges the one with the lowest resulting peak of b and c is chosen.
+    Returns False only when the caller broke the replica limit (then nothing is placed).
+    """
+    num_bins, capacity = bins.shape
+    x = item_expert[i]
+    best_peak, bb, bc, bq = np.inf, -1, -1, -1
+    for b in range(num_bins):
+        if fill[b] >= capacity:
+            continue
+        for c in range(num_bins):
+            if c == b or _expert_count(bins[c], fill[c], item_expert, x, -1) >= max_per_bin:
+                continue
+            for q in range(fill[c]):
+                j = bins[c, q]
+                y = item_expert[j]
+                if y == x or _expert_count(bins[b], fill[b], item_expert, y, -1) >= max_per_bin:
+                    continue
+                peak = max(total[b] + weight[j], total[c] - weight[j] + weight[i])
+                if peak < best_peak:
+                    best_peak, bb, bc, bq = peak, b, c, q
+    if bb < 0:
+        return False
+    j = bins[bc, bq]
+    bins[bc, bq] = i
+    bins[bb, fill[bb]] = j
+    fill[bb] += 1
+    total[bb] += weight[j]
+    total[bc] += weight[i] - weight[j]
+    return True
 
 
 @njit(cache=True)
 def pack_items(weight: np.ndarray, item_expert: np.ndarray, num_bins: int, capacity: int,
-               max_iters: int) -> np.ndarray:
-    """Pack weighted items into bins of `capacity` items, no two items of one expert in a bin, min-max bin weight.
+               max_iters: int, max_per_bin: int) -> np.ndarray:
+    """Pack weighted items into bins of `capacity` items, at most `max_per_bin` items of one expert in a bin,
+    minimising the heaviest bin.
 
-    weight: [M] float64 item weights; item_expert: [M] int64 expert of each item (replicas share an expert).
-    Returns bin_items [num_bins, capacity] int64 (item index, -1 = empty).
-    Longest-processing-time first (heaviest item into the lightest bin with room), then local search: move or swap
-    an item of the heaviest bin with an item of another bin whenever that lowers the larger of the two bins.
+    weight: [M] float64 item weights; item_expert: [M] int64 expert of each item (replicas share an expert); the
+    caller guarantees M <= num_bins x capacity and at most max_per_bin x num_bins items per expert, which always
+    admits a legal packing. Returns bin_items [num_bins, capacity] int64 (item index, -1 = empty).
+    Longest-processing-time first (heaviest item into the lightest bin with room that may take its expert; when
+    none may, an exchange with a full bin makes room, see _place_by_exchange), then local search: move or swap an
+    item of the heaviest bin with an item of another bin whenever that lowers the larger of the two bins.
     """
     m = weight.shape[0]
     bins = -np.ones((num_bins, capacity), dtype=np.int64)
@@ -169,10 +212,12 @@ def pack_items(weight: np.ndarray, item_expert: np.ndarray, num_bins: int, capac
         best = -1
         for b in range(num_bins):
             lighter = fill[b] < capacity and (best < 0 or total[b] < total[best])
-            if lighter and not _has_expert(bins[b], fill[b], item_expert, item_expert[i]):
+            if lighter and _expert_count(bins[b], fill[b], item_expert, item_expert[i], -1) < max_per_bin:
                 best = b
-        if best < 0:  # only possible when an expert has more replicas than bins: caller prevents it
-            for b in range(num_bins):
+        if best < 0:
+            if _place_by_exchange(bins, fill, total, weight, item_expert, i, max_per_bin):
+                continue
+            for b in range(num_bins):  # replica limit broken by the caller: keep every item placed regardless
                 if fill[b] < capacity and (best < 0 or total[b] < total[best]):
                     best = b
         bins[best, fill[best]] = i
@@ -190,6 +235,7 @@ def pack_items(weight: np.ndarray, item_expert: np.ndarray, num_bins: int, capac
         for p in range(fill[a]):
             i = bins[a, p]
             wi = weight[i]
+            ei = item_expert[i]
             for b in range(num_bins):
                 if b == a:
                     continue
@@ -197,7 +243,7 @@ def pack_items(weight: np.ndarray, item_expert: np.ndarray, num_bins: int, capac
                 if lb + wi >= best_peak and lb >= best_peak:
                     continue
                 # move into a free slot
-                if fill[b] < capacity and not _has_expert(bins[b], fill[b], item_expert, item_expert[i]):
+                if fill[b] < capacity and _expert_count(bins[b], fill[b], item_expert, ei, -1) < max_per_bin:
                     peak = max(la - wi, lb + wi)
                     if peak < best_peak:
                         best_peak, bi, bb, bq = peak, p, b, -1
@@ -209,17 +255,10 @@ def pack_items(weight: np.ndarray, item_expert: np.ndarray, num_bins: int, capac
                     peak = max(la - wi + wj, lb + wi - wj)
                     if peak >= best_peak:
                         continue
-                    ei, ej = item_expert[i], item_expert[j]
-                    if ei != ej:
-                        dup = False
-                        for r in range(fill[b]):
-                            if r != q and item_expert[bins[b, r]] == ei:
-                                dup = True
-                        for r in range(fill[a]):
-                            if r != p and item_expert[bins[a, r]] == ej:
-                                dup = True
-                        if dup:
-                            continue
+                    ej = item_expert[j]
+                    if ei != ej and (_expert_count(bins[b], fill[b], item_expert, ei, q) >= max_per_bin
+                                     or _expert_count(bins[a], fill[a], item_expert, ej, p) >= max_per_bin):
+                        continue
                     best_peak, bi, bb, bq = peak, p, b, q
         if bi < 0:
             break
@@ -274,8 +313,8 @@ def _best_replicated_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, 
             per[s] = -load[cand[s]] / counts[cand[s]] if cand[s] >= 0 else 0.0
         for s in np.argsort(per):
             gain = cand[s]
-            if gain < 0 or counts[gain] >= num_gpus:
-                continue
+            if gain < 0 or counts[gain] >= num_gpus or load[gain] <= 0.0:
+                continue  # a replica of an expert nobody chose cannot lower any GPU's load
             # donor: the expert with >1 replica whose load per replica after losing one is smallest
             donor, donor_val = -1, np.inf
             for e in range(e_count):
@@ -311,7 +350,7 @@ def _pack_counts(load: np.ndarray, counts: np.ndarray, num_gpus: int, slots_per_
             item_expert[k] = e
             weight[k] = load[e] / counts[e]
             k += 1
-    bins = pack_items(weight, item_expert, num_gpus, slots_per_gpu, max_iters)
+    bins = pack_items(weight, item_expert, num_gpus, slots_per_gpu, max_iters, 1)
     out = -np.ones((num_gpus, slots_per_gpu), dtype=np.int64)
     for g in range(num_gpus):
         for s in range(slots_per_gpu):
@@ -475,7 +514,7 @@ def balanced(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant_e
     out = np.empty((layers, num_gpus, s), dtype=np.int32)
     item_expert = np.arange(experts, dtype=np.int64)
     for layer in range(layers):
-        bins = pack_items(load[layer].astype(np.float64), item_expert, num_gpus, s, 64 * experts)
+        bins = pack_items(load[layer].astype(np.float64), item_expert, num_gpus, s, 64 * experts, 1)
         out[layer] = bins
     return out
 
@@ -524,12 +563,12 @@ def replicated_hierarchical(load: np.ndarray, *, num_gpus: int, gpus_per_node: i
         counts = replica_counts_minmax(lw, num_gpus * s, num_gpus)
         item_expert = np.repeat(np.arange(experts, dtype=np.int64), counts)
         weight = lw[item_expert] / counts[item_expert]
-        # Nodes may hold two replicas of an expert (on different GPUs): allow it at node level by packing items as
-        # distinct "experts" there, then enforce the per-GPU rule inside the node.
-        node_bins = pack_items(weight, np.arange(item_expert.size, dtype=np.int64), nodes, gpn * s, 16 * num_gpus * s)
+        # A node may hold several replicas of an expert, one per GPU at most: up to gpn per node, then the per-GPU
+        # rule inside each node.
+        node_bins = pack_items(weight, item_expert, nodes, gpn * s, 16 * num_gpus * s, gpn)
         for n in range(nodes):
             items = node_bins[n]
-            gpu_bins = pack_items(weight[items], item_expert[items], gpn, s, 16 * gpn * s)
+            gpu_bins = pack_items(weight[items], item_expert[items], gpn, s, 16 * gpn * s, 1)
             for g in range(gpn):
                 out[layer, n * gpn + g] = item_expert[items[gpu_bins[g]]]
     return out
