@@ -215,6 +215,13 @@ def to_markdown(r: dict[str, Any]) -> str:
             f"[{iqr['moe-trace'][0]:+.1f}%, {iqr['moe-trace'][1]:+.1f}%] | {tps['naive']:,.0f} | "
             f"{slow['naive']:+.2f}% |"
         )
+    if all(m in r["regimes"]["decode"]["slowdown_paired_pct"] for m in DIAGNOSTIC_MODES):
+        parts = []
+        for name, g in r["regimes"].items():
+            sl = g["slowdown_paired_pct"]
+            parts.append(f"{name}: hooks only {sl['hooks-only']:+.2f}%, hooks + end_pass {sl['capture-only']:+.2f}%, "
+                         f"+ writer thread {sl['moe-trace']:+.2f}%")
+        lines += ["", "Where the overhead goes (`--diagnose`, paired medians): " + "; ".join(parts) + "."]
     lines += [
         "",
         "moe-trace = router hooks keeping references, one stack per field into one preallocated device byte buffer, "
