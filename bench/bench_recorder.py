@@ -73,11 +73,15 @@ def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, t
     sink = TraceSink(writer, with_token_ids=True, id_dtype=meta.id_dtype, weights_dtype=np.dtype("float16"))
     step = [0]
 
+    end_pass_seconds: list[float] = []
+
     def recorded() -> None:
         capture.attach()
         with torch.inference_mode():
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            start = time.perf_counter()
             host = capture.end_pass(PassTokens(seq_ids, position, ids, valid, 0, step[0]))
+            end_pass_seconds.append(time.perf_counter() - start)
         capture.remove()
         sink.submit([host], batch)
         step[0] += 1
@@ -120,6 +124,7 @@ def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, t
         # the per-repeat ratios.
         for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
             times[mode].append(_timed(fns[mode], passes, device))
+    recording_seconds = sum(times["moe-trace"])
     sink.close()
     writer.close(True)
     capture.remove()
@@ -136,6 +141,9 @@ def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, t
         "tokens_per_s": {m: tokens / med[m] for m in modes},
         "slowdown_pct": {m: 100.0 * (med[m] / med["baseline"] - 1.0) for m in modes if m != "baseline"},
         "trace_tokens_written": sink.tokens_written,
+        "end_pass_host_us": 1e6 * statistics.median(end_pass_seconds),
+        "pass_ms": 1e3 * med["baseline"] / passes,
+        "writer_busy_ms_per_s": 1e3 * sink.busy_seconds / max(recording_seconds, 1e-9),
     }
 
 
@@ -222,6 +230,11 @@ def to_markdown(r: dict[str, Any]) -> str:
             parts.append(f"{name}: hooks only {sl['hooks-only']:+.2f}%, hooks + end_pass {sl['capture-only']:+.2f}%, "
                          f"+ writer thread {sl['moe-trace']:+.2f}%")
         lines += ["", "Where the overhead goes (`--diagnose`, paired medians): " + "; ".join(parts) + "."]
+    if "end_pass_host_us" in r["regimes"]["decode"]:
+        host = [f"{name}: a pass takes {g['pass_ms']:.1f} ms, `end_pass` {g['end_pass_host_us']:.0f} us of host "
+                f"time, the writer thread uses {g['writer_busy_ms_per_s']:.1f} ms of CPU per second"
+                for name, g in r["regimes"].items()]
+        lines += ["", "Host time (medians): " + "; ".join(host) + "."]
     lines += [
         "",
         "moe-trace = router hooks keeping references, one stack per field into one preallocated device byte buffer, "

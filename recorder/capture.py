@@ -204,13 +204,14 @@ class RoutingCapture:
             size = max(total, 2 * (buf.numel() if buf is not None and buf.device == device else 0))
             buf = self._device_bytes = torch.empty(size, dtype=torch.uint8, device=device)
             self._views.clear()
+        # 2-D views [L * T, X] (tokens: [3 * B, S]), so one torch.cat of the per-layer [T, X] tensors fills them.
         views = {name: buf[off: off + int(np.prod(shape)) * torch.empty((), dtype=dt).element_size()]
-                 .view(dt).view(shape) for name, (off, dt, shape) in packing.items()}
+                 .view(dt).view(shape[0] * shape[1], shape[2]) for name, (off, dt, shape) in packing.items()}
         self._views[key] = (packing, total, views)
         return self._views[key]
 
     def end_pass(self, tokens: PassTokens) -> HostPass:
-        """Start moving the pass just run to the host: a few kernels and one copy; never waits for the device."""
+        """Start moving the pass just run to the host: three or four kernels and one copy; never waits."""
         pending = self._pending
         if any(p is None for p in pending):
             missing = [self.layout.sites[i].name for i, p in enumerate(pending) if p is None]
@@ -230,12 +231,12 @@ class RoutingCapture:
                        tokens.valid]
         if on_cuda:
             token_parts = [x if x.device == device else x.to(device, non_blocking=True) for x in token_parts]
-        torch.stack(token_parts, out=views["tokens"])
-        torch.stack(ids, out=views["ids"])
+        torch.cat(token_parts, out=views["tokens"])
+        torch.cat(ids, out=views["ids"])
         if self.save_weights:
-            torch.stack(weights, out=views["weights"])
+            torch.cat(weights, out=views["weights"])
         if self.save_logits:
-            torch.stack(firsts, out=views["logits"])
+            torch.cat(firsts, out=views["logits"])
         assert self._device_bytes is not None
         event = None
         if on_cuda:
@@ -296,6 +297,7 @@ class TraceSink:
         self.chunks: list[TraceChunk] = []
         self.tokens_written = 0
         self.batches_written = 0
+        self.busy_seconds = 0.0  # CPU time of the writer thread (mostly holding the GIL)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._in_flight = 0
         self._cond = threading.Condition()
@@ -322,6 +324,7 @@ class TraceSink:
         stop = False
         while not stop:
             time.sleep(self.poll_seconds)
+            woke = time.thread_time()  # CPU time of this thread: excludes waiting for the GIL
             urgent = False
             while True:
                 try:
@@ -354,6 +357,7 @@ class TraceSink:
                         self._cond.notify_all()
             due = urgent or pending_bytes >= self.flush_bytes or time.monotonic() - last_flush >= self.flush_seconds
             if not (due and pending):
+                self.busy_seconds += time.thread_time() - woke
                 continue
             try:
                 if self._error is None:
@@ -364,6 +368,7 @@ class TraceSink:
                 last_flush = time.monotonic()
                 pending = []
                 pending_bytes = pending_batches = pending_sequences = 0
+                self.busy_seconds += time.thread_time() - woke
 
     def _write(self, parts: list[TraceChunk], batches: int, sequences: int) -> None:
         chunk = TraceChunk.concat(parts)
