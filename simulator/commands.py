@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import click
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from simulator import units
 from simulator.cost_model import DEFAULT_CONTEXT_TOKENS, DEFAULT_HBM_RESERVE
 from simulator.hardware import load_hardware, parse_hardware_list
 from simulator.plan import PlanConfig, PlanResult
@@ -49,65 +52,80 @@ def _progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[int], N
 
 
 def _console() -> Console:
-    """Wide enough for the comparison table when stdout is a pipe or a file."""
+    """The terminal's width; 120 columns when stdout is a pipe or a file and COLUMNS is not set."""
     console = Console()
-    return console if console.is_terminal else Console(width=200)
+    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+        return console
+    return Console(width=120)
 
 
-def _bytes(x: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f} {unit}"
-    return f"{x:.0f} B"
+def _table(title: str, columns: list[tuple[str, str]], caption: str | None = None) -> Table:
+    """A compact table: (header, justify) columns, no outer edge, one space of padding."""
+    table = Table(title=title, title_style="bold", caption=caption, caption_justify="left", box=box.SIMPLE_HEAD,
+                  show_edge=False, padding=(0, 1))
+    for header, justify in columns:
+        table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    return table
 
 
-def _time(seconds: float) -> str:
-    if seconds != seconds:  # NaN
-        return "-"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.3g} ms"
-    return f"{seconds * 1e6:.3g} us"
+def _dropped(count: int, fraction: float) -> str:
+    return "0" if count == 0 else f"{units.si(count)} ({units.share(fraction)})"
 
 
 def replay_table(result: ReplayResult) -> Table:
+    """Headline comparison, one row per placement (fits 120 columns); time split in `breakdown_table`."""
     cfg = result.config
     hw = cfg["hardware"]["name"]
     title = (f"{cfg['num_gpus']} x {hw} ({cfg['gpus_per_node']} per node), phase {cfg['phase']}, "
              f"fitted on {result.fit_tokens:,} tokens, scored on {result.placements[0].tokens:,}")
-    table = Table(title=title, title_style="bold")
-    for col in ("placement", "imbalance", "step imb. p50/p95/p99", "leave GPU", "leave node", "all-to-all/step",
-                "MoE time/step", "compute|weights|dispatch|combine", "tokens/s/GPU", "experts/GPU (HBM)",
-                "dropped"):
-        table.add_column(col, justify="left" if col == "placement" else "right")
+    caption = ("imbalance: max/mean GPU load summed over layers; step p95: 95th percentile of per-step imbalance; "
+               "leave: share of assignments sent off the token's GPU / node; MoE time: mean predicted time per "
+               "step of the MoE layers; memory: expert weights per GPU (share of HBM)")
+    table = _table(title, [("placement", "left"), ("imbalance", "right"), ("step\np95", "right"),
+                           ("leave\nGPU", "right"), ("leave\nnode", "right"), ("all-to-all\n/step", "right"),
+                           ("MoE time\n/step", "right"), ("tokens/s\n/GPU", "right"),
+                           ("memory/GPU\n(of HBM)", "right"), ("dropped", "right")], caption)
     for s in result.placements:
         t = s.timings[0]
-        si = s.step_imbalance
-        b = t.breakdown
         table.add_row(
-            s.label, f"{s.imbalance:.3f}", f"{si['p50']:.2f}/{si['p95']:.2f}/{si['p99']:.2f}",
-            f"{s.leave_gpu_share:.1%}", f"{s.leave_node_share:.1%}", _bytes(s.all_to_all_bytes_per_step),
-            _time(t.step_time["mean"]),
-            "|".join(_time(b[k]) for k in ("compute", "weights", "dispatch", "combine")),
-            f"{t.tokens_per_s_per_gpu:,.0f}",
-            f"{_bytes(t.expert_memory_bytes)} ({t.expert_memory_share:.1%})"
+            s.label, units.sig(s.imbalance), units.sig(s.step_imbalance["p95"]),
+            units.share(s.leave_gpu_share), units.share(s.leave_node_share),
+            units.nbytes(s.all_to_all_bytes_per_step), units.seconds(t.step_time["mean"]),
+            units.si(t.tokens_per_s_per_gpu),
+            f"{units.nbytes(t.expert_memory_bytes)} ({units.share(t.expert_memory_share)})"
             + ("" if t.expert_memory_fits else " [red]over[/red]"),
-            f"{s.dropped_assignments:,} ({s.dropped_share:.2%})",
+            _dropped(s.dropped_assignments, s.dropped_share),
         )
     return table
 
 
-def per_layer_table(result: ReplayResult) -> Table:
-    table = Table(title="Per layer: imbalance, leave-node share, MoE time per step", title_style="bold")
-    table.add_column("layer", justify="right")
+def breakdown_table(result: ReplayResult) -> Table:
+    """Mean MoE time per step split into its parts, the step-time percentiles and per-step imbalance spread."""
+    hw = result.config["hardware"]["name"]
+    table = _table(f"MoE time per step on {hw}: mean split, then percentiles",
+                   [("placement", "left"), ("compute", "right"), ("weights", "right"), ("dispatch", "right"),
+                    ("combine", "right"), ("p50", "right"), ("p95", "right"), ("p99", "right"),
+                    ("step imbalance\np50/p99", "right")])
     for s in result.placements:
-        table.add_column(s.label, justify="right")
+        t = s.timings[0]
+        b, q = t.breakdown, t.step_time
+        table.add_row(s.label, *(units.seconds(b[k]) for k in ("compute", "weights", "dispatch", "combine")),
+                      *(units.seconds(q[k]) for k in ("p50", "p95", "p99")),
+                      f"{units.sig(s.step_imbalance['p50'])}/{units.sig(s.step_imbalance['p99'])}")
+    return table
+
+
+def per_layer_table(result: ReplayResult) -> Table:
+    table = _table("Per layer: imbalance | leave-node share | MoE time per step",
+                   [("layer", "right"), *((s.label, "right") for s in result.placements)])
     layers = len(result.placements[0].per_layer)
     for layer in range(layers):
         cells = []
         for s in result.placements:
             row = s.per_layer[layer]
             time = sum(s.timings[0].per_layer[layer].values())
-            cells.append(f"{row['imbalance']:.2f} | {row['leave_node_share']:.0%} | {_time(time)}")
+            cells.append(f"{units.sig(row['imbalance'])} | {units.share(row['leave_node_share'])} | "
+                         f"{units.seconds(time)}")
         table.add_row(str(layer), *cells)
     return table
 
@@ -161,11 +179,12 @@ def replay_cmd(trace: tuple[str, ...], gpus: int, gpus_per_node: int, hardware: 
         return
     console = _console()
     console.print(replay_table(result))
+    console.print(breakdown_table(result))
     if per_layer:
         console.print(per_layer_table(result))
     best = min(result.placements, key=lambda s: s.timings[0].step_time["mean"])
-    console.print(f"Fastest: [bold]{best.label}[/bold] at {_time(best.timings[0].step_time['mean'])} MoE time per "
-                  f"step, imbalance {best.imbalance:.3f}.")
+    console.print(f"Fastest: [bold]{best.label}[/bold] at {units.seconds(best.timings[0].step_time['mean'])} MoE "
+                  f"time per step, imbalance {units.sig(best.imbalance)}.")
 
 
 replay_cmd.name = "replay"
@@ -173,17 +192,18 @@ replay = replay_cmd  # (cli.py looks the command up as simulator.commands:replay
 
 
 def plan_table(result: PlanResult, rows: list, title: str) -> Table:
-    table = Table(title=title, title_style="bold")
-    for col in ("hardware", "GPUs", "placement", "tokens/step", "step ms (p95)", "tokens/s", "tokens/s/GPU",
-                "imbalance", "memory/GPU", "fits", "meets"):
-        table.add_column(col, justify="left" if col in ("hardware", "placement") else "right")
+    """One row per candidate layout (fits 120 columns); whole-model step times."""
+    table = _table(title, [("GPUs", "left"), ("placement", "left"),
+                           ("tokens\n/step", "right"), ("step\nmean", "right"), ("step\np95", "right"),
+                           ("tokens/s", "right"), ("tokens/s\n/GPU", "right"), ("imbalance", "right"),
+                           ("memory\n/GPU", "right"), ("fits", "right"), ("meets", "right")])
     for c in rows:
         table.add_row(
-            c.hardware, str(c.num_gpus), c.placement,
-            "recorded" if c.tokens_per_step == 0 else str(c.tokens_per_step),
-            f"{c.step_ms:.3g} ({c.step_ms_p95:.3g})", f"{c.tokens_per_s:,.0f}", f"{c.tokens_per_s_per_gpu:,.0f}",
-            f"{c.imbalance:.3f}", _bytes(c.memory_per_gpu_bytes), "yes" if c.fits_memory else "no",
-            "[green]yes[/green]" if c.meets_target else "no",
+            f"{c.num_gpus} x {c.hardware}", c.placement,
+            "recorded" if c.tokens_per_step == 0 else units.si(c.tokens_per_step),
+            units.seconds(c.step_ms / 1e3), units.seconds(c.step_ms_p95 / 1e3), units.si(c.tokens_per_s),
+            units.si(c.tokens_per_s_per_gpu), units.sig(c.imbalance), units.nbytes(c.memory_per_gpu_bytes),
+            "yes" if c.fits_memory else "[red]no[/red]", "[green]yes[/green]" if c.meets_target else "no",
         )
     return table
 
@@ -243,8 +263,11 @@ def plan_cmd(trace: tuple[str, ...], target_tokens_per_s: float, hardware: str, 
         rows.append(result.recommendation)
     title = f"{'All grid points' if show_all else 'Frontier'} ({len(result.candidates)} candidates)"
     console.print(plan_table(result, rows, title))
-    for line in result.skipped:
-        console.print(f"[dim]skipped: {line}[/dim]")
+    if result.skipped:  # one short line: which points, and the first reason (--json has every reason)
+        points = [line.split(": ", 1)[0] for line in result.skipped]
+        first = result.skipped[0].split(": ", 1)[-1]
+        console.print(f"[dim]skipped {len(points)} grid point(s) that cannot be built: {', '.join(points)} "
+                      f"(first: {first})[/dim]")
     head = "Recommendation" if result.recommendation else "No recommendation"
     console.print(f"[bold]{head}[/bold]")
     for reason in result.reasons:

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from test_sim_fixtures import random_trace
 
+from simulator import units
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def moe_sim(*args: str) -> subprocess.CompletedProcess:
+def moe_sim(*args: str, columns: int | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("COLUMNS", None)
+    if columns is not None:
+        env["COLUMNS"] = str(columns)
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
+                          timeout=300, env=env)
 
 
 def test_replay_table_and_json(tmp_path):
@@ -27,7 +34,37 @@ def test_replay_table_and_json(tmp_path):
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert [p["label"] for p in data["placements"]] == ["balanced", "replicated+4"]
-    assert data["placements"][0]["timings"][0]["hardware"] == "h100"
+    timing = data["placements"][0]["timings"][0]
+    assert timing["hardware"] == "h100"
+    # --json stays complete: the breakdown, percentiles and per-layer rows the tables leave out
+    assert set(timing["breakdown"]) == {"compute", "weights", "dispatch", "combine"}
+    assert {"p50", "p95", "p99", "mean"} <= set(data["placements"][0]["step_imbalance"])
+    assert len(data["placements"][0]["per_layer"]) == len(timing["per_layer"]) == 3  # random_trace: 3 layers
+
+
+def test_replay_table_fits_120_columns(tmp_path):
+    path = random_trace(tmp_path / "t.h5", tokens=1500, experts=16)
+    for columns in (None, 120):  # a pipe without COLUMNS also gets 120
+        out = moe_sim("replay", str(path), "--gpus", "4", "--gpus-per-node", "2", "--quiet", columns=columns)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert max(len(line) for line in lines) <= 120, out.stdout
+        assert not any("\u2026" in line for line in lines), out.stdout  # no header or cell cut short with an ellipsis
+    data = json.loads(moe_sim("replay", str(path), "--gpus", "4", "--gpus-per-node", "2", "--json").stdout)
+    # one line per placement in each table; its cells are the JSON numbers through the shared formatter
+    rows = [line.split() for line in lines if line.split() and line.split()[0] == "replicated+4"]
+    assert len(rows) == 2
+    summary = data["placements"][3]
+    headline, breakdown = rows
+    assert headline[1:5] == [units.sig(summary["imbalance"]), units.sig(summary["step_imbalance"]["p95"]),
+                             units.share(summary["leave_gpu_share"]), units.share(summary["leave_node_share"])]
+    compute = summary["timings"][0]["breakdown"]["compute"]
+    assert " ".join(breakdown[1:3]) == units.seconds(compute)
+    out = moe_sim("plan", str(path), "--target-tokens-per-s", "1e3", "--gpus", "2,4", "--gpus-per-node", "2",
+                  "--hardware", "h100,b200", "--redundant-experts", "0,4", "--all", "--quiet", columns=120)
+    assert out.returncode == 0, out.stderr
+    assert max(len(line) for line in out.stdout.splitlines()) <= 120, out.stdout
+    assert "\u2026" not in out.stdout
 
 
 def test_replay_bad_inputs(tmp_path):
