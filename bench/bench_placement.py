@@ -64,6 +64,24 @@ def zipf_loads(layers: int, experts: int, seed: int = 0) -> np.ndarray:
     return np.round(out / out.sum(axis=1, keepdims=True) * 1e6)
 
 
+def coselection_counts(load: np.ndarray, top_k: int = 8, seed: int = 1) -> np.ndarray:
+    """[L, E, E] co-selection counts for `load`: independent choices (load_e x load_f x (K-1) / (K x total)), plus
+    clusters of K experts chosen together twice as often, as the synthetic traces make them."""
+    rng = np.random.default_rng(seed)
+    layers, experts = load.shape
+    out = np.empty((layers, experts, experts))
+    for layer in range(layers):
+        w = load[layer]
+        base = np.outer(w, w) * (top_k - 1) / (top_k * w.sum())
+        cluster = rng.permutation(experts) // top_k
+        out[layer] = np.round(base * (1.0 + (cluster[:, None] == cluster[None, :])))
+        np.fill_diagonal(out[layer], 0)
+    return out
+
+
+DEFAULT_POLICIES = ("contiguous", "round-robin", "balanced", "replicated", "coactivation")  # moe-sim replay's
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-write", action="store_true")
@@ -82,6 +100,22 @@ def main() -> None:
         p = fit_placement(policy, load, num_gpus=gpus, gpus_per_node=gpn, redundant_experts=redundant)
         b = slots_imbalance(p.slots, load)
         rows.append(f"| `{policy}` | {t * 1e3:.0f} | {b:.4f} | {t_greedy / t:.1f}x |")
+    cosel = coselection_counts(load)
+    fit_placement("coactivation", load[:1], num_gpus=gpus, gpus_per_node=gpn, redundant_experts=redundant,
+                  coselection=cosel[:1])  # compile
+    t = median_time(lambda: fit_placement("coactivation", load, num_gpus=gpus, gpus_per_node=gpn,
+                                          redundant_experts=redundant, coselection=cosel), repeats=3)
+    b = slots_imbalance(fit_placement("coactivation", load, num_gpus=gpus, gpus_per_node=gpn,
+                                      redundant_experts=redundant, coselection=cosel).slots, load)
+    rows.append(f"| `coactivation` (load cap 5% over the mean) | {t * 1e3:.0f} | {b:.4f} | |")
+
+    def fit_defaults() -> None:
+        for policy in DEFAULT_POLICIES:
+            fit_placement(policy, load, num_gpus=gpus, gpus_per_node=gpn, redundant_experts=redundant,
+                          coselection=cosel)
+
+    t_all = median_time(fit_defaults, repeats=3)
+    rows.append(f"| all of `moe-sim replay`'s default placements | {t_all * 1e3:.0f} | | |")
     olmoe = []
     if COUNTS.exists():
         data = json.loads(COUNTS.read_text())["domains"]

@@ -378,74 +378,73 @@ def _coactivation_layer(slots: np.ndarray, load: np.ndarray, cosel: np.ndarray, 
     """Swap slots between GPUs to raise co-selected pairs sharing a GPU (weight 1) or a node (node_weight).
 
     slots: [G, S] expert ids (-1 empty); load: [E]; cosel: [E, E] tokens choosing both experts (diagonal ignored).
-    A swap is kept only if both GPUs stay at or under `cap` load and no GPU holds an expert twice.
+    Each pass applies the single best swap; a swap is allowed only if both GPUs stay at or under `cap` load and no
+    GPU holds an expert twice. A pair's weight is cosel[e, f] / (replicas of e x replicas of f).
+
+    Kept incrementally so that a swap is scored in O(1) instead of by rescanning the GPU and node:
+    on_gpu [E, G]: summed pair weight of e with the experts on GPU g; on_node [E, N]: the same over node n's GPUs;
+    held [G, E]: 1 where GPU g holds e. A swap then updates two columns of each in O(E).
     """
     g_count, s_count = slots.shape
+    e_count = load.shape[0]
     out = slots.copy()
-    counts = np.zeros(load.shape[0])
+    counts = np.zeros(e_count)
     for g in range(g_count):
         for s in range(s_count):
             if out[g, s] >= 0:
                 counts[out[g, s]] += 1
-    per = np.zeros(load.shape[0])
-    for e in range(load.shape[0]):
+    per = np.zeros(e_count)
+    for e in range(e_count):
         if counts[e] > 0:
             per[e] = load[e] / counts[e]
+    pair = np.zeros((e_count, e_count))  # pair weight, 0 on the diagonal and for unplaced experts
+    for e in range(e_count):
+        for f in range(e_count):
+            if e != f and counts[e] > 0 and counts[f] > 0:
+                pair[e, f] = cosel[e, f] / (counts[e] * counts[f])
+    n_count = max(1, g_count // gpus_per_node)
+    # one node: every pair shares it, so the node term cannot change and is left out
+    node_w = node_weight if g_count > gpus_per_node else 0.0
     gpu_load = np.zeros(g_count)
+    held = np.zeros((g_count, e_count), dtype=np.int64)
+    on_gpu = np.zeros((e_count, g_count))
+    on_node = np.zeros((e_count, n_count))
     for g in range(g_count):
         for s in range(s_count):
-            if out[g, s] >= 0:
-                gpu_load[g] += per[out[g, s]]
-    multi_node = g_count > gpus_per_node
-
-    def affinity(e: int, g: int, skip_g: int, skip_s: int) -> float:
-        # pairs e would form on GPU g (and its node), leaving out slot (skip_g, skip_s)
-        total = 0.0
-        node = g // gpus_per_node
-        for h in range(g_count):
-            same_node = h // gpus_per_node == node
-            if h != g and not (multi_node and same_node):
+            f = out[g, s]
+            if f < 0:
                 continue
-            for s in range(s_count):
-                if h == skip_g and s == skip_s:
-                    continue
-                f = out[h, s]
-                if f < 0 or f == e:
-                    continue
-                c = cosel[e, f] / (counts[e] * counts[f])
-                if h == g:
-                    total += c
-                if multi_node and same_node:
-                    total += node_weight * c
-        return total
+            gpu_load[g] += per[f]
+            held[g, f] = 1
+            for e in range(e_count):
+                on_gpu[e, g] += pair[e, f]
+                on_node[e, g // gpus_per_node] += pair[e, f]
 
     for _ in range(max_passes):
         best, bg1, bs1, bg2, bs2 = 1e-12, -1, -1, -1, -1
         for g1 in range(g_count):
+            n1 = g1 // gpus_per_node
             for s1 in range(s_count):
                 e1 = out[g1, s1]
                 if e1 < 0:
                     continue
-                here1 = affinity(e1, g1, g1, s1)
+                here1 = on_gpu[e1, g1] + node_w * on_node[e1, n1]
                 for g2 in range(g1 + 1, g_count):
+                    if held[g2, e1]:
+                        continue
+                    n2 = g2 // gpus_per_node
+                    split = 1.0 + (node_w if n1 != n2 else 0.0)  # the pair itself stops sharing GPU (and node)
+                    there1 = on_gpu[e1, g2] + node_w * on_node[e1, n2]
                     for s2 in range(s_count):
                         e2 = out[g2, s2]
-                        if e2 < 0 or e2 == e1:
+                        if e2 < 0 or e2 == e1 or held[g1, e2]:
                             continue
                         l1 = gpu_load[g1] - per[e1] + per[e2]
                         l2 = gpu_load[g2] - per[e2] + per[e1]
                         if l1 > cap or l2 > cap:
                             continue
-                        dup = False
-                        for s in range(s_count):
-                            if (s != s2 and out[g2, s] == e1) or (s != s1 and out[g1, s] == e2):
-                                dup = True
-                        if dup:
-                            continue
-                        before = here1 + affinity(e2, g2, g2, s2)
-                        out[g1, s1], out[g2, s2] = e2, e1
-                        after = affinity(e1, g2, -1, -1) + affinity(e2, g1, -1, -1)
-                        out[g1, s1], out[g2, s2] = e1, e2
+                        before = here1 + on_gpu[e2, g2] + node_w * on_node[e2, n2]
+                        after = there1 + on_gpu[e2, g1] + node_w * on_node[e2, n1] - split * (pair[e1, e2] + pair[e2, e1])
                         if after - before > best:
                             best, bg1, bs1, bg2, bs2 = after - before, g1, s1, g2, s2
         if bg1 < 0:
@@ -454,6 +453,15 @@ def _coactivation_layer(slots: np.ndarray, load: np.ndarray, cosel: np.ndarray, 
         out[bg1, bs1], out[bg2, bs2] = e2, e1
         gpu_load[bg1] += per[e2] - per[e1]
         gpu_load[bg2] += per[e1] - per[e2]
+        held[bg1, e1], held[bg1, e2], held[bg2, e2], held[bg2, e1] = 0, 1, 0, 1
+        n1, n2 = bg1 // gpus_per_node, bg2 // gpus_per_node
+        for e in range(e_count):
+            d = pair[e, e2] - pair[e, e1]  # GPU 1 traded e1 for e2, GPU 2 the reverse
+            on_gpu[e, bg1] += d
+            on_gpu[e, bg2] -= d
+            if n1 != n2:
+                on_node[e, n1] += d
+                on_node[e, n2] -= d
     return out
 
 
