@@ -498,7 +498,9 @@ class RebalanceConfig:
 
         The first fit goes through placement.fit_placement, which validates the layout and the slots; refits call the
         policy's pure function from the POLICIES registry directly, skipping the per-fit validation of the Placement
-        object (a Python loop per layer and GPU that would otherwise dominate a replay with thousands of refits).
+        object (a Python loop per layer and GPU that would otherwise dominate a replay with thousands of refits). That
+        is safe because every policy gives legal slots on any load, sparse or all-zero windows included (property
+        test in tests/test_sim_placement.py).
         """
         from simulator.placement import NEEDS_COSELECTION, POLICIES, USES_REDUNDANCY, fit_placement
 

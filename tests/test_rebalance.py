@@ -206,3 +206,28 @@ def test_count_steps_matches_stream(tmp_path):
             want = len(list(iter_step_loads(trace, chunk_tokens=64, **kwargs)))
             assert count_steps(trace, chunk_tokens=33, **kwargs) == want, kwargs
         assert count_steps(trace) == 50
+
+
+@pytest.mark.parametrize("policy", ["replicated", "replicated-hier"])
+def test_refits_on_sparse_windows_give_valid_placements(policy):
+    # Refits skip Placement's validation, so they rely on every policy giving legal slots; a short window often
+    # sees only a few experts (once: "GPU 5 holds the same expert twice" from replicated on such a load).
+    from simulator.placement import check_slots
+
+    config = RebalanceConfig(every=(1,), window=1, policy=policy, num_gpus=8, gpus_per_node=4,
+                             redundant_experts=16)
+    fit = config.fit_function(64)
+    rng = np.random.default_rng(5)
+    loads = [np.zeros((3, 64))]
+    sparse = np.zeros((3, 64))
+    for e, v in {11: 16, 18: 7, 26: 8, 30: 11, 37: 8, 42: 6, 51: 9, 52: 5, 56: 19}.items():
+        sparse[:, e] = v
+    loads.append(sparse)
+    for _ in range(6):
+        load = np.zeros((3, 64))
+        load[:, rng.choice(64, size=5, replace=False)] = rng.integers(1, 40, size=5)
+        loads.append(load)
+    for load in loads:
+        slots = fit(load)
+        check_slots(slots, 64, policy)
+        assert slots.shape == (3, 8, 10)
