@@ -15,6 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +88,10 @@ class HostPass:
         raw = self.data.numpy()[offset: offset + count * np_dtype.itemsize]
         return raw.view(np_dtype).reshape(shape)
 
+    def ready(self) -> bool:
+        """True once the copy to the host has finished (never blocks)."""
+        return self.event is None or bool(self.event.query())
+
     def to_chunk(self, with_token_ids: bool, id_dtype: np.dtype, weights_dtype: np.dtype) -> TraceChunk:
         if self.event is not None:
             self.event.synchronize()
@@ -134,6 +139,7 @@ class RoutingCapture:
         self._pending: list[Any] = [None] * layout.num_layers
         self._device_bytes: torch.Tensor | None = None
         self._views: dict[tuple, tuple[Packing, int, dict[str, torch.Tensor]]] = {}
+        self._staging: dict[tuple, torch.Tensor] = {}  # per-shape concatenation buffers in the router's dtypes
         self._handles: list[Any] = []
         self.attach()
 
@@ -210,6 +216,18 @@ class RoutingCapture:
         self._views[key] = (packing, total, views)
         return self._views[key]
 
+    def _cat_into(self, view: torch.Tensor, parts: list[torch.Tensor]) -> None:
+        dtype = parts[0].dtype
+        if dtype == view.dtype:
+            torch.cat(parts, out=view)
+            return
+        key = (tuple(view.shape), dtype, view.device)
+        stage = self._staging.get(key)
+        if stage is None:
+            stage = self._staging[key] = torch.empty(view.shape, dtype=dtype, device=view.device)
+        torch.cat(parts, out=stage)
+        view.copy_(stage)
+
     def end_pass(self, tokens: PassTokens) -> HostPass:
         """Start moving the pass just run to the host: three or four kernels and one copy; never waits."""
         pending = self._pending
@@ -231,12 +249,14 @@ class RoutingCapture:
                        tokens.valid]
         if on_cuda:
             token_parts = [x if x.device == device else x.to(device, non_blocking=True) for x in token_parts]
+        # torch.cat runs as one kernel only when the output has the inputs' dtype (otherwise one copy per input):
+        # concatenate into a staging buffer of the router's dtype, then convert into the packed view.
         torch.cat(token_parts, out=views["tokens"])
-        torch.cat(ids, out=views["ids"])
+        self._cat_into(views["ids"], ids)
         if self.save_weights:
-            torch.cat(weights, out=views["weights"])
+            self._cat_into(views["weights"], weights)
         if self.save_logits:
-            torch.cat(firsts, out=views["logits"])
+            self._cat_into(views["logits"], firsts)
         assert self._device_bytes is not None
         event = None
         if on_cuda:
@@ -322,22 +342,31 @@ class TraceSink:
         pending_bytes = pending_batches = pending_sequences = 0
         last_flush = time.monotonic()
         stop = False
+        arrived: deque[Any] = deque()
         while not stop:
             time.sleep(self.poll_seconds)
             woke = time.thread_time()  # CPU time of this thread: excludes waiting for the GIL
             urgent = False
             while True:
                 try:
-                    item = self._queue.get_nowait()
+                    arrived.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            closing = any(item is None for item in arrived)
+            while arrived:
+                item = arrived[0]
                 if item is None:
                     stop = urgent = True
+                    arrived.popleft()
                     continue
                 if item is _FLUSH:
                     urgent = True
+                    arrived.popleft()
                     continue
                 passes, sequences = item
+                if not closing and not all(p.ready() for p in passes):
+                    break  # copies still in flight: take them at the next wake-up instead of waiting here
+                arrived.popleft()
                 nbytes = sum(p.nbytes for p in passes)
                 try:
                     if self._error is None:
