@@ -20,7 +20,7 @@ import numpy as np
 from bench.common import machine, median_time, update_section
 from simulator.placement import fit_placement, imbalance
 
-COUNTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "olmoe_expert_counts.json"
+COUNTS = Path(__file__).resolve().parents[1] / "data" / "olmoe_expert_counts.json"
 
 
 def greedy_python(load: list[list[float]], num_gpus: int, redundant: int) -> list[list[list[int]]]:
@@ -140,7 +140,7 @@ def main() -> None:
         "|---|---:|---:|---:|",
         *rows,
         "",
-        "Real OLMoE counts (layers 0, 7, 15; `../shared/data/olmoe_expert_counts.json`): greedy reference vs "
+        "Real OLMoE counts (layers 0, 7, 15; `data/olmoe_expert_counts.json`): greedy reference vs "
         "`replicated`; the target is an excess (max/mean - 1) of at most 0.25 of the greedy's (EPLB's own figures "
         "in anchors.md: arxiv 1.007 at 8+8, 1.083 at 32+32).",
         "",

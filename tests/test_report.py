@@ -159,12 +159,12 @@ def test_write_rules(built, tmp_path):
     assert out.read_bytes().startswith(b"<!DOCTYPE html>") and len(before) > 100_000
     with pytest.raises(InputError, match="unsupported report extension"):
         write_report(report, tmp_path / "r.pdf")
-    with pytest.raises(InputError, match="does not exist"):
-        write_report(report, tmp_path / "missing" / "r.html")
+    write_report(report, tmp_path / "new" / "r.html")  # a missing output directory is created
+    assert (tmp_path / "new" / "r.html").exists()
     (tmp_path / "m_files").mkdir()
     with pytest.raises(InputError, match="m_files: already exists"):
         write_report(report, tmp_path / "m.md")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m_files", "r.html"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m_files", "new", "r.html"]
 
 
 def _moe_sim(*args: str) -> subprocess.CompletedProcess:

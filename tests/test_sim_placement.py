@@ -20,12 +20,10 @@ from simulator.placement import (
 )
 from traces.errors import InputError
 
-COUNTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "olmoe_expert_counts.json"
+COUNTS = Path(__file__).resolve().parents[1] / "data" / "olmoe_expert_counts.json"
 
 
 def olmoe_counts(domain: str) -> np.ndarray:
-    if not COUNTS.exists():
-        pytest.skip("real OLMoE counts not available")
     return np.array(json.loads(COUNTS.read_text())["domains"][domain], dtype=np.float64)  # [3, 64]
 
 

@@ -20,7 +20,7 @@ from traces.synthetic import (
     write_synthetic,
 )
 
-COUNTS = Path("/work/shared/data/olmoe_expert_counts.json")
+COUNTS = Path(__file__).resolve().parents[1] / "data" / "olmoe_expert_counts.json"
 M64 = (1 << 64) - 1
 
 

@@ -116,8 +116,10 @@ def open_writer(
     part = partial_path(path)
     if path.exists() and not force:
         raise InputError(f"{path}: already exists (pass --force to overwrite)")
-    if not path.parent.exists():
-        raise InputError(f"{path}: directory {path.parent} does not exist")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot create directory {path.parent} ({exc.strerror})") from exc
     metadata.status = "partial"
     backend: _Backend
     if resume and part.exists():

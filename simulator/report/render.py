@@ -159,8 +159,10 @@ def markdown_image_dir(path: Path) -> Path:
 def check_output(path: Path, force: bool) -> None:
     """Fail before any work if the report could not be written or would overwrite something without --force."""
     fmt = output_format(path)
-    if not path.parent.exists():
-        raise InputError(f"{path}: directory {path.parent} does not exist")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot create directory {path.parent} ({exc.strerror})") from exc
     targets = [path] + ([markdown_image_dir(path)] if fmt == "markdown" else [])
     for target in targets:
         if target.exists() and not force:
