@@ -1,10 +1,11 @@
 """Capture router outputs with no host synchronisation inside the forward pass.
 
-During a forward pass each router's forward hook only keeps references to its outputs (no kernel, no copy).
-After the pass, `end_pass` concatenates the L layers into preallocated device buffers (one kernel per field, with
-the dtype conversion fused in), starts non-blocking copies into pinned host memory and records a CUDA event. A
-background thread (`TraceSink`) waits for the event, drops padding rows and appends whole batches to the trace;
-a byte budget on the work in flight gives back-pressure, so memory stays bounded.
+During a forward pass each router's forward hook only keeps a reference to its output (no kernel, no copy).
+After the pass, `end_pass` stacks the L layers' ids and weights (and logits) as [T, L, X], the trace's own order,
+plus the token columns, into views of one preallocated device byte buffer (a stack kernel and a converting copy per
+field), starts one non-blocking copy into pinned host memory and records a CUDA event. A background thread
+(`TraceSink`) copies finished passes out of pinned memory, drops padding rows and appends whole batches to the
+trace; a byte budget on the work in flight gives back-pressure, so memory stays bounded.
 
 Shape legend: B batch rows, S tokens per row in this pass, T = B * S rows (padding included), L MoE layers,
 K top-k, E experts.
@@ -66,7 +67,7 @@ class HostPass:
     """One pass's routing and token columns in one host byte buffer (pinned on CUDA).
 
     The copy into it may still be in flight until `event` completes; only the writer thread waits for it.
-    Fields: ids, weights, logits [L, T, X]; tokens [3, B, S] (position, token id, valid).
+    Fields: ids, weights, logits [T, L, X]; tokens [3, B, S] (position, token id, valid).
     """
 
     data: torch.Tensor  # uint8 [nbytes]
@@ -81,42 +82,72 @@ class HostPass:
     def nbytes(self) -> int:
         return int(self.data.numel())
 
-    def field(self, name: str) -> np.ndarray:
-        offset, dtype, shape = self.packing[name]
-        np_dtype = np.dtype(_NP_DTYPES[dtype])
-        count = int(np.prod(shape))
-        raw = self.data.numpy()[offset: offset + count * np_dtype.itemsize]
-        return raw.view(np_dtype).reshape(shape)
-
     def ready(self) -> bool:
         """True once the copy to the host has finished (never blocks)."""
         return self.event is None or bool(self.event.query())
 
-    def to_chunk(self, with_token_ids: bool, id_dtype: np.dtype, weights_dtype: np.dtype) -> TraceChunk:
+    def release(self) -> RawPass:
+        """A plain copy of the bytes, so the pinned buffer goes back to the allocator now (waits for the copy)."""
         if self.event is not None:
             self.event.synchronize()
-        tokens = self.field("tokens")
-        seq_len = tokens.shape[2]
-        rows = np.flatnonzero(tokens[2].reshape(-1))
+        return RawPass(self.data.numpy().copy(), self.packing, self.seq_id, self.has_token_ids, self.phase, self.step)
 
-        def per_layer(name: str, dtype: np.dtype) -> np.ndarray:
-            # [L, T, X] -> [T_valid, L, X]
-            return np.ascontiguousarray(self.field(name)[:, rows].transpose(1, 0, 2)).astype(dtype, copy=False)
+    def field(self, name: str) -> np.ndarray:
+        return self.release().field(name)
 
-        chunk = TraceChunk(
-            seq_id=np.repeat(self.seq_id.astype(np.int32), seq_len)[rows],
-            position=tokens[0].reshape(-1)[rows].astype(np.int32),
-            phase=np.full(rows.size, self.phase, dtype=np.uint8),
-            step=np.full(rows.size, self.step, dtype=np.int32),
-            expert_ids=per_layer("ids", id_dtype),
-        )
-        if with_token_ids and self.has_token_ids:
-            chunk.token_id = tokens[1].reshape(-1)[rows].astype(np.int32)
-        if "weights" in self.packing:
-            chunk.expert_weights = per_layer("weights", weights_dtype)
-        if "logits" in self.packing:
-            chunk.router_logits = per_layer("logits", np.dtype(np.float16))
-        return chunk
+    def to_chunk(self, with_token_ids: bool, id_dtype: np.dtype, weights_dtype: np.dtype) -> TraceChunk:
+        return passes_to_chunk([self.release()], with_token_ids, id_dtype, weights_dtype)
+
+
+@dataclass
+class RawPass:
+    """A HostPass copied out of pinned memory, waiting to be converted with others of its shape."""
+
+    raw: np.ndarray  # uint8 [nbytes]
+    packing: Packing
+    seq_id: np.ndarray
+    has_token_ids: bool
+    phase: int
+    step: int
+
+    def field(self, name: str) -> np.ndarray:
+        """Field `name` as a view of the bytes: tokens [3, B, S]; ids, weights, logits [T, L, X]."""
+        offset, dtype, shape = self.packing[name]
+        np_dtype = np.dtype(_NP_DTYPES[dtype])
+        count = int(np.prod(shape))
+        return self.raw[offset: offset + count * np_dtype.itemsize].view(np_dtype).reshape(shape)
+
+
+def passes_to_chunk(passes: list[RawPass], with_token_ids: bool, id_dtype: np.dtype,
+                    weights_dtype: np.dtype) -> TraceChunk:
+    """Trace rows of consecutive passes, in order, padding dropped."""
+    return TraceChunk.concat([_convert(p, with_token_ids, id_dtype, weights_dtype) for p in passes])
+
+
+def _convert(p: RawPass, with_token_ids: bool, id_dtype: np.dtype, weights_dtype: np.dtype) -> TraceChunk:
+    tokens = p.field("tokens")  # [3, B, S]
+    _, b, s = tokens.shape
+    valid = tokens[2].reshape(-1)
+    rows: slice | np.ndarray = slice(None) if bool(valid.all()) else np.flatnonzero(valid)
+
+    def per_token(name: str, dtype: np.dtype) -> np.ndarray:
+        return p.field(name)[rows].astype(dtype, copy=False)  # [T, L, X] rows, already in trace order
+
+    n = b * s if isinstance(rows, slice) else rows.size
+    chunk = TraceChunk(
+        seq_id=np.repeat(p.seq_id.astype(np.int32), s)[rows],
+        position=tokens[0].reshape(-1)[rows].astype(np.int32),
+        phase=np.full(n, p.phase, dtype=np.uint8),
+        step=np.full(n, p.step, dtype=np.int32),
+        expert_ids=per_token("ids", id_dtype),
+    )
+    if with_token_ids and p.has_token_ids:
+        chunk.token_id = tokens[1].reshape(-1)[rows].astype(np.int32)
+    if "weights" in p.packing:
+        chunk.expert_weights = per_token("weights", weights_dtype)
+    if "logits" in p.packing:
+        chunk.router_logits = per_token("logits", np.dtype(np.float16))
+    return chunk
 
 
 class RoutingCapture:
@@ -197,12 +228,13 @@ class RoutingCapture:
         if cached is not None:
             return cached
         lay = self.layout
+        # Routing fields are laid out [T, L, X], the trace's own order: the transpose happens on the device.
         fields: list[tuple[str, torch.dtype, tuple[int, ...]]] = [("tokens", torch.int64, (3, b, s)),
-                                                                  ("ids", self.id_dtype, (lay.num_layers, t, lay.top_k))]
+                                                                  ("ids", self.id_dtype, (t, lay.num_layers, lay.top_k))]
         if self.save_weights:
-            fields.append(("weights", self.weights_dtype, (lay.num_layers, t, lay.top_k)))
+            fields.append(("weights", self.weights_dtype, (t, lay.num_layers, lay.top_k)))
         if self.save_logits:
-            fields.append(("logits", torch.float16, (lay.num_layers, t, lay.num_experts)))
+            fields.append(("logits", torch.float16, (t, lay.num_layers, lay.num_experts)))
         packing, total = _packing(fields)
         buf = self._device_bytes
         if buf is None or buf.numel() < total or buf.device != device:
@@ -210,22 +242,23 @@ class RoutingCapture:
             size = max(total, 2 * (buf.numel() if buf is not None and buf.device == device else 0))
             buf = self._device_bytes = torch.empty(size, dtype=torch.uint8, device=device)
             self._views.clear()
-        # 2-D views [L * T, X] (tokens: [3 * B, S]), so one torch.cat of the per-layer [T, X] tensors fills them.
         views = {name: buf[off: off + int(np.prod(shape)) * torch.empty((), dtype=dt).element_size()]
-                 .view(dt).view(shape[0] * shape[1], shape[2]) for name, (off, dt, shape) in packing.items()}
+                 .view(dt).view(shape) for name, (off, dt, shape) in packing.items()}
+        views["tokens"] = views["tokens"].view(3 * b, s)  # filled by one torch.cat of three [B, S] tensors
         self._views[key] = (packing, total, views)
         return self._views[key]
 
-    def _cat_into(self, view: torch.Tensor, parts: list[torch.Tensor]) -> None:
+    def _stack_into(self, view: torch.Tensor, parts: list[torch.Tensor]) -> None:
+        """L tensors [T, X] -> view [T, L, X]: one stack kernel (in the parts' dtype), then one converting copy."""
         dtype = parts[0].dtype
         if dtype == view.dtype:
-            torch.cat(parts, out=view)
+            torch.stack(parts, dim=1, out=view)
             return
         key = (tuple(view.shape), dtype, view.device)
         stage = self._staging.get(key)
         if stage is None:
             stage = self._staging[key] = torch.empty(view.shape, dtype=dtype, device=view.device)
-        torch.cat(parts, out=stage)
+        torch.stack(parts, dim=1, out=stage)
         view.copy_(stage)
 
     def end_pass(self, tokens: PassTokens) -> HostPass:
@@ -249,14 +282,14 @@ class RoutingCapture:
                        tokens.valid]
         if on_cuda:
             token_parts = [x if x.device == device else x.to(device, non_blocking=True) for x in token_parts]
-        # torch.cat runs as one kernel only when the output has the inputs' dtype (otherwise one copy per input):
-        # concatenate into a staging buffer of the router's dtype, then convert into the packed view.
+        # torch.stack/cat run as one kernel only when the output has the inputs' dtype (otherwise one copy per
+        # input): stack into a staging buffer of the router's dtype, then convert into the packed view.
         torch.cat(token_parts, out=views["tokens"])
-        self._cat_into(views["ids"], ids)
+        self._stack_into(views["ids"], ids)
         if self.save_weights:
-            self._cat_into(views["weights"], weights)
+            self._stack_into(views["weights"], weights)
         if self.save_logits:
-            self._cat_into(views["logits"], firsts)
+            self._stack_into(views["logits"], firsts)
         assert self._device_bytes is not None
         event = None
         if on_cuda:
@@ -338,7 +371,7 @@ class TraceSink:
         self._queue.put((passes, num_sequences))
 
     def _run(self) -> None:
-        pending: list[TraceChunk] = []  # converted batches waiting for the next append
+        pending: list[RawPass] = []  # passes copied out of pinned memory, waiting for the next append
         pending_bytes = pending_batches = pending_sequences = 0
         last_flush = time.monotonic()
         stop = False
@@ -370,10 +403,10 @@ class TraceSink:
                 nbytes = sum(p.nbytes for p in passes)
                 try:
                     if self._error is None:
-                        # Converting now releases the pinned buffers at once, so few stay in use and the pinned
-                        # allocator keeps reusing the same blocks; only the file append waits for a flush.
-                        pending.extend(p.to_chunk(self.with_token_ids, self.id_dtype, self.weights_dtype)
-                                       for p in passes)
+                        # Copying out now frees the pinned buffers at once, so few stay in use and the pinned
+                        # allocator keeps reusing the same blocks; conversion and append wait for a flush, where
+                        # passes of one shape convert together.
+                        pending.extend(p.release() for p in passes)
                         pending_bytes += nbytes
                         pending_batches += 1
                         pending_sequences += sequences
@@ -399,8 +432,8 @@ class TraceSink:
                 pending_bytes = pending_batches = pending_sequences = 0
                 self.busy_seconds += time.thread_time() - woke
 
-    def _write(self, parts: list[TraceChunk], batches: int, sequences: int) -> None:
-        chunk = TraceChunk.concat(parts)
+    def _write(self, passes: list[RawPass], batches: int, sequences: int) -> None:
+        chunk = passes_to_chunk(passes, self.with_token_ids, self.id_dtype, self.weights_dtype)
         if self.writer is not None:
             self.writer.append(chunk)
         else:

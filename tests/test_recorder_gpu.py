@@ -68,7 +68,7 @@ def test_end_pass_uses_pinned_buffers_and_never_synchronises() -> None:
         torch.cuda.set_sync_debug_mode("default")
     assert host.event is not None and host.data.is_pinned()
     chunk = host.to_chunk(True, np.dtype(np.uint8), np.dtype(np.float16))  # waits for the copy
-    assert host.field("ids").shape == (4, 8 * 64, 4) and host.field("ids").dtype == np.uint8
+    assert host.field("ids").shape == (8 * 64, 4, 4) and host.field("ids").dtype == np.uint8  # [T, L, K]
     np.testing.assert_array_equal(chunk.token_id, ids.cpu().numpy().reshape(-1))
     assert chunk.num_tokens == 512 and chunk.router_logits is not None and chunk.router_logits.shape == (512, 4, 16)
     capture.remove()
