@@ -116,7 +116,7 @@ class ArrowShardReader:
             self.reader: pa.ipc.RecordBatchFileReader | None = pa.ipc.open_file(self.source)
             schema = self.reader.schema
             complete = self._has_complete_marker()
-            num_tokens = self.reader.count_rows()  # from batch headers, nothing decompressed
+            num_tokens = _count_rows(self.source, self.reader)
         except (pa.ArrowInvalid, OSError):
             self.reader = None
             schema, num_tokens = self._recover_stream()
@@ -213,3 +213,14 @@ def chunk_to_table(chunk: TraceChunk, meta: TraceMetadata) -> pa.Table:
 
 def is_arrow(head: bytes) -> bool:
     return head.startswith(ARROW_MAGIC)
+
+
+def _count_rows(source: pa.NativeFile, reader: pa.ipc.RecordBatchFileReader) -> int:
+    """Rows in an IPC file: from the batch headers where pyarrow can (older releases lack count_rows),
+    else by reading the one-byte `phase` column of each batch."""
+    if hasattr(reader, "count_rows"):
+        return int(reader.count_rows())
+    index = reader.schema.get_field_index("phase")
+    options = pa.ipc.IpcReadOptions(included_fields=[max(index, 0)])
+    narrow = pa.ipc.open_file(source, options=options)
+    return sum(narrow.get_batch(i).num_rows for i in range(narrow.num_record_batches))
