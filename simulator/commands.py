@@ -15,9 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from simulator import units
-from simulator.cost_model import DEFAULT_CONTEXT_TOKENS, DEFAULT_HBM_RESERVE
+from simulator.cost_model import DEFAULT_CONTEXT_TOKENS, DEFAULT_HBM_RESERVE, DEFAULT_TOKENS_PER_GPU
 from simulator.hardware import load_hardware, parse_hardware_list
-from simulator.plan import PlanConfig, PlanResult
+from simulator.plan import Candidate, PlanConfig, PlanResult, apply_prices, parse_gpu_hour_cost
 from simulator.plan import plan as run_plan
 from simulator.replay import DEFAULT_FIT_FRACTION, DEFAULT_PLACEMENTS, PHASES, ReplayConfig, ReplayResult
 from simulator.replay import replay as run_replay
@@ -191,20 +191,34 @@ replay_cmd.name = "replay"
 replay = replay_cmd  # (cli.py looks the command up as simulator.commands:replay)
 
 
-def plan_table(result: PlanResult, rows: list, title: str) -> Table:
-    """One row per candidate layout (fits 120 columns); whole-model step times."""
-    table = _table(title, [("GPUs", "left"), ("placement", "left"),
-                           ("tokens\n/step", "right"), ("step\nmean", "right"), ("step\np95", "right"),
-                           ("tokens/s", "right"), ("tokens/s\n/GPU", "right"), ("imbalance", "right"),
-                           ("memory\n/GPU", "right"), ("fits", "right"), ("meets", "right")])
+def _batch_cell(c: Candidate) -> str:
+    if c.tokens_per_gpu:
+        return f"{units.si(c.tokens_per_gpu)} x {c.num_gpus}"
+    return "recorded" if c.tokens_per_step == 0 else units.si(c.tokens_per_step)
+
+
+def plan_table(result: PlanResult, rows: list[Candidate], title: str) -> Table:
+    """One row per candidate layout (fits 120 columns); whole-model step times; cost columns when priced."""
+    priced = any(c.price_per_hour is not None for c in rows)
+    per_gpu = any(c.tokens_per_gpu for c in rows)
+    columns = [("GPUs", "left"), ("placement", "left"),
+               ("tokens/GPU\nx GPUs" if per_gpu else "tokens\n/step", "right"), ("step\nmean", "right"),
+               ("step\np95", "right"), ("tokens/s", "right"), ("tokens/s\n/GPU", "right"), ("imbal.", "right"),
+               ("memory\n/GPU", "right")]
+    if priced:
+        columns += [("cost\n/hour", "right"), ("cost /\nM tokens", "right")]
+    table = _table(title, columns + [("fits", "right"), ("meets", "right")])
     for c in rows:
-        table.add_row(
-            f"{c.num_gpus} x {c.hardware}", c.placement,
-            "recorded" if c.tokens_per_step == 0 else units.si(c.tokens_per_step),
+        cells = [
+            f"{c.num_gpus} x {c.hardware}", c.placement, _batch_cell(c),
             units.seconds(c.step_ms / 1e3), units.seconds(c.step_ms_p95 / 1e3), units.si(c.tokens_per_s),
             units.si(c.tokens_per_s_per_gpu), units.sig(c.imbalance), units.nbytes(c.memory_per_gpu_bytes),
-            "yes" if c.fits_memory else "[red]no[/red]", "[green]yes[/green]" if c.meets_target else "no",
-        )
+        ]
+        if priced:
+            cells += [units.sig(c.price_per_hour) if c.price_per_hour is not None else "-",
+                      units.sig(c.cost_per_million_tokens) if c.cost_per_million_tokens is not None else "-"]
+        cells += ["yes" if c.fits_memory else "[red]no[/red]", "[green]yes[/green]" if c.meets_target else "no"]
+        table.add_row(*cells)
     return table
 
 
@@ -219,8 +233,14 @@ def plan_table(result: PlanResult, rows: list, title: str) -> Table:
               help="Comma-separated placement policies (see `moe-sim replay --help`).")
 @click.option("--redundant-experts", default="0,8,16", show_default=True,
               help="Comma-separated redundant slot counts for replicating policies.")
-@click.option("--tokens-per-step", default="0", show_default=True,
-              help="Comma-separated batch sizes in tokens per step (0: the recorded forward passes).")
+@click.option("--tokens-per-gpu", default=None, metavar="B[,B...]",
+              help="Comma-separated per-GPU batches: a step on G GPUs holds B x G tokens of one phase (attention is "
+                   "data-parallel, so each GPU brings its own batch). Default by --phase: "
+                   + "; ".join(f"{k} {','.join(map(str, v))}" for k, v in DEFAULT_TOKENS_PER_GPU.items())
+                   + " (docs/cost-model.md says why).")
+@click.option("--tokens-per-step", default=None, metavar="N[,N...]",
+              help="Comma-separated absolute step sizes in tokens, whatever the GPU count (0: the recorded forward "
+                   "passes). Not with --tokens-per-gpu.")
 @click.option("--max-step-ms", type=float, default=None, help="Latency bound on the p95 whole-model step time.")
 @click.option("--phase", type=click.Choice(list(PHASES)), default="all", show_default=True,
               help="Plan for prefill tokens, decode tokens, or both.")
@@ -231,23 +251,34 @@ def plan_table(result: PlanResult, rows: list, title: str) -> Table:
               help="Share of HBM kept for KV cache and activations.")
 @click.option("--context-tokens", type=int, default=DEFAULT_CONTEXT_TOKENS, show_default=True,
               help="Attention context assumed when estimating non-expert FLOPs.")
+@click.option("--gpu-hour-cost", default=None, metavar="GPU=PRICE[,...]",
+              help="Price per GPU-hour, e.g. h100=2.5,b200=6 (your prices; none are built in; also "
+                   "price_per_gpu_hour in a hardware file). With a price for every GPU type, layouts are ranked by "
+                   "cost per hour and cost per million tokens is shown.")
 @click.option("--all", "show_all", is_flag=True, help="Print every grid point, not only the frontier.")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout instead of tables.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def plan_cmd(trace: tuple[str, ...], target_tokens_per_s: float, hardware: str, gpus: str, gpus_per_node: int,
-             placements: str, redundant_experts: str, tokens_per_step: str, max_step_ms: float | None, phase: str,
-             fit_fraction: float, capacity_factor: float | None, hbm_reserve: float, context_tokens: int,
-             show_all: bool, as_json: bool, quiet: bool) -> None:
+             placements: str, redundant_experts: str, tokens_per_gpu: str | None, tokens_per_step: str | None,
+             max_step_ms: float | None, phase: str, fit_fraction: float, capacity_factor: float | None,
+             hbm_reserve: float, context_tokens: int, gpu_hour_cost: str | None, show_all: bool, as_json: bool,
+             quiet: bool) -> None:
     """Sweep hardware x GPUs x placement x redundancy x batch over TRACE in one pass and recommend a layout.
 
-    The recommendation is the layout with the fewest GPUs, then the lowest step time, that meets the throughput
-    target and the latency bound with its weights in HBM next to the reserve.
+    The recommendation meets the throughput target and the latency bound with its weights in HBM next to the
+    reserve, and is the cheapest per hour when every GPU type has a price (--gpu-hour-cost), else the one with the
+    fewest GPUs; then the lowest step time. Batches are per GPU by default, so more GPUs mean larger steps.
     """
+    gpu_specs = parse_hardware_list(hardware)
+    if gpu_hour_cost is not None:
+        gpu_specs = apply_prices(gpu_specs, parse_gpu_hour_cost(gpu_hour_cost))
     config = PlanConfig(
-        target_tokens_per_s=target_tokens_per_s, hardware=parse_hardware_list(hardware),
+        target_tokens_per_s=target_tokens_per_s, hardware=gpu_specs,
         gpus=_int_list(gpus, "--gpus"), gpus_per_node=gpus_per_node, placements=_names(placements),
         redundant_experts=_int_list(redundant_experts, "--redundant-experts"),
-        tokens_per_step=_int_list(tokens_per_step, "--tokens-per-step"), max_step_ms=max_step_ms, phase=phase,
+        tokens_per_step=None if tokens_per_step is None else _int_list(tokens_per_step, "--tokens-per-step"),
+        tokens_per_gpu=None if tokens_per_gpu is None else _int_list(tokens_per_gpu, "--tokens-per-gpu"),
+        max_step_ms=max_step_ms, phase=phase,
         fit_fraction=fit_fraction, capacity_factor=capacity_factor, hbm_reserve=hbm_reserve,
         context_tokens=context_tokens,
     )
@@ -266,8 +297,9 @@ def plan_cmd(trace: tuple[str, ...], target_tokens_per_s: float, hardware: str, 
     if result.skipped:  # one short line: which points, and the first reason (--json has every reason)
         points = [line.split(": ", 1)[0] for line in result.skipped]
         first = result.skipped[0].split(": ", 1)[-1]
-        console.print(f"[dim]skipped {len(points)} grid point(s) that cannot be built: {', '.join(points)} "
-                      f"(first: {first})[/dim]")
+        shown = ", ".join(points[:6]) + (f" and {len(points) - 6} more" if len(points) > 6 else "")
+        console.print(f"[dim]skipped {len(points)} grid point(s) that cannot be built or planned: {shown} "
+                      f"(first reason: {first}; --json lists every reason)[/dim]")
     head = "Recommendation" if result.recommendation else "No recommendation"
     console.print(f"[bold]{head}[/bold]")
     for reason in result.reasons:

@@ -33,6 +33,10 @@ SCALE_OUT_COMBINE_EFFICIENCY = 43e9 / CX7_PER_DIRECTION
 BF16_BYTES = 2  # serving precision of weights and of dispatched / combined activations
 DEFAULT_HBM_RESERVE = 0.30  # share of HBM kept for KV cache, activations and the runtime (stated assumption)
 DEFAULT_CONTEXT_TOKENS = 2048  # attention context assumed for the non-expert estimate (stated assumption)
+# Default per-GPU batches swept by `plan` (tokens per GPU per step; docs/cost-model.md "Batch per GPU" says why):
+# decode-sized around DeepEP's low-latency setting of 128 tokens per GPU, prefill-sized around its normal-kernel
+# setting of 4096, and for mixed traffic a decode-sized, a middle and a chunked-prefill-sized batch.
+DEFAULT_TOKENS_PER_GPU = {"decode": (32, 128, 512), "prefill": (1024, 4096, 16384), "all": (128, 1024, 4096)}
 
 
 def cost_row(gpu: GpuSpec) -> np.ndarray:
@@ -86,9 +90,13 @@ class NonExpertWork:
 
     def step_seconds(self, gpu: GpuSpec, tokens_per_gpu: float) -> float:
         """Roofline of one step's non-expert work on one GPU."""
+        return float(self.step_seconds_array(gpu, np.asarray([tokens_per_gpu], dtype=np.float64))[0])
+
+    def step_seconds_array(self, gpu: GpuSpec, tokens_per_gpu: np.ndarray) -> np.ndarray:
+        """The same roofline for each step [n] (tokens per GPU of each step)."""
         compute = self.flops_per_token * tokens_per_gpu / (gpu.bf16_flops * MATMUL_EFFICIENCY)
         reads = self.weight_bytes / (gpu.hbm_bandwidth * HBM_EFFICIENCY)
-        return max(compute, reads)
+        return np.maximum(compute, reads)
 
 
 def non_expert_work(meta: TraceMetadata, context_tokens: int = DEFAULT_CONTEXT_TOKENS,

@@ -133,8 +133,8 @@ def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gp
 @njit(cache=True)
 def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int, phase_filter: int,
                  score_start: int, var_gpus: np.ndarray, var_slots: np.ndarray, var_gpn: np.ndarray,
-                 var_tps: np.ndarray, var_used: np.ndarray, rep_count: np.ndarray, rep_slot: np.ndarray,
-                 local_slot: np.ndarray, slot_gpu: np.ndarray, model: np.ndarray, cost: np.ndarray,
+                 var_tps: np.ndarray, var_used: np.ndarray, var_phase: np.ndarray, rep_count: np.ndarray,
+                 rep_slot: np.ndarray, local_slot: np.ndarray, slot_gpu: np.ndarray, model: np.ndarray, cost: np.ndarray,
                  sel_count: np.ndarray, cur_key: np.ndarray, cur_ntok: np.ndarray, acc: np.ndarray,
                  fresh: np.ndarray, head_key: np.ndarray, head_ntok: np.ndarray, head_acc: np.ndarray,
                  tot_gpu: np.ndarray, tot_int: np.ndarray, comp: np.ndarray,
@@ -144,7 +144,8 @@ def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int
     ids [T, L, K]; steps, phases [T]; t0: global index of the chunk's first token. A token is scored when its
     phase matches phase_filter (-1: both) and its global index >= score_start.
     Variant v: var_gpus, var_slots, var_gpn, var_tps (tokens per step, 0 = recorded steps), var_used (slots holding
-    an expert) [V]; rep_count [V, L, E]; rep_slot [V, L, E, R] slot index of each replica; local_slot [V, L, E, G]
+    an expert), var_phase (-1: every scored token; else only that phase's, so one pass can replay prefill and decode
+    apart) [V]; rep_count [V, L, E]; rep_slot [V, L, E, R] slot index of each replica; local_slot [V, L, E, G]
     the slot of expert e on GPU g (-1: none there); slot_gpu [V, M] the GPU of each slot (lookups, not divisions,
     in the inner loop). model [6], cost [H, 8].
     State carried from chunk to chunk: sel_count [2] scored tokens per phase; cur_key, cur_ntok [V] and
@@ -176,6 +177,8 @@ def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int
                 continue
             sel = sel_count[ph]
             sel_count[ph] += 1
+            if var_phase[v] >= 0 and ph != var_phase[v]:
+                continue
             key = step_key(ph, sel, steps[i], var_tps[v])
             if key != cur_key[v]:
                 if cur_ntok[v] > 0:

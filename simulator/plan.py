@@ -1,11 +1,15 @@
-"""Capacity planning: sweep hardware x GPU count x placement x redundancy x tokens per step in one pass over a trace.
+"""Capacity planning: sweep hardware x GPU count x placement x redundancy x batch in one pass over a trace.
 
-Every (GPU count, placement, redundancy, tokens per step) is one kernel variant; hardware only changes prices, so
-each finished step is priced on every GPU type at once. Placements are fitted once per (GPU count, policy,
-redundancy) on the fit part of the trace, as in replay. Whole-model throughput adds the non-expert work estimated
-from the metadata (cost_model.non_expert_work). The recommendation is the layout with the fewest GPUs, then the
-lowest predicted step time, that meets the throughput target and the latency bound while its weights fit in HBM
-next to the stated reserve.
+Every (GPU count, placement, redundancy, step size) is one kernel variant; hardware only changes prices, so each
+finished step is priced on every GPU type at once. The batch axis is per GPU by default (`tokens_per_gpu`): in
+expert-parallel serving attention is data-parallel and every GPU brings its own batch, so a step of G GPUs holds
+b x G tokens, and more GPUs can raise throughput. Steps are regrouped per phase; with phase "all" each grid point is
+two kernel variants (prefill steps, decode steps) of the same pass, merged into one candidate, so a phase switch in
+the trace never cuts a step short. Placements are fitted once per (GPU count, policy, redundancy) on the fit part of
+the trace, as in replay. Whole-model throughput adds the non-expert work estimated from the metadata
+(cost_model.non_expert_work). The recommendation meets the throughput target and the latency bound with its weights
+in HBM next to the stated reserve, and is the cheapest per hour when every GPU type has a price (user-given, never
+invented here), else the one with the fewest GPUs; then the lowest predicted step time.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 from simulator.cost_model import (
     DEFAULT_CONTEXT_TOKENS,
     DEFAULT_HBM_RESERVE,
+    DEFAULT_TOKENS_PER_GPU,
     NonExpertWork,
     non_expert_work,
 )
@@ -28,6 +33,7 @@ from simulator.replay import (
     DEFAULT_FIT_FRACTION,
     PHASES,
     Progress,
+    Segment,
     Variant,
     VariantSummary,
     fit_statistics,
@@ -37,13 +43,22 @@ from simulator.replay import (
 )
 from traces.errors import InputError
 from traces.reader import DEFAULT_CHUNK_TOKENS, Trace
+from traces.schema import PHASE_DECODE, PHASE_PREFILL
 
 LATENCY_PERCENTILE = "p95"  # --max-step-ms bounds this percentile of the whole-model step time
+# A regrouped grid point is planned only when the scored part holds at least this many full steps of each phase it
+# replays: fewer would make the mean and p95 rest on one or two steps (and a partial last step).
+MIN_FULL_STEPS = 4
+PHASE_NAMES = {PHASE_PREFILL: "prefill", PHASE_DECODE: "decode"}
 
 
 @dataclass
 class PlanConfig:
-    """The grid to sweep and the goal. `moe-sim plan` fills it from its options."""
+    """The grid to sweep and the goal. `moe-sim plan` fills it from its options.
+
+    Batch axis: `tokens_per_gpu` (step = b x GPUs tokens) or `tokens_per_step` (absolute; 0 = the recorded forward
+    passes), not both; with neither, the per-GPU default for the phase (cost_model.DEFAULT_TOKENS_PER_GPU).
+    """
 
     target_tokens_per_s: float
     hardware: list[GpuSpec] = field(default_factory=lambda: [GpuSpec.from_name("h100")])
@@ -51,7 +66,7 @@ class PlanConfig:
     gpus_per_node: int = 8
     placements: list[str] = field(default_factory=lambda: ["contiguous", "balanced", "replicated"])
     redundant_experts: list[int] = field(default_factory=lambda: [0, 8, 16])
-    tokens_per_step: list[int] = field(default_factory=lambda: [0])  # 0: the recorded forward passes
+    tokens_per_step: list[int] | None = None  # absolute step sizes; 0: the recorded forward passes
     max_step_ms: float | None = None
     phase: str = "all"
     fit_fraction: float = DEFAULT_FIT_FRACTION
@@ -59,29 +74,89 @@ class PlanConfig:
     hbm_reserve: float = DEFAULT_HBM_RESERVE
     context_tokens: int = DEFAULT_CONTEXT_TOKENS
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    tokens_per_gpu: list[int] | None = None  # per-GPU batch: a step of G GPUs holds b x G tokens
+    min_full_steps: int = MIN_FULL_STEPS
 
     def __post_init__(self) -> None:
         if not self.target_tokens_per_s > 0:
             raise InputError(f"--target-tokens-per-s must be positive, got {self.target_tokens_per_s}")
+        if self.phase not in PHASES:
+            raise InputError(f"--phase must be one of {', '.join(PHASES)}, not {self.phase!r}")
+        if self.tokens_per_step is not None and self.tokens_per_gpu is not None:
+            raise InputError("--tokens-per-step and --tokens-per-gpu are mutually exclusive: give absolute step "
+                             "sizes or per-GPU batches, not both")
+        if self.tokens_per_step is None and self.tokens_per_gpu is None:
+            self.tokens_per_gpu = list(DEFAULT_TOKENS_PER_GPU[self.phase])
         if not self.hardware or not self.gpus or not self.placements or not self.redundant_experts \
-                or not self.tokens_per_step:
+                or not self.batches:
             raise InputError("plan: every grid axis needs at least one value")
         for g in self.gpus:
             ClusterLayout(g, self.gpus_per_node)
         if any(r < 0 for r in self.redundant_experts):
             raise InputError("--redundant-experts values must not be negative")
-        if any(b < 0 for b in self.tokens_per_step):
+        if self.tokens_per_step is not None and any(b < 0 for b in self.tokens_per_step):
             raise InputError("--tokens-per-step values must not be negative (0 = recorded steps)")
+        if self.tokens_per_gpu is not None and any(b < 1 for b in self.tokens_per_gpu):
+            raise InputError("--tokens-per-gpu values must be positive")
         if self.max_step_ms is not None and self.max_step_ms <= 0:
             raise InputError(f"--max-step-ms must be positive, got {self.max_step_ms}")
-        if self.phase not in PHASES:
-            raise InputError(f"--phase must be one of {', '.join(PHASES)}, not {self.phase!r}")
         if not 0.0 <= self.hbm_reserve < 1.0:
             raise InputError(f"--hbm-reserve must be in [0, 1), got {self.hbm_reserve}")
         if not 0.0 <= self.fit_fraction < 1.0:
             raise InputError(f"--fit-fraction must be in [0, 1), got {self.fit_fraction}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise InputError(f"--capacity-factor must be positive, got {self.capacity_factor}")
+        names = [g.name for g in self.hardware]
+        if len(set(names)) != len(names):
+            raise InputError(f"--hardware: GPU names must be distinct, got {', '.join(names)}")
+
+    @property
+    def per_gpu(self) -> bool:
+        return self.tokens_per_gpu is not None
+
+    @property
+    def batches(self) -> list[int]:
+        """The batch axis as given: per-GPU batches, or absolute tokens per step."""
+        values = self.tokens_per_gpu if self.tokens_per_gpu is not None else self.tokens_per_step
+        return sorted(set(values or []))
+
+    def step_tokens(self, batch: int, num_gpus: int) -> int:
+        """Tokens per step of a grid point (0: recorded steps)."""
+        return batch * num_gpus if self.per_gpu else batch
+
+    @property
+    def priced(self) -> bool:
+        """Every GPU type swept has a price, so layouts can be ranked by cost."""
+        return all(g.price_per_gpu_hour is not None for g in self.hardware)
+
+
+def parse_gpu_hour_cost(text: str) -> dict[str, float]:
+    """`--gpu-hour-cost h100=2.5,b200=6` -> {"h100": 2.5, "b200": 6.0} (prices per GPU-hour, the user's currency)."""
+    prices: dict[str, float] = {}
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        try:
+            price = float(value)
+        except ValueError:
+            price = float("nan")
+        if not sep or not name.strip() or not price > 0:
+            raise InputError(f"--gpu-hour-cost: expected NAME=PRICE with a positive price, got {item!r}")
+        prices[name.strip().lower()] = price
+    if not prices:
+        raise InputError("--gpu-hour-cost: give at least one NAME=PRICE")
+    return prices
+
+
+def apply_prices(hardware: list[GpuSpec], prices: dict[str, float]) -> list[GpuSpec]:
+    """Set price_per_gpu_hour on the swept GPUs named in prices (a price given here overrides a hardware file's)."""
+    names = {g.name.lower() for g in hardware}
+    unknown = sorted(set(prices) - names)
+    if unknown:
+        raise InputError(f"--gpu-hour-cost: {', '.join(unknown)} not in --hardware ({', '.join(sorted(names))})")
+    return [dataclasses.replace(g, price_per_gpu_hour=prices[g.name.lower()]) if g.name.lower() in prices else g
+            for g in hardware]
 
 
 @dataclass
@@ -112,11 +187,18 @@ class Candidate:
     meets_throughput: bool
     meets_latency: bool
     meets_target: bool
-    price_per_hour: float | None = None  # GPUs x price_per_gpu_hour when the hardware states a price
+    price_per_hour: float | None = None  # GPUs x price_per_gpu_hour when the hardware has a price
+    tokens_per_gpu: int = 0  # per-GPU batch of the grid point (0: the batch axis was absolute tokens per step)
+    steps: int = 0  # scored steps the prediction rests on
+    cost_per_million_tokens: float | None = None  # price_per_hour / (tokens/s x 3600) x 1e6
+
+    def batch(self) -> str:
+        if self.tokens_per_gpu:
+            return f"{self.tokens_per_gpu} tokens/GPU ({self.tokens_per_step} per step)"
+        return "recorded steps" if self.tokens_per_step == 0 else f"{self.tokens_per_step} tokens/step"
 
     def describe(self) -> str:
-        batch = "recorded steps" if self.tokens_per_step == 0 else f"{self.tokens_per_step} tokens/step"
-        return f"{self.num_gpus} x {self.hardware}, {self.placement}, {batch}"
+        return f"{self.num_gpus} x {self.hardware}, {self.placement}, {self.batch()}"
 
 
 @dataclass
@@ -130,8 +212,9 @@ class PlanResult:
     frontier: list[Candidate]
     recommendation: Candidate | None
     reasons: list[str]
-    skipped: list[str]  # grid points that could not be built, and why
+    skipped: list[str]  # grid points that could not be built or planned, and why
     variants: list[VariantSummary] = field(repr=False, default_factory=list)
+    scored_tokens: dict[str, int] = field(default_factory=dict)  # per phase, in the scored part
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -139,6 +222,7 @@ class PlanResult:
             "trace": self.trace,
             "fit_tokens": self.fit_tokens,
             "score_start": self.score_start,
+            "scored_tokens": self.scored_tokens,
             "non_expert": self.non_expert,
             "candidates": [dataclasses.asdict(c) for c in self.candidates],
             "frontier": [dataclasses.asdict(c) for c in self.frontier],
@@ -148,11 +232,50 @@ class PlanResult:
         }
 
 
-def grid_variants(trace: Trace, config: PlanConfig, stats: Any) -> tuple[list[Variant], list[str]]:
-    """Fit every (GPU count, policy, redundancy) once and pair it with every tokens-per-step value."""
+@dataclass(frozen=True)
+class GridPoint:
+    """One (GPU count, placement, redundancy, batch) point: its kernel variants (one per phase replayed apart)."""
+
+    variant: Variant  # the point as one variant (phase -1), for labels and the summary
+    batch: int  # per-GPU batch, or absolute tokens per step
+    members: tuple[int, ...]  # indices of its kernel variants in the pass
+
+
+def scored_phase_tokens(trace: Trace, score_start: int, chunk_tokens: int) -> np.ndarray:
+    """[2] scored tokens per phase (prefill, decode): a pass over the phase column only."""
+    counts = np.zeros(2, dtype=np.int64)
+    t0 = 0
+    for chunk in trace.iter_chunks(("phase",), chunk_tokens):
+        assert chunk.phase is not None
+        n = chunk.num_tokens
+        if t0 + n > score_start:
+            counts += np.bincount(chunk.phase[max(0, score_start - t0):], minlength=2)[:2]
+        t0 += n
+    return counts
+
+
+def _too_short(config: PlanConfig, step: int, num_gpus: int, batch: int, scored: np.ndarray) -> str | None:
+    """Why the scored part cannot fill enough steps of this size (None when it can)."""
+    phases = [PHASES[config.phase]] if config.phase != "all" else [p for p in (PHASE_PREFILL, PHASE_DECODE)
+                                                                     if scored[p] > 0]
+    short = [p for p in phases if scored[p] // step < config.min_full_steps]
+    if not short:
+        return None
+    size = f"{batch} tokens/GPU x {num_gpus} GPUs = {step:,} tokens per step" if config.per_gpu \
+        else f"{step:,} tokens per step"
+    have = ", ".join(f"{scored[p]:,} scored {PHASE_NAMES[p]} tokens ({scored[p] // step} full steps)" for p in short)
+    return (f"{size} needs {config.min_full_steps} full steps per phase; the trace has {have} "
+            "(record a longer trace, or lower the batch)")
+
+
+def grid_points(trace: Trace, config: PlanConfig, stats: Any,
+                scored: np.ndarray) -> tuple[list[GridPoint], list[Variant], list[str]]:
+    """Fit every (GPU count, policy, redundancy) once and pair it with every batch; the variants of one pass."""
     meta = trace.metadata
+    points: list[GridPoint] = []
     variants: list[Variant] = []
     skipped: list[str] = []
+    split = config.phase == "all"
     for g in config.gpus:
         for policy in config.placements:
             redundancies = config.redundant_experts if policy in USES_REDUNDANCY else [0]
@@ -164,20 +287,49 @@ def grid_variants(trace: Trace, config: PlanConfig, stats: Any) -> tuple[list[Va
                 except InputError as exc:
                     skipped.append(f"{policy} R={r} on {g} GPUs: {exc}")
                     continue
-                for b in config.tokens_per_step:
-                    variants.append(dataclasses.replace(fitted, tokens_per_step=b))
-    if not variants:
-        raise InputError("plan: no grid point can be built; " + (skipped[0] if skipped else "empty grid"))
-    return variants, skipped
+                for b in config.batches:
+                    step = config.step_tokens(b, g)
+                    point = dataclasses.replace(fitted, tokens_per_step=step)
+                    name = f"{point.label} on {g} GPUs, " + (f"{b} tokens/GPU" if config.per_gpu
+                                                               else f"{step} tokens/step")
+                    why = _too_short(config, step, g, b, scored) if step > 0 else None
+                    if why:
+                        skipped.append(f"{name}: {why}")
+                        continue
+                    if step > 0 and split:  # prefill and decode steps apart, in the same pass
+                        members = [dataclasses.replace(point, phase=p) for p in (PHASE_PREFILL, PHASE_DECODE)
+                                   if scored[p] > 0]
+                    else:
+                        members = [point]
+                    points.append(GridPoint(point, b, tuple(range(len(variants), len(variants) + len(members)))))
+                    variants.extend(members)
+    if not points:
+        raise InputError("plan: no grid point can be built or planned; " + (skipped[0] if skipped else "empty grid"))
+    return points, variants, skipped
 
 
-def _candidates(summaries: list[VariantSummary], config: PlanConfig, ne: NonExpertWork) -> list[Candidate]:
+def merge_members(seg: Segment, points: list[GridPoint]) -> Segment:
+    """A segment with one row per grid point: the totals of its kernel variants summed, their steps concatenated
+    (prefill steps, then decode steps: the order matters to no statistic the plan takes)."""
+    def rows(a: np.ndarray) -> np.ndarray:
+        return np.stack([a[list(p.members)].sum(axis=0) for p in points])
+
+    def steps(lists: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+        return [[arr for i in p.members for arr in lists[i]] for p in points]
+
+    return dataclasses.replace(seg, tot_gpu=rows(seg.tot_gpu), tot_int=rows(seg.tot_int), comp=rows(seg.comp),
+                               step_imb=steps(seg.step_imb), step_time=steps(seg.step_time),
+                               step_ntok=steps(seg.step_ntok))
+
+
+def _candidates(summaries: list[VariantSummary], ntoks: list[np.ndarray], points: list[GridPoint],
+                config: PlanConfig, ne: NonExpertWork) -> list[Candidate]:
     out = []
-    for s in summaries:
+    for s, ntok, point in zip(summaries, ntoks, points, strict=True):
         for h, gpu in enumerate(config.hardware):
             moe = np.asarray(s.step_time_series[h])  # [steps] seconds
             tokens_per_step = s.tokens / max(s.steps, 1)
-            non_exp = ne.step_seconds(gpu, tokens_per_step / s.num_gpus)
+            non_exp = ne.step_seconds_array(gpu, ntok / s.num_gpus)  # [steps]: each step's own size
             total = moe + non_exp
             mean_step = float(total.mean()) if total.size else float("nan")
             p50, p95, p99 = np.percentile(total, [50, 95, 99]) if total.size else (np.nan,) * 3
@@ -189,26 +341,35 @@ def _candidates(summaries: list[VariantSummary], config: PlanConfig, ne: NonExpe
             meets_tp = tps >= config.target_tokens_per_s
             bound = {"p50": float(p50), "p95": float(p95), "p99": float(p99)}[LATENCY_PERCENTILE]
             meets_lat = config.max_step_ms is None or bound * 1e3 <= config.max_step_ms
+            ne_ms = float(non_exp.mean()) * 1e3 if non_exp.size else float("nan")
+            price = gpu.price_per_gpu_hour * s.num_gpus if gpu.price_per_gpu_hour is not None else None
             out.append(Candidate(
                 hardware=gpu.name, num_gpus=s.num_gpus, gpus_per_node=s.gpus_per_node, placement=s.label,
                 policy=s.policy, redundant_experts=s.redundant_experts, tokens_per_step=s.tokens_per_step,
                 mean_tokens_per_step=tokens_per_step, step_ms=mean_step * 1e3, step_ms_p95=float(p95) * 1e3,
                 step_ms_p99=float(p99) * 1e3, moe_ms=float(moe.mean()) * 1e3 if moe.size else float("nan"),
-                non_expert_ms=non_exp * 1e3,
-                breakdown_ms={k: v * 1e3 for k, v in timing.breakdown.items()} | {"non_expert": non_exp * 1e3},
+                non_expert_ms=ne_ms,
+                breakdown_ms={k: v * 1e3 for k, v in timing.breakdown.items()} | {"non_expert": ne_ms},
                 tokens_per_s=tps, tokens_per_s_per_gpu=tps / s.num_gpus, imbalance=s.imbalance,
                 leave_node_share=s.leave_node_share, memory_per_gpu_bytes=memory, usable_hbm_bytes=usable,
                 fits_memory=fits, meets_throughput=meets_tp, meets_latency=meets_lat,
-                meets_target=fits and meets_tp and meets_lat,
-                price_per_hour=gpu.price_per_gpu_hour * s.num_gpus if gpu.price_per_gpu_hour else None,
+                meets_target=fits and meets_tp and meets_lat, price_per_hour=price,
+                tokens_per_gpu=point.batch if config.per_gpu else 0, steps=s.steps,
+                cost_per_million_tokens=price / (tps * 3600) * 1e6 if price is not None and tps > 0 else None,
             ))
     return out
 
 
-def pareto_frontier(candidates: list[Candidate]) -> list[Candidate]:
-    """Memory-fitting candidates not beaten by another with no more GPUs and at least the throughput."""
+def _size(c: Candidate, priced: bool) -> float:
+    """What the plan minimises: cost per hour when every GPU type has a price, else the GPU count."""
+    return float(c.price_per_hour) if priced and c.price_per_hour is not None else float(c.num_gpus)
+
+
+def pareto_frontier(candidates: list[Candidate], priced: bool = False) -> list[Candidate]:
+    """Memory- and latency-feasible candidates not beaten by another with no more GPUs (no higher cost per hour when
+    priced) and at least the throughput."""
     fit = [c for c in candidates if c.fits_memory and c.meets_latency]
-    fit.sort(key=lambda c: (c.num_gpus, -c.tokens_per_s, c.step_ms))
+    fit.sort(key=lambda c: (_size(c, priced), -c.tokens_per_s, c.step_ms))
     out: list[Candidate] = []
     best = -1.0
     for c in fit:
@@ -218,46 +379,85 @@ def pareto_frontier(candidates: list[Candidate]) -> list[Candidate]:
     return out
 
 
+def _money(x: float | None) -> str:
+    return "no price" if x is None else f"{x:,.2f}/h"
+
+
+def _lacks(c: Candidate, config: PlanConfig) -> str:
+    """What keeps a candidate from the goal, in words."""
+    why = []
+    if not c.fits_memory:
+        why.append(f"weights {c.memory_per_gpu_bytes / 1e9:.1f} GB per GPU do not fit the "
+                   f"{c.usable_hbm_bytes / 1e9:.1f} GB usable")
+    if not c.meets_throughput:
+        short = 1 - c.tokens_per_s / config.target_tokens_per_s
+        why.append(f"{c.tokens_per_s:,.0f} tokens/s is {short:.0%} below target")
+    if not c.meets_latency:
+        why.append(f"p95 step {c.step_ms_p95:.3g} ms is over the {config.max_step_ms:g} ms bound")
+    return "; ".join(why) or "meets the goal"
+
+
 def recommend(candidates: list[Candidate], config: PlanConfig) -> tuple[Candidate | None, list[str]]:
-    """Fewest GPUs, then lowest mean step time, among candidates meeting every goal; with the reasons."""
-    ok = sorted((c for c in candidates if c.meets_target), key=lambda c: (c.num_gpus, c.step_ms))
+    """The goal-meeting candidate with the lowest cost per hour (every GPU priced) or fewest GPUs, then the lowest
+    mean step time; with the reasons."""
+    priced = config.priced
+    ok = sorted((c for c in candidates if c.meets_target), key=lambda c: (_size(c, priced), c.step_ms, c.num_gpus))
     target = f"{config.target_tokens_per_s:,.0f} tokens/s"
     lat = f"p95 step <= {config.max_step_ms:g} ms" if config.max_step_ms is not None else "no latency bound"
     reserve = f"{config.hbm_reserve:.0%} of HBM reserved for KV cache and activations"
+    unpriced = sorted({g.name for g in config.hardware if g.price_per_gpu_hour is None})
+    ranking = ("ranked by cost per hour (prices given for every GPU type), then mean step time" if priced else
+               f"ranked by fewest GPUs, then mean step time: no price for {', '.join(unpriced)} "
+               "(give --gpu-hour-cost or price_per_gpu_hour in a hardware file to rank by cost)")
     reasons = []
     if not ok:
-        best = max(candidates, key=lambda c: c.tokens_per_s)
+        best = max(candidates, key=lambda c: (c.fits_memory and c.meets_latency, c.tokens_per_s))
         reasons.append(f"no layout meets {target} with {lat} and {reserve}")
-        reasons.append(f"highest throughput: {best.describe()} at {best.tokens_per_s:,.0f} tokens/s "
-                       f"(step {best.step_ms:.3g} ms, memory {'fits' if best.fits_memory else 'does not fit'})")
+        reasons.append(f"closest: {best.describe()}: {_lacks(best, config)}")
+        reasons.append(ranking)
         return None, reasons
     rec = ok[0]
-    reasons.append(f"{rec.describe()}: {rec.tokens_per_s:,.0f} tokens/s >= target {target} "
-                   f"({rec.tokens_per_s_per_gpu:,.0f} per GPU)")
-    reasons.append(f"step time mean {rec.step_ms:.3g} ms, p95 {rec.step_ms_p95:.3g} ms ({lat}); "
+    margin = rec.tokens_per_s / config.target_tokens_per_s - 1
+    reasons.append(f"{rec.describe()}: {rec.tokens_per_s:,.0f} tokens/s meets the target {target} by {margin:.0%} "
+                   f"({rec.tokens_per_s_per_gpu:,.0f} per GPU, {rec.mean_tokens_per_step:,.0f} tokens per step "
+                   f"over {rec.steps} scored steps)")
+    bound = (f"within the {config.max_step_ms:g} ms bound ({1 - rec.step_ms_p95 / config.max_step_ms:.0%} headroom)"
+             if config.max_step_ms is not None else "no latency bound given (--max-step-ms)")
+    reasons.append(f"step time mean {rec.step_ms:.3g} ms, p95 {rec.step_ms_p95:.3g} ms, {bound}; "
                    f"MoE {rec.moe_ms:.3g} ms + non-expert {rec.non_expert_ms:.3g} ms")
-    reasons.append(f"weights {rec.memory_per_gpu_bytes / 1e9:.1f} GB per GPU of {rec.usable_hbm_bytes / 1e9:.1f} GB "
+    reasons.append(f"memory fits with {(rec.usable_hbm_bytes - rec.memory_per_gpu_bytes) / 1e9:.1f} GB free: "
+                   f"weights {rec.memory_per_gpu_bytes / 1e9:.1f} GB per GPU of {rec.usable_hbm_bytes / 1e9:.1f} GB "
                    f"usable ({reserve})")
-    reasons.append(f"load imbalance {rec.imbalance:.3f} (max/mean GPU assignments), "
-                   f"{rec.leave_node_share:.1%} of assignments leave the node")
-    fewer = [c for c in candidates if c.num_gpus < rec.num_gpus]
-    if fewer:
-        best_fewer = max(fewer, key=lambda c: c.tokens_per_s if c.fits_memory else -1.0)
-        why = []
-        if not best_fewer.fits_memory:
-            why.append("weights do not fit in HBM")
-        if not best_fewer.meets_throughput:
-            why.append(f"{best_fewer.tokens_per_s:,.0f} tokens/s is below target")
-        if not best_fewer.meets_latency:
-            why.append(f"p95 step {best_fewer.step_ms_p95:.3g} ms is over the bound")
-        reasons.append(f"fewer GPUs fall short: best is {best_fewer.describe()}: {'; '.join(why) or 'fails'}")
+    if rec.price_per_hour is not None and rec.cost_per_million_tokens is not None:
+        reasons.append(f"costs {_money(rec.price_per_hour)} for the cluster, {rec.cost_per_million_tokens:.4g} per "
+                       "million tokens at the predicted throughput")
+    reasons.append(ranking)
+    # the next goal-meeting layout in the ranking (another GPU type or count), and what it costs more
+    others = [c for c in ok if (c.hardware, c.num_gpus) != (rec.hardware, rec.num_gpus)]
+    if others:
+        nxt = others[0]
+        if priced:
+            assert nxt.price_per_hour is not None and rec.price_per_hour is not None
+            extra = (f"costs {_money(nxt.price_per_hour)} ({nxt.price_per_hour / rec.price_per_hour - 1:+.0%})"
+                     if nxt.price_per_hour != rec.price_per_hour else "costs the same but has a longer step "
+                     f"({nxt.step_ms:.3g} ms)")
+        else:
+            extra = (f"needs {nxt.num_gpus} GPUs" if nxt.num_gpus != rec.num_gpus
+                     else f"same GPU count but a longer step ({nxt.step_ms:.3g} ms)")
+        reasons.append(f"runner-up {nxt.describe()} also meets the goal but {extra}")
+    # the best layout that would have been cheaper (or used fewer GPUs), and what it lacked
+    smaller = [c for c in candidates if _size(c, priced) < _size(rec, priced)]
+    if smaller:
+        best = max(smaller, key=lambda c: (c.fits_memory and c.meets_latency, c.tokens_per_s))
+        what = (f"cheaper ({_money(best.price_per_hour)})" if priced else "with fewer GPUs")
+        reasons.append(f"best layout {what}: {best.describe()}: {_lacks(best, config)}")
     same = [c for c in candidates if c.num_gpus == rec.num_gpus and c.hardware == rec.hardware
             and c.tokens_per_step == rec.tokens_per_step and c.placement != rec.placement]
     failing = [c for c in same if not c.meets_target]
     if failing:
         worst = ", ".join(f"{c.placement} ({c.tokens_per_s:,.0f} tokens/s, imbalance {c.imbalance:.2f})"
                           for c in sorted(failing, key=lambda c: c.tokens_per_s)[:3])
-        reasons.append(f"on the same GPUs these placements miss the goal: {worst}")
+        reasons.append(f"on the same GPUs and batch these placements miss the goal: {worst}")
     return rec, reasons
 
 
@@ -266,26 +466,33 @@ def plan(trace: Trace, config: PlanConfig, progress: Progress | None = None) -> 
     meta = trace.metadata
     if trace.num_tokens == 0:
         raise InputError(f"{trace.paths[0]}: trace has no tokens")
+    steps = [config.step_tokens(b, g) for b in config.batches for g in config.gpus]
     stats = fit_statistics(trace, fit_fraction=config.fit_fraction, phase=config.phase,
-                           tokens_per_step=min(config.tokens_per_step),
+                           tokens_per_step=min(steps),
                            with_coselection=any(p in NEEDS_COSELECTION for p in config.placements),
                            chunk_tokens=config.chunk_tokens)
     if stats.score_start >= trace.num_tokens:
         raise InputError(f"{trace.paths[0]}: nothing left to score after fitting (lower --fit-fraction)")
-    variants, skipped = grid_variants(trace, config, stats)
+    scored = scored_phase_tokens(trace, stats.score_start, config.chunk_tokens)
+    if config.phase != "all":
+        scored[1 - PHASES[config.phase]] = 0
+    if scored.sum() == 0:
+        raise InputError(f"{trace.paths[0]}: no {config.phase} tokens to score")
+    points, variants, skipped = grid_points(trace, config, stats, scored)
     seg = run_variants(trace, variants, config.hardware, phase=config.phase, score_start=stats.score_start,
                        capacity_factor=config.capacity_factor, chunk_tokens=config.chunk_tokens, progress=progress)
-    summaries = summarise(seg, variants, config.hardware, meta, hbm_reserve=config.hbm_reserve)
-    if summaries[0].tokens == 0:
-        raise InputError(f"{trace.paths[0]}: no {config.phase} tokens to score")
+    merged = merge_members(seg, points)
+    summaries = summarise(merged, [p.variant for p in points], config.hardware, meta, hbm_reserve=config.hbm_reserve)
+    ntoks = [merged.series(i)[2] for i in range(len(points))]
     ne = non_expert_work(meta, config.context_tokens)
-    candidates = _candidates(summaries, config, ne)
+    candidates = _candidates(summaries, ntoks, points, config, ne)
     rec, reasons = recommend(candidates, config)
     cfg = dataclasses.asdict(config) | {"hardware": [g.to_dict() for g in config.hardware]}
     return PlanResult(
         config=cfg, trace=[str(p) for p in trace.paths], fit_tokens=stats.fit_tokens, score_start=stats.score_start,
         non_expert={"flops_per_token": ne.flops_per_token, "weight_bytes": ne.weight_bytes,
                     "assumptions": list(ne.assumptions)},
-        candidates=candidates, frontier=pareto_frontier(candidates), recommendation=rec, reasons=reasons,
-        skipped=skipped, variants=summaries,
+        candidates=candidates, frontier=pareto_frontier(candidates, config.priced), recommendation=rec,
+        reasons=reasons, skipped=skipped, variants=summaries,
+        scored_tokens={"prefill": int(scored[PHASE_PREFILL]), "decode": int(scored[PHASE_DECODE])},
     )

@@ -85,6 +85,7 @@ class Variant:
     placement: Placement
     tokens_per_step: int
     redundant_experts: int
+    phase: int = -1  # -1: every scored token; PHASE_PREFILL / PHASE_DECODE: only that phase's (plan splits them)
 
 
 # ---------------------------------------------------------------------------------------------- fitting
@@ -181,6 +182,7 @@ class VariantArrays:
     gpn: np.ndarray
     tps: np.ndarray
     used: np.ndarray
+    phase: np.ndarray  # [V] -1 or the one phase a variant scores
     rep_count: np.ndarray  # [V, L, E]
     rep_slot: np.ndarray  # [V, L, E, R]
     local_slot: np.ndarray  # [V, L, E, G] slot of expert e on GPU g, -1 if none
@@ -216,6 +218,7 @@ class VariantArrays:
             gpn=np.array([min(v.placement.gpus_per_node, v.placement.num_gpus) for v in variants], dtype=np.int64),
             tps=np.array([v.tokens_per_step for v in variants], dtype=np.int64),
             used=np.array([int((v.placement.slots[0] >= 0).sum()) for v in variants], dtype=np.int64),
+            phase=np.array([v.phase for v in variants], dtype=np.int64),
             rep_count=rep_count, rep_slot=rep_slot, local_slot=local_slot, slot_gpu=slot_gpu, g_max=g_max,
             width=width,
         )
@@ -277,7 +280,7 @@ class Segment:
         out_ntok = np.empty((v, cap), dtype=np.int64)
         out_n = np.zeros(v, dtype=np.int64)
         K.replay_chunk(ids, steps.astype(np.int64, copy=False), phases, t0, phase_filter, score_start,
-                       a.gpus, a.slots, a.gpn, a.tps, a.used, a.rep_count, a.rep_slot, a.local_slot,
+                       a.gpus, a.slots, a.gpn, a.tps, a.used, a.phase, a.rep_count, a.rep_slot, a.local_slot,
                        a.slot_gpu, self.model, self.cost,
                        self.sel_count, self.cur_key, self.cur_ntok, self.acc, self.fresh, self.head_key,
                        self.head_ntok, self.head_acc, self.tot_gpu, self.tot_int, self.comp,

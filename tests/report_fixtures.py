@@ -86,7 +86,7 @@ def small_report_inputs(directory: Path, tokens: int = 6000):
     path = write_synthetic(directory / "synthetic.h5", SynthConfig(tokens=tokens, seed=3, batch_size=4), force=True)
     options = ReportOptions(
         hardware=[GpuSpec.from_name("h100"), GpuSpec.from_name("h200")], gpus=[8, 16], target_tokens_per_s=1000.0,
-        redundant_experts=[0, 16], rebalance_every=(5, 20), window=10, segments=4,
+        redundant_experts=[0, 16], rebalance_every=(5, 20), window=10, segments=4, plan_tokens_per_gpu=[16],
     )
     with open_trace(path) as trace:
         inputs = collect_inputs(trace, options, settings={"command line": "test"})

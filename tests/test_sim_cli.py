@@ -61,7 +61,8 @@ def test_replay_table_fits_120_columns(tmp_path):
     compute = summary["timings"][0]["breakdown"]["compute"]
     assert " ".join(breakdown[1:3]) == units.seconds(compute)
     out = moe_sim("plan", str(path), "--target-tokens-per-s", "1e3", "--gpus", "2,4", "--gpus-per-node", "2",
-                  "--hardware", "h100,b200", "--redundant-experts", "0,4", "--all", "--quiet", columns=120)
+                  "--hardware", "h100,b200", "--redundant-experts", "0,4", "--tokens-per-step", "0", "--all", "--quiet",
+                  columns=120)
     assert out.returncode == 0, out.stderr
     assert max(len(line) for line in out.stdout.splitlines()) <= 120, out.stdout
     assert "\u2026" not in out.stdout
@@ -97,7 +98,7 @@ def test_replay_bad_inputs(tmp_path):
 def test_plan_json(tmp_path):
     path = random_trace(tmp_path / "t.h5", tokens=1500, experts=16)
     out = moe_sim("plan", str(path), "--target-tokens-per-s", "1e3", "--gpus", "2,4", "--gpus-per-node", "2",
-                  "--hardware", "h100,b200", "--redundant-experts", "0,4", "--json")
+                  "--hardware", "h100,b200", "--redundant-experts", "0,4", "--tokens-per-step", "0", "--json")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     # 2 GPU counts x (contiguous, balanced, replicated R=0 and 4) x 2 GPU types

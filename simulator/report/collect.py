@@ -44,7 +44,8 @@ class ReportOptions:
     placements: tuple[str, ...] = DEFAULT_PLACEMENTS  # compared in the replay section
     plan_placements: tuple[str, ...] = ("contiguous", "balanced", "replicated")
     redundant_experts: list[int] = field(default_factory=lambda: [0, 8, 16])
-    tokens_per_step: int = 0  # 0: the recorded forward passes
+    tokens_per_step: int = 0  # 0: the recorded forward passes (replay, rebalance); > 0 also fixes the plan's steps
+    plan_tokens_per_gpu: list[int] | None = None  # the plan's per-GPU batches (None: its default for the phase)
     phase: str = "all"
     fit_fraction: float = DEFAULT_FIT_FRACTION
     capacity_factor: float | None = None
@@ -109,7 +110,9 @@ def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFacto
         plan_config = PlanConfig(
             target_tokens_per_s=options.target_tokens_per_s, hardware=options.hardware, gpus=options.gpus,
             gpus_per_node=options.gpus_per_node, placements=list(options.plan_placements),
-            redundant_experts=options.redundant_experts, tokens_per_step=[options.tokens_per_step],
+            redundant_experts=options.redundant_experts,
+            tokens_per_step=[options.tokens_per_step] if options.tokens_per_step else None,
+            tokens_per_gpu=options.plan_tokens_per_gpu,
             max_step_ms=options.max_step_ms, phase=options.phase, fit_fraction=options.fit_fraction,
             capacity_factor=options.capacity_factor, hbm_reserve=options.hbm_reserve,
             context_tokens=options.context_tokens, chunk_tokens=options.chunk_tokens,

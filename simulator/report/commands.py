@@ -16,6 +16,7 @@ from rich.table import Table
 from simulator.commands import _int_list, _names
 from simulator.commands import plan as plan_cmd
 from simulator.hardware import ClusterLayout, parse_hardware_list
+from simulator.plan import apply_prices, parse_gpu_hour_cost
 from simulator.rebalance import (
     RebalanceConfig,
     RebalanceResult,
@@ -155,7 +156,7 @@ def rebalance(trace: tuple[str, ...], rebalance_every: str | None, window: int |
 
 
 @_options_from(plan_cmd, "redundant_experts", "max_step_ms", "fit_fraction", "capacity_factor", "hbm_reserve",
-               "context_tokens")
+               "context_tokens", "tokens_per_gpu", "gpu_hour_cost")
 @click.command("report")
 @click.argument("trace", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
@@ -182,7 +183,7 @@ def rebalance(trace: tuple[str, ...], rebalance_every: str | None, window: int |
 def report(trace: tuple[str, ...], output: str, force: bool, target_tokens_per_s: float | None, hardware: str,
            gpus: str, placements: str, plan_placements: str, redundant_experts: str, max_step_ms: float | None,
            fit_fraction: float, capacity_factor: float | None, hbm_reserve: float, context_tokens: int,
-           rebalance_placement: str | None, segments: int, rebalance_every: str | None, window: int | None,
+           tokens_per_gpu: str | None, gpu_hour_cost: str | None, rebalance_placement: str | None, segments: int, rebalance_every: str | None, window: int | None,
            tokens_per_step: int, phase: str, gpus_per_node: int, quiet: bool, as_json: bool) -> None:
     """Write a capacity-planning report on TRACE: recommendation, placements, rebalance windows, routing analysis.
 
@@ -197,8 +198,15 @@ def report(trace: tuple[str, ...], output: str, force: bool, target_tokens_per_s
 
     out = Path(output)
     check_output(out, force)  # fail before the long passes, not after
+    if tokens_per_gpu is not None and tokens_per_step:
+        raise InputError("--tokens-per-step and --tokens-per-gpu are mutually exclusive: give absolute step sizes "
+                         "or per-GPU batches, not both")
+    gpu_specs = parse_hardware_list(hardware)
+    if gpu_hour_cost is not None:
+        gpu_specs = apply_prices(gpu_specs, parse_gpu_hour_cost(gpu_hour_cost))
     options = ReportOptions(
-        hardware=parse_hardware_list(hardware), gpus=_int_list(gpus, "--gpus"), gpus_per_node=gpus_per_node,
+        hardware=gpu_specs,
+        plan_tokens_per_gpu=None if tokens_per_gpu is None else _int_list(tokens_per_gpu, "--tokens-per-gpu"), gpus=_int_list(gpus, "--gpus"), gpus_per_node=gpus_per_node,
         placements=tuple(_names(placements)), plan_placements=tuple(_names(plan_placements)),
         redundant_experts=_int_list(redundant_experts, "--redundant-experts"), tokens_per_step=tokens_per_step,
         phase=phase, fit_fraction=fit_fraction, capacity_factor=capacity_factor, hbm_reserve=hbm_reserve,

@@ -15,8 +15,14 @@ from simulator.report.model import Figure, Section, Table
 MAX_BREAKDOWN_BARS = 16  # layouts drawn in the time breakdown (the best placement of each)
 
 
+def _batch(c: Candidate) -> str:
+    if c.tokens_per_gpu:
+        return f"{c.tokens_per_gpu} x {c.num_gpus}"
+    return "recorded" if c.tokens_per_step == 0 else str(c.tokens_per_step)
+
+
 def _short(c: Candidate) -> str:
-    batch = "" if c.tokens_per_step == 0 else f", {c.tokens_per_step} tok/step"
+    batch = "" if c.tokens_per_step == 0 else f", {_batch(c)} tok/step"
     return f"{c.num_gpus}x{c.hardware} {c.placement}{batch}"
 
 
@@ -38,14 +44,14 @@ def candidate_table(plan: PlanResult, rows_in: list[Candidate], caption: str) ->
     for c in rows_in:
         rows.append([
             "yes" if c is rec else "", c.hardware, str(c.num_gpus), c.placement,
-            "recorded" if c.tokens_per_step == 0 else str(c.tokens_per_step), fmt_num(c.step_ms),
+            _batch(c), fmt_num(c.step_ms),
             fmt_num(c.step_ms_p95), fmt_int(c.tokens_per_s), fmt_int(c.tokens_per_s_per_gpu), fmt_num(c.imbalance),
             fmt_pct(c.leave_node_share),
             f"{c.memory_per_gpu_bytes / 2**30:.2f} / {c.usable_hbm_bytes / 2**30:.2f}",
             "yes" if c.meets_target else "no",
         ])
     return Table(
-        columns=["rec.", "GPU", "GPUs", "placement", "tokens/step", "step ms", "step ms p95", "tokens/s",
+        columns=["rec.", "GPU", "GPUs", "placement", "tokens/step (per GPU x GPUs)", "step ms", "step ms p95", "tokens/s",
                  "tokens/s / GPU", "imbalance", "leave node", "memory / usable GiB", "meets target"],
         rows=rows, numeric=[False, False, True, False, True, True, True, True, True, True, True, True, False],
         caption=caption,
@@ -73,8 +79,8 @@ def plan_section(plan: PlanResult | None, replay: ReplayResult) -> Section:
     bullets = list(plan.reasons) + [f"skipped: {s}" for s in plan.skipped]
     target = fmt_int(plan.config.get("target_tokens_per_s", float("nan")))
     tables = [
-        candidate_table(plan, plan.frontier, f"Frontier: layouts not beaten by one with no more GPUs and more "
-                                             f"throughput ({len(plan.candidates)} grid points, target {target} "
+        candidate_table(plan, plan.frontier, f"Frontier: layouts not beaten by one with no more GPUs (no higher "
+                                             f"cost per hour when every GPU is priced) and more throughput ({len(plan.candidates)} grid points, target {target} "
                                              "tokens/s)"),
         candidate_table(plan, best_per_layout(plan), "Best placement on each layout swept"),
     ]
