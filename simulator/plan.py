@@ -366,17 +366,25 @@ def _size(c: Candidate, priced: bool) -> float:
 
 
 def pareto_frontier(candidates: list[Candidate], priced: bool = False) -> list[Candidate]:
-    """Memory- and latency-feasible candidates not beaten by another with no more GPUs (no higher cost per hour when
-    priced) and at least the throughput."""
+    """Memory- and latency-feasible candidates that no other feasible one beats on all three of size (GPUs, or cost
+    per hour when priced), throughput and p95 step time; ordered by size, then throughput.
+
+    With per-GPU batches a larger batch buys throughput with a longer step, so the frontier shows, for each cluster
+    size, the trade between throughput and latency as well as what more GPUs add."""
     fit = [c for c in candidates if c.fits_memory and c.meets_latency]
-    fit.sort(key=lambda c: (_size(c, priced), -c.tokens_per_s, c.step_ms))
-    out: list[Candidate] = []
-    best = -1.0
-    for c in fit:
-        if c.tokens_per_s > best:
+    keys = [(_size(c, priced), -c.tokens_per_s, c.step_ms_p95) for c in fit]
+    out = []
+    for c, k in zip(fit, keys, strict=True):
+        if not any(all(o <= m for o, m in zip(other, k, strict=True)) and other != k for other in keys):
             out.append(c)
-            best = c.tokens_per_s
-    return out
+    out.sort(key=lambda c: (_size(c, priced), -c.tokens_per_s, c.step_ms))
+    # equal keys (same size, throughput and p95, e.g. one layout priced alike twice): keep the first
+    unique: list[Candidate] = []
+    for c in out:
+        if not unique or (_size(c, priced), c.tokens_per_s, c.step_ms_p95) != \
+                (_size(unique[-1], priced), unique[-1].tokens_per_s, unique[-1].step_ms_p95):
+            unique.append(c)
+    return unique
 
 
 def _money(x: float | None) -> str:
@@ -407,8 +415,8 @@ def recommend(candidates: list[Candidate], config: PlanConfig) -> tuple[Candidat
     reserve = f"{config.hbm_reserve:.0%} of HBM reserved for KV cache and activations"
     unpriced = sorted({g.name for g in config.hardware if g.price_per_gpu_hour is None})
     ranking = ("ranked by cost per hour (prices given for every GPU type), then mean step time" if priced else
-               f"ranked by fewest GPUs, then mean step time: no price for {', '.join(unpriced)} "
-               "(give --gpu-hour-cost or price_per_gpu_hour in a hardware file to rank by cost)")
+               f"ranked by fewest GPUs, then mean step time: prices were not given for {', '.join(unpriced)} "
+               "(--gpu-hour-cost or price_per_gpu_hour in a hardware file ranks by cost)")
     reasons = []
     if not ok:
         best = max(candidates, key=lambda c: (c.fits_memory and c.meets_latency, c.tokens_per_s))

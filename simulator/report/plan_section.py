@@ -40,6 +40,7 @@ def best_per_layout(plan: PlanResult) -> list[Candidate]:
 
 def candidate_table(plan: PlanResult, rows_in: list[Candidate], caption: str) -> Table:
     rec = plan.recommendation
+    priced = any(c.price_per_hour is not None for c in rows_in)
     rows = []
     for c in rows_in:
         rows.append([
@@ -49,13 +50,20 @@ def candidate_table(plan: PlanResult, rows_in: list[Candidate], caption: str) ->
             fmt_pct(c.leave_node_share),
             f"{c.memory_per_gpu_bytes / 2**30:.2f} / {c.usable_hbm_bytes / 2**30:.2f}",
             "yes" if c.meets_target else "no",
-        ])
+        ] + ([_price(c.price_per_hour), _price(c.cost_per_million_tokens)] if priced else []))
     return Table(
-        columns=["rec.", "GPU", "GPUs", "placement", "tokens/step (per GPU x GPUs)", "step ms", "step ms p95", "tokens/s",
-                 "tokens/s / GPU", "imbalance", "leave node", "memory / usable GiB", "meets target"],
-        rows=rows, numeric=[False, False, True, False, True, True, True, True, True, True, True, True, False],
+        columns=["rec.", "GPU", "GPUs", "placement", "tokens/step (per GPU x GPUs)", "step ms", "step ms p95",
+                 "tokens/s", "tokens/s / GPU", "imbalance", "leave node", "memory / usable GiB", "meets target"]
+        + (["cost / hour", "cost / M tokens"] if priced else []),
+        rows=rows,
+        numeric=[False, False, True, False, True, True, True, True, True, True, True, True, False]
+        + ([True, True] if priced else []),
         caption=caption,
     )
+
+
+def _price(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.4g}"
 
 
 def plan_section(plan: PlanResult | None, replay: ReplayResult) -> Section:
@@ -79,8 +87,8 @@ def plan_section(plan: PlanResult | None, replay: ReplayResult) -> Section:
     bullets = list(plan.reasons) + [f"skipped: {s}" for s in plan.skipped]
     target = fmt_int(plan.config.get("target_tokens_per_s", float("nan")))
     tables = [
-        candidate_table(plan, plan.frontier, f"Frontier: layouts not beaten by one with no more GPUs (no higher "
-                                             f"cost per hour when every GPU is priced) and more throughput ({len(plan.candidates)} grid points, target {target} "
+        candidate_table(plan, plan.frontier, f"Frontier: layouts no other beats at once on GPUs (cost per hour when "
+                                             f"every GPU is priced), throughput and p95 step time ({len(plan.candidates)} grid points, target {target} "
                                              "tokens/s)"),
         candidate_table(plan, best_per_layout(plan), "Best placement on each layout swept"),
     ]
