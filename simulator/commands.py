@@ -198,26 +198,26 @@ def _batch_cell(c: Candidate) -> str:
 
 
 def plan_table(result: PlanResult, rows: list[Candidate], title: str) -> Table:
-    """One row per candidate layout (fits 120 columns); whole-model step times; cost columns when priced."""
+    """One row per candidate layout (fits 120 columns); whole-model step times. When priced, cost per hour and per
+    million tokens take the place of tokens/s per GPU and imbalance (both stay in --json)."""
     priced = any(c.price_per_hour is not None for c in rows)
     per_gpu = any(c.tokens_per_gpu for c in rows)
     columns = [("GPUs", "left"), ("placement", "left"),
                ("tokens/GPU\nx GPUs" if per_gpu else "tokens\n/step", "right"), ("step\nmean", "right"),
-               ("step\np95", "right"), ("tokens/s", "right"), ("tokens/s\n/GPU", "right"), ("imbal.", "right"),
-               ("memory\n/GPU", "right")]
-    if priced:
-        columns += [("cost\n/hour", "right"), ("cost /\nM tokens", "right")]
-    table = _table(title, columns + [("fits", "right"), ("meets", "right")])
+               ("step\np95", "right"), ("tokens/s", "right")]
+    columns += [("cost\n/hour", "right"), ("cost /\nM tokens", "right")] if priced else \
+        [("tokens/s\n/GPU", "right"), ("imbalance", "right")]
+    table = _table(title, columns + [("memory\n/GPU", "right"), ("fits", "right"), ("meets", "right")])
     for c in rows:
-        cells = [
-            f"{c.num_gpus} x {c.hardware}", c.placement, _batch_cell(c),
-            units.seconds(c.step_ms / 1e3), units.seconds(c.step_ms_p95 / 1e3), units.si(c.tokens_per_s),
-            units.si(c.tokens_per_s_per_gpu), units.sig(c.imbalance), units.nbytes(c.memory_per_gpu_bytes),
-        ]
+        cells = [f"{c.num_gpus} x {c.hardware}", c.placement, _batch_cell(c), units.seconds(c.step_ms / 1e3),
+                 units.seconds(c.step_ms_p95 / 1e3), units.si(c.tokens_per_s)]
         if priced:
             cells += [units.sig(c.price_per_hour) if c.price_per_hour is not None else "-",
                       units.sig(c.cost_per_million_tokens) if c.cost_per_million_tokens is not None else "-"]
-        cells += ["yes" if c.fits_memory else "[red]no[/red]", "[green]yes[/green]" if c.meets_target else "no"]
+        else:
+            cells += [units.si(c.tokens_per_s_per_gpu), units.sig(c.imbalance)]
+        cells += [units.nbytes(c.memory_per_gpu_bytes), "yes" if c.fits_memory else "[red]no[/red]",
+                  "[green]yes[/green]" if c.meets_target else "no"]
         table.add_row(*cells)
     return table
 
@@ -297,7 +297,7 @@ def plan_cmd(trace: tuple[str, ...], target_tokens_per_s: float, hardware: str, 
     if result.skipped:  # one short line: which points, and the first reason (--json has every reason)
         points = [line.split(": ", 1)[0] for line in result.skipped]
         first = result.skipped[0].split(": ", 1)[-1]
-        shown = ", ".join(points[:6]) + (f" and {len(points) - 6} more" if len(points) > 6 else "")
+        shown = "; ".join(points[:6]) + (f"; and {len(points) - 6} more" if len(points) > 6 else "")
         console.print(f"[dim]skipped {len(points)} grid point(s) that cannot be built or planned: {shown} "
                       f"(first reason: {first}; --json lists every reason)[/dim]")
     head = "Recommendation" if result.recommendation else "No recommendation"
