@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -172,3 +173,18 @@ def test_batch_options_are_exclusive_and_prices_checked(tmp_path):
         assert out.stderr.startswith("error:") and "mutually exclusive" in out.stderr and "Traceback" not in out.stderr
     out = moe_sim("plan", str(path), "--target-tokens-per-s", "1e3", "--gpu-hour-cost", "h100=abc")
     assert out.returncode == 2 and "--gpu-hour-cost" in out.stderr
+
+
+def test_prices_from_a_hardware_file_and_the_priced_table(tmp_path):
+    gpu = tmp_path / "cheap.json"
+    spec = GpuSpec.from_name("h100").to_dict() | {"name": "cheap", "price_per_gpu_hour": 1.5}
+    gpu.write_text(json.dumps(spec))
+    path = uniform_trace(tmp_path / "u.h5")
+    out = moe_sim("plan", str(path), "--target-tokens-per-s", "1e3", "--hardware", f"h100,{gpu}", "--gpus", "4,8",
+                  "--tokens-per-gpu", "128", "--gpu-hour-cost", "h100=2", "--placements", "balanced", "--quiet",
+                  columns=120)
+    assert out.returncode == 0, out.stderr
+    assert max(len(line) for line in out.stdout.splitlines()) <= 120 and "\u2026" not in out.stdout
+    assert "cost" in out.stdout and "M tokens" in out.stdout
+    assert "ranked by cost per hour" in out.stdout
+    assert "4 x cheap" in out.stdout.split("Recommendation")[1]  # 4 x 1.5/h is the cheapest that meets 1k tokens/s
