@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def readme_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    block = re.search(r"```bash\n(.*?)```", text, re.S)
-    assert block, "README has no bash block"
-    return [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
+def readme_commands(block_index: int = 0) -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) > block_index, "README lacks that bash block"
+    return [line for line in blocks[block_index].splitlines() if line.strip() and not line.startswith("#")]
 
 
 def test_readme_starts_with_two_commands() -> None:
@@ -41,3 +43,17 @@ def test_readme_main_command_runs_end_to_end() -> None:
         phases = set(t.read_all(["phase"]).phase.tolist())
     assert phases == {0, 1}  # prefill and decode both recorded
     assert "contiguous" in result.stdout  # the replay table compares placements
+
+
+@pytest.mark.slow
+def test_readme_tour_runs() -> None:
+    """Every line of the README's tour, verbatim, so the documented commands cannot rot."""
+    tour = readme_commands(1)
+    assert tour[0].startswith(". .venv/bin/activate")
+    script = "set -e\n" + "\n".join(tour)
+    result = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                            env={**os.environ, "COLUMNS": "120"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (ROOT / "demo" / "report.html").read_bytes().startswith(b"<!DOCTYPE html>")
+    for word in ("Per-layer expert load", "contiguous", "Frontier", "refit every"):
+        assert word in result.stdout, word
