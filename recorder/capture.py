@@ -1,14 +1,22 @@
-"""Capture router outputs with no host synchronisation inside the forward pass.
+"""Capture router outputs with no host synchronisation inside the forward pass, and few host steps per pass.
 
 During a forward pass each router's forward hook only keeps a reference to its output (no kernel, no copy).
-After the pass, `end_pass` stacks the L layers' ids and weights (and logits) as [T, L, X], the trace's own order,
-plus the token columns, into views of one preallocated device byte buffer (a stack kernel and a converting copy per
-field), starts one non-blocking copy into pinned host memory and records a CUDA event. A background thread
-(`TraceSink`) copies finished passes out of pinned memory, drops padding rows and appends whole batches to the
-trace; a byte budget on the work in flight gives back-pressure, so memory stays bounded.
+`end_pass` files those references, with the pass's token columns, into a window of passes of one shape: a few list
+appends, no kernel. Every `window_passes` passes (or when the shape changes, the window's tensors pass
+`window_bytes`, or the caller calls `collect()` at a batch's end), `collect` stacks the whole window into views of one
+preallocated device byte buffer, laid out [N, T, L, X] (N passes, the trace's own row order), with two kernels per
+field whatever N is, starts one non-blocking copy into pinned host memory and records a CUDA event. So the host cost
+of moving routing off the device is paid once per window rather than once per pass: in HF decode, which is bound by
+how fast the main thread launches kernels, that is what counts. A background thread (`TraceSink`) copies finished
+blocks out of pinned memory, drops padding rows and appends whole batches to the trace; a byte budget on the work
+in flight gives back-pressure, and the window's own limits bound what it keeps alive on the device.
 
-Shape legend: B batch rows, S tokens per row in this pass, T = B * S rows (padding included), L MoE layers,
-K top-k, E experts.
+Holding router outputs across passes is exact because eager PyTorch allocates fresh outputs every pass and never
+writes into a tensor that is still referenced. Under CUDA graphs (outputs in static memory, overwritten by the next
+replay) use `window_passes=1`, which copies every pass before the next one runs.
+
+Shape legend: N passes in a window, B batch rows, S tokens per row in a pass, T = B * S rows (padding included),
+L MoE layers, K top-k, E experts.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,7 +52,7 @@ class PassTokens:
     step: int
 
 
-# One pass travels as one byte buffer: fields at 8-byte aligned offsets. name -> (offset, dtype, shape)
+# One block of passes travels as one byte buffer: fields at 8-byte aligned offsets. name -> (offset, dtype, shape)
 Packing = dict[str, tuple[int, torch.dtype, tuple[int, ...]]]
 
 
@@ -63,95 +71,124 @@ _NP_DTYPES = {torch.uint8: np.uint8, torch.int32: np.int32, torch.int64: np.int6
 
 
 @dataclass
-class HostPass:
-    """One pass's routing and token columns in one host byte buffer (pinned on CUDA).
+class BlockInfo:
+    """Who the N passes of a block are: one entry per pass."""
+
+    seq_ids: list[np.ndarray]  # N x [B]
+    phases: list[int]
+    steps: list[int]
+    has_token_ids: bool
+
+
+@dataclass
+class HostBlock:
+    """N passes of one shape in one host byte buffer (pinned on CUDA).
 
     The copy into it may still be in flight until `event` completes; only the writer thread waits for it.
-    Fields: ids, weights, logits [T, L, X]; tokens [3, B, S] (position, token id, valid).
+    Fields: tokens [N, 2, B, S] (position, token id), valid [N, B, S], ids, weights, logits [N, T, L, X].
     """
 
     data: torch.Tensor  # uint8 [nbytes]
     packing: Packing
-    seq_id: np.ndarray  # [B]
-    has_token_ids: bool
-    phase: int
-    step: int
+    info: BlockInfo
     event: Any  # torch.cuda.Event or None
 
     @property
     def nbytes(self) -> int:
         return int(self.data.numel())
 
+    @property
+    def num_passes(self) -> int:
+        return len(self.info.steps)
+
     def ready(self) -> bool:
         """True once the copy to the host has finished (never blocks)."""
         return self.event is None or bool(self.event.query())
 
-    def release(self) -> RawPass:
+    def release(self) -> RawBlock:
         """A plain copy of the bytes, so the pinned buffer goes back to the allocator now (waits for the copy)."""
         if self.event is not None:
             self.event.synchronize()
-        return RawPass(self.data.numpy().copy(), self.packing, self.seq_id, self.has_token_ids, self.phase, self.step)
+        return RawBlock(self.data.numpy().copy(), self.packing, self.info)
 
     def field(self, name: str) -> np.ndarray:
         return self.release().field(name)
 
     def to_chunk(self, with_token_ids: bool, id_dtype: np.dtype, weights_dtype: np.dtype) -> TraceChunk:
-        return passes_to_chunk([self.release()], with_token_ids, id_dtype, weights_dtype)
+        return blocks_to_chunk([self.release()], with_token_ids, id_dtype, weights_dtype)
 
 
 @dataclass
-class RawPass:
-    """A HostPass copied out of pinned memory, waiting to be converted with others of its shape."""
+class RawBlock:
+    """A HostBlock copied out of pinned memory, waiting to be converted."""
 
     raw: np.ndarray  # uint8 [nbytes]
     packing: Packing
-    seq_id: np.ndarray
-    has_token_ids: bool
-    phase: int
-    step: int
+    info: BlockInfo
 
     def field(self, name: str) -> np.ndarray:
-        """Field `name` as a view of the bytes: tokens [3, B, S]; ids, weights, logits [T, L, X]."""
+        """Field `name` as a view of the bytes (shapes as in HostBlock)."""
         offset, dtype, shape = self.packing[name]
         np_dtype = np.dtype(_NP_DTYPES[dtype])
         count = int(np.prod(shape))
         return self.raw[offset: offset + count * np_dtype.itemsize].view(np_dtype).reshape(shape)
 
 
-def passes_to_chunk(passes: list[RawPass], with_token_ids: bool, id_dtype: np.dtype,
+def blocks_to_chunk(blocks: list[RawBlock], with_token_ids: bool, id_dtype: np.dtype,
                     weights_dtype: np.dtype) -> TraceChunk:
-    """Trace rows of consecutive passes, in order, padding dropped."""
-    return TraceChunk.concat([_convert(p, with_token_ids, id_dtype, weights_dtype) for p in passes])
+    """Trace rows of consecutive blocks, in order, padding dropped."""
+    return TraceChunk.concat([_convert(b, with_token_ids, id_dtype, weights_dtype) for b in blocks])
 
 
-def _convert(p: RawPass, with_token_ids: bool, id_dtype: np.dtype, weights_dtype: np.dtype) -> TraceChunk:
-    tokens = p.field("tokens")  # [3, B, S]
-    _, b, s = tokens.shape
-    valid = tokens[2].reshape(-1)
+def _convert(block: RawBlock, with_token_ids: bool, id_dtype: np.dtype, weights_dtype: np.dtype) -> TraceChunk:
+    """One block's rows, vectorised over its N passes (one NumPy call per column, not per pass)."""
+    info = block.info
+    tokens = block.field("tokens")  # [N, 2, B, S]
+    n, _, b, s = tokens.shape
+    valid = block.field("valid").reshape(-1)  # [N * T]
     rows: slice | np.ndarray = slice(None) if bool(valid.all()) else np.flatnonzero(valid)
+    per_pass = b * s
 
     def per_token(name: str, dtype: np.dtype) -> np.ndarray:
-        return p.field(name)[rows].astype(dtype, copy=False)  # [T, L, X] rows, already in trace order
+        x = block.field(name)  # [N, T, L, X]
+        return x.reshape(n * per_pass, *x.shape[2:])[rows].astype(dtype, copy=False)
 
-    n = b * s if isinstance(rows, slice) else rows.size
+    seq = np.repeat(np.stack(info.seq_ids).astype(np.int32), s, axis=1).reshape(-1)  # [N * T]
     chunk = TraceChunk(
-        seq_id=np.repeat(p.seq_id.astype(np.int32), s)[rows],
-        position=tokens[0].reshape(-1)[rows].astype(np.int32),
-        phase=np.full(n, p.phase, dtype=np.uint8),
-        step=np.full(n, p.step, dtype=np.int32),
+        seq_id=seq[rows],
+        position=tokens[:, 0].reshape(-1)[rows].astype(np.int32),
+        phase=np.repeat(np.asarray(info.phases, dtype=np.uint8), per_pass)[rows],
+        step=np.repeat(np.asarray(info.steps, dtype=np.int32), per_pass)[rows],
         expert_ids=per_token("ids", id_dtype),
     )
-    if with_token_ids and p.has_token_ids:
-        chunk.token_id = tokens[1].reshape(-1)[rows].astype(np.int32)
-    if "weights" in p.packing:
+    if with_token_ids and info.has_token_ids:
+        chunk.token_id = tokens[:, 1].reshape(-1)[rows].astype(np.int32)
+    if "weights" in block.packing:
         chunk.expert_weights = per_token("weights", weights_dtype)
-    if "logits" in p.packing:
+    if "logits" in block.packing:
         chunk.router_logits = per_token("logits", np.dtype(np.float16))
     return chunk
 
 
+@dataclass
+class _Window:
+    """References to the outputs of passes not yet copied (all of one shape), in pass order."""
+
+    key: tuple  # (T, B, S, has token ids, device)
+    ids: list[torch.Tensor] = field(default_factory=list)  # N * L x [T, K], pass-major
+    weights: list[torch.Tensor] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)  # N * L x [T, E]
+    tokens: list[torch.Tensor] = field(default_factory=list)  # N * 2 x [B, S] int64: position, token id
+    valid: list[torch.Tensor] = field(default_factory=list)  # N x [B, S] bool
+    info: BlockInfo = field(default_factory=lambda: BlockInfo([], [], [], False))
+    nbytes: int = 0  # device bytes the references keep alive
+
+
 class RoutingCapture:
-    """Forward hooks on every router of `layout`; `end_pass` moves one pass's routing to the host."""
+    """Forward hooks on every router of `layout`; `end_pass` files a pass, `collect` moves a window to the host.
+
+    `window_passes` passes (or `window_bytes` of referenced outputs) make one window; 1 copies every pass at once.
+    """
 
     def __init__(
         self,
@@ -160,17 +197,22 @@ class RoutingCapture:
         save_weights: bool = True,
         save_logits: bool = False,
         weights_dtype: torch.dtype = torch.float16,
+        window_passes: int = 64,
+        window_bytes: int = 64 << 20,
     ):
+        if window_passes < 1:
+            raise ValueError("window_passes must be at least 1")
         self.layout = layout
         self.save_weights = save_weights
         self.save_logits = save_logits
         self.weights_dtype = weights_dtype
+        self.window_passes = window_passes
+        self.window_bytes = window_bytes
         # uint8 ids on the device when they fit; int32 otherwise (torch has few uint16 kernels).
         self.id_dtype = torch.uint8 if layout.num_experts <= 256 else torch.int32
         self._pending: list[Any] = [None] * layout.num_layers
+        self._window: _Window | None = None
         self._device_bytes: torch.Tensor | None = None
-        self._views: dict[tuple, tuple[Packing, int, dict[str, torch.Tensor]]] = {}
-        self._staging: dict[tuple, torch.Tensor] = {}  # per-shape concatenation buffers in the router's dtypes
         self._handles: list[Any] = []
         self.attach()
 
@@ -214,55 +256,30 @@ class RoutingCapture:
         return ids, weights, first
 
     # -- after the forward pass ------------------------------------------------------------------------------
-    def clear(self) -> None:
+    def drop_pass(self) -> None:
+        """Forget router outputs of the pass under way (the window keeps the passes already filed)."""
         self._pending[:] = [None] * self.layout.num_layers
+
+    def clear(self) -> None:
+        """Forget the current pass and every pass of the window not collected yet (e.g. a failed batch)."""
+        self.drop_pass()
+        self._window = None
 
     @property
     def has_pending(self) -> bool:
         return any(p is not None for p in self._pending)
 
-    def _pass_views(self, t: int, b: int, s: int, device: torch.device) -> tuple[Packing, int, dict[str, torch.Tensor]]:
-        """Packing and device-buffer views for a pass shape, cached (building views costs host time)."""
-        key = (t, b, s, device)
-        cached = self._views.get(key)
-        if cached is not None:
-            return cached
-        lay = self.layout
-        # Routing fields are laid out [T, L, X], the trace's own order: the transpose happens on the device.
-        fields: list[tuple[str, torch.dtype, tuple[int, ...]]] = [("tokens", torch.int64, (3, b, s)),
-                                                                  ("ids", self.id_dtype, (t, lay.num_layers, lay.top_k))]
-        if self.save_weights:
-            fields.append(("weights", self.weights_dtype, (t, lay.num_layers, lay.top_k)))
-        if self.save_logits:
-            fields.append(("logits", torch.float16, (t, lay.num_layers, lay.num_experts)))
-        packing, total = _packing(fields)
-        buf = self._device_bytes
-        if buf is None or buf.numel() < total or buf.device != device:
-            # Grow with headroom; a copy still reading the old buffer is ordered before any reuse on the stream.
-            size = max(total, 2 * (buf.numel() if buf is not None and buf.device == device else 0))
-            buf = self._device_bytes = torch.empty(size, dtype=torch.uint8, device=device)
-            self._views.clear()
-        views = {name: buf[off: off + int(np.prod(shape)) * torch.empty((), dtype=dt).element_size()]
-                 .view(dt).view(shape) for name, (off, dt, shape) in packing.items()}
-        views["tokens"] = views["tokens"].view(3 * b, s)  # filled by one torch.cat of three [B, S] tensors
-        self._views[key] = (packing, total, views)
-        return self._views[key]
+    @property
+    def window_size(self) -> int:
+        """Passes filed and not yet collected."""
+        return 0 if self._window is None else len(self._window.info.steps)
 
-    def _stack_into(self, view: torch.Tensor, parts: list[torch.Tensor]) -> None:
-        """L tensors [T, X] -> view [T, L, X]: one stack kernel (in the parts' dtype), then one converting copy."""
-        dtype = parts[0].dtype
-        if dtype == view.dtype:
-            torch.stack(parts, dim=1, out=view)
-            return
-        key = (tuple(view.shape), dtype, view.device)
-        stage = self._staging.get(key)
-        if stage is None:
-            stage = self._staging[key] = torch.empty(view.shape, dtype=dtype, device=view.device)
-        torch.stack(parts, dim=1, out=stage)
-        view.copy_(stage)
+    def end_pass(self, tokens: PassTokens) -> list[HostBlock]:
+        """File the pass just run: list appends only, no kernel (none at all in steady decode), never waits.
 
-    def end_pass(self, tokens: PassTokens) -> HostPass:
-        """Start moving the pass just run to the host: three or four kernels and one copy; never waits."""
+        Returns the blocks whose copies this call started: usually none; one when the window filled up or the pass
+        shape changed.
+        """
         pending = self._pending
         if any(p is None for p in pending):
             missing = [self.layout.sites[i].name for i, p in enumerate(pending) if p is None]
@@ -274,47 +291,114 @@ class RoutingCapture:
         else:
             reads = [self._read(p) for p in pending]
             ids, weights, firsts = [r[0] for r in reads], [r[1] for r in reads], [r[2] for r in reads]
+        pending[:] = [None] * len(pending)
         b, s = int(tokens.valid.shape[0]), int(tokens.valid.shape[1])
+        t = int(ids[0].shape[0])
+        if t != b * s:
+            raise RuntimeError(f"routers saw {t} rows but the pass has {b} x {s} tokens")
         device = ids[0].device
-        on_cuda = device.type == "cuda"
-        packing, total, views = self._pass_views(int(ids[0].shape[0]), b, s, device)
-        token_parts = [tokens.position, tokens.token_id if tokens.token_id is not None else tokens.position,
-                       tokens.valid]
-        if on_cuda:
-            token_parts = [x if x.device == device else x.to(device, non_blocking=True) for x in token_parts]
-        # torch.stack/cat run as one kernel only when the output has the inputs' dtype (otherwise one copy per
-        # input): stack into a staging buffer of the router's dtype, then convert into the packed view.
-        torch.cat(token_parts, out=views["tokens"])
-        self._stack_into(views["ids"], ids)
+        key = (t, b, s, tokens.token_id is not None, device)
+        out: list[HostBlock] = []
+        w = self._window
+        if w is not None and w.key != key:
+            out += self._collect_window()
+            w = None
+        if w is None:
+            w = self._window = _Window(key)
+            w.info.has_token_ids = tokens.token_id is not None
+        w.ids += ids
+        nbytes = t * len(ids) * ids[0].shape[-1] * ids[0].element_size()
         if self.save_weights:
-            self._stack_into(views["weights"], weights)
+            w.weights += weights
+            nbytes += nbytes // ids[0].element_size() * weights[0].element_size()
         if self.save_logits:
-            self._stack_into(views["logits"], firsts)
-        assert self._device_bytes is not None
+            w.logits += firsts
+            nbytes += t * len(ids) * firsts[0].shape[-1] * firsts[0].element_size()
+        w.tokens += [self._on(tokens.position, device, torch.int64),
+                     self._on(tokens.token_id if tokens.token_id is not None else tokens.position, device, torch.int64)]
+        w.valid.append(self._on(tokens.valid, device, torch.bool))
+        w.info.seq_ids.append(tokens.seq_id)
+        w.info.phases.append(tokens.phase)
+        w.info.steps.append(tokens.step)
+        w.nbytes += nbytes
+        if len(w.info.steps) >= self.window_passes or w.nbytes >= self.window_bytes:
+            out += self._collect_window()
+        return out
+
+    @staticmethod
+    def _on(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """x on `device` in `dtype` [B, S]: a no-op (no kernel) when it already is."""
+        if x.device != device:
+            x = x.to(device, non_blocking=True)
+        return x if x.dtype == dtype else x.to(dtype)
+
+    def collect(self) -> list[HostBlock]:
+        """Start copying every filed pass to the host (at a batch's end, before stopping): zero or one block."""
+        return self._collect_window()
+
+    def _collect_window(self) -> list[HostBlock]:
+        w, self._window = self._window, None
+        if w is None or not w.info.steps:
+            return []
+        lay = self.layout
+        n = len(w.info.steps)
+        t, b, s, _, device = w.key
+        fields: list[tuple[str, torch.dtype, tuple[int, ...]]] = [
+            ("tokens", torch.int64, (n, 2, b, s)), ("valid", torch.bool, (n, b, s)),
+            ("ids", self.id_dtype, (n, t, lay.num_layers, lay.top_k)),
+        ]
+        if self.save_weights:
+            fields.append(("weights", self.weights_dtype, (n, t, lay.num_layers, lay.top_k)))
+        if self.save_logits:
+            fields.append(("logits", torch.float16, (n, t, lay.num_layers, lay.num_experts)))
+        packing, total = _packing(fields)
+        buf = self._device_bytes
+        if buf is None or buf.numel() < total or buf.device != device:
+            # Grow with headroom; a copy still reading the old buffer is ordered before any reuse on the stream.
+            size = max(total, 2 * (buf.numel() if buf is not None and buf.device == device else 0))
+            buf = self._device_bytes = torch.empty(size, dtype=torch.uint8, device=device)
+        views = {name: buf[off: off + int(np.prod(shape)) * torch.empty((), dtype=dt).element_size()]
+                 .view(dt).view(shape) for name, (off, dt, shape) in packing.items()}
+        torch.stack(w.tokens, out=views["tokens"].view(2 * n, b, s))
+        torch.stack(w.valid, out=views["valid"])
+        self._gather(views["ids"], w.ids)
+        if self.save_weights:
+            self._gather(views["weights"], w.weights)
+        if self.save_logits:
+            self._gather(views["logits"], w.logits)
         event = None
-        if on_cuda:
+        if device.type == "cuda":
             host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
-            host.copy_(self._device_bytes[:total], non_blocking=True)
+            host.copy_(buf[:total], non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         else:
-            host = self._device_bytes[:total].clone()
-        self.clear()
-        return HostPass(host, packing, tokens.seq_id, tokens.token_id is not None, tokens.phase, tokens.step, event)
+            host = buf[:total].clone()
+        return [HostBlock(host, packing, w.info, event)]
+
+    @staticmethod
+    def _gather(view: torch.Tensor, parts: list[torch.Tensor]) -> None:
+        """N * L tensors [T, X] (pass-major) -> view [N, T, L, X]: one stack kernel in the parts' dtype (a stack
+        into another dtype would launch one copy per part), then one converting, transposing copy."""
+        n, t, layers, x = view.shape
+        stage = torch.empty((n * layers, t, x), dtype=parts[0].dtype, device=view.device)
+        torch.stack(parts, out=stage)
+        view.copy_(stage.view(n, layers, t, x).transpose(1, 2))
 
     def remove(self) -> None:
-        """Detach every hook; the device buffer is kept for a later attach()."""
+        """Detach every hook. Passes already filed stay in the window for collect() (or clear()); the device buffer
+        is kept for a later attach()."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.clear()
+        self.drop_pass()
 
 
 _FLUSH = object()  # queue marker: a producer waits on back-pressure, write now
 
 
 class TraceSink:
-    """Background writer: turns batches of HostPass into trace chunks, in order, with bounded memory.
+    """Background writer: turns batches of HostBlock into trace chunks, in order, with bounded memory.
 
     The thread wakes every `poll_seconds` rather than on each submit, converts what arrived (freeing its pinned
     buffers), and appends to the file once `flush_bytes` have gathered or `flush_seconds` have passed: every
@@ -358,9 +442,9 @@ class TraceSink:
         self._thread = threading.Thread(target=self._run, name="moe-trace-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, passes: list[HostPass], num_sequences: int) -> None:
-        """Hand over one whole batch (all its passes); blocks while too much waits to be written."""
-        nbytes = sum(p.nbytes for p in passes)
+    def submit(self, blocks: list[HostBlock], num_sequences: int) -> None:
+        """Hand over one whole batch (all its blocks); blocks while too much waits to be written."""
+        nbytes = sum(b.nbytes for b in blocks)
         with self._cond:
             if self._in_flight > 0 and self._in_flight + nbytes > self.max_bytes:
                 self._queue.put(_FLUSH)
@@ -368,10 +452,10 @@ class TraceSink:
                     self._cond.wait()
             self._raise_if_failed()
             self._in_flight += nbytes
-        self._queue.put((passes, num_sequences))
+        self._queue.put((blocks, num_sequences))
 
     def _run(self) -> None:
-        pending: list[RawPass] = []  # passes copied out of pinned memory, waiting for the next append
+        pending: list[RawBlock] = []  # blocks copied out of pinned memory, waiting for the next append
         pending_bytes = pending_batches = pending_sequences = 0
         last_flush = time.monotonic()
         stop = False
@@ -396,24 +480,24 @@ class TraceSink:
                     urgent = True
                     arrived.popleft()
                     continue
-                passes, sequences = item
-                if not closing and not all(p.ready() for p in passes):
+                blocks, sequences = item
+                if not closing and not all(b.ready() for b in blocks):
                     break  # copies still in flight: take them at the next wake-up instead of waiting here
                 arrived.popleft()
-                nbytes = sum(p.nbytes for p in passes)
+                nbytes = sum(b.nbytes for b in blocks)
                 try:
                     if self._error is None:
                         # Copying out now frees the pinned buffers at once, so few stay in use and the pinned
                         # allocator keeps reusing the same blocks; conversion and append wait for a flush, where
-                        # passes of one shape convert together.
-                        pending.extend(p.release() for p in passes)
+                        # blocks convert together.
+                        pending.extend(b.release() for b in blocks)
                         pending_bytes += nbytes
                         pending_batches += 1
                         pending_sequences += sequences
                 except BaseException as exc:  # reported to the main thread at its next submit/close
                     self._error = exc
                 finally:
-                    del passes, item
+                    del blocks, item
                     with self._cond:
                         self._in_flight -= nbytes
                         self._cond.notify_all()
@@ -432,8 +516,8 @@ class TraceSink:
                 pending_bytes = pending_batches = pending_sequences = 0
                 self.busy_seconds += time.thread_time() - woke
 
-    def _write(self, passes: list[RawPass], batches: int, sequences: int) -> None:
-        chunk = passes_to_chunk(passes, self.with_token_ids, self.id_dtype, self.weights_dtype)
+    def _write(self, blocks: list[RawBlock], batches: int, sequences: int) -> None:
+        chunk = blocks_to_chunk(blocks, self.with_token_ids, self.id_dtype, self.weights_dtype)
         if self.writer is not None:
             self.writer.append(chunk)
         else:

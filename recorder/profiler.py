@@ -35,11 +35,13 @@ from traces.writer import write_trace
 class MoEProfiler:
     """Finds every MoE router of `model`; start()/stop() (or `with`) record the routing of the passes run."""
 
-    def __init__(self, model: Any, *, save_logits: bool = False, token_ids: bool = True, model_id: str | None = None):
+    def __init__(self, model: Any, *, save_logits: bool = False, token_ids: bool = True, model_id: str | None = None,
+                 window_passes: int = 1):
         self.model = model
         self.layout = discover_routers(model)
         self.save_logits = save_logits
         self.token_ids = token_ids
+        self.window_passes = window_passes  # passes per device->host copy; >1 only for eager code (see capture.py)
         self.model_id = model_id or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
         self.chunks: list[TraceChunk] = []
         self._capture: RoutingCapture | None = None
@@ -60,7 +62,9 @@ class MoEProfiler:
         if self.recording:
             return self
         meta = self.metadata()
-        self._capture = RoutingCapture(self.layout, save_logits=self.save_logits)
+        # One pass per window: the user's code may reuse input buffers or run under CUDA graphs, so every pass is
+        # copied before the next one runs (record() batches the copies of its own eager decode loop instead).
+        self._capture = RoutingCapture(self.layout, save_logits=self.save_logits, window_passes=self.window_passes)
         self._sink = TraceSink(None, with_token_ids=self.token_ids, id_dtype=meta.id_dtype,
                                weights_dtype=np.dtype(meta.weights_dtype))
         self._hooks = [
@@ -75,6 +79,8 @@ class MoEProfiler:
             hook.remove()
         self._hooks = []
         if self._capture is not None:
+            if self._sink is not None:
+                self._sink.submit(self._capture.collect(), 0)
             self._capture.remove()
             self._capture = None
         if self._sink is not None:
@@ -99,7 +105,7 @@ class MoEProfiler:
 
     def _before_pass(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
         assert self._capture is not None
-        self._capture.clear()
+        self._capture.drop_pass()
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         shape_src = ids if ids is not None else embeds
@@ -135,9 +141,10 @@ class MoEProfiler:
         assert self._capture is not None and self._sink is not None
         if self._tokens is None or not self._capture.has_pending:
             return
-        host = self._capture.end_pass(self._tokens)
+        blocks = self._capture.end_pass(self._tokens)
         self._step += 1
-        self._sink.submit([host], self._tokens.valid.shape[0] if self._tokens.phase == PHASE_PREFILL else 0)
+        if blocks:
+            self._sink.submit(blocks, self._tokens.valid.shape[0] if self._tokens.phase == PHASE_PREFILL else 0)
         self._tokens = None
 
     # -- results -----------------------------------------------------------------------------------------------

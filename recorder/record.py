@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from recorder.capture import HostPass, PassTokens, RoutingCapture, TraceSink
+from recorder.capture import HostBlock, PassTokens, RoutingCapture, TraceSink
 from recorder.config import RecordConfig
 from recorder.metadata import build_metadata
 from recorder.models import load_model, resolve_device, resolve_dtype
@@ -35,6 +35,7 @@ from traces.schema import PHASE_DECODE, PHASE_PREFILL, TraceMetadata
 from traces.writer import encoding_for, open_writer, partial_path
 
 EOS_CHECK_EVERY = 16  # decode steps between the (synchronising) "all sequences finished?" checks
+WINDOW_PASSES = 64  # passes per device->host copy (see recorder/capture.py)
 
 
 @dataclass
@@ -124,8 +125,8 @@ class BatchRunner:
             rows.append(ids)
         return rows
 
-    def run(self, seq_ids: list[int]) -> list[tuple[list[HostPass], int]]:
-        """[(passes of a sub-batch, its number of prompts)]: one entry, or several after out-of-memory splits."""
+    def run(self, seq_ids: list[int]) -> list[tuple[list[HostBlock], int]]:
+        """[(blocks of a sub-batch, its number of prompts)]: one entry, or several after out-of-memory splits."""
         start_step, truncated = self.step, self.truncated
         try:
             return [(self._run(seq_ids), len(seq_ids))]
@@ -156,7 +157,7 @@ class BatchRunner:
         return self.model(**kwargs)
 
     @torch.inference_mode()
-    def _run(self, seq_ids: list[int]) -> list[HostPass]:
+    def _run(self, seq_ids: list[int]) -> list[HostBlock]:
         rows = self.encode(seq_ids)
         b, s = len(rows), max(len(r) for r in rows)
         input_ids = torch.full((b, s), self.pad_id, dtype=torch.long)
@@ -173,10 +174,12 @@ class BatchRunner:
         self.capture.clear()
         out = self._forward(input_ids=ids_dev, attention_mask=mask_dev, position_ids=position_dev,
                             use_cache=new_tokens > 0)
-        passes = [self.capture.end_pass(PassTokens(seq, position_dev, ids_dev, mask_dev, PHASE_PREFILL, self.step))]
+        # Passes are filed into the capture's window; a block's copy to the host starts when a window fills, the
+        # pass shape changes (prefill -> decode) or the batch ends, so a batch's blocks hold exactly its passes.
+        blocks = self.capture.end_pass(PassTokens(seq, position_dev, ids_dev, mask_dev, PHASE_PREFILL, self.step))
         self.step += 1
         if new_tokens == 0:
-            return passes
+            return blocks + self.capture.collect()
         cache = output_cache(out)
         finished = torch.zeros(b, dtype=torch.bool, device=dev)
         next_ids = out.logits[:, -1].argmax(-1)
@@ -187,7 +190,7 @@ class BatchRunner:
             out = self._forward(input_ids=next_ids[:, None], attention_mask=mask_dev, position_ids=pos,
                                 use_cache=True, **{self.cache_arg: cache})
             tokens = PassTokens(seq, pos, next_ids[:, None], ~finished[:, None], PHASE_DECODE, self.step)
-            passes.append(self.capture.end_pass(tokens))
+            blocks += self.capture.end_pass(tokens)
             self.step += 1
             if self.eos_id is not None:
                 finished = finished | (next_ids == self.eos_id)
@@ -195,7 +198,7 @@ class BatchRunner:
                     break
             cache = output_cache(out)
             next_ids = out.logits[:, -1].argmax(-1)
-        return passes
+        return blocks + self.capture.collect()
 
 
 @contextmanager
@@ -261,7 +264,7 @@ def record(cfg: RecordConfig, console: Console | None = None) -> RecordResult:
         resume = read_resume_state(partial, meta)
     todo = [i for i in range(len(prompts.prompts)) if i not in resume.done]
     writer = open_writer(out, meta, force=cfg.force, resume=cfg.resume and not cfg.force)
-    capture = RoutingCapture(layout, save_logits=cfg.save_logits)
+    capture = RoutingCapture(layout, save_logits=cfg.save_logits, window_passes=WINDOW_PASSES)
     runner = BatchRunner(model, tokenizer, capture, prompts, cfg, device, console, first_step=resume.next_step)
     progress = _progress(console, cfg.progress)
     task = progress.add_task("record", total=len(todo), tokens=0, rate=0.0)
@@ -282,8 +285,8 @@ def record(cfg: RecordConfig, console: Console | None = None) -> RecordResult:
             while pos < len(todo):
                 batch = todo[pos: pos + runner.batch_limit]
                 pos += len(batch)
-                for passes, n in runner.run(batch):
-                    sink.submit(passes, n)
+                for blocks, n in runner.run(batch):
+                    sink.submit(blocks, n)
                     sequences += n
             sink.close()
         complete = True

@@ -51,26 +51,40 @@ def test_cuda_recording_equals_router_outputs(dtype: torch.dtype) -> None:
         np.testing.assert_allclose(chunk.expert_weights[:, i], w, atol=1e-3)
 
 
-def test_end_pass_uses_pinned_buffers_and_never_synchronises() -> None:
+def test_end_pass_and_collect_use_pinned_buffers_and_never_synchronise() -> None:
     model = build_builtin_model("olmoe-tiny", CUDA, torch.bfloat16)
     prof = MoEProfiler(model)
-    capture = RoutingCapture(prof.layout, save_logits=True)
-    ids = torch.randint(0, 256, (8, 64), device=CUDA)
-    valid = torch.ones((8, 64), dtype=torch.bool, device=CUDA)
+    capture = RoutingCapture(prof.layout, save_logits=True, window_passes=3)
+    seen, taps = _router_outputs(prof)
+    gen = torch.Generator().manual_seed(1)
+    all_ids, blocks = [], []
     with torch.no_grad():
-        model(input_ids=ids)
-    torch.cuda.synchronize()
-    tokens = PassTokens(np.arange(8), torch.arange(64, device=CUDA).expand(8, 64), ids, valid, 0, 0)
-    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation below raises
-    try:
-        host = capture.end_pass(tokens)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert host.event is not None and host.data.is_pinned()
+        for step in range(3):  # a full window: the third end_pass starts the block's copy
+            ids = torch.randint(0, 256, (8, 64), generator=gen).to(CUDA)
+            all_ids.append(ids.cpu().numpy().reshape(-1))
+            model(input_ids=ids)
+            torch.cuda.synchronize()
+            tokens = PassTokens(np.arange(8), torch.arange(64, device=CUDA).expand(8, 64), ids,
+                                torch.ones((8, 64), dtype=torch.bool, device=CUDA), 0, step)
+            torch.cuda.set_sync_debug_mode("error")  # any host synchronisation below raises
+            try:
+                blocks += capture.end_pass(tokens)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert len(blocks) == (1 if step == 2 else 0) and capture.window_size == (0 if step == 2 else step + 1)
+    for t in taps:
+        t.remove()
+    host = blocks[0]
+    assert host.event is not None and host.data.is_pinned() and host.num_passes == 3
     chunk = host.to_chunk(True, np.dtype(np.uint8), np.dtype(np.float16))  # waits for the copy
-    assert host.field("ids").shape == (8 * 64, 4, 4) and host.field("ids").dtype == np.uint8  # [T, L, K]
-    np.testing.assert_array_equal(chunk.token_id, ids.cpu().numpy().reshape(-1))
-    assert chunk.num_tokens == 512 and chunk.router_logits is not None and chunk.router_logits.shape == (512, 4, 16)
+    assert host.field("ids").shape == (3, 8 * 64, 4, 4) and host.field("ids").dtype == np.uint8  # [N, T, L, K]
+    np.testing.assert_array_equal(chunk.token_id, np.concatenate(all_ids))
+    np.testing.assert_array_equal(chunk.step, np.repeat([0, 1, 2], 512))
+    for i in range(prof.layout.num_layers):
+        np.testing.assert_array_equal(chunk.expert_ids[:, i], np.concatenate([s[0] for s in seen[i]]))
+        np.testing.assert_allclose(chunk.expert_weights[:, i], np.concatenate([s[1] for s in seen[i]]), atol=1e-3)
+    assert chunk.num_tokens == 1536 and chunk.router_logits is not None and chunk.router_logits.shape == (1536, 4, 16)
+    assert capture.collect() == []
     capture.remove()
 
 
@@ -88,7 +102,8 @@ def test_writer_back_pressure_keeps_everything(tmp_path: Path) -> None:
             expected.append(ids.cpu().numpy().reshape(-1))
             valid = torch.ones((2, 16), dtype=torch.bool, device=CUDA)
             pos = torch.arange(16, device=CUDA).expand(2, 16)
-            sink.submit([capture.end_pass(PassTokens(np.arange(2), pos, ids, valid, 0, step))], 2)
+            blocks = capture.end_pass(PassTokens(np.arange(2), pos, ids, valid, 0, step)) + capture.collect()
+            sink.submit(blocks, 2)
     sink.close()
     capture.remove()
     got = np.concatenate([c.token_id for c in sink.chunks if c.token_id is not None])
