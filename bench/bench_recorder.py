@@ -6,8 +6,10 @@
 Regimes (full-size olmoe-1b-7b-random, bf16): prefill = one forward of 16 x 512 tokens; decode = one forward of
 256 sequences x 1 token. Modes, interleaved in every repeat so clocks and heat affect all alike:
   baseline  - the model alone
-  moe-trace - RoutingCapture hooks + end_pass (device buffers, pinned copies) + TraceSink writing an HDF5 file
+  moe-trace - RoutingCapture hooks + end_pass (filing passes into a window) + collect every 64 passes (device
+              buffer, one pinned copy) + TraceSink writing an HDF5 file
   naive     - a forward hook that calls .cpu() on ids and weights in every layer (the common approach)
+--diagnose adds hooks-only, capture-only (no writer) and window-1 (moe-trace copying every pass on its own).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 MODES = ("baseline", "moe-trace", "naive")
-DIAGNOSTIC_MODES = ("hooks-only", "capture-only")  # where the overhead goes (--diagnose)
+DIAGNOSTIC_MODES = ("hooks-only", "capture-only", "window-1")  # where the overhead goes (--diagnose)
 
 
 def _regimes() -> dict[str, tuple[int, int]]:
@@ -79,6 +81,11 @@ def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, t
     meta = build_metadata(model, layout, model_id="olmoe-1b-7b-random")
     writer = open_writer(path, meta, force=True)
     sink = TraceSink(writer, with_token_ids=True, id_dtype=meta.id_dtype, weights_dtype=np.dtype("float16"))
+    # window-1 mode: the full recorder copying every pass on its own (the design before windows), its own file
+    single = RoutingCapture(layout, window_passes=1)
+    single.remove()
+    writer1 = open_writer(tmp / f"bench1-{batch}x{seq}.h5", meta, force=True)
+    sink1 = TraceSink(writer1, with_token_ids=True, id_dtype=meta.id_dtype, weights_dtype=np.dtype("float16"))
     step = [0]
     end_pass_seconds: list[float] = []
 
@@ -91,6 +98,11 @@ def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, t
         if blocks:
             sink.submit(blocks, 0)
         step[0] += 1
+
+    def recorded_single() -> None:
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            sink1.submit(single.end_pass(PassTokens(seq_ids, position, ids, valid, 0, 0)), 0)
 
     def naive_hook(module: Any, args: Any, out: Any) -> None:
         out[2].cpu()
@@ -122,6 +134,7 @@ def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, t
         "naive": (forward, naive_on, naive_off),
         "hooks-only": (hooks_only, capture.attach, capture.remove),
         "capture-only": (capture_only, diag.attach, diag.remove),
+        "window-1": (recorded_single, single.attach, single.remove),
     }
     fns = {m: fns[m] for m in modes}
 
@@ -148,6 +161,8 @@ def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, t
     sink.submit(capture.collect(), 0)
     sink.close()
     writer.close(True)
+    sink1.close()
+    writer1.close(True)
     tokens = batch * seq * passes
     med = {m: statistics.median(t) for m, t in times.items()}
     ratios = {m: [a / b for a, b in zip(times[m], times["baseline"], strict=True)] for m in modes if m != "baseline"}
@@ -212,10 +227,11 @@ def run(repeats: int, passes: int, modes: tuple[str, ...] = MODES, end_to_end: b
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for name, (b, s) in _regimes().items():
-            # Decode passes are short and bound by kernel launches on the host: many short paired timings.
+            # Decode passes are short and bound by kernel launches on the host, and their timings drift by several
+            # percent within seconds: many short timings, modes interleaved, so drifts cancel in the pairs.
             decode = s == 1
-            results["regimes"][name] = bench_forward(model, b, s, repeats * 2 if decode else repeats,
-                                                     passes if decode else max(1, passes // 8), tmp, modes)
+            results["regimes"][name] = bench_forward(model, b, s, repeats * 8 if decode else repeats,
+                                                     passes if decode else 2, tmp, modes)
             print(name, json.dumps(results["regimes"][name]), flush=True)
         del model
         torch.cuda.empty_cache()
@@ -255,8 +271,9 @@ def to_markdown(r: dict[str, Any]) -> str:
         parts = []
         for name, g in r["regimes"].items():
             sl = g.get("slowdown_total_pct", g["slowdown_paired_pct"])
-            parts.append(f"{name}: hooks only {sl['hooks-only']:+.2f}%, hooks + end_pass {sl['capture-only']:+.2f}%, "
-                         f"+ writer thread {sl['moe-trace']:+.2f}%")
+            parts.append(f"{name}: hooks only {sl['hooks-only']:+.2f}%, hooks + end_pass/collect "
+                         f"{sl['capture-only']:+.2f}%, + writer thread {sl['moe-trace']:+.2f}%; the same recorder "
+                         f"copying every pass on its own (window of 1) {sl['window-1']:+.2f}%")
         lines += ["", "Where the overhead goes (`--diagnose`, all time): " + "; ".join(parts) + "."]
     if "end_pass_host_us" in r["regimes"]["decode"]:
         host = [f"{name}: a pass takes {g['pass_ms']:.1f} ms, `end_pass` {g['end_pass_host_us']:.0f} us of host "
@@ -287,9 +304,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="write the figures here (on the GPU machine)")
     parser.add_argument("--from-json", type=Path, help="update docs/benchmarks.md from figures measured elsewhere")
-    parser.add_argument("--repeats", type=int, default=15, help="paired timings for prefill (x2 for decode)")
-    parser.add_argument("--passes", type=int, default=16, help="forward passes per timing (an eighth for prefill)")
-    parser.add_argument("--diagnose", action="store_true", help="also time hooks-only and capture-only modes")
+    parser.add_argument("--repeats", type=int, default=15, help="paired timings for prefill (x8 for decode)")
+    parser.add_argument("--passes", type=int, default=4, help="decode forward passes per timing (prefill: 2)")
+    parser.add_argument("--diagnose", action="store_true", help="also time hooks-only, capture-only and window-1 modes")
     parser.add_argument("--no-end-to-end", action="store_true", help="skip the end-to-end moe-rec record runs")
     args = parser.parse_args()
     from bench.common import update_section

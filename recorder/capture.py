@@ -21,10 +21,10 @@ L MoE layers, K top-k, E experts.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -395,18 +395,19 @@ class RoutingCapture:
 
 
 _FLUSH = object()  # queue marker: a producer waits on back-pressure, write now
+_STOP = object()  # queue marker: write everything and end the thread
 
 
 class TraceSink:
     """Background writer: turns batches of HostBlock into trace chunks, in order, with bounded memory.
 
-    The thread wakes every `poll_seconds` rather than on each submit, converts what arrived (freeing its pinned
-    buffers), and appends to the file once `flush_bytes` have gathered or `flush_seconds` have passed: every
-    wake-up and every append takes Python's GIL from the main thread, whose decode loop is bound by how fast it
-    launches kernels. Appends happen only at batch boundaries, so an interrupted trace holds whole batches;
-    close() writes whatever is pending. `submit` blocks while more than `max_bytes` of pinned buffers wait
-    (back-pressure; converted data waiting for an append is bounded by `flush_bytes`). With `writer=None` the
-    chunks are kept in `self.chunks`.
+    Every time the thread takes Python's GIL it stalls the main thread, whose decode loop is bound by how fast it
+    launches kernels; so the thread sleeps on its queue (no GIL, no periodic wake-ups) until a batch arrives, wakes
+    at most once per `poll_seconds`, waits for the block's copy with the GIL released, and appends to the file only
+    once `flush_bytes` have gathered or `flush_seconds` have passed (few, large appends). Appends happen only at
+    batch boundaries, so an interrupted trace holds whole batches; close() writes whatever is pending. `submit`
+    blocks while more than `max_bytes` of pinned buffers wait (back-pressure; converted data waiting for an append
+    is bounded by `flush_bytes`). With `writer=None` the chunks are kept in `self.chunks`.
     """
 
     def __init__(
@@ -417,8 +418,8 @@ class TraceSink:
         id_dtype: np.dtype,
         weights_dtype: np.dtype,
         max_bytes: int = 1 << 30,
-        flush_bytes: int = 16 << 20,
-        flush_seconds: float = 2.0,
+        flush_bytes: int = 32 << 20,
+        flush_seconds: float = 5.0,
         poll_seconds: float = 0.05,
         on_written: Callable[[int, int], None] | None = None,
     ):
@@ -434,7 +435,7 @@ class TraceSink:
         self.chunks: list[TraceChunk] = []
         self.tokens_written = 0
         self.batches_written = 0
-        self.busy_seconds = 0.0  # CPU time of the writer thread (mostly holding the GIL)
+        self.busy_seconds = 0.0  # CPU time of the writer thread (GIL held or not)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._in_flight = 0
         self._cond = threading.Condition()
@@ -457,39 +458,36 @@ class TraceSink:
     def _run(self) -> None:
         pending: list[RawBlock] = []  # blocks copied out of pinned memory, waiting for the next append
         pending_bytes = pending_batches = pending_sequences = 0
-        last_flush = time.monotonic()
+        last_flush = last_wake = time.monotonic()
         stop = False
-        arrived: deque[Any] = deque()
         while not stop:
-            time.sleep(self.poll_seconds)
-            woke = time.thread_time()  # CPU time of this thread: excludes waiting for the GIL
-            urgent = False
+            # Asleep without the GIL until a batch arrives (or a pending append falls due).
+            timeout = None if not pending else max(0.0, last_flush + self.flush_seconds - time.monotonic())
+            items: list[Any] = []
+            with contextlib.suppress(queue.Empty):
+                items.append(self._queue.get(timeout=timeout))
+            rest = last_wake + self.poll_seconds - time.monotonic()
+            if rest > 0 and items and items[0] is not _STOP:
+                time.sleep(rest)  # at most one wake-up per poll_seconds: later batches join this one
+            last_wake = time.monotonic()
+            woke = time.thread_time()  # CPU time of this thread
             while True:
                 try:
-                    arrived.append(self._queue.get_nowait())
+                    items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            closing = any(item is None for item in arrived)
-            while arrived:
-                item = arrived[0]
-                if item is None:
-                    stop = urgent = True
-                    arrived.popleft()
-                    continue
-                if item is _FLUSH:
+            urgent = False
+            for item in items:
+                if item is _STOP or item is _FLUSH:
+                    stop = stop or item is _STOP
                     urgent = True
-                    arrived.popleft()
                     continue
                 blocks, sequences = item
-                if not closing and not all(b.ready() for b in blocks):
-                    break  # copies still in flight: take them at the next wake-up instead of waiting here
-                arrived.popleft()
                 nbytes = sum(b.nbytes for b in blocks)
                 try:
                     if self._error is None:
-                        # Copying out now frees the pinned buffers at once, so few stay in use and the pinned
-                        # allocator keeps reusing the same blocks; conversion and append wait for a flush, where
-                        # blocks convert together.
+                        # Waits for the copy with the GIL released; copying out frees the pinned buffers at once,
+                        # so the pinned allocator keeps reusing a few blocks.
                         pending.extend(b.release() for b in blocks)
                         pending_bytes += nbytes
                         pending_batches += 1
@@ -501,20 +499,19 @@ class TraceSink:
                     with self._cond:
                         self._in_flight -= nbytes
                         self._cond.notify_all()
+            del items
             due = urgent or pending_bytes >= self.flush_bytes or time.monotonic() - last_flush >= self.flush_seconds
-            if not (due and pending):
-                self.busy_seconds += time.thread_time() - woke
-                continue
-            try:
-                if self._error is None:
-                    self._write(pending, pending_batches, pending_sequences)
-            except BaseException as exc:
-                self._error = exc
-            finally:
-                last_flush = time.monotonic()
-                pending = []
-                pending_bytes = pending_batches = pending_sequences = 0
-                self.busy_seconds += time.thread_time() - woke
+            if due and pending:
+                try:
+                    if self._error is None:
+                        self._write(pending, pending_batches, pending_sequences)
+                except BaseException as exc:
+                    self._error = exc
+                finally:
+                    last_flush = time.monotonic()
+                    pending = []
+                    pending_bytes = pending_batches = pending_sequences = 0
+            self.busy_seconds += time.thread_time() - woke
 
     def _write(self, blocks: list[RawBlock], batches: int, sequences: int) -> None:
         chunk = blocks_to_chunk(blocks, self.with_token_ids, self.id_dtype, self.weights_dtype)
@@ -534,6 +531,6 @@ class TraceSink:
     def close(self) -> None:
         """Write everything submitted, stop the thread, and re-raise a writer error."""
         if self._thread.is_alive():
-            self._queue.put(None)
+            self._queue.put(_STOP)
             self._thread.join()
         self._raise_if_failed()
