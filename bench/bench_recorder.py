@@ -6,10 +6,11 @@
 Regimes (full-size olmoe-1b-7b-random, bf16): prefill = one forward of 16 x 512 tokens; decode = one forward of
 256 sequences x 1 token. Modes, interleaved in every repeat so clocks and heat affect all alike:
   baseline  - the model alone
-  moe-trace - RoutingCapture hooks + end_pass (filing passes into a window) + collect every 64 passes (device
-              buffer, one pinned copy) + TraceSink writing an HDF5 file
+  moe-trace - RoutingCapture hooks + end_pass (filing passes into a window), every 64 passes the writer thread
+              gathers the window into a device buffer and copies it to pinned memory; TraceSink writes HDF5
   naive     - a forward hook that calls .cpu() on ids and weights in every layer (the common approach)
---diagnose adds hooks-only, capture-only (no writer) and window-1 (moe-trace copying every pass on its own).
+--diagnose adds hooks-only, capture-only (windows copied by the main thread, no writer), copy-main (the same with
+the writer) and window-1 (one copy per pass, by the main thread).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 MODES = ("baseline", "moe-trace", "naive")
-DIAGNOSTIC_MODES = ("hooks-only", "capture-only", "window-1")  # where the overhead goes (--diagnose)
+DIAGNOSTIC_MODES = ("hooks-only", "capture-only", "copy-main", "window-1")  # where the overhead goes (--diagnose)
 
 
 def _regimes() -> dict[str, tuple[int, int]]:
@@ -73,7 +74,7 @@ def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, t
         with torch.inference_mode():
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
-    capture = RoutingCapture(layout)
+    capture = RoutingCapture(layout, copy_in_writer=True)  # as `moe-rec record` runs it
     capture.remove()  # hooks are attached only while the moe-trace mode runs
     diag = RoutingCapture(layout)  # capture-only mode: its blocks are copied to the host and dropped
     diag.remove()
@@ -81,11 +82,16 @@ def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, t
     meta = build_metadata(model, layout, model_id="olmoe-1b-7b-random")
     writer = open_writer(path, meta, force=True)
     sink = TraceSink(writer, with_token_ids=True, id_dtype=meta.id_dtype, weights_dtype=np.dtype("float16"))
-    # window-1 mode: the full recorder copying every pass on its own (the design before windows), its own file
+    # window-1 mode: the full recorder copying every pass on its own (the design before windows); copy-main: windows
+    # gathered and copied by the main thread. Each writes its own file.
     single = RoutingCapture(layout, window_passes=1)
     single.remove()
+    main_copy = RoutingCapture(layout)
+    main_copy.remove()
     writer1 = open_writer(tmp / f"bench1-{batch}x{seq}.h5", meta, force=True)
     sink1 = TraceSink(writer1, with_token_ids=True, id_dtype=meta.id_dtype, weights_dtype=np.dtype("float16"))
+    writer2 = open_writer(tmp / f"bench2-{batch}x{seq}.h5", meta, force=True)
+    sink2 = TraceSink(writer2, with_token_ids=True, id_dtype=meta.id_dtype, weights_dtype=np.dtype("float16"))
     step = [0]
     end_pass_seconds: list[float] = []
 
@@ -103,6 +109,13 @@ def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, t
         with torch.inference_mode():
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
             sink1.submit(single.end_pass(PassTokens(seq_ids, position, ids, valid, 0, 0)), 0)
+
+    def recorded_main_copy() -> None:
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            blocks = main_copy.end_pass(PassTokens(seq_ids, position, ids, valid, 0, 0))
+        if blocks:
+            sink2.submit(blocks, 0)
 
     def naive_hook(module: Any, args: Any, out: Any) -> None:
         out[2].cpu()
@@ -134,6 +147,7 @@ def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, t
         "naive": (forward, naive_on, naive_off),
         "hooks-only": (hooks_only, capture.attach, capture.remove),
         "capture-only": (capture_only, diag.attach, diag.remove),
+        "copy-main": (recorded_main_copy, main_copy.attach, main_copy.remove),
         "window-1": (recorded_single, single.attach, single.remove),
     }
     fns = {m: fns[m] for m in modes}
@@ -161,8 +175,10 @@ def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, t
     sink.submit(capture.collect(), 0)
     sink.close()
     writer.close(True)
-    sink1.close()
-    writer1.close(True)
+    sink2.submit(main_copy.collect(), 0)
+    for s, w in ((sink1, writer1), (sink2, writer2)):
+        s.close()
+        w.close(True)
     tokens = batch * seq * passes
     med = {m: statistics.median(t) for m, t in times.items()}
     ratios = {m: [a / b for a, b in zip(times[m], times["baseline"], strict=True)] for m in modes if m != "baseline"}
@@ -272,21 +288,22 @@ def to_markdown(r: dict[str, Any]) -> str:
         for name, g in r["regimes"].items():
             sl = g.get("slowdown_total_pct", g["slowdown_paired_pct"])
             parts.append(f"{name}: hooks only {sl['hooks-only']:+.2f}%, hooks + end_pass/collect "
-                         f"{sl['capture-only']:+.2f}%, + writer thread {sl['moe-trace']:+.2f}%; the same recorder "
-                         f"copying every pass on its own (window of 1) {sl['window-1']:+.2f}%")
+                         f"{sl['capture-only']:+.2f}%, the same + writer thread {sl['copy-main']:+.2f}% (windows "
+                         f"gathered and copied by the main thread); windows copied by the writer thread (moe-trace) "
+                         f"{sl['moe-trace']:+.2f}%; one copy per pass (window of 1) {sl['window-1']:+.2f}%")
         lines += ["", "Where the overhead goes (`--diagnose`, all time): " + "; ".join(parts) + "."]
     if "end_pass_host_us" in r["regimes"]["decode"]:
         host = [f"{name}: a pass takes {g['pass_ms']:.1f} ms, `end_pass` {g['end_pass_host_us']:.0f} us of host "
-                f"time (mean {g.get('end_pass_mean_host_us', g['end_pass_host_us']):.0f} us with the window copies "
+                f"time (mean {g.get('end_pass_mean_host_us', g['end_pass_host_us']):.0f} us, window hand-offs "
                 f"amortised), the writer thread {g['writer_cpu_us_per_pass']:.0f} us of CPU per pass"
                 for name, g in r["regimes"].items()]
         lines += ["", "Host time (medians): " + "; ".join(host) + "."]
     lines += [
         "",
         "moe-trace = router hooks keeping references; `end_pass` files them into a window of up to "
-        f"{r['regimes']['decode'].get('window_passes', 1)} passes (no kernel); per window, two kernels per field "
-        "into one preallocated device byte buffer and one non-blocking copy to pinned memory; the background thread "
-        "writing the HDF5 trace. Target: 1% or less in both regimes (anchors: a simple non-blocking hook 0.5% / 6%, "
+        f"{r['regimes']['decode'].get('window_passes', 1)} passes (no kernel); per window, the background thread launches two kernels per "
+        "field into one preallocated device byte buffer and one non-blocking copy to pinned memory, then writes the "
+        "HDF5 trace. Target: 1% or less in both regimes (anchors: a simple non-blocking hook 0.5% / 6%, "
         "a .cpu() hook 9% / 12.5%).",
         "",
         "End to end (`moe-rec record`, greedy loop, writing the trace; model loading excluded):",
@@ -306,7 +323,7 @@ def main() -> None:
     parser.add_argument("--from-json", type=Path, help="update docs/benchmarks.md from figures measured elsewhere")
     parser.add_argument("--repeats", type=int, default=15, help="paired timings for prefill (x8 for decode)")
     parser.add_argument("--passes", type=int, default=4, help="decode forward passes per timing (prefill: 2)")
-    parser.add_argument("--diagnose", action="store_true", help="also time hooks-only, capture-only and window-1 modes")
+    parser.add_argument("--diagnose", action="store_true", help="also time hooks-only, capture-only, copy-main and window-1 modes")
     parser.add_argument("--no-end-to-end", action="store_true", help="skip the end-to-end moe-rec record runs")
     args = parser.parse_args()
     from bench.common import update_section

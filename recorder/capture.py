@@ -84,31 +84,41 @@ class BlockInfo:
 class HostBlock:
     """N passes of one shape in one host byte buffer (pinned on CUDA).
 
-    The copy into it may still be in flight until `event` completes; only the writer thread waits for it.
+    Until `start()` runs (at once, or in the writer thread when the capture has `copy_in_writer`) the block holds
+    references to the window's device tensors and no data. After it, the copy into `data` may still be in flight
+    until `event` completes; only the writer thread waits for it.
     Fields: tokens [N, 2, B, S] (position, token id), valid [N, B, S], ids, weights, logits [N, T, L, X].
     """
 
-    data: torch.Tensor  # uint8 [nbytes]
     packing: Packing
     info: BlockInfo
-    event: Any  # torch.cuda.Event or None
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.data.numel())
+    nbytes: int
+    source: Any = None  # (RoutingCapture, _Window, stream) until started
+    data: torch.Tensor | None = None  # uint8 [nbytes]
+    event: Any = None  # torch.cuda.Event or None
 
     @property
     def num_passes(self) -> int:
         return len(self.info.steps)
 
+    def start(self) -> None:
+        """Launch the window's gather kernels and its copy to the host (never waits); a no-op once started."""
+        if self.source is not None:
+            capture, window, stream = self.source
+            self.source = None
+            self.data, self.event = capture._copy_window(window, self.packing, self.nbytes, stream)
+
     def ready(self) -> bool:
         """True once the copy to the host has finished (never blocks)."""
+        self.start()
         return self.event is None or bool(self.event.query())
 
     def release(self) -> RawBlock:
         """A plain copy of the bytes, so the pinned buffer goes back to the allocator now (waits for the copy)."""
+        self.start()
+        assert self.data is not None
         if self.event is not None:
-            self.event.synchronize()
+            self.event.synchronize()  # with the GIL released
         return RawBlock(self.data.numpy().copy(), self.packing, self.info)
 
     def field(self, name: str) -> np.ndarray:
@@ -199,6 +209,7 @@ class RoutingCapture:
         weights_dtype: torch.dtype = torch.float16,
         window_passes: int = 64,
         window_bytes: int = 64 << 20,
+        copy_in_writer: bool = False,
     ):
         if window_passes < 1:
             raise ValueError("window_passes must be at least 1")
@@ -208,6 +219,11 @@ class RoutingCapture:
         self.weights_dtype = weights_dtype
         self.window_passes = window_passes
         self.window_bytes = window_bytes
+        # Launch a window's gather kernels and copy from TraceSink's thread (with the GIL released inside the
+        # kernels' C++), so the main thread only files references. Only for eager code: the window's tensors stay
+        # referenced until the writer gets to them.
+        self.copy_in_writer = copy_in_writer
+        self._copy_lock = threading.Lock()  # the device buffer is shared by every block's copy
         # uint8 ids on the device when they fit; int32 otherwise (torch has few uint16 kernels).
         self.id_dtype = torch.uint8 if layout.num_experts <= 256 else torch.int32
         self._pending: list[Any] = [None] * layout.num_layers
@@ -352,29 +368,44 @@ class RoutingCapture:
         if self.save_logits:
             fields.append(("logits", torch.float16, (n, t, lay.num_layers, lay.num_experts)))
         packing, total = _packing(fields)
-        buf = self._device_bytes
-        if buf is None or buf.numel() < total or buf.device != device:
-            # Grow with headroom; a copy still reading the old buffer is ordered before any reuse on the stream.
-            size = max(total, 2 * (buf.numel() if buf is not None and buf.device == device else 0))
-            buf = self._device_bytes = torch.empty(size, dtype=torch.uint8, device=device)
-        views = {name: buf[off: off + int(np.prod(shape)) * torch.empty((), dtype=dt).element_size()]
-                 .view(dt).view(shape) for name, (off, dt, shape) in packing.items()}
-        torch.stack(w.tokens, out=views["tokens"].view(2 * n, b, s))
-        torch.stack(w.valid, out=views["valid"])
-        self._gather(views["ids"], w.ids)
-        if self.save_weights:
-            self._gather(views["weights"], w.weights)
-        if self.save_logits:
-            self._gather(views["logits"], w.logits)
-        event = None
-        if device.type == "cuda":
-            host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
-            host.copy_(buf[:total], non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host = buf[:total].clone()
-        return [HostBlock(host, packing, w.info, event)]
+        # The copy must follow the passes on the stream that ran them, whichever thread launches it.
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        block = HostBlock(packing, w.info, total, source=(self, w, stream))
+        if not self.copy_in_writer:
+            block.start()
+        return [block]
+
+    def _copy_window(self, w: _Window, packing: Packing, total: int, stream: Any) -> tuple[torch.Tensor, Any]:
+        """Gather window `w` into the device byte buffer and start one copy to (pinned) host memory."""
+        device = w.key[4]
+        n, b, s = len(w.info.steps), w.key[1], w.key[2]
+        streamed = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        # Inference mode whoever calls: the buffer is written in place by every copy, and router outputs may
+        # require grad.
+        with self._copy_lock, torch.inference_mode(), streamed:
+            buf = self._device_bytes
+            if buf is None or buf.numel() < total or buf.device != device:
+                # Grow with headroom; a copy still reading the old buffer is ordered before any reuse on the stream.
+                size = max(total, 2 * (buf.numel() if buf is not None and buf.device == device else 0))
+                buf = self._device_bytes = torch.empty(size, dtype=torch.uint8, device=device)
+            views = {name: buf[off: off + int(np.prod(shape)) * torch.empty((), dtype=dt).element_size()]
+                     .view(dt).view(shape) for name, (off, dt, shape) in packing.items()}
+            torch.stack(w.tokens, out=views["tokens"].view(2 * n, b, s))
+            torch.stack(w.valid, out=views["valid"])
+            self._gather(views["ids"], w.ids)
+            if self.save_weights:
+                self._gather(views["weights"], w.weights)
+            if self.save_logits:
+                self._gather(views["logits"], w.logits)
+            event = None
+            if device.type == "cuda":
+                host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+                host.copy_(buf[:total], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+            else:
+                host = buf[:total].clone()
+        return host, event
 
     @staticmethod
     def _gather(view: torch.Tensor, parts: list[torch.Tensor]) -> None:
@@ -488,6 +519,8 @@ class TraceSink:
                     if self._error is None:
                         # Waits for the copy with the GIL released; copying out frees the pinned buffers at once,
                         # so the pinned allocator keeps reusing a few blocks.
+                        for b in blocks:
+                            b.start()  # launches the copy of a block filed with copy_in_writer
                         pending.extend(b.release() for b in blocks)
                         pending_bytes += nbytes
                         pending_batches += 1

@@ -264,7 +264,7 @@ def record(cfg: RecordConfig, console: Console | None = None) -> RecordResult:
         resume = read_resume_state(partial, meta)
     todo = [i for i in range(len(prompts.prompts)) if i not in resume.done]
     writer = open_writer(out, meta, force=cfg.force, resume=cfg.resume and not cfg.force)
-    capture = RoutingCapture(layout, save_logits=cfg.save_logits, window_passes=WINDOW_PASSES)
+    capture = RoutingCapture(layout, save_logits=cfg.save_logits, window_passes=WINDOW_PASSES, copy_in_writer=True)
     runner = BatchRunner(model, tokenizer, capture, prompts, cfg, device, console, first_step=resume.next_step)
     progress = _progress(console, cfg.progress)
     task = progress.add_task("record", total=len(todo), tokens=0, rate=0.0)
