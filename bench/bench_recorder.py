@@ -286,12 +286,24 @@ def to_markdown(r: dict[str, Any]) -> str:
     if all(m in r["regimes"]["decode"]["slowdown_paired_pct"] for m in DIAGNOSTIC_MODES):
         parts = []
         for name, g in r["regimes"].items():
-            sl = g.get("slowdown_total_pct", g["slowdown_paired_pct"])
-            parts.append(f"{name}: hooks only {sl['hooks-only']:+.2f}%, hooks + end_pass/collect "
-                         f"{sl['capture-only']:+.2f}%, the same + writer thread {sl['copy-main']:+.2f}% (windows "
-                         f"gathered and copied by the main thread); windows copied by the writer thread (moe-trace) "
-                         f"{sl['moe-trace']:+.2f}%; one copy per pass (window of 1) {sl['window-1']:+.2f}%")
-        lines += ["", "Where the overhead goes (`--diagnose`, all time): " + "; ".join(parts) + "."]
+            total = g.get("slowdown_total_pct", g["slowdown_paired_pct"])
+            med = g["slowdown_paired_pct"]
+
+            def both(mode: str, total: dict = total, med: dict = med) -> str:
+                return f"{total[mode]:+.2f}% / {med[mode]:+.2f}%"
+
+            parts.append(f"{name}: hooks only {both('hooks-only')}, hooks + end_pass/collect {both('capture-only')}, "
+                         f"the same + writer thread {both('copy-main')} (windows gathered and copied by the main "
+                         f"thread); windows copied by the writer thread (moe-trace) {both('moe-trace')}; one copy per "
+                         f"pass (window of 1, the design before windows) {both('window-1')}")
+        lines += ["", "Where the overhead goes (`--diagnose`, all time / paired median): " + "; ".join(parts) + "."]
+        dec = r["regimes"]["decode"]
+        q = dec["slowdown_paired_iqr_pct"]["moe-trace"]
+        # Standard error of a median: 1.253 sigma / sqrt(n), sigma estimated from the quartiles (IQR / 1.349).
+        se = 1.253 * (q[1] - q[0]) / 1.349 / dec["repeats"] ** 0.5
+        lines += ["", f"Resolution: decode timings scatter by a few percent (quartiles above), so a paired median "
+                      f"carries about +/-{se:.2f}% of standard error; differences between modes smaller than about "
+                      f"{2 * se:.1f}% are noise."]
     if "end_pass_host_us" in r["regimes"]["decode"]:
         host = [f"{name}: a pass takes {g['pass_ms']:.1f} ms, `end_pass` {g['end_pass_host_us']:.0f} us of host "
                 f"time (mean {g.get('end_pass_mean_host_us', g['end_pass_host_us']):.0f} us, window hand-offs "

@@ -119,3 +119,22 @@ def test_record_with_small_windows_equals_one_copy_per_pass(tmp_path: Path, monk
         assert got.keys() == reference.keys()
         for name, value in reference.items():
             np.testing.assert_array_equal(got[name], value, err_msg=f"{name} (window {window})")
+
+
+def test_profiler_with_a_window_records_generate_as_with_one_copy_per_pass() -> None:
+    from recorder import MoEProfiler
+    from recorder.builtin_models import build_builtin_tokenizer
+
+    model = build_builtin_model("mixtral-tiny", torch.device("cpu"), torch.float32)
+    tok = build_builtin_tokenizer()
+    enc = tok(["short", "a longer prompt here"], return_tensors="pt", padding=True)
+    chunks = []
+    for window in (1, 4):
+        prof = MoEProfiler(model, window_passes=window)
+        with prof:
+            model.generate(**enc, max_new_tokens=7, do_sample=False, pad_token_id=tok.pad_token_id)
+        chunks.append(prof.trace())
+        prof.remove()
+    assert chunks[0].num_tokens == int(enc["attention_mask"].sum()) + 2 * 6
+    for name, value in chunks[0].present().items():
+        np.testing.assert_array_equal(getattr(chunks[1], name), value, err_msg=name)
