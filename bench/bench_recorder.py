@@ -263,7 +263,9 @@ def run(repeats: int, passes: int, modes: tuple[str, ...] = MODES, end_to_end: b
 
 def to_markdown(r: dict[str, Any]) -> str:
     lines = [
-        "`python -m bench.bench_recorder` on " + r["machine"] + f"; transformers {r['transformers']}, "
+        "## Recorder overhead on a GPU (`python -m bench.bench_recorder`)",
+        "",
+        "Machine: " + r["machine"] + f"; transformers {r['transformers']}, "
         f"experts implementation {r['experts_implementation']}. Model: olmoe-1b-7b-random (OLMoE-1B-7B shapes, "
         "bf16, random weights). Each timing is a block of forward passes with hooks attached once, outside the "
         "timed region; the modes run back to back in every repeat (rotating order). Slowdown over all time = total "
