@@ -58,7 +58,9 @@ def iter_step_loads(
     """Yield each step's expert load [L, E] int32, in trace order.
 
     A step is a recorded forward pass (consecutive tokens sharing a `step` value), or, with tokens_per_step B,
-    each run of B consecutive tokens of one phase (as simulator.kernels.step_key). phase ("prefill" / "decode")
+    each B consecutive tokens of one phase (as simulator.kernels.step_key): prefill and decode fill steps apart, as
+    plan regroups them, so a phase switch does not cut a step short; a regrouped step is yielded when its phase's
+    next step begins (or at the end), so steps come in the order they complete. phase ("prefill" / "decode")
     keeps only that phase's tokens ("all" or None: both). A step that spans chunk boundaries is yielded once, whole.
     """
     if tokens_per_step is not None and tokens_per_step < 1:
@@ -66,8 +68,8 @@ def iter_step_loads(
     meta = trace.metadata
     L, E = meta.num_moe_layers, meta.num_experts
     phase_code = _phase_code(phase)
-    pending: np.ndarray | None = None  # the last, possibly unfinished, step seen
-    pending_key = -1
+    # open steps, possibly unfinished, by lane: one lane for recorded passes, one per phase for regrouped steps
+    pending: dict[int, tuple[int, np.ndarray]] = {}
     kept = np.zeros(2, dtype=np.int64)  # tokens kept so far per phase (for tokens_per_step grouping)
     piece_tokens = max(1, _PIECE_ENTRIES // (L * E))
     for chunk in trace.iter_chunks(("expert_ids", "step", "phase"), chunk_tokens=chunk_tokens):
@@ -82,20 +84,21 @@ def iter_step_loads(
             piece = ids[start:start + piece_tokens]  # [T, L, K]
             key = keys[start:start + piece_tokens]
             for load, k in _group_loads(piece, key, E):
-                if pending is not None and k == pending_key:
-                    pending += load
+                lane = 0 if tokens_per_step is None else k // _PHASE_KEY
+                if lane in pending and pending[lane][0] == k:
+                    pending[lane][1][...] += load
                     continue
-                if pending is not None:
-                    yield pending
-                pending, pending_key = load, k
+                if lane in pending:
+                    yield pending.pop(lane)[1]
+                pending[lane] = (k, load)
         if progress is not None:
             progress(n)
-    if pending is not None:
-        yield pending
+    yield from (load for _, load in pending.values())  # in the order they were opened
 
 
 def _step_keys(step: np.ndarray, phases: np.ndarray, tokens_per_step: int | None, kept: np.ndarray) -> np.ndarray:
-    """[T] key of each token's step; a step is a run of consecutive tokens with one key. kept: [2] tokens per phase
+    """[T] key of each token's step (recorded: a step is a run of tokens with one key; regrouped: every token of a
+    key, B per phase, however the phases interleave). kept: [2] tokens per phase
     before this chunk (updated). Regrouped steps count tokens per phase, as the replay kernels (kernels.step_key)."""
     if tokens_per_step is None:
         return step.astype(np.int64)
@@ -112,6 +115,12 @@ def count_steps(trace: Trace, *, phase: str | None = None, tokens_per_step: int 
     """Number of steps iter_step_loads would yield, reading only the step and phase columns."""
     phase_code = _phase_code(phase)
     kept = np.zeros(2, dtype=np.int64)
+    if tokens_per_step is not None:  # regrouped: each phase's kept tokens fill steps of their own
+        for chunk in trace.iter_chunks(("phase",), chunk_tokens=chunk_tokens):
+            assert chunk.phase is not None
+            codes = np.bincount(chunk.phase, minlength=2)[:2]
+            kept += codes if phase_code is None else np.where(np.arange(2) == phase_code, codes, 0)
+        return int((-(-kept // tokens_per_step)).sum())
     count, last = 0, None
     for chunk in trace.iter_chunks(("step", "phase"), chunk_tokens=chunk_tokens):
         step, phases = chunk.step, chunk.phase

@@ -392,6 +392,33 @@ def run_variants(trace: Trace, variants: list[Variant], gpus: list[GpuSpec], *, 
     return seg
 
 
+def split_phases(variants: list[Variant], split: bool) -> tuple[list[Variant], list[tuple[int, ...]]]:
+    """Kernel variants for `variants`: with `split` (regrouped steps over both phases), each one twice, scoring
+    prefill and decode tokens apart, so that every step holds one phase's tokens only and a phase switch in the
+    trace never cuts a step short (as plan does). Returns the members and each variant's member indices."""
+    if not split:
+        return variants, [(i,) for i in range(len(variants))]
+    members = [dataclasses.replace(v, phase=p) for v in variants for p in (PHASE_PREFILL, PHASE_DECODE)]
+    return members, [(2 * i, 2 * i + 1) for i in range(len(variants))]
+
+
+def merge_groups(seg: Segment, groups: list[tuple[int, ...]]) -> Segment:
+    """A segment with one row per group of kernel variants: their totals summed, their steps concatenated in member
+    order (prefill steps, then decode steps when split by phase)."""
+    if all(len(g) == 1 for g in groups) and [g[0] for g in groups] == list(range(len(groups))):
+        return seg
+
+    def rows(a: np.ndarray) -> np.ndarray:
+        return np.stack([a[list(g)].sum(axis=0) for g in groups])
+
+    def steps(lists: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+        return [[arr for i in g for arr in lists[i]] for g in groups]
+
+    return dataclasses.replace(seg, tot_gpu=rows(seg.tot_gpu), tot_int=rows(seg.tot_int), comp=rows(seg.comp),
+                               step_imb=steps(seg.step_imb), step_time=steps(seg.step_time),
+                               step_ntok=steps(seg.step_ntok))
+
+
 # ---------------------------------------------------------------------------------------------- results
 
 
@@ -558,8 +585,10 @@ def replay(trace: Trace, config: ReplayConfig, progress: Progress | None = None)
     variants = fit_variants(stats, meta, policies=tuple(config.placements), num_gpus=config.num_gpus,
                             gpus_per_node=config.gpus_per_node, redundant_experts=config.redundant_experts,
                             tokens_per_step=config.tokens_per_step)
-    seg = run_variants(trace, variants, [config.hardware], phase=config.phase, score_start=stats.score_start,
+    members, groups = split_phases(variants, config.tokens_per_step > 0 and config.phase == "all")
+    seg = run_variants(trace, members, [config.hardware], phase=config.phase, score_start=stats.score_start,
                        capacity_factor=config.capacity_factor, chunk_tokens=config.chunk_tokens, progress=progress)
+    seg = merge_groups(seg, groups)
     summaries = summarise(seg, variants, [config.hardware], meta, hbm_reserve=config.hbm_reserve)
     if summaries and summaries[0].tokens == 0:
         raise InputError(f"{trace.paths[0]}: no {config.phase} tokens to score")

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from report_fixtures import small_report_inputs
 
+from simulator.rebalance import count_steps
 from simulator.report import build_report, render_html, render_markdown, write_report
 from simulator.report.build import SECTION_KEYS
 from simulator.report.format import fmt_int, fmt_num
-from traces import InputError
+from traces import InputError, open_trace
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIGURE_KEYS = {
@@ -75,6 +76,51 @@ def test_layouts_match_replay(built):
         assert row[1] == fmt_num(p.imbalance)
         assert row[8] == f"{p.timings[0].step_time['mean'] * 1e3:.3f}"
     assert report.data["replay"]["placements"][0]["label"] == replay.placements[0].label
+
+
+def test_replay_and_rebalance_step_at_recommended_batch(built):
+    trace, inputs, report = built
+    rec = inputs.plan.recommendation
+    # the fixture plans a 16-token per-GPU batch: a step is 16 x the recommended GPU count, not a recorded pass
+    assert rec.tokens_per_gpu == 16 and rec.tokens_per_step == 16 * rec.num_gpus
+    basis = inputs.step_basis
+    assert (basis.source, basis.tokens_per_step, basis.tokens_per_gpu, basis.num_gpus) == (
+        "recommendation", rec.tokens_per_step, 16, rec.num_gpus)
+    # used: the replay and the rebalance replay were run at that step size
+    assert inputs.replay.config["tokens_per_step"] == rec.tokens_per_step
+    for p in inputs.replay.placements:
+        assert p.tokens_per_step == rec.tokens_per_step
+        # phases are regrouped apart: at most one short step per phase, so the mean step is nearly full
+        assert rec.tokens_per_step * (p.steps - 2) <= p.tokens <= rec.tokens_per_step * p.steps
+    for r in inputs.rebalance:
+        assert r.settings["tokens_per_step"] == rec.tokens_per_step
+    with open_trace(trace) as tr:
+        assert inputs.rebalance[0].steps == count_steps(tr, tokens_per_step=rec.tokens_per_step)
+        assert inputs.rebalance[0].steps != count_steps(tr)  # the recorded passes would give another count
+    # stated: both sections name the step size in their text and captions
+    size = f"{fmt_int(rec.tokens_per_step)} tokens per step (16 per GPU x {rec.num_gpus} GPUs)"
+    for key in ("layouts", "rebalance"):
+        section = report.section(key)
+        assert any(f"Steps are the recommended layout's batch, {size}" in t for t in section.paragraphs), key
+        assert section.tables[0].caption.endswith(f"steps: {size}"), key
+    assert report.data["step_basis"]["tokens_per_step"] == rec.tokens_per_step
+
+
+def test_unmet_target_replays_best_frontier_point(built):
+    import dataclasses
+
+    from simulator.report.build import StepBasis
+    from simulator.report.collect import replayed_point
+
+    plan = built[1].plan
+    unmet = dataclasses.replace(plan, recommendation=None)
+    point, source = replayed_point(unmet)
+    assert source == "frontier" and point is max(plan.frontier, key=lambda c: c.tokens_per_s)
+    text = StepBasis(source, point.tokens_per_step, point.tokens_per_gpu, point.num_gpus, point.describe()).sentence()
+    assert text.startswith("No layout meets the goal") and point.describe() in text
+    assert f"{fmt_int(point.tokens_per_step)} tokens per step" in text
+    assert replayed_point(dataclasses.replace(unmet, frontier=[])) == (None, "fallback")
+    assert replayed_point(None) == (None, "")
 
 
 def test_rebalance_and_routing_match_results(built):
@@ -215,3 +261,8 @@ def test_without_target_replays_first_layout_and_lists_unbuildable(built):
     report = build_report(inputs)
     assert "No throughput target was given" in report.section("recommendation").paragraphs[0]
     assert "replicated+8" in report.section("recommendation").paragraphs[0]
+    # no plan: the recorded forward passes are the steps, and both sections say so
+    assert inputs.step_basis.source == "recorded" and inputs.replay.config["tokens_per_step"] == 0
+    for key in ("layouts", "rebalance"):
+        assert any("Steps are the trace's recorded forward passes: no throughput target was given" in t
+                   for t in report.section(key).paragraphs), key

@@ -29,6 +29,49 @@ COSELECTION_LAYERS = 3  # co-selection matrices drawn: first, middle and last Mo
 PAIR_MIN_SHARE = 0.005  # expert pairs listed only if at least this share of tokens chose both (lift is noisy below)
 
 
+@dataclass(frozen=True)
+class StepBasis:
+    """The step size the replay and rebalance sections use, and where it comes from.
+
+    source: "recommendation" or "frontier" (the plan's chosen point: its batch), "fallback" (a plan with no point
+    that fits memory), "option" (--tokens-per-step, no plan) or "recorded" (the trace's forward passes, no plan).
+    """
+
+    source: str = "recorded"
+    tokens_per_step: int = 0  # 0: the recorded forward passes
+    tokens_per_gpu: int = 0  # the plan point's per-GPU batch (0: not a per-GPU batch)
+    num_gpus: int = 0
+    layout: str = ""  # the plan point, described (empty without a plan)
+
+    def size(self) -> str:
+        """The step size in words, e.g. "4,096 tokens per step (512 per GPU x 8 GPUs)"."""
+        if self.tokens_per_step == 0:
+            return "the trace's recorded forward passes"
+        per_gpu = f" ({fmt_int(self.tokens_per_gpu)} per GPU x {self.num_gpus} GPUs)" if self.tokens_per_gpu else ""
+        return f"{fmt_int(self.tokens_per_step)} tokens per step{per_gpu}"
+
+    def sentence(self) -> str:
+        """One sentence for the replay and rebalance sections: which step size they use and why."""
+        regrouped = (", each phase's tokens regrouped into steps of their own as the plan does"
+                     if self.tokens_per_step else "")
+        if self.source == "recommendation":
+            return f"Steps are the recommended layout's batch, {self.size()}{regrouped}."
+        if self.source == "frontier":
+            return (f"No layout meets the goal, so steps are the batch of the frontier point with the highest "
+                    f"throughput ({self.layout}): {self.size()}{regrouped}.")
+        if self.source == "fallback":
+            return (f"No layout in the plan fits in memory, so no planned batch is replayed: steps are {self.size()}"
+                    f"{regrouped}.")
+        if self.source == "option":
+            return f"Steps are {self.size()} (--tokens-per-step){regrouped}; no throughput target, so no plan."
+        return (f"Steps are {self.size()}: no throughput target was given, so no batch was planned "
+                "(pass --target-tokens-per-s to replay at the recommended batch).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "tokens_per_step": self.tokens_per_step, "tokens_per_gpu": self.tokens_per_gpu,
+                "num_gpus": self.num_gpus, "layout": self.layout, "text": self.sentence()}
+
+
 @dataclass
 class ReportInputs:
     """Everything the report shows, computed already."""
@@ -43,6 +86,13 @@ class ReportInputs:
     plan: PlanResult | None = None  # None when no throughput target was given
     settings: dict[str, Any] = field(default_factory=dict)  # the command's options, shown under Inputs
     created_at: str = ""
+    step_basis: StepBasis | None = None  # None: the replay's own tokens_per_step, no plan point behind it
+
+    def steps(self) -> StepBasis:
+        if self.step_basis is not None:
+            return self.step_basis
+        tps = int(self.replay.config.get("tokens_per_step", 0))
+        return StepBasis(source="option" if tps else "recorded", tokens_per_step=tps)
 
 
 # ---------------------------------------------------------------------------------------------------- sections
@@ -82,7 +132,8 @@ def _layouts_section(inputs: ReportInputs) -> Section:
         columns=["placement", "imbalance", "step p50", "step p95", "step p99", "leave GPU", "leave node",
                  "all-to-all / step", "MoE ms / step", "tokens/s / GPU", "expert memory / GPU (of HBM)", "dropped"],
         rows=rows, numeric=[False] + [True] * 11,
-        caption=f"Placements on {gpus} x {hw} ({nodes} node{'s' if nodes > 1 else ''} of {min(gpn, gpus)})",
+        caption=f"Placements on {gpus} x {hw} ({nodes} node{'s' if nodes > 1 else ''} of {min(gpn, gpus)}), steps: "
+                f"{inputs.steps().size()}",
     )
     series = {p.label: np.asarray(p.step_imbalance_series) for p in replay.placements}
     scored = _scored_load(inputs)
@@ -102,11 +153,25 @@ def _layouts_section(inputs: ReportInputs) -> Section:
         f"trace) and scored on the remaining {fmt_int(replay.total_tokens - replay.score_start)}, so no placement "
         "is scored on the tokens it was fitted to. Imbalance is the sum over layers of the busiest GPU's "
         "assignments over the sum of the mean GPU's; step percentiles use each step's own imbalance.",
+        f"{inputs.steps().sentence()} Per-step imbalance, traffic and time are for steps of "
+        f"{fmt_int(_mean_step_tokens(replay))} tokens on average ({fmt_int(_scored_steps(replay))} scored steps).",
     ]
+    if inputs.steps().tokens_per_step and cfg.get("phase", "all") == "all":
+        paragraphs.append("With steps regrouped by phase, the per-step imbalance plot shows the prefill steps in "
+                          "trace order, then the decode steps.")
     if nodes == 1:
         paragraphs.append("This layout is one node: all of its all-to-all traffic stays on the scale-up links, none "
                           "crosses the network between nodes.")
     return Section("layouts", "Placements and layouts", paragraphs, [table], figs)
+
+
+def _mean_step_tokens(replay: ReplayResult) -> float:
+    p = replay.placements[0]
+    return p.tokens / max(p.steps, 1)
+
+
+def _scored_steps(replay: ReplayResult) -> int:
+    return replay.placements[0].steps
 
 
 def _rebalance_section(inputs: ReportInputs) -> Section:
@@ -128,7 +193,7 @@ def _rebalance_section(inputs: ReportInputs) -> Section:
                  "weights moved / refit", "moved / step"],
         rows=rows, numeric=[True] * 8,
         caption=f"Refit from the last N = {first.window} steps with the {first.settings.get('policy', '?')} policy "
-                f"on {first.settings.get('num_gpus', '?')} GPUs",
+                f"on {first.settings.get('num_gpus', '?')} GPUs; steps: {inputs.steps().size()}",
     )
     fig = figures.imbalance_vs_interval(
         [r.every for r in results], [r.mean_imbalance("rebalanced") for r in results],
@@ -141,6 +206,7 @@ def _rebalance_section(inputs: ReportInputs) -> Section:
         f"on and are not scored. The fixed placement keeps that first fit; the oracle is refitted on each interval's "
         f"own steps (hindsight), the floor a refit could reach. One expert's weights are "
         f"{fmt_bytes(first.expert_bytes)}.",
+        inputs.steps().sentence(),
         f"Lowest mean imbalance when refitting every {best.every} steps: {fmt_num(best.mean_imbalance('rebalanced'))}"
         f" against {fmt_num(best.mean_imbalance('fixed'))} fixed and {fmt_num(best.mean_imbalance('oracle'))} oracle,"
         f" moving {fmt_bytes(float(best.moved_bytes.mean()) if best.rebalances else 0.0)} of weights per refit.",
@@ -291,6 +357,7 @@ def build_report(inputs: ReportInputs) -> Report:
         "rebalance": [r.to_dict() for r in inputs.rebalance],
         "routing": inputs.routing.summary(),
         "settings": inputs.settings,
+        "step_basis": inputs.steps().to_dict(),
     }
     subtitle = (f"{meta.model_id}: {fmt_int(inputs.num_tokens)} tokens from {', '.join(inputs.trace_paths)}"
                 + (f"; generated {inputs.created_at}" if inputs.created_at else ""))

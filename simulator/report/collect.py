@@ -1,7 +1,9 @@
 """Run everything a report shows over a trace: plan (when a target is given), replay, rebalance, routing analysis.
 
-The replayed layout is the plan's recommendation when there is one (so the report shows how its placements compare),
-else the first GPU count and hardware given. Each pass streams the trace; none holds per-token data.
+The replayed layout and its step size are the plan's recommendation when there is one (so the report shows how its
+placements compare at the batch it recommends), else the frontier point with the highest throughput, else the first
+GPU count and hardware given with the recorded forward passes (or --tokens-per-step). Each pass streams the trace;
+none holds per-token data.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 from simulator.cost_model import DEFAULT_CONTEXT_TOKENS, DEFAULT_HBM_RESERVE
 from simulator.hardware import GpuSpec
 from simulator.placement import fit_placement
-from simulator.plan import PlanConfig, PlanResult, plan
+from simulator.plan import Candidate, PlanConfig, PlanResult, plan
 from simulator.rebalance import (
     RebalanceConfig,
     count_steps,
@@ -25,7 +27,7 @@ from simulator.rebalance import (
     rebalance_trace,
 )
 from simulator.replay import DEFAULT_FIT_FRACTION, DEFAULT_PLACEMENTS, ReplayConfig, replay
-from simulator.report.build import ReportInputs
+from simulator.report.build import ReportInputs, StepBasis
 from simulator.routing_analysis import DEFAULT_SEGMENTS, analyze_routing
 from traces.errors import InputError
 from traces.reader import DEFAULT_CHUNK_TOKENS, Trace
@@ -94,6 +96,18 @@ def _redundancy(num_experts: int, num_gpus: int, candidates: list[int]) -> int:
     return max(fitting, default=0)
 
 
+def replayed_point(plan_result: PlanResult | None) -> tuple[Candidate | None, str]:
+    """The plan point whose layout and batch the replay and rebalance sections use, and why ("recommendation",
+    "frontier": none meets the goal, the frontier point with the highest throughput; "fallback": nothing fits)."""
+    if plan_result is None:
+        return None, ""
+    if plan_result.recommendation is not None:
+        return plan_result.recommendation, "recommendation"
+    if plan_result.frontier:
+        return max(plan_result.frontier, key=lambda c: (c.tokens_per_s, -c.num_gpus, -c.step_ms_p95)), "frontier"
+    return None, "fallback"
+
+
 def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFactory | None = None,
                    settings: dict | None = None) -> ReportInputs:
     """Run the analyses the report needs over `trace` and gather their results."""
@@ -119,27 +133,32 @@ def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFacto
         )
         plan_result = plan(trace, plan_config, progress=bar("plan"))
 
-    rec = plan_result.recommendation if plan_result is not None else None
-    if rec is not None:
-        gpu = next(h for h in options.hardware if h.name == rec.hardware)
-        num_gpus, redundant = rec.num_gpus, rec.redundant_experts
+    point, source = replayed_point(plan_result)
+    if point is not None:
+        gpu = next(h for h in options.hardware if h.name == point.hardware)
+        num_gpus, redundant = point.num_gpus, point.redundant_experts
+        # the plan's step for this point (per-GPU batch x GPUs), regrouped per phase by replay and rebalance alike
+        tokens_per_step = point.tokens_per_step
+        basis = StepBasis(source, tokens_per_step, point.tokens_per_gpu, num_gpus, point.describe())
     else:
         gpu, num_gpus = options.hardware[0], options.gpus[0]
         redundant = 0
+        tokens_per_step = options.tokens_per_step
+        basis = StepBasis(source or ("option" if tokens_per_step else "recorded"), tokens_per_step, 0, num_gpus)
     if redundant == 0:
         redundant = _redundancy(meta.num_experts, num_gpus, options.redundant_experts + [num_gpus])
     placements, skipped = _buildable(options.placements, meta.num_experts, num_gpus, options.gpus_per_node,
                                      redundant)
     replay_config = ReplayConfig(
         num_gpus=num_gpus, gpus_per_node=options.gpus_per_node, hardware=gpu, placements=placements,
-        redundant_experts=redundant, tokens_per_step=options.tokens_per_step, phase=options.phase,
+        redundant_experts=redundant, tokens_per_step=tokens_per_step, phase=options.phase,
         fit_fraction=options.fit_fraction, capacity_factor=options.capacity_factor, hbm_reserve=options.hbm_reserve,
         chunk_tokens=options.chunk_tokens,
     )
     replay_result = replay(trace, replay_config, progress=bar("replay"))
 
     phase = None if options.phase == "all" else options.phase
-    tps = options.tokens_per_step or None
+    tps = tokens_per_step or None
     steps = count_steps(trace, phase=phase, tokens_per_step=tps, chunk_tokens=options.chunk_tokens)
     window = options.window if options.window is not None else default_window(steps)
     every = options.rebalance_every or default_intervals(steps, window)
@@ -148,8 +167,8 @@ def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFacto
                                        gpus_per_node=options.gpus_per_node, redundant_experts=redundant,
                                        phase=phase, tokens_per_step=tps)
     if steps <= window:
-        raise InputError(f"--window {window}: the trace has only {steps} steps, none left to score after the window"
-                         " (lower --window)")
+        raise InputError(f"--window {window}: the trace has only {steps} steps ({basis.size()}), none left to "
+                         "score after the window (lower --window)")
     rebalance_results = rebalance_trace(trace, rebalance_config, chunk_tokens=options.chunk_tokens,
                                         progress=bar("rebalance", passes_needed(every, meta.num_moe_layers,
                                                                                    meta.num_experts)))
@@ -162,6 +181,6 @@ def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFacto
     return ReportInputs(
         trace_paths=[str(p) for p in trace.paths], metadata=meta, num_tokens=tokens, routing=routing,
         replay=replay_result, rebalance=rebalance_results, hardware=list(options.hardware), plan=plan_result,
-        settings=shown, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        settings=shown, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), step_basis=basis,
     )
 
