@@ -33,11 +33,11 @@ from simulator.replay import (
     DEFAULT_FIT_FRACTION,
     PHASES,
     Progress,
-    Segment,
     Variant,
     VariantSummary,
     fit_statistics,
     fit_variants,
+    merge_groups,
     run_variants,
     summarise,
 )
@@ -308,20 +308,6 @@ def grid_points(trace: Trace, config: PlanConfig, stats: Any,
     return points, variants, skipped
 
 
-def merge_members(seg: Segment, points: list[GridPoint]) -> Segment:
-    """A segment with one row per grid point: the totals of its kernel variants summed, their steps concatenated
-    (prefill steps, then decode steps: the order matters to no statistic the plan takes)."""
-    def rows(a: np.ndarray) -> np.ndarray:
-        return np.stack([a[list(p.members)].sum(axis=0) for p in points])
-
-    def steps(lists: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
-        return [[arr for i in p.members for arr in lists[i]] for p in points]
-
-    return dataclasses.replace(seg, tot_gpu=rows(seg.tot_gpu), tot_int=rows(seg.tot_int), comp=rows(seg.comp),
-                               step_imb=steps(seg.step_imb), step_time=steps(seg.step_time),
-                               step_ntok=steps(seg.step_ntok))
-
-
 def _candidates(summaries: list[VariantSummary], ntoks: list[np.ndarray], points: list[GridPoint],
                 config: PlanConfig, ne: NonExpertWork) -> list[Candidate]:
     out = []
@@ -489,7 +475,7 @@ def plan(trace: Trace, config: PlanConfig, progress: Progress | None = None) -> 
     points, variants, skipped = grid_points(trace, config, stats, scored)
     seg = run_variants(trace, variants, config.hardware, phase=config.phase, score_start=stats.score_start,
                        capacity_factor=config.capacity_factor, chunk_tokens=config.chunk_tokens, progress=progress)
-    merged = merge_members(seg, points)
+    merged = merge_groups(seg, [p.members for p in points])  # prefill and decode variants of each point
     summaries = summarise(merged, [p.variant for p in points], config.hardware, meta, hbm_reserve=config.hbm_reserve)
     ntoks = [merged.series(i)[2] for i in range(len(points))]
     ne = non_expert_work(meta, config.context_tokens)
