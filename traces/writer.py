@@ -34,6 +34,14 @@ def encoding_for(path: Path) -> str:
     )
 
 
+def make_parent_dir(path: Path) -> None:
+    """Create the directory an output file goes into; failure is an InputError naming the file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot create directory {path.parent} ({exc.strerror})") from exc
+
+
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
@@ -116,10 +124,7 @@ def open_writer(
     part = partial_path(path)
     if path.exists() and not force:
         raise InputError(f"{path}: already exists (pass --force to overwrite)")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot create directory {path.parent} ({exc.strerror})") from exc
+    make_parent_dir(path)
     metadata.status = "partial"
     backend: _Backend
     if resume and part.exists():

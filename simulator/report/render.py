@@ -15,6 +15,7 @@ from pathlib import Path
 
 from simulator.report.model import Figure, Report, Section, Table
 from traces.errors import InputError
+from traces.writer import make_parent_dir
 
 HTML_SUFFIXES = (".html", ".htm")
 MARKDOWN_SUFFIXES = (".md", ".markdown")
@@ -159,10 +160,7 @@ def markdown_image_dir(path: Path) -> Path:
 def check_output(path: Path, force: bool) -> None:
     """Fail before any work if the report could not be written or would overwrite something without --force."""
     fmt = output_format(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot create directory {path.parent} ({exc.strerror})") from exc
+    make_parent_dir(path)
     targets = [path] + ([markdown_image_dir(path)] if fmt == "markdown" else [])
     for target in targets:
         if target.exists() and not force:
