@@ -33,6 +33,7 @@ SIM_COMMANDS = {
     "plan": ("simulator.commands:plan", "Find the cheapest layouts that meet a throughput target."),
     "report": ("simulator.report.commands:report", "Write a self-contained HTML or Markdown capacity-planning report."),
     "rebalance": ("simulator.report.commands:rebalance", "Replay periodic placement refits: how often to rebalance."),
+    "calibrate": ("simulator.calibrate.commands:calibrate", "Measure this machine's GPU kernels into a cost profile."),
 }
 
 

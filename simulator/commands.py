@@ -16,7 +16,7 @@ from rich.table import Table
 
 from simulator import units
 from simulator.cost_model import DEFAULT_CONTEXT_TOKENS, DEFAULT_HBM_RESERVE, DEFAULT_TOKENS_PER_GPU
-from simulator.hardware import load_hardware, parse_hardware_list
+from simulator.hardware import COST_MODELS, load_hardware, parse_hardware_list
 from simulator.plan import Candidate, PlanConfig, PlanResult, apply_prices, parse_gpu_hour_cost
 from simulator.plan import plan as run_plan
 from simulator.replay import DEFAULT_FIT_FRACTION, DEFAULT_PLACEMENTS, PHASES, ReplayConfig, ReplayResult
@@ -78,9 +78,11 @@ def replay_table(result: ReplayResult) -> Table:
     hw = cfg["hardware"]["name"]
     title = (f"{cfg['num_gpus']} x {hw} ({cfg['gpus_per_node']} per node), phase {cfg['phase']}, "
              f"fitted on {result.fit_tokens:,} tokens, scored on {result.placements[0].tokens:,}")
+    priced = result.placements[0].timings[0].priced_by
     caption = ("imbalance: max/mean GPU load summed over layers; step p95: 95th percentile of per-step imbalance; "
                "leave: share of assignments sent off the token's GPU / node; MoE time: mean predicted time per "
-               "step of the MoE layers; memory: expert weights per GPU (share of HBM)")
+               "step of the MoE layers; memory: expert weights per GPU (share of HBM)\n"
+               f"expert time priced by: {priced.get('expert_time', '-')}; all-to-all: {priced.get('all_to_all', '-')}")
     table = _table(title, [("placement", "left"), ("imbalance", "right"), ("step\np95", "right"),
                            ("leave\nGPU", "right"), ("leave\nnode", "right"), ("all-to-all\n/step", "right"),
                            ("MoE time\n/step", "right"), ("tokens/s\n/GPU", "right"),
@@ -135,7 +137,11 @@ def per_layer_table(result: ReplayResult) -> Table:
 @click.option("--gpus", type=int, default=8, show_default=True, help="Number of GPUs serving the experts.")
 @click.option("--gpus-per-node", type=int, default=8, show_default=True, help="GPUs per node (NVLink domain).")
 @click.option("--hardware", default="h100", show_default=True,
-              help="GPU preset (h100, h200, b200, a100, mi300x) or a YAML/JSON file with the GpuSpec fields.")
+              help="GPU preset (h100, h200, b200, a100, mi300x), a profile from `moe-sim calibrate`, or a YAML/JSON "
+                   "file with the GpuSpec fields.")
+@click.option("--cost-model", type=click.Choice(list(COST_MODELS)), default="profile", show_default=True,
+              help="profile: expert time from measured GPU kernels (a preset without its own profile is derived "
+                   "from the nearest measured one); roofline: peak figures x efficiencies (uncalibrated).")
 @click.option("--placements", default=",".join(DEFAULT_PLACEMENTS), show_default=True,
               help="Comma-separated policies to compare: contiguous, round-robin, balanced, replicated, "
                    "replicated-hier, coactivation, file:PATH.")
@@ -155,7 +161,8 @@ def per_layer_table(result: ReplayResult) -> Table:
 @click.option("--per-layer", is_flag=True, help="Also print a per-layer breakdown.")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout instead of tables.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def replay_cmd(trace: tuple[str, ...], gpus: int, gpus_per_node: int, hardware: str, placements: str,
+def replay_cmd(trace: tuple[str, ...], gpus: int, gpus_per_node: int, hardware: str, cost_model: str,
+               placements: str,
                redundant_experts: int | None, tokens_per_step: int, phase: str, fit_fraction: float,
                capacity_factor: float | None, hbm_reserve: float, per_layer: bool, as_json: bool,
                quiet: bool) -> None:
@@ -165,7 +172,7 @@ def replay_cmd(trace: tuple[str, ...], gpus: int, gpus_per_node: int, hardware: 
     Experts over HBM x (1 - --hbm-reserve) are marked "over".
     """
     config = ReplayConfig(
-        num_gpus=gpus, gpus_per_node=gpus_per_node, hardware=load_hardware(hardware),
+        num_gpus=gpus, gpus_per_node=gpus_per_node, hardware=load_hardware(hardware, cost_model),
         placements=tuple(_names(placements)),
         redundant_experts=gpus if redundant_experts is None else redundant_experts,
         tokens_per_step=tokens_per_step, phase=phase, fit_fraction=fit_fraction, capacity_factor=capacity_factor,
@@ -227,6 +234,8 @@ def plan_table(result: PlanResult, rows: list[Candidate], title: str) -> Table:
 @click.option("--target-tokens-per-s", type=float, required=True, help="Whole-model throughput to reach.")
 @click.option("--hardware", default="h100", show_default=True,
               help="Comma-separated GPU presets or YAML/JSON files to compare.")
+@click.option("--cost-model", type=click.Choice(list(COST_MODELS)), default="profile", show_default=True,
+              help="profile: measured GPU kernels (see `moe-sim replay --help`); roofline: uncalibrated peaks.")
 @click.option("--gpus", default="8,16,32,64", show_default=True, help="Comma-separated GPU counts.")
 @click.option("--gpus-per-node", type=int, default=8, show_default=True, help="GPUs per node.")
 @click.option("--placements", default="contiguous,balanced,replicated", show_default=True,
@@ -258,7 +267,8 @@ def plan_table(result: PlanResult, rows: list[Candidate], title: str) -> Table:
 @click.option("--all", "show_all", is_flag=True, help="Print every grid point, not only the frontier.")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout instead of tables.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def plan_cmd(trace: tuple[str, ...], target_tokens_per_s: float, hardware: str, gpus: str, gpus_per_node: int,
+def plan_cmd(trace: tuple[str, ...], target_tokens_per_s: float, hardware: str, cost_model: str, gpus: str,
+             gpus_per_node: int,
              placements: str, redundant_experts: str, tokens_per_gpu: str | None, tokens_per_step: str | None,
              max_step_ms: float | None, phase: str, fit_fraction: float, capacity_factor: float | None,
              hbm_reserve: float, context_tokens: int, gpu_hour_cost: str | None, show_all: bool, as_json: bool,
@@ -269,7 +279,7 @@ def plan_cmd(trace: tuple[str, ...], target_tokens_per_s: float, hardware: str, 
     reserve, and is the cheapest per hour when every GPU type has a price (--gpu-hour-cost), else the one with the
     fewest GPUs; then the lowest step time. Batches are per GPU by default, so more GPUs mean larger steps.
     """
-    gpu_specs = parse_hardware_list(hardware)
+    gpu_specs = parse_hardware_list(hardware, cost_model)
     if gpu_hour_cost is not None:
         gpu_specs = apply_prices(gpu_specs, parse_gpu_hour_cost(gpu_hour_cost))
     config = PlanConfig(
@@ -300,6 +310,9 @@ def plan_cmd(trace: tuple[str, ...], target_tokens_per_s: float, hardware: str, 
         shown = "; ".join(points[:6]) + (f"; and {len(points) - 6} more" if len(points) > 6 else "")
         console.print(f"[dim]skipped {len(points)} grid point(s) that cannot be built or planned: {shown} "
                       f"(first reason: {first}; --json lists every reason)[/dim]")
+    for name, priced in result.pricing.items():
+        console.print(f"[dim]{name}: expert time {priced['expert_time']}; non-expert {priced['non_expert_time']}; "
+                      f"all-to-all {priced['all_to_all']}[/dim]")
     head = "Recommendation" if result.recommendation else "No recommendation"
     console.print(f"[bold]{head}[/bold]")
     for reason in result.reasons:

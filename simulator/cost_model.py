@@ -6,20 +6,25 @@ estimates the model's non-expert work and memory from the trace metadata. No I/O
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
+from simulator import expert_time as X
 from simulator import kernels as K
-from simulator.hardware import GpuSpec
+from simulator.hardware import PRESETS, GpuSpec
+from simulator.profiles import CostProfile, ExpertWork, ShapeProfile, load_profile
+from simulator.profiles import NonExpertWork as MeasuredNonExpert
 from traces.schema import TraceMetadata
 
-# ../shared/reference/hardware.md "Measured here": bf16 8192^3 matmul 780-798 TFLOP/s on H100 (peak 989).
+# Measured by this project through PyTorch: bf16 8192^3 matmul 780-798 TFLOP/s on H100 SXM (peak 989).
 MATMUL_EFFICIENCY = 790 / 989
-# Same file: device-to-device copy about 3.0 TB/s on H100 (peak 3.35 TB/s).
+# Also measured here: device-to-device copy about 3.0 TB/s on H100 (peak 3.35 TB/s).
 HBM_EFFICIENCY = 3.0 / 3.35
-# DeepEP normal kernels, intranode EP8 on H800: dispatch 153 GB/s, combine 158 GB/s, against H800 NVLink's
-# 200 GB/s per direction (400 GB/s bidirectional). The H100 NCCL all-reduce bus bandwidth measured here, 355 of
+# DeepEP normal kernels (deepseek-ai/DeepEP README), intranode EP8 on H800: dispatch 153 GB/s, combine 158 GB/s,
+# against H800 NVLink's 200 GB/s per direction (400 GB/s bidirectional). The H100 NCCL all-reduce bus bandwidth measured here, 355 of
 # 450 GB/s (0.79), agrees.
 H800_NVLINK_PER_DIRECTION = 200e9
 SCALE_UP_DISPATCH_EFFICIENCY = 153e9 / H800_NVLINK_PER_DIRECTION
@@ -39,8 +44,97 @@ DEFAULT_CONTEXT_TOKENS = 2048  # attention context assumed for the non-expert es
 DEFAULT_TOKENS_PER_GPU = {"decode": (32, 128, 512), "prefill": (1024, 4096, 16384), "all": (128, 1024, 4096)}
 
 
-def cost_row(gpu: GpuSpec) -> np.ndarray:
-    """[8] effective rates of one GPU in the kernels' C_* column order."""
+ROOFLINE = "roofline (uncalibrated)"
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """What prices one GPU type's replay for one trace's shapes, and how to say so."""
+
+    source: str  # "measured profile h200-torch-grouped-mm", "extrapolated from h200 ...", or ROOFLINE
+    expert: ExpertWork | None  # None: roofline
+    non_expert: MeasuredNonExpert | None  # None: roofline (no measurement for these shapes)
+    profile: CostProfile | None
+    communication: str  # where the all-to-all figures come from
+
+    def to_dict(self) -> dict[str, str]:
+        return {"expert_time": self.source, "non_expert_time": self.non_expert_source,
+                "all_to_all": self.communication}
+
+    @property
+    def non_expert_source(self) -> str:
+        if self.non_expert is None:
+            return ROOFLINE
+        return self.source.replace("profile", "profile (non-expert part)", 1)
+
+
+DEEPEP_COMMUNICATION = "DeepEP intranode and internode figures (not measured here)"
+
+
+def _same_gpu(a: GpuSpec, b: GpuSpec) -> bool:
+    return (a.bf16_flops, a.hbm_bandwidth) == (b.bf16_flops, b.hbm_bandwidth)
+
+
+def pricing_for(gpu: GpuSpec, meta: TraceMetadata) -> Pricing:
+    """The expert and non-expert models for this GPU and these shapes: measured, derived, or the roofline."""
+    if gpu.profile is None:
+        return Pricing(ROOFLINE, None, None, None, DEEPEP_COMMUNICATION)
+    try:
+        stamp = os.stat(gpu.profile).st_mtime_ns  # a rewritten profile is priced again
+    except OSError:
+        stamp = 0  # load_profile names the missing file
+    return _pricing(gpu, meta.hidden_size, meta.expert_intermediate_size, meta.expert_activation,
+                    meta.flops_per_assignment, expert_weight_bytes(meta), non_expert_key(meta), stamp)
+
+
+def non_expert_key(meta: TraceMetadata) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted({"hidden_size": meta.hidden_size, "num_attention_heads": meta.num_attention_heads or 0,
+                         "num_key_value_heads": meta.num_key_value_heads or 0, "head_dim": meta.head_dim or 0,
+                         "vocab_size": meta.vocab_size or 0, "num_experts": meta.num_experts,
+                         "num_shared_experts": meta.num_shared_experts,
+                         "shared_expert_intermediate_size": meta.shared_expert_intermediate_size,
+                         "dense_intermediate_size": meta.dense_intermediate_size}.items()))
+
+
+@lru_cache(maxsize=64)
+def _pricing(gpu: GpuSpec, hidden: int, ffn: int, activation: str, flops_per_row: float, expert_bytes: float,
+             ne_key: tuple[tuple[str, int], ...], stamp: int) -> Pricing:
+    assert gpu.profile is not None
+    prof = load_profile(gpu.profile)
+    shape, exact = prof.shape_for(hidden, ffn, activation)
+    measured_on = PRESETS.get(prof.hardware, gpu)
+    same = _same_gpu(gpu, measured_on)
+    work = shape.expert
+    if not exact or not same:
+        rf = rt = None
+        if not same:
+            rf = X.roofline_table(expert_bytes, flops_per_row, measured_on.bf16_flops, measured_on.hbm_bandwidth)
+            rt = X.roofline_table(expert_bytes, flops_per_row, gpu.bf16_flops, gpu.hbm_bandwidth)
+        work = X.scale_expert_work(work, shape_ratio=hidden * ffn / (shape.hidden_size * shape.expert_intermediate_size),
+                                   hidden_ratio=hidden / shape.hidden_size, roofline_from=rf, roofline_to=rt,
+                                   hbm_ratio=measured_on.hbm_bandwidth / gpu.hbm_bandwidth)
+    if exact and same:
+        source = f"measured profile {prof.label}"
+    else:
+        parts = [] if same else [f"from {prof.hardware} by datasheet ratios"]
+        if not exact:
+            parts.append(f"from the measured shape {shape.shape_label}")
+        source = f"extrapolated ({'; '.join(parts)}) of profile {prof.label}"
+    ne = shape.non_expert if exact and shape.non_expert is not None and _key_matches(shape, dict(ne_key)) else None
+    comm = DEEPEP_COMMUNICATION
+    if prof.communication.source == "measured":
+        comm = f"measured all-to-all of profile {prof.label}" + ("" if same else f" (on {prof.hardware})")
+    return Pricing(source, work, ne, prof, comm)
+
+
+def _key_matches(shape: ShapeProfile, key: dict[str, int]) -> bool:
+    assert shape.non_expert is not None
+    return all(key.get(k) == v for k, v in shape.non_expert.key.items())
+
+
+def cost_row(gpu: GpuSpec, meta: TraceMetadata | None = None) -> np.ndarray:
+    """[NUM_COST_COLUMNS] effective rates of one GPU in the kernels' C_* column order, with the measured expert
+    model of its profile for the trace's shapes (meta) when it has one."""
     row = np.zeros(K.NUM_COST_COLUMNS)
     row[K.C_FLOPS] = gpu.bf16_flops * MATMUL_EFFICIENCY
     row[K.C_HBM] = gpu.hbm_bandwidth * HBM_EFFICIENCY
@@ -50,12 +144,32 @@ def cost_row(gpu: GpuSpec) -> np.ndarray:
     row[K.C_SO_COMBINE] = gpu.scale_out_bandwidth * SCALE_OUT_COMBINE_EFFICIENCY
     row[K.C_SU_LAT] = gpu.scale_up_latency
     row[K.C_SO_LAT] = gpu.scale_out_latency
+    if gpu.profile is None:
+        return row
+    if meta is None:
+        raise ValueError("a profiled GPU needs the trace metadata to price its expert shapes")
+    pricing = pricing_for(gpu, meta)
+    prof = pricing.profile
+    comm = prof.communication if prof is not None else None
+    if prof is not None and comm is not None and comm.source == "measured" \
+            and _same_gpu(gpu, PRESETS.get(prof.hardware, gpu)):
+        assert comm.dispatch_bytes_per_s and comm.combine_bytes_per_s and comm.latency_s is not None
+        row[K.C_SU_DISPATCH] = comm.dispatch_bytes_per_s
+        row[K.C_SU_COMBINE] = comm.combine_bytes_per_s
+        row[K.C_SU_LAT] = comm.latency_s
+    work = pricing.expert
+    assert work is not None
+    row[K.C_PROFILED] = 1.0
+    row[K.C_TILE] = work.tile_rows
+    row[K.C_FIXED] = work.fixed_seconds
+    row[K.C_PER_ASSIGN] = work.per_assignment_seconds
+    row[K.C_TABLE:] = np.log2(work.gemm_seconds).ravel()
     return row
 
 
-def cost_matrix(gpus: list[GpuSpec]) -> np.ndarray:
-    """[H, 8] cost rows for the kernels."""
-    return np.stack([cost_row(g) for g in gpus])
+def cost_matrix(gpus: list[GpuSpec], meta: TraceMetadata | None = None) -> np.ndarray:
+    """[H, NUM_COST_COLUMNS] cost rows for the kernels."""
+    return np.stack([cost_row(g, meta) for g in gpus])
 
 
 def expert_matrices(meta: TraceMetadata) -> int:
@@ -87,16 +201,35 @@ class NonExpertWork:
     flops_per_token: float  # attention projections and scores, dense FFN layers, shared experts, routers, LM head
     weight_bytes: float  # all non-expert weights (embeddings included), read once per step by every GPU
     assumptions: tuple[str, ...]
+    meta: TraceMetadata | None = None  # for a profile's measured non-expert tables
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS
 
     def step_seconds(self, gpu: GpuSpec, tokens_per_gpu: float) -> float:
-        """Roofline of one step's non-expert work on one GPU."""
+        """One step's non-expert time on one GPU."""
         return float(self.step_seconds_array(gpu, np.asarray([tokens_per_gpu], dtype=np.float64))[0])
 
-    def step_seconds_array(self, gpu: GpuSpec, tokens_per_gpu: np.ndarray) -> np.ndarray:
-        """The same roofline for each step [n] (tokens per GPU of each step)."""
+    def roofline_seconds(self, gpu: GpuSpec, tokens_per_gpu: np.ndarray) -> np.ndarray:
         compute = self.flops_per_token * tokens_per_gpu / (gpu.bf16_flops * MATMUL_EFFICIENCY)
         reads = self.weight_bytes / (gpu.hbm_bandwidth * HBM_EFFICIENCY)
         return np.maximum(compute, reads)
+
+    def step_seconds_array(self, gpu: GpuSpec, tokens_per_gpu: np.ndarray,
+                           prefill: np.ndarray | bool = False) -> np.ndarray:
+        """Per step [n] (tokens per GPU of each step; prefill [n] marks prefill steps): the profile's measured
+        non-expert tables where it has them for these shapes (moved to another GPU by the ratio of the two
+        rooflines), else the roofline."""
+        tokens_per_gpu = np.asarray(tokens_per_gpu, dtype=np.float64)
+        pricing = pricing_for(gpu, self.meta) if self.meta is not None else None
+        if pricing is None or pricing.non_expert is None or pricing.profile is None:
+            return self.roofline_seconds(gpu, tokens_per_gpu)
+        meta = self.meta
+        assert meta is not None
+        t = X.non_expert_seconds(pricing.non_expert, tokens_per_gpu, self.context_tokens, meta.num_hidden_layers,
+                                 meta.num_hidden_layers - meta.num_moe_layers, prefill)
+        measured_on = PRESETS.get(pricing.profile.hardware, gpu)
+        if not _same_gpu(gpu, measured_on):
+            t = t * self.roofline_seconds(gpu, tokens_per_gpu) / self.roofline_seconds(measured_on, tokens_per_gpu)
+        return t
 
 
 def non_expert_work(meta: TraceMetadata, context_tokens: int = DEFAULT_CONTEXT_TOKENS,
@@ -128,4 +261,4 @@ def non_expert_work(meta: TraceMetadata, context_tokens: int = DEFAULT_CONTEXT_T
     flops = 2.0 * per_token_params + attn_score_flops
     embeddings = h * meta.vocab_size  # input embedding table (read sparsely, but resident)
     total_bytes = float((per_token_params + embeddings) * weight_bytes)
-    return NonExpertWork(flops, total_bytes, tuple(notes))
+    return NonExpertWork(flops, total_bytes, tuple(notes), meta, context_tokens)

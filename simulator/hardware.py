@@ -19,12 +19,13 @@ GB = 1e9
 TB = 1e12
 US = 1e-6
 
-# Latencies are not in ../shared/reference/hardware.md: these are stated assumptions (typical one-hop NVLink and
+# Latencies are not in the datasheets: these are stated assumptions (typical one-hop NVLink and
 # InfiniBand/RoCE message latencies), applied once per dispatch and once per combine per layer. Override them in a
 # hardware file.
 ASSUMED_SCALE_UP_LATENCY = 3 * US
 ASSUMED_SCALE_OUT_LATENCY = 10 * US
-# hardware.md: "one 400 Gb/s NIC per GPU is about 50 GB/s per direction" (ConnectX-7, as in MLPerf v6.0 B200 nodes).
+# One 400 Gb/s NIC per GPU is about 50 GB/s per direction (ConnectX-7; 8 per 8-GPU node in MLPerf Inference v6.0
+# B200 system descriptions).
 NIC_400G_BANDWIDTH = 50 * GB
 
 
@@ -41,6 +42,9 @@ class GpuSpec:
     scale_up_latency: float = ASSUMED_SCALE_UP_LATENCY  # seconds per all-to-all phase inside a node
     scale_out_latency: float = ASSUMED_SCALE_OUT_LATENCY  # seconds per all-to-all phase across nodes
     price_per_gpu_hour: float | None = None  # optional, for cost-aware comparisons
+    # Measured cost profile (simulator/profiles.py) that prices expert and non-expert work; None: roofline only.
+    # A profile measured on another GPU is moved to this one by datasheet ratios (expert_time.py).
+    profile: str | None = None
 
     def __post_init__(self) -> None:
         for f in ("bf16_flops", "hbm_bytes", "hbm_bandwidth", "scale_up_bandwidth", "scale_out_bandwidth"):
@@ -71,8 +75,11 @@ class GpuSpec:
         for n, v in data.items():
             if n == "name":
                 continue
-            if v is None and n == "price_per_gpu_hour":
+            if v is None and n in ("price_per_gpu_hour", "profile"):
                 values[n] = None
+                continue
+            if n == "profile":
+                values[n] = str(v)
                 continue
             try:
                 values[n] = float(v)
@@ -84,8 +91,8 @@ class GpuSpec:
         return dataclasses.asdict(self)
 
 
-# Presets: ../shared/reference/hardware.md (NVIDIA datasheets, dense BF16 = half the sparsity figure; AMD MI300X
-# datasheet; the ml-engineering accelerator tables). Scale-out: one 400 Gb/s NIC per GPU for every preset.
+# Presets: NVIDIA A100/H100/H200/HGX B200 datasheets (dense BF16 = half the sparsity figure), the AMD MI300X
+# datasheet, as collected in the ml-engineering accelerator tables (stas00/ml-engineering). Scale-out: one 400 Gb/s NIC per GPU for every preset.
 PRESETS: dict[str, GpuSpec] = {
     "a100": GpuSpec("a100", bf16_flops=312 * TB, hbm_bytes=80 * GB, hbm_bandwidth=2.0 * TB,
                     scale_up_bandwidth=300 * GB, scale_out_bandwidth=NIC_400G_BANDWIDTH),  # A100 SXM 80 GB, NVLink3
@@ -128,17 +135,46 @@ class ClusterLayout:
         return min(self.num_gpus, self.gpus_per_node)
 
 
-def load_hardware(name_or_path: str) -> GpuSpec:
-    """A preset name (h100, h200, b200, a100, mi300x) or a YAML/JSON file with GpuSpec's fields."""
-    key = name_or_path.strip()
+COST_MODELS = ("profile", "roofline")
+
+
+def load_hardware(name_or_path: str, cost_model: str = "profile") -> GpuSpec:
+    """A preset name (h100, h200, b200, a100, mi300x), a cost profile written by `moe-sim calibrate`, or a YAML/JSON
+    file with GpuSpec's fields.
+
+    cost_model "profile" (the default) prices a preset with its shipped measured profile, or with the nearest
+    measured one moved by datasheet ratios; "roofline" prices with peak figures and efficiencies only.
+    """
+    if cost_model not in COST_MODELS:
+        raise InputError(f"--cost-model must be one of {', '.join(COST_MODELS)}, got {cost_model!r}")
+    spec = _load_spec(name_or_path.strip())
+    if cost_model == "roofline":
+        return dataclasses.replace(spec, profile=None)
+    return spec
+
+
+def _load_spec(key: str) -> GpuSpec:
+    from simulator.profiles import is_profile_file, load_profile, nearest_shipped_profile, shipped_profile
+
     if key.lower() in PRESETS:
-        return PRESETS[key.lower()]
+        spec = PRESETS[key.lower()]
+        measured = shipped_profile(spec.name) or nearest_shipped_profile()
+        return dataclasses.replace(spec, profile=str(measured) if measured else None)
     path = Path(key)
     if path.suffix.lower() not in (".yaml", ".yml", ".json"):
         return GpuSpec.from_name(key)  # raises with the list of presets
     if not path.exists():
         raise InputError(f"{path}: hardware file not found")
-    text = path.read_text()
+    if is_profile_file(path):
+        prof = load_profile(path)
+        if prof.hardware not in PRESETS:
+            raise InputError(f"{path}: profile was measured on {prof.hardware!r}, which is not a preset "
+                             f"({', '.join(PRESETS)}); its peak figures are unknown")
+        return dataclasses.replace(PRESETS[prof.hardware], name=path.stem, profile=str(path))
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read hardware file ({exc.__class__.__name__})") from exc
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
@@ -151,12 +187,17 @@ def load_hardware(name_or_path: str) -> GpuSpec:
     if not isinstance(data, dict):
         raise InputError(f"{path}: hardware file must hold a mapping of field names to values")
     data.setdefault("name", path.stem)
+    if "profile" not in data:  # a hypothetical GPU is derived from the nearest measured one; `profile: null` opts out
+        measured = nearest_shipped_profile()
+        data["profile"] = str(measured) if measured else None
+    elif data["profile"] is not None:
+        data["profile"] = str((path.parent / str(data["profile"])).resolve())
     return GpuSpec.from_dict(data, str(path))
 
 
-def parse_hardware_list(text: str) -> list[GpuSpec]:
+def parse_hardware_list(text: str, cost_model: str = "profile") -> list[GpuSpec]:
     """Comma-separated presets or files: "h100,h200,my_gpu.yaml"."""
     items = [t for t in (s.strip() for s in text.split(",")) if t]
     if not items:
         raise InputError("--hardware: give at least one preset or file")
-    return [load_hardware(t) for t in items]
+    return [load_hardware(t, cost_model) for t in items]

@@ -23,7 +23,12 @@ from numba import njit
 # Columns of the cost array, one row per hardware spec: effective FLOP/s, effective HBM bytes/s, effective scale-up
 # bytes/s for dispatch and combine, effective scale-out bytes/s per NIC for dispatch and combine, latencies (s).
 C_FLOPS, C_HBM, C_SU_DISPATCH, C_SU_COMBINE, C_SO_DISPATCH, C_SO_COMBINE, C_SU_LAT, C_SO_LAT = range(8)
-NUM_COST_COLUMNS = 8
+# A measured profile (expert_time.py) adds: a flag (1: price expert work from the profile, 0: roofline), the tile of
+# rows, the fixed and per-assignment seconds, then the grouped-GEMM table as log2 seconds, row-major
+# [PROFILE_NX (log2 experts 0..8), PROFILE_NW (log2 rows 0..17)].
+C_PROFILED, C_TILE, C_FIXED, C_PER_ASSIGN, C_TABLE = 8, 9, 10, 11, 12
+PROFILE_NX, PROFILE_NW = 9, 18
+NUM_COST_COLUMNS = C_TABLE + PROFILE_NX * PROFILE_NW
 # Entries of the model array: FLOPs per assignment, bytes of one expert's weights, bytes sent per token copy in
 # dispatch and in combine, capacity factor (<= 0: no capacity limit), top-k.
 M_FLOPS, M_EXPERT_BYTES, M_DISPATCH_BYTES, M_COMBINE_BYTES, M_CAPACITY_FACTOR, M_TOP_K = range(6)
@@ -47,16 +52,45 @@ def step_key(phase: int, sel_in_phase: int, recorded_step: int, tokens_per_step:
 
 
 @njit(cache=True)
+def profiled_expert_seconds(row: np.ndarray, experts: int, rows: float, assignments: float) -> float:
+    """One GPU's expert time in one layer from a profile row (expert_time.expert_seconds is the NumPy twin):
+    fixed + per-assignment x a + G(x, W), G bilinear on log2 seconds in (log2 x, log2 W), proportional past the grid.
+    """
+    t = row[C_FIXED] + row[C_PER_ASSIGN] * assignments
+    if experts <= 0:
+        return t
+    lx = np.log2(experts)
+    lw = np.log2(max(rows, 1.0))
+    scale = 1.0
+    if lx > PROFILE_NX - 1:
+        scale *= experts / 2.0 ** (PROFILE_NX - 1)
+        lx = PROFILE_NX - 1.0
+    if lw > PROFILE_NW - 1:
+        scale *= rows / 2.0 ** (PROFILE_NW - 1)
+        lw = PROFILE_NW - 1.0
+    i = min(int(lx), PROFILE_NX - 2)
+    j = min(int(lw), PROFILE_NW - 2)
+    u = lx - i
+    v = lw - j
+    b = C_TABLE + i * PROFILE_NW + j
+    log_t = ((1 - u) * (1 - v) * row[b] + u * (1 - v) * row[b + PROFILE_NW] + (1 - u) * v * row[b + 1]
+             + u * v * row[b + PROFILE_NW + 1])
+    return t + scale * 2.0 ** log_t
+
+
+@njit(cache=True)
 def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gpus_per_node: int,
                used_slots: int, model: np.ndarray, cost: np.ndarray, comp: np.ndarray, tot_int: np.ndarray,
                tot_gpu: np.ndarray, step_time: np.ndarray) -> float:
     """Price one finished step of one variant; return its load imbalance (sum of layer max / sum of layer mean).
 
-    acc [L, W] counts as in the module docstring; model [6]; cost [H, 8].
+    acc [L, W] counts as in the module docstring; model [6]; cost [H, NUM_COST_COLUMNS].
     Adds seconds into comp [H, L, 4], dropped / active slots / busiest-GPU assignments / steps into
     tot_int [L, 8] and assignments per GPU into tot_gpu [L, G]; writes step_time [H] seconds.
-    Per layer: the slowest GPU's roofline max(FLOPs / FLOP/s, weight bytes / HBM B/s), plus dispatch and combine,
-    each the slower tier's max(send, receive) bytes over its effective bandwidth plus that tier's latency.
+    Per layer: the slowest GPU's expert time, plus dispatch and combine, each the slower tier's max(send, receive)
+    bytes over its effective bandwidth plus that tier's latency. Expert time is the measured profile's
+    (profiled_expert_seconds) where the cost row has one, else the roofline max(FLOPs / FLOP/s, weight bytes / HBM
+    B/s); either way it is booked as compute or weights by which roofline term is the larger.
     """
     layers = acc.shape[0]
     m = num_gpus * slots_per_gpu
@@ -69,6 +103,7 @@ def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gp
     step_time[:] = 0.0
     t_expert = np.zeros(n_hw)
     compute_bound = np.zeros(n_hw, dtype=np.bool_)
+    padded = np.zeros(n_hw)  # a GPU's rows rounded up to each profile's tile
     sum_max = 0.0
     sum_mean = 0.0
     for layer in range(layers):
@@ -80,6 +115,7 @@ def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gp
             a_raw = 0
             a_kept = 0.0
             act = 0
+            padded[:] = 0.0
             for s in range(slots_per_gpu):
                 c = row[g * slots_per_gpu + s]
                 if c > 0:
@@ -88,6 +124,10 @@ def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gp
                     kept = min(float(c), cap)
                     a_kept += kept
                     tot_int[layer, I_DROPPED] += c - int(kept)
+                    for h in range(n_hw):
+                        if cost[h, C_PROFILED] > 0 and kept > 0:
+                            tile = cost[h, C_TILE]
+                            padded[h] += np.ceil(kept / tile) * tile
             tot_int[layer, I_ACTIVE] += act
             tot_gpu[layer, g] += a_raw
             total += a_raw
@@ -97,8 +137,11 @@ def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gp
             for h in range(n_hw):
                 tc = flops / cost[h, C_FLOPS]
                 tw = wbytes / cost[h, C_HBM]
-                if max(tc, tw) > t_expert[h]:
-                    t_expert[h] = max(tc, tw)
+                t_gpu = max(tc, tw)
+                if cost[h, C_PROFILED] > 0:
+                    t_gpu = profiled_expert_seconds(cost[h], act, padded[h], a_kept)
+                if t_gpu > t_expert[h]:
+                    t_expert[h] = t_gpu
                     compute_bound[h] = tc >= tw
         tot_int[layer, I_PEAK] += gpu_max
         tot_int[layer, I_STEPS] += 1

@@ -29,7 +29,7 @@ PACKING_TOLERANCE = 1e-4
 # whichever is larger) while experts are moved next to their usual partners.
 COACTIVATION_LOAD_SLACK = 0.05
 # Weight of keeping a co-selected pair in one node relative to one GPU: a pair split across nodes costs scale-out
-# bytes, whose bandwidth is about 9x below NVLink's (450 vs 50 GB/s per GPU on H100 nodes, hardware.md).
+# bytes, whose bandwidth is about 9x below NVLink's (450 vs 50 GB/s per GPU on H100 nodes: NVLink4 against one 400 Gb/s NIC).
 COACTIVATION_NODE_WEIGHT = 4.0
 
 
@@ -489,14 +489,27 @@ def _slots_without_replicas(num_experts: int, num_gpus: int, policy: str) -> int
 
 def contiguous(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant_experts: int = 0,
                coselection: np.ndarray | None = None) -> np.ndarray:
-    """Expert e on GPU e // (E / G), every layer alike.
+    """Experts in consecutive runs of E / G per GPU, every layer alike (uneven counts: see _uneven).
 
-    load: [L, E] expert load (only its shape is used). Returns slots [L, G, E/G] int32.
+    load: [L, E] expert load (only its shape is used). Returns slots [L, G, ceil(E/G)] int32.
     """
     layers, experts = _check_common(load, num_gpus, gpus_per_node)
-    s = _slots_without_replicas(experts, num_gpus, "contiguous")
-    one = np.arange(experts, dtype=np.int32).reshape(num_gpus, s)
-    return np.broadcast_to(one, (layers, num_gpus, s)).copy()
+    return np.broadcast_to(_uneven(np.arange(experts), num_gpus), (layers, num_gpus, -(-experts // num_gpus))).copy()
+
+
+def _uneven(order: np.ndarray, num_gpus: int) -> np.ndarray:
+    """[G, ceil(E/G)] experts in `order` dealt in consecutive runs: the first E mod G GPUs hold one more (the
+    others keep an empty slot, -1), as engines lay out a count that does not divide (Qwen1.5-MoE's 60 on 8)."""
+    experts = order.size
+    s = -(-experts // num_gpus)
+    out = np.full((num_gpus, s), -1, dtype=np.int32)
+    sizes = np.full(num_gpus, experts // num_gpus)
+    sizes[: experts % num_gpus] += 1
+    start = 0
+    for g in range(num_gpus):
+        out[g, : sizes[g]] = order[start: start + sizes[g]]
+        start += sizes[g]
+    return out
 
 
 def round_robin(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant_experts: int = 0,

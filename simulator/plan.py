@@ -26,6 +26,7 @@ from simulator.cost_model import (
     DEFAULT_TOKENS_PER_GPU,
     NonExpertWork,
     non_expert_work,
+    pricing_for,
 )
 from simulator.hardware import ClusterLayout, GpuSpec
 from simulator.placement import NEEDS_COSELECTION, USES_REDUNDANCY
@@ -33,6 +34,7 @@ from simulator.replay import (
     DEFAULT_FIT_FRACTION,
     PHASES,
     Progress,
+    Segment,
     Variant,
     VariantSummary,
     fit_statistics,
@@ -215,6 +217,7 @@ class PlanResult:
     skipped: list[str]  # grid points that could not be built or planned, and why
     variants: list[VariantSummary] = field(repr=False, default_factory=list)
     scored_tokens: dict[str, int] = field(default_factory=dict)  # per phase, in the scored part
+    pricing: dict[str, dict[str, str]] = field(default_factory=dict)  # per GPU type: what priced it (cost_model)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -223,6 +226,7 @@ class PlanResult:
             "fit_tokens": self.fit_tokens,
             "score_start": self.score_start,
             "scored_tokens": self.scored_tokens,
+            "pricing": self.pricing,
             "non_expert": self.non_expert,
             "candidates": [dataclasses.asdict(c) for c in self.candidates],
             "frontier": [dataclasses.asdict(c) for c in self.frontier],
@@ -308,14 +312,26 @@ def grid_points(trace: Trace, config: PlanConfig, stats: Any,
     return points, variants, skipped
 
 
-def _candidates(summaries: list[VariantSummary], ntoks: list[np.ndarray], points: list[GridPoint],
-                config: PlanConfig, ne: NonExpertWork) -> list[Candidate]:
+def step_prefill_flags(seg: Segment, variants: list[Variant], members: tuple[int, ...], phase: str) -> np.ndarray:
+    """[steps] True for prefill steps of a grid point, in merge_groups' step order (members in order). A member
+    replaying one phase (split, or --phase) knows its steps' phase; recorded steps of both phases count as decode
+    (the non-expert model's conservative side for attention over a cache)."""
+    flags = []
+    for m in members:
+        n = len(seg.series(m)[2])
+        ph = variants[m].phase if variants[m].phase >= 0 else PHASES[phase]
+        flags.append(np.full(n, ph == PHASE_PREFILL))
+    return np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
+
+
+def _candidates(summaries: list[VariantSummary], ntoks: list[np.ndarray], prefill: list[np.ndarray],
+                points: list[GridPoint], config: PlanConfig, ne: NonExpertWork) -> list[Candidate]:
     out = []
-    for s, ntok, point in zip(summaries, ntoks, points, strict=True):
+    for s, ntok, pre, point in zip(summaries, ntoks, prefill, points, strict=True):
         for h, gpu in enumerate(config.hardware):
             moe = np.asarray(s.step_time_series[h])  # [steps] seconds
             tokens_per_step = s.tokens / max(s.steps, 1)
-            non_exp = ne.step_seconds_array(gpu, ntok / s.num_gpus)  # [steps]: each step's own size
+            non_exp = ne.step_seconds_array(gpu, ntok / s.num_gpus, pre)  # [steps]: each step's own size
             total = moe + non_exp
             mean_step = float(total.mean()) if total.size else float("nan")
             p50, p95, p99 = np.percentile(total, [50, 95, 99]) if total.size else (np.nan,) * 3
@@ -475,11 +491,12 @@ def plan(trace: Trace, config: PlanConfig, progress: Progress | None = None) -> 
     points, variants, skipped = grid_points(trace, config, stats, scored)
     seg = run_variants(trace, variants, config.hardware, phase=config.phase, score_start=stats.score_start,
                        capacity_factor=config.capacity_factor, chunk_tokens=config.chunk_tokens, progress=progress)
+    prefill = [step_prefill_flags(seg, variants, p.members, config.phase) for p in points]
     merged = merge_groups(seg, [p.members for p in points])  # prefill and decode variants of each point
     summaries = summarise(merged, [p.variant for p in points], config.hardware, meta, hbm_reserve=config.hbm_reserve)
     ntoks = [merged.series(i)[2] for i in range(len(points))]
     ne = non_expert_work(meta, config.context_tokens)
-    candidates = _candidates(summaries, ntoks, points, config, ne)
+    candidates = _candidates(summaries, ntoks, prefill, points, config, ne)
     rec, reasons = recommend(candidates, config)
     cfg = dataclasses.asdict(config) | {"hardware": [g.to_dict() for g in config.hardware]}
     return PlanResult(
@@ -489,4 +506,5 @@ def plan(trace: Trace, config: PlanConfig, progress: Progress | None = None) -> 
         candidates=candidates, frontier=pareto_frontier(candidates, config.priced), recommendation=rec,
         reasons=reasons, skipped=skipped, variants=summaries,
         scored_tokens={"prefill": int(scored[PHASE_PREFILL]), "decode": int(scored[PHASE_DECODE])},
+        pricing={g.name: pricing_for(g, meta).to_dict() for g in config.hardware},
     )

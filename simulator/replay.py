@@ -25,6 +25,7 @@ from simulator.cost_model import (
     cost_matrix,
     expert_weight_bytes,
     model_vector,
+    pricing_for,
 )
 from simulator.hardware import ClusterLayout, GpuSpec
 from simulator.placement import NEEDS_COSELECTION, Placement, fit_placement
@@ -152,7 +153,7 @@ def fit_variants(stats: FitStatistics, meta: TraceMetadata, *, policies: tuple[s
         placement = fit_placement(policy, stats.load, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
                                   redundant_experts=redundant_experts, coselection=stats.coselection)
         check_placement_matches(placement, meta, policy)
-        r = int(placement.slots.size // placement.num_layers - meta.num_experts)
+        r = int((placement.slots >= 0).sum() // placement.num_layers - meta.num_experts)  # empty slots are no replicas
         label = policy if r == 0 or policy.startswith("file:") else f"{policy}+{r}"
         out.append(Variant(label, placement, tokens_per_step, max(r, 0)))
     return out
@@ -378,7 +379,7 @@ def run_variants(trace: Trace, variants: list[Variant], gpus: list[GpuSpec], *, 
     """One pass over the scored tokens for every variant; returns the finished segment."""
     meta = trace.metadata
     arrays = VariantArrays.build(variants, meta.num_experts)
-    seg = Segment.empty(arrays, model_vector(meta, capacity_factor), cost_matrix(gpus), meta.num_moe_layers)
+    seg = Segment.empty(arrays, model_vector(meta, capacity_factor), cost_matrix(gpus, meta), meta.num_moe_layers)
     t0 = 0
     for chunk in trace.iter_chunks(("expert_ids", "step", "phase"), chunk_tokens):
         n = chunk.num_tokens
@@ -442,6 +443,9 @@ class HardwareTiming:
     expert_memory_share: float  # of HBM
     expert_memory_fits: bool  # expert weights <= HBM x (1 - hbm_reserve); plan adds the non-expert weights
     per_layer: list[dict[str, float]]  # mean seconds per step per component, per layer
+    # what priced it: expert_time ("measured profile ...", "extrapolated ...", "roofline (uncalibrated)"),
+    # non_expert_time and all_to_all (cost_model.Pricing.to_dict)
+    priced_by: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -508,6 +512,7 @@ def summarise(seg: Segment, variants: list[Variant], gpus: list[GpuSpec], meta: 
                 expert_memory_fits=mem <= gpu.hbm_bytes * (1 - hbm_reserve),
                 per_layer=[dict(zip(K.COMPONENTS, map(float, comp[layer] / max(steps, 1)), strict=True))
                            for layer in range(p.num_layers)],
+                priced_by=pricing_for(gpu, meta).to_dict(),
             ))
         per_layer = []
         for layer in range(p.num_layers):

@@ -78,7 +78,7 @@ def test_replay_bad_inputs(tmp_path):
     hw = tmp_path / "gpu.json"
     hw.write_text(json.dumps({"name": "x", "bf16_flops": 1e15}))
     cases = [
-        (["--gpus", "3", "--placements", "contiguous"], "do not divide over 3 GPUs"),
+        (["--gpus", "3", "--placements", "balanced"], "do not divide over 3 GPUs"),
         (["--gpus", "12", "--gpus-per-node", "8"], "not divisible into nodes"),
         (["--capacity-factor", "-1"], "capacity-factor"),
         (["--gpus", "2", "--placements", f"file:{placement}"], "8 experts"),

@@ -264,3 +264,14 @@ def test_coactivation_kernel_matches_plain_reference(seed):
     slow = coactivation_reference(slots, load[0], cosel, per_node, 4.0, cap, 50)
     assert not np.array_equal(fast, slots)  # some swap was worth making
     np.testing.assert_array_equal(fast, slow)
+
+
+def test_contiguous_lays_out_counts_that_do_not_divide():
+    """Qwen1.5-MoE's 60 experts on 8 GPUs: runs of 8 on the first four, 7 and an empty slot on the others."""
+    slots = fit_placement("contiguous", np.ones((3, 60)), num_gpus=8, gpus_per_node=8).slots
+    assert slots.shape == (3, 8, 8)
+    held = slots[0][slots[0] >= 0]
+    assert sorted(held.tolist()) == list(range(60))  # every expert exactly once
+    assert [int((row >= 0).sum()) for row in slots[0]] == [8, 8, 8, 8, 7, 7, 7, 7]
+    assert slots[0, 4, :7].tolist() == list(range(32, 39)) and slots[0, 4, 7] == -1
+    assert (slots == slots[0]).all()  # every layer alike

@@ -211,4 +211,4 @@ def test_bad_replay_inputs(tmp_path):
     with pytest.raises(InputError, match="not divisible into nodes"):
         ReplayConfig(num_gpus=12, gpus_per_node=8)
     with open_trace(path) as tr, pytest.raises(InputError, match="do not divide over 3 GPUs"):
-        replay(tr, ReplayConfig(num_gpus=3, placements=("contiguous",)))
+        replay(tr, ReplayConfig(num_gpus=3, placements=("balanced",)))

@@ -297,7 +297,8 @@ def _inputs_section(inputs: ReportInputs) -> Section:
     hw_rows = [
         [g.name, fmt_num(g.bf16_flops / 1e12, 0), fmt_num(g.hbm_bytes / 1e9, 0), fmt_num(g.hbm_bandwidth / 1e12, 2),
          fmt_num(g.scale_up_bandwidth / 1e9, 0), fmt_num(g.scale_out_bandwidth / 1e9, 0),
-         f"{g.scale_up_latency * 1e6:.1f} / {g.scale_out_latency * 1e6:.1f}"]
+         f"{g.scale_up_latency * 1e6:.1f} / {g.scale_out_latency * 1e6:.1f}",
+         cost_model.pricing_for(g, meta).source]
         for g in inputs.hardware
     ]
     nonexpert = cost_model.non_expert_work(meta)
@@ -320,8 +321,9 @@ def _inputs_section(inputs: ReportInputs) -> Section:
     tables = [
         Table(["field", "value"], trace_rows, caption="Trace"),
         Table(["GPU", "dense BF16 TFLOP/s", "HBM GB", "HBM TB/s", "scale-up GB/s", "scale-out GB/s",
-               "latency up / out (us)"], hw_rows, caption="Hardware (per GPU, one direction)",
-              numeric=[False] + [True] * 6),
+               "latency up / out (us)", "expert time priced by"], hw_rows,
+              caption="Hardware (per GPU, one direction) and what priced its expert time",
+              numeric=[False] + [True] * 6 + [False]),
         Table(["assumption", "value", "why"], assumptions, caption="Cost model assumptions (docs/cost-model.md)"),
     ]
     if settings_rows:

@@ -1,0 +1,236 @@
+"""The calibrated expert-time model: pure formulas over a profile's tables (docs/cost-model.md, "Measured expert time").
+
+One GPU's routed-expert time in one layer, from its per-expert assignment counts c_e (after capacity dropping):
+
+    T = fixed + per_assignment x a + G(x, W),   a = sum c_e,  x = #{e : c_e > 0},
+    W = sum over e with c_e > 0 of ceil(c_e / tile) x tile
+
+G is the measured grouped-GEMM table, bilinear in (log2 x, log2 W) on log2 seconds, proportional in x or W past the
+grid's last point. The kernel (kernels.profiled_expert_seconds) and the NumPy reference below compute the same thing.
+
+Shapes and GPUs that were not measured are derived, never silently: a table measured for hidden h0 x FFN f0 scales
+by (h f) / (h0 f0) (both the weight bytes and the FLOPs per row scale so); a table measured on one GPU moves to
+another by the ratio of the two GPUs' rooflines at each grid point, which keeps the measured efficiency.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from simulator.profiles import GRID_LOG2_EXPERTS, GRID_LOG2_ROWS, GRID_LOG2_TOKENS, ExpertWork, NonExpertWork
+
+NX, NW = len(GRID_LOG2_EXPERTS), len(GRID_LOG2_ROWS)
+TILE_CANDIDATES = (1, 16, 32, 64, 128)
+
+
+def grid_experts() -> np.ndarray:
+    return 2.0 ** np.asarray(GRID_LOG2_EXPERTS, dtype=np.float64)
+
+
+def grid_rows() -> np.ndarray:
+    return 2.0 ** np.asarray(GRID_LOG2_ROWS, dtype=np.float64)
+
+
+def fill_table(measured: np.ndarray) -> np.ndarray:
+    """A complete, monotone [NX, NW] table from measurements (NaN where not measured).
+
+    Rows left of their first measurement (fewer rows than experts: impossible in practice) take that first value;
+    right of their last, time grows in proportion to rows, capped by what more experts measured at the same rows
+    (so a guess never overrides a measurement in the running maximum below); an unmeasured x between measured ones is interpolated in
+    log-log, and above the largest measured x time grows in proportion to x. Then a running maximum along rows and along experts makes the table monotone in both, so the model is
+    monotone in the counts.
+    """
+    t = np.array(measured, dtype=np.float64)
+    if t.shape != (NX, NW):
+        raise ValueError(f"table must be [{NX}, {NW}], got {list(t.shape)}")
+    w = grid_rows()
+    last_row = -1
+    raw = t.copy()
+    for i in range(NX):
+        ok = np.flatnonzero(np.isfinite(t[i]))
+        if ok.size == 0:
+            continue
+        last_row = i
+        t[i, : ok[0]] = t[i, ok[0]]
+        inner = np.isnan(t[i, : ok[-1] + 1])
+        if inner.any():  # a gap inside the row: interpolate in log-log
+            t[i, np.flatnonzero(inner)] = 2 ** np.interp(np.flatnonzero(inner), ok, np.log2(t[i, ok]))
+        for j in range(ok[-1] + 1, NW):
+            # past the row's last point: in proportion to rows, but never above what more experts measured at the
+            # same rows (the same work spread over fewer experts reads fewer weights)
+            grown = t[i, j - 1] * w[j] / w[j - 1]
+            more = raw[i + 1:, j]
+            more = more[np.isfinite(more)]
+            t[i, j] = max(t[i, j - 1], min(grown, float(more.min()))) if more.size else grown
+    if last_row < 0:
+        raise ValueError("no measured points")
+    measured_rows = [i for i in range(NX) if np.isfinite(t[i]).all()]
+    for i in range(NX):
+        if i in measured_rows:
+            continue
+        below = [r for r in measured_rows if r < i]
+        above = [r for r in measured_rows if r > i]
+        if below and above:  # between measured x: log-log interpolation along x
+            lo, hi = below[-1], above[0]
+            f = (i - lo) / (hi - lo)
+            t[i] = 2.0 ** ((1 - f) * np.log2(t[lo]) + f * np.log2(t[hi]))
+        elif below:  # past the largest measured x: in proportion to x
+            t[i] = t[below[-1]] * 2.0 ** (i - below[-1])
+        else:
+            t[i] = t[above[0]]
+    t = np.maximum.accumulate(t, axis=1)
+    return np.maximum.accumulate(t, axis=0)
+
+
+def padded_rows(counts: np.ndarray, tile: int) -> float:
+    c = counts[counts > 0]
+    return float((np.ceil(c / tile) * tile).sum())
+
+
+def gemm_lookup(table: np.ndarray, x: float, w: float) -> float:
+    """G(x, W): bilinear on log2 seconds in (log2 x, log2 W); proportional past the grid (NumPy reference)."""
+    if x <= 0:
+        return 0.0
+    lx, lw, scale = math.log2(x), math.log2(max(w, 1.0)), 1.0
+    if lx > NX - 1:
+        scale *= x / 2.0 ** (NX - 1)
+        lx = NX - 1
+    if lw > NW - 1:
+        scale *= w / 2.0 ** (NW - 1)
+        lw = NW - 1
+    i, j = min(int(lx), NX - 2), min(int(lw), NW - 2)
+    u, v = lx - i, lw - j
+    lt = np.log2(table[i: i + 2, j: j + 2])
+    log_t = (1 - u) * (1 - v) * lt[0, 0] + u * (1 - v) * lt[1, 0] + (1 - u) * v * lt[0, 1] + u * v * lt[1, 1]
+    return scale * 2.0 ** log_t
+
+
+def expert_seconds(counts: np.ndarray, work: ExpertWork) -> float:
+    """One GPU's expert time in one layer from its per-expert counts (NumPy reference of the kernel)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    x = float((counts > 0).sum())
+    a = float(counts.sum())
+    return work.fixed_seconds + work.per_assignment_seconds * a + gemm_lookup(work.gemm_seconds, x,
+                                                                              padded_rows(counts, work.tile_rows))
+
+
+# ---------------------------------------------------------------------------------------------- fitting
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One measured count vector: its counts and the measured time of the whole local expert work."""
+
+    counts: np.ndarray
+    seconds: float
+
+
+def fit_expert_work(gemm_table: np.ndarray, samples: list[Sample]) -> ExpertWork:
+    """Choose the tile and the fixed and per-assignment terms that best explain whole-work times of skewed counts.
+
+    For each tile, the non-GEMM remainder (measured - G) is fitted as fixed + per_assignment x a by least squares
+    weighted by 1 / measured (relative error), both terms kept non-negative; the tile with the smallest mean
+    absolute relative error wins. Residuals are relative: (predicted - measured) / measured.
+    """
+    if not samples:
+        raise ValueError("no samples to fit")
+    meas = np.array([s.seconds for s in samples])
+    a = np.array([float(s.counts.sum()) for s in samples])
+    best: tuple[float, ExpertWork] | None = None
+    for tile in TILE_CANDIDATES:
+        x = [float((s.counts > 0).sum()) for s in samples]
+        g = np.array([gemm_lookup(gemm_table, xi, padded_rows(s.counts, tile)) for xi, s in zip(x, samples, strict=True)])
+        fixed, per = _nonneg_fit(a, meas - g, 1.0 / meas)
+        rel = (fixed + per * a + g - meas) / meas
+        err = float(np.abs(rel).mean())
+        work = ExpertWork(gemm_table, tile, fixed, per, {
+            "vectors": float(len(samples)), "mean_abs": err, "p95_abs": float(np.percentile(np.abs(rel), 95)),
+            "max_abs": float(np.abs(rel).max()), "mean_signed": float(rel.mean())},
+            samples=tuple((tuple(int(c) for c in s.counts), float(s.seconds)) for s in samples))
+        if best is None or err < best[0] - 1e-12:
+            best = (err, work)
+    assert best is not None
+    return best[1]
+
+
+def _nonneg_fit(a: np.ndarray, y: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
+    """min sum (weight (f + p a - y))^2 over f, p >= 0 (two unknowns: try the unconstrained and both edges)."""
+    cands = []
+    design = np.stack([np.ones_like(a), a], axis=1) * weight[:, None]
+    sol, *_ = np.linalg.lstsq(design, y * weight, rcond=None)
+    cands.append((max(float(sol[0]), 0.0), max(float(sol[1]), 0.0)))
+    cands.append((max(float(np.sum(weight**2 * y) / np.sum(weight**2)), 0.0), 0.0))
+    denom = float(np.sum((weight * a) ** 2))
+    cands.append((0.0, max(float(np.sum(weight**2 * a * y) / denom), 0.0) if denom > 0 else 0.0))
+    return min(cands, key=lambda fp: float(np.sum((weight * (fp[0] + fp[1] * a - y)) ** 2)))
+
+
+# ---------------------------------------------------------------------------------------------- derivation
+
+
+def roofline_table(expert_bytes: float, flops_per_row: float, flops: float, hbm: float) -> np.ndarray:
+    """[NX, NW] roofline of the grouped GEMMs at the grid points: max(x weight bytes / HBM, W FLOPs / FLOP/s)."""
+    x = grid_experts()[:, None]
+    w = grid_rows()[None, :]
+    return np.maximum(x * expert_bytes / hbm, w * flops_per_row / flops)
+
+
+def scale_expert_work(work: ExpertWork, *, shape_ratio: float, hidden_ratio: float,
+                      roofline_from: np.ndarray | None = None, roofline_to: np.ndarray | None = None,
+                      hbm_ratio: float = 1.0) -> ExpertWork:
+    """A measured expert model moved to another shape (shape_ratio = h f / h0 f0, hidden_ratio = h / h0) and, when
+    rooflines are given, to another GPU (table x roofline_to / roofline_from; the per-assignment term, which is
+    memory-bound, x hbm_ratio = HBM bandwidth measured on / HBM bandwidth of the target)."""
+    table = work.gemm_seconds * shape_ratio
+    if roofline_from is not None and roofline_to is not None:
+        table = table * roofline_to / roofline_from
+    table = np.maximum.accumulate(np.maximum.accumulate(table, axis=1), axis=0)
+    return ExpertWork(table, work.tile_rows, work.fixed_seconds,
+                      work.per_assignment_seconds * hidden_ratio * hbm_ratio, work.residuals)  # no measurements
+
+
+def non_expert_seconds(ne: NonExpertWork, tokens: np.ndarray, context: int, layers: int,
+                       dense_layers: int, prefill: np.ndarray | bool = False) -> np.ndarray:
+    """Measured non-expert time of a step for each per-GPU batch in tokens [n]: layers x per-layer work at the
+    context (linear in context between measured ones, extended past the last) + dense FFN layers + the LM head.
+    prefill [n] (or one flag for all) picks the prefill table (causal attention over sequences of `context`
+    tokens) over the decode one (each token over `context` cached keys)."""
+    pre = np.broadcast_to(np.asarray(prefill, dtype=bool), np.shape(tokens))
+    decode_s = _non_expert(ne, ne.layer_seconds, tokens, context, layers, dense_layers)
+    if not pre.any():
+        return decode_s
+    return np.where(pre, _non_expert(ne, ne.prefill_layer_seconds, tokens, context, layers, dense_layers), decode_s)
+
+
+def _non_expert(ne: NonExpertWork, table: np.ndarray, tokens: np.ndarray, context: int, layers: int,
+                dense_layers: int) -> np.ndarray:
+    lt = np.log2(np.maximum(np.asarray(tokens, dtype=np.float64), 1.0))
+    top = len(GRID_LOG2_TOKENS) - 1
+
+    def curve(values: np.ndarray) -> np.ndarray:
+        inside = 2.0 ** np.interp(np.minimum(lt, top), np.arange(top + 1), np.log2(values))
+        return inside * np.where(lt > top, 2.0 ** (lt - top), 1.0)  # proportional past the grid
+
+    ctx = np.asarray(ne.context_tokens, dtype=np.float64)
+    per_ctx = np.stack([curve(table[i]) for i in range(len(ctx))])  # [C, n]
+    if len(ctx) == 1 or context <= ctx[0]:
+        layer = per_ctx[0]
+    elif context >= ctx[-1]:  # attention grows with context: extend the last segment linearly
+        k = len(ctx) - 1
+        slope = (per_ctx[k] - per_ctx[k - 1]) / (ctx[k] - ctx[k - 1])
+        layer = per_ctx[k] + np.maximum(slope, 0.0) * (context - ctx[k])
+    else:
+        k = int(np.searchsorted(ctx, context))
+        f = (context - ctx[k - 1]) / (ctx[k] - ctx[k - 1])
+        layer = (1 - f) * per_ctx[k - 1] + f * per_ctx[k]
+    total = layers * layer + curve(ne.head_seconds)
+    if dense_layers and ne.dense_ffn_seconds is not None:
+        total = total + dense_layers * curve(ne.dense_ffn_seconds)
+    return total
+
+
+def tokens_grid() -> np.ndarray:
+    return 2.0 ** np.asarray(GRID_LOG2_TOKENS, dtype=np.float64)

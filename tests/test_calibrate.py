@@ -1,0 +1,128 @@
+"""`moe-sim calibrate`: the expert-work backends against a plain loop, the grids, the CPU pipeline end to end into
+a profile that replay prices with, and the refusals (no CUDA, interrupted runs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from test_sim_fixtures import random_trace
+
+from simulator import profiles
+from simulator.calibrate import run
+from simulator.calibrate.expert_work import (
+    ExpertShape,
+    assignments_from_counts,
+    make_backend,
+    reference_output,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+
+
+def _moe_sim(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "import cli; cli.moe_sim()", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.parametrize("backend,activation", [("torch-grouped-mm", "swiglu"), ("torch-grouped-mm", "mlp"),
+                                                ("transformers", "swiglu")])
+def test_backends_compute_the_expert_layer(backend: str, activation: str) -> None:
+    shape = ExpertShape("t", 64, 32, activation)
+    b = make_backend(backend, shape, 8, CPU)
+    work = assignments_from_counts(np.array([3, 0, 5, 1, 0, 0, 7, 2]), 64, CPU, np.random.default_rng(0), top_k=2)
+    out = b.run(work).float()
+    ref = reference_output(b, work)
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, atol=0.03 * float(ref.abs().max()), rtol=0.05)
+
+
+def test_grids_cover_the_model_and_stay_on_the_profile_grid() -> None:
+    full, quick = run.gemm_points(64, run.Plan(False)), run.gemm_points(64, run.Plan(True))
+    assert set(quick) < set(full)
+    for i, j in full:
+        assert i in profiles.GRID_LOG2_EXPERTS and j in profiles.GRID_LOG2_ROWS
+        assert 0 <= j - i <= run.MAX_ROWS_PER_EXPERT_LOG2  # 1 .. 16k rows per expert
+    assert max(i for i, _ in full) == 6 and max(i for i, _ in run.gemm_points(60, run.Plan(False))) == 6
+    vectors = run.skewed_counts(60, 50, np.random.default_rng(1))
+    assert all(v.sum() >= 1 and v.size <= 64 for v in vectors)
+    assert len({int((v > 0).sum()) for v in vectors}) > 5  # from a few hot experts to nearly even
+
+
+def test_calibrate_without_cuda_is_one_line(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = _moe_sim("calibrate", "-o", str(tmp_path / "p.yaml"), "--quick", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: calibrate needs a CUDA GPU") and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_cpu_calibration_end_to_end_prices_replay(tmp_path: Path) -> None:
+    trace = random_trace(tmp_path / "t.h5", tokens=1200, layers=2, experts=8, top_k=2, hidden=32, ffn=16)
+    prof = tmp_path / "cpu-h200.yaml"
+    out = _moe_sim("calibrate", "--trace", str(trace), "--device", "cpu", "--hardware", "h200", "--quick",
+                   "--quiet", "-o", str(prof), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "tile" in out.stdout and "skewed count vectors" in out.stdout
+    p = profiles.load_profile(prof)
+    assert p.hardware == "h200" and p.quick and p.gpu["device"] == "cpu"
+    (shape,) = p.shapes
+    assert (shape.hidden_size, shape.expert_intermediate_size) == (32, 16)
+    assert shape.expert.residuals["vectors"] == run.Plan(True).skewed_vectors
+    assert shape.non_expert is not None
+
+    def replay(*extra: str) -> dict:
+        res = _moe_sim("replay", str(trace), "--gpus", "2", "--placements", "contiguous", "--json", *extra,
+                       cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)["placements"][0]["timings"][0]
+
+    measured = replay("--hardware", str(prof))
+    roofline = replay("--hardware", str(prof), "--cost-model", "roofline")
+    assert measured["priced_by"]["expert_time"] == "measured profile cpu-h200"
+    assert roofline["priced_by"]["expert_time"] == "roofline (uncalibrated)"
+    assert measured["step_time"]["mean"] != roofline["step_time"]["mean"]
+
+
+def test_interrupted_calibration_leaves_no_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cli
+
+    trace = random_trace(tmp_path / "t.h5", tokens=300, layers=1, experts=4, top_k=2, hidden=16, ffn=8)
+
+    def interrupt(*_args: object, **_kw: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "measure_non_expert", interrupt)
+    target = tmp_path / "out" / "p.yaml"
+    res = CliRunner().invoke(cli.moe_sim, ["calibrate", "--trace", str(trace), "--device", "cpu", "--hardware",
+                                           "h200", "--quick", "--quiet", "-o", str(target)])
+    assert res.exit_code == 130
+    assert not target.exists() and not (target.parent.exists() and list(target.parent.iterdir()))
+
+
+def test_profile_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trace = random_trace(tmp_path / "t.h5", tokens=300, layers=1, experts=4, top_k=2, hidden=16, ffn=8)
+    from traces.reader import open_trace
+
+    with open_trace([trace]) as tr:
+        meta = tr.metadata
+    p = run.calibrate([("t", meta)], backend="torch-grouped-mm", quick=True, hardware="h200", communication=None,
+                      tick=lambda n: None, device="cpu")
+    target = tmp_path / "p.yaml"
+
+    def broken(*_a: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(profiles.os, "replace", broken)
+    with pytest.raises(OSError):
+        profiles.write_profile(p, target)
+    assert list(tmp_path.glob("*p.yaml*")) == []
