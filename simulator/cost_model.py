@@ -163,7 +163,9 @@ def cost_row(gpu: GpuSpec, meta: TraceMetadata | None = None) -> np.ndarray:
     row[K.C_TILE] = work.tile_rows
     row[K.C_FIXED] = work.fixed_seconds
     row[K.C_PER_ASSIGN] = work.per_assignment_seconds
-    row[K.C_TABLE:] = np.log2(work.gemm_seconds).ravel()
+    row[K.C_TABLE:K.C_SMALL] = np.log2(work.gemm_seconds).ravel()
+    for x in range(1, K.SMALL_MAX + 1):  # the kernel's own interpolation, tabulated for one-tile experts
+        row[K.C_SMALL + x] = K.profiled_gemm_seconds(row, x, float(x * work.tile_rows))
     return row
 
 

@@ -28,7 +28,11 @@ C_FLOPS, C_HBM, C_SU_DISPATCH, C_SU_COMBINE, C_SO_DISPATCH, C_SO_COMBINE, C_SU_L
 # [PROFILE_NX (log2 experts 0..8), PROFILE_NW (log2 rows 0..17)].
 C_PROFILED, C_TILE, C_FIXED, C_PER_ASSIGN, C_TABLE = 8, 9, 10, 11, 12
 PROFILE_NX, PROFILE_NW = 9, 18
-NUM_COST_COLUMNS = C_TABLE + PROFILE_NX * PROFILE_NW
+# Then G(x, x tile) for x = 0 .. SMALL_MAX: the GEMM time when every local expert has at most one tile of rows (all
+# decode-sized steps), looked up instead of interpolated, which keeps replay's speed.
+C_SMALL = C_TABLE + PROFILE_NX * PROFILE_NW
+SMALL_MAX = 256
+NUM_COST_COLUMNS = C_SMALL + SMALL_MAX + 1
 # Entries of the model array: FLOPs per assignment, bytes of one expert's weights, bytes sent per token copy in
 # dispatch and in combine, capacity factor (<= 0: no capacity limit), top-k.
 M_FLOPS, M_EXPERT_BYTES, M_DISPATCH_BYTES, M_COMBINE_BYTES, M_CAPACITY_FACTOR, M_TOP_K = range(6)
@@ -51,7 +55,7 @@ def step_key(phase: int, sel_in_phase: int, recorded_step: int, tokens_per_step:
     return recorded_step
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def profiled_expert_seconds(row: np.ndarray, experts: int, rows: float, assignments: float) -> float:
     """One GPU's expert time in one layer from a profile row (expert_time.expert_seconds is the NumPy twin):
     fixed + per-assignment x a + G(x, W), G bilinear on log2 seconds in (log2 x, log2 W), proportional past the grid.
@@ -59,6 +63,14 @@ def profiled_expert_seconds(row: np.ndarray, experts: int, rows: float, assignme
     t = row[C_FIXED] + row[C_PER_ASSIGN] * assignments
     if experts <= 0:
         return t
+    if experts <= SMALL_MAX and rows == experts * row[C_TILE]:
+        return t + row[C_SMALL + experts]
+    return t + profiled_gemm_seconds(row, experts, rows)
+
+
+@njit(cache=True)
+def profiled_gemm_seconds(row: np.ndarray, experts: int, rows: float) -> float:
+    """G(x, W) by interpolation in the profile row's table (expert_time.gemm_lookup is the NumPy twin)."""
     lx = np.log2(experts)
     lw = np.log2(max(rows, 1.0))
     scale = 1.0
@@ -75,7 +87,7 @@ def profiled_expert_seconds(row: np.ndarray, experts: int, rows: float, assignme
     b = C_TABLE + i * PROFILE_NW + j
     log_t = ((1 - u) * (1 - v) * row[b] + u * (1 - v) * row[b + PROFILE_NW] + (1 - u) * v * row[b + 1]
              + u * v * row[b + PROFILE_NW + 1])
-    return t + scale * 2.0 ** log_t
+    return scale * 2.0 ** log_t
 
 
 @njit(cache=True)
@@ -104,6 +116,13 @@ def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gp
     t_expert = np.zeros(n_hw)
     compute_bound = np.zeros(n_hw, dtype=np.bool_)
     padded = np.zeros(n_hw)  # a GPU's rows rounded up to each profile's tile
+    any_profile = False
+    n_tiles = 1
+    for h in range(n_hw):
+        if cost[h, C_PROFILED] > 0:
+            any_profile = True
+            if cost[h, C_TILE] != cost[0, C_TILE] or cost[0, C_PROFILED] <= 0:
+                n_tiles = n_hw
     sum_max = 0.0
     sum_mean = 0.0
     for layer in range(layers):
@@ -115,7 +134,8 @@ def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gp
             a_raw = 0
             a_kept = 0.0
             act = 0
-            padded[:] = 0.0
+            if any_profile:
+                padded[:] = 0.0
             for s in range(slots_per_gpu):
                 c = row[g * slots_per_gpu + s]
                 if c > 0:
@@ -124,10 +144,11 @@ def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gp
                     kept = min(float(c), cap)
                     a_kept += kept
                     tot_int[layer, I_DROPPED] += c - int(kept)
-                    for h in range(n_hw):
-                        if cost[h, C_PROFILED] > 0 and kept > 0:
+                    if any_profile:
+                        for h in range(n_tiles):  # one pass when every profile has the same tile
                             tile = cost[h, C_TILE]
-                            padded[h] += np.ceil(kept / tile) * tile
+                            if tile > 0:
+                                padded[h] += np.ceil(kept / tile) * tile
             tot_int[layer, I_ACTIVE] += act
             tot_gpu[layer, g] += a_raw
             total += a_raw
@@ -139,7 +160,7 @@ def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gp
                 tw = wbytes / cost[h, C_HBM]
                 t_gpu = max(tc, tw)
                 if cost[h, C_PROFILED] > 0:
-                    t_gpu = profiled_expert_seconds(cost[h], act, padded[h], a_kept)
+                    t_gpu = profiled_expert_seconds(cost[h], act, padded[h if n_tiles > 1 else 0], a_kept)
                 if t_gpu > t_expert[h]:
                     t_expert[h] = t_gpu
                     compute_bound[h] = tc >= tw

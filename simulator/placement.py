@@ -516,11 +516,13 @@ def round_robin(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundan
                 coselection: np.ndarray | None = None) -> np.ndarray:
     """Expert e on GPU e mod G, every layer alike.
 
-    load: [L, E] expert load (only its shape is used). Returns slots [L, G, E/G] int32.
+    load: [L, E] expert load (only its shape is used). Returns slots [L, G, ceil(E/G)] int32.
     """
     layers, experts = _check_common(load, num_gpus, gpus_per_node)
-    s = _slots_without_replicas(experts, num_gpus, "round-robin")
-    one = np.arange(experts, dtype=np.int32).reshape(s, num_gpus).T.copy()
+    s = -(-experts // num_gpus)
+    flat = np.full(s * num_gpus, -1, dtype=np.int32)
+    flat[:experts] = np.arange(experts)
+    one = flat.reshape(s, num_gpus).T.copy()  # GPUs past E mod G keep an empty last slot when G does not divide E
     return np.broadcast_to(one, (layers, num_gpus, s)).copy()
 
 

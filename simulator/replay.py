@@ -118,7 +118,7 @@ def fit_statistics(trace: Trace, *, fit_fraction: float, phase: str, tokens_per_
         stop = total
         score_start = 0
     else:
-        stop = int(total * fit_fraction)
+        stop = fit_stop(trace, fit_fraction, phase, chunk_tokens)
         score_start = -1
     t0 = 0
     last_step = None
@@ -143,7 +143,36 @@ def fit_statistics(trace: Trace, *, fit_fraction: float, phase: str, tokens_per_
             break
     if score_start < 0:
         score_start = total
+    if fit_fraction > 0 and load.sum() == 0:
+        raise InputError(f"{trace.paths[0]}: the fit part (the first {stop:,} tokens) holds no {phase} assignments "
+                         "to fit placements on (raise --fit-fraction, or 0 to fit on everything)")
     return FitStatistics(load, cosel if with_coselection else None, stop, score_start)
+
+
+def fit_stop(trace: Trace, fit_fraction: float, phase: str, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> int:
+    """Global index where the fit part ends: after fit_fraction of the chosen phase's tokens (all tokens for
+    "all"), so a trace that opens with a long prefill still fits decode placements on decode tokens."""
+    total = trace.num_tokens
+    if phase == "all":
+        return int(total * fit_fraction)
+    code = PHASES[phase]
+    seen = 0
+    for chunk in trace.iter_chunks(("phase",), chunk_tokens):
+        assert chunk.phase is not None
+        seen += int(np.count_nonzero(chunk.phase == code))
+    wanted = int(seen * fit_fraction)
+    if seen == 0 or wanted == 0:
+        return int(total * fit_fraction)  # nothing of the phase to fit on: fit_statistics says so
+    t0 = 0
+    for chunk in trace.iter_chunks(("phase",), chunk_tokens):  # a second pass over one column, bounded memory
+        assert chunk.phase is not None
+        hits = np.flatnonzero(chunk.phase == code)
+        if wanted <= hits.size:
+            return t0 + int(hits[wanted - 1]) + 1
+        wanted -= hits.size
+        t0 += chunk.num_tokens
+    return total
+
 
 
 def fit_variants(stats: FitStatistics, meta: TraceMetadata, *, policies: tuple[str, ...], num_gpus: int,

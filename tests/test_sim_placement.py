@@ -275,3 +275,10 @@ def test_contiguous_lays_out_counts_that_do_not_divide():
     assert [int((row >= 0).sum()) for row in slots[0]] == [8, 8, 8, 8, 7, 7, 7, 7]
     assert slots[0, 4, :7].tolist() == list(range(32, 39)) and slots[0, 4, 7] == -1
     assert (slots == slots[0]).all()  # every layer alike
+
+
+def test_round_robin_lays_out_counts_that_do_not_divide():
+    slots = fit_placement("round-robin", np.ones((2, 16)), num_gpus=7, gpus_per_node=7).slots
+    assert slots.shape == (2, 7, 3)
+    assert sorted(slots[0][slots[0] >= 0].tolist()) == list(range(16))
+    assert slots[0, 1].tolist() == [1, 8, 15] and slots[0, 2].tolist() == [2, 9, -1]

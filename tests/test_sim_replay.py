@@ -212,3 +212,25 @@ def test_bad_replay_inputs(tmp_path):
         ReplayConfig(num_gpus=12, gpus_per_node=8)
     with open_trace(path) as tr, pytest.raises(InputError, match="do not divide over 3 GPUs"):
         replay(tr, ReplayConfig(num_gpus=3, placements=("balanced",)))
+
+
+def test_decode_fit_uses_decode_tokens_behind_a_long_prefill(tmp_path):
+    """A trace that opens with a long batched prefill: --phase decode fits on the first quarter of the decode tokens,
+    not on the (prefill-only) first quarter of the trace; an empty fit part is refused."""
+    from test_sim_fixtures import random_ids, tiny_meta, write_ids
+
+    rng = np.random.default_rng(4)
+    meta = tiny_meta(2, 8, 2)
+    ids = random_ids(rng, 2000, 2, 8, 2)
+    phases = np.r_[np.zeros(1200), np.ones(800)].astype(np.uint8)  # 60% prefill first, then decode
+    steps = np.r_[np.zeros(1200), 1 + np.arange(800) // 8]
+    path = write_ids(tmp_path / "p.h5", meta, ids, steps, phases)
+    with open_trace(path) as tr:
+        res = replay(tr, ReplayConfig(num_gpus=2, gpus_per_node=2, placements=("balanced",), phase="decode",
+                                      fit_fraction=0.25))
+    assert res.fit_tokens == 1200 + 200  # the first 200 decode tokens
+    assert int(res.fit_load.sum()) == 200 * 2 * 2  # tokens x layers x top-k, all decode
+    assert res.placements[0].tokens == 600
+    only_prefill = write_ids(tmp_path / "q.h5", meta, ids[:1200], steps[:1200], phases[:1200])
+    with open_trace(only_prefill) as tr, pytest.raises(InputError, match="holds no decode assignments"):
+        replay(tr, ReplayConfig(num_gpus=2, gpus_per_node=2, placements=("balanced",), phase="decode"))
