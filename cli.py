@@ -34,6 +34,7 @@ SIM_COMMANDS = {
     "report": ("simulator.report.commands:report", "Write a self-contained HTML or Markdown capacity-planning report."),
     "rebalance": ("simulator.report.commands:rebalance", "Replay periodic placement refits: how often to rebalance."),
     "calibrate": ("simulator.calibrate.commands:calibrate", "Measure this machine's GPU kernels into a cost profile."),
+    "hardware": ("simulator.hardware_commands:hardware", "List GPU presets, their sources and a hardware file's fields."),
 }
 
 
@@ -60,8 +61,16 @@ class LazyGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl([(name, short) for name, (_, short) in self.lazy_commands.items()])
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # `--debug` is a group option, but people type it after the subcommand too (`moe-sim info x --debug`)
+        if "--debug" in args[1:] and args and not args[0].startswith("-"):
+            args = [args[0], *(a for a in args[1:] if a != "--debug")]
+            ctx.meta["moe_trace.debug"] = True
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):
-        debug = bool(ctx.params.get("debug")) or os.environ.get("MOE_TRACE_DEBUG") == "1"
+        debug = bool(ctx.params.get("debug")) or bool(ctx.meta.get("moe_trace.debug")) \
+            or os.environ.get("MOE_TRACE_DEBUG") == "1"
         try:
             return super().invoke(ctx)
         except InputError as exc:

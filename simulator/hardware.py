@@ -66,7 +66,8 @@ class GpuSpec:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise InputError(f"{source}: unknown hardware field(s) {', '.join(unknown)}")
+            raise InputError(f"{source}: unknown hardware field(s) {', '.join(unknown)}; valid fields are "
+                             f"{', '.join(fields)} (moe-sim hardware lists them)")
         required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
         missing = [n for n in required if n not in data]
         if missing:

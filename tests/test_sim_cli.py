@@ -105,3 +105,19 @@ def test_plan_json(tmp_path):
     assert len(data["candidates"]) == 2 * 4 * 2
     assert data["recommendation"]["num_gpus"] == 2
     assert data["reasons"]
+
+
+def test_hardware_lists_presets_sources_and_fields(tmp_path):
+    out = moe_sim("hardware", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    by_name = {p["name"]: p for p in data["presets"]}
+    assert set(by_name) == {"a100", "h100", "h200", "b200", "mi300x"}
+    assert by_name["h200"]["priced_by"] == "measured profile h200-torch-grouped-mm"
+    assert by_name["h100"]["priced_by"].startswith("derived from h200")
+    assert all(p["source"] for p in data["presets"]) and "scale_up_latency" in data["fields"]
+    bad = tmp_path / "gpu.json"
+    bad.write_text(json.dumps({"name": "x", "bf16_flop": 1e15}))
+    trace = random_trace(tmp_path / "t.h5", tokens=200)
+    err = moe_sim("replay", str(trace), "--hardware", str(bad), "--quiet")
+    assert err.returncode == 2 and "valid fields are name, bf16_flops" in err.stderr

@@ -187,3 +187,6 @@ def test_unsupported_extension_and_existing_output(tmp_path: Path) -> None:
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     result = moe_sim("--debug", "info", tmp_path / "nope.h5")
     assert result.returncode != 0 and "Traceback" in result.stderr
+    after = moe_sim("info", tmp_path / "nope.h5", "--debug")  # also after the subcommand
+    assert after.returncode != 0 and "Traceback" in after.stderr
+    assert_one_line_error(moe_sim("info", tmp_path / "nope.h5"), "nope.h5")
