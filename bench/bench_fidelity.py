@@ -56,22 +56,23 @@ def measured(ids: np.ndarray, weights: np.ndarray, placement: Placement, num_gpu
     step_tokens = batch * num_gpus
     out = np.zeros(steps)
     states = torch.randn(step_tokens, backend.shape.hidden_size, device=device).to(torch.bfloat16)
+    gpu_of = np.full((layers, placement.num_experts), -1)  # the GPU and local slot of each expert, per layer
+    local_of = np.zeros((layers, placement.num_experts), dtype=np.int64)
+    for layer in range(layers):
+        for g in range(num_gpus):
+            for k, e in enumerate(placement.slots[layer, g].tolist()):
+                if e >= 0 and gpu_of[layer, e] < 0:
+                    gpu_of[layer, e], local_of[layer, e] = g, k
     for s in range(steps):
         rows = slice(s * step_tokens, (s + 1) * step_tokens)
         items, where = [], []
         for layer in range(layers):
-            gpu_of = np.full(placement.num_experts, -1)
-            local_of = np.zeros(placement.num_experts, dtype=np.int64)
-            for g in range(num_gpus):
-                for k, e in enumerate(placement.slots[layer, g].tolist()):
-                    if e >= 0 and gpu_of[e] < 0:
-                        gpu_of[e], local_of[e] = g, k
             e_ids = ids[rows, layer, :].astype(np.int64)
             w = weights[rows, layer, :].astype(np.float32)
             tok = np.broadcast_to(np.arange(e_ids.shape[0])[:, None], e_ids.shape)
             for g in range(num_gpus):
-                mine = gpu_of[e_ids] == g
-                local = local_of[e_ids[mine]]
+                mine = gpu_of[layer, e_ids] == g
+                local = local_of[layer, e_ids[mine]]
                 counts = np.bincount(local, minlength=placement.slots_per_gpu)
                 # the GPU holds the tokens it received, once each, however many of their experts it serves
                 received, tok_local = np.unique(tok[mine], return_inverse=True)

@@ -24,8 +24,8 @@ MATMUL_EFFICIENCY = 790 / 989
 # Also measured here: device-to-device copy about 3.0 TB/s on H100 (peak 3.35 TB/s).
 HBM_EFFICIENCY = 3.0 / 3.35
 # DeepEP normal kernels (deepseek-ai/DeepEP README), intranode EP8 on H800: dispatch 153 GB/s, combine 158 GB/s,
-# against H800 NVLink's 200 GB/s per direction (400 GB/s bidirectional). The H100 NCCL all-reduce bus bandwidth measured here, 355 of
-# 450 GB/s (0.79), agrees.
+# against H800 NVLink's 200 GB/s per direction (400 GB/s bidirectional). The H100 NCCL all-reduce bus bandwidth
+# measured here, 355 of 450 GB/s (0.79), agrees.
 H800_NVLINK_PER_DIRECTION = 200e9
 SCALE_UP_DISPATCH_EFFICIENCY = 153e9 / H800_NVLINK_PER_DIRECTION
 SCALE_UP_COMBINE_EFFICIENCY = 158e9 / H800_NVLINK_PER_DIRECTION
@@ -56,6 +56,8 @@ class Pricing:
     non_expert: MeasuredNonExpert | None  # None: roofline (no measurement for these shapes)
     profile: CostProfile | None
     communication: str  # where the all-to-all figures come from
+    measured_on: GpuSpec | None = None  # the preset the profile was measured on (None: roofline)
+    on_measured_gpu: bool = False  # priced on that GPU's own figures (else moved there by datasheet ratios)
 
     def to_dict(self) -> dict[str, str]:
         return {"expert_time": self.source, "non_expert_time": self.non_expert_source,
@@ -73,6 +75,22 @@ DEEPEP_COMMUNICATION = "DeepEP intranode and internode figures (not measured her
 
 def _same_gpu(a: GpuSpec, b: GpuSpec) -> bool:
     return (a.bf16_flops, a.hbm_bandwidth) == (b.bf16_flops, b.hbm_bandwidth)
+
+
+def _source(prof: CostProfile, same_gpu: bool, shape_note: str | None) -> str:
+    """The one wording of what priced expert time, for tables, JSON, reports and `moe-sim hardware`."""
+    if same_gpu and shape_note is None:
+        return f"measured profile {prof.label}"
+    parts = ([] if same_gpu else [f"from {prof.hardware} by datasheet ratios"]) + ([shape_note] if shape_note else [])
+    return f"extrapolated ({'; '.join(parts)}) of profile {prof.label}"
+
+
+def gpu_pricing_source(gpu: GpuSpec) -> str:
+    """What prices this GPU's expert time for a shape its profile measured (listings that know no trace)."""
+    if gpu.profile is None:
+        return ROOFLINE
+    prof = load_profile(gpu.profile)
+    return _source(prof, _same_gpu(gpu, PRESETS.get(prof.hardware, gpu)), None)
 
 
 def pricing_for(gpu: GpuSpec, meta: TraceMetadata) -> Pricing:
@@ -113,18 +131,12 @@ def _pricing(gpu: GpuSpec, hidden: int, ffn: int, activation: str, flops_per_row
         work = X.scale_expert_work(work, shape_ratio=hidden * ffn / (shape.hidden_size * shape.expert_intermediate_size),
                                    hidden_ratio=hidden / shape.hidden_size, roofline_from=rf, roofline_to=rt,
                                    hbm_ratio=measured_on.hbm_bandwidth / gpu.hbm_bandwidth)
-    if exact and same:
-        source = f"measured profile {prof.label}"
-    else:
-        parts = [] if same else [f"from {prof.hardware} by datasheet ratios"]
-        if not exact:
-            parts.append(f"from the measured shape {shape.shape_label}")
-        source = f"extrapolated ({'; '.join(parts)}) of profile {prof.label}"
+    source = _source(prof, same, None if exact else f"from the measured shape {shape.shape_label}")
     ne = shape.non_expert if exact and shape.non_expert is not None and _key_matches(shape, dict(ne_key)) else None
     comm = DEEPEP_COMMUNICATION
     if prof.communication.source == "measured":
         comm = f"measured all-to-all of profile {prof.label}" + ("" if same else f" (on {prof.hardware})")
-    return Pricing(source, work, ne, prof, comm)
+    return Pricing(source, work, ne, prof, comm, measured_on, same)
 
 
 def _key_matches(shape: ShapeProfile, key: dict[str, int]) -> bool:
@@ -149,10 +161,9 @@ def cost_row(gpu: GpuSpec, meta: TraceMetadata | None = None) -> np.ndarray:
     if meta is None:
         raise ValueError("a profiled GPU needs the trace metadata to price its expert shapes")
     pricing = pricing_for(gpu, meta)
-    prof = pricing.profile
-    comm = prof.communication if prof is not None else None
-    if prof is not None and comm is not None and comm.source == "measured" \
-            and _same_gpu(gpu, PRESETS.get(prof.hardware, gpu)):
+    assert pricing.profile is not None
+    comm = pricing.profile.communication
+    if comm.source == "measured" and pricing.on_measured_gpu:
         assert comm.dispatch_bytes_per_s and comm.combine_bytes_per_s and comm.latency_s is not None
         row[K.C_SU_DISPATCH] = comm.dispatch_bytes_per_s
         row[K.C_SU_COMBINE] = comm.combine_bytes_per_s
@@ -222,15 +233,15 @@ class NonExpertWork:
         rooflines), else the roofline."""
         tokens_per_gpu = np.asarray(tokens_per_gpu, dtype=np.float64)
         pricing = pricing_for(gpu, self.meta) if self.meta is not None else None
-        if pricing is None or pricing.non_expert is None or pricing.profile is None:
+        if pricing is None or pricing.non_expert is None or pricing.measured_on is None:
             return self.roofline_seconds(gpu, tokens_per_gpu)
         meta = self.meta
         assert meta is not None
         t = X.non_expert_seconds(pricing.non_expert, tokens_per_gpu, self.context_tokens, meta.num_hidden_layers,
                                  meta.num_hidden_layers - meta.num_moe_layers, prefill)
-        measured_on = PRESETS.get(pricing.profile.hardware, gpu)
-        if not _same_gpu(gpu, measured_on):
-            t = t * self.roofline_seconds(gpu, tokens_per_gpu) / self.roofline_seconds(measured_on, tokens_per_gpu)
+        if not pricing.on_measured_gpu:
+            t = t * self.roofline_seconds(gpu, tokens_per_gpu) / self.roofline_seconds(pricing.measured_on,
+                                                                                       tokens_per_gpu)
         return t
 
 

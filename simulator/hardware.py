@@ -93,7 +93,8 @@ class GpuSpec:
 
 
 # Presets: NVIDIA A100/H100/H200/HGX B200 datasheets (dense BF16 = half the sparsity figure), the AMD MI300X
-# datasheet, as collected in the ml-engineering accelerator tables (stas00/ml-engineering). Scale-out: one 400 Gb/s NIC per GPU for every preset.
+# datasheet, as collected in the ml-engineering accelerator tables (stas00/ml-engineering). Scale-out: one
+# 400 Gb/s NIC per GPU for every preset.
 PRESETS: dict[str, GpuSpec] = {
     "a100": GpuSpec("a100", bf16_flops=312 * TB, hbm_bytes=80 * GB, hbm_bandwidth=2.0 * TB,
                     scale_up_bandwidth=300 * GB, scale_out_bandwidth=NIC_400G_BANDWIDTH),  # A100 SXM 80 GB, NVLink3

@@ -9,8 +9,8 @@ import sys
 import click
 
 from simulator import units
+from simulator.cost_model import gpu_pricing_source
 from simulator.hardware import PRESETS, GpuSpec, load_hardware
-from simulator.profiles import load_profile
 
 SOURCES = {
     "a100": "NVIDIA A100 SXM 80 GB datasheet; NVLink3",
@@ -19,15 +19,6 @@ SOURCES = {
     "b200": "NVIDIA HGX B200 (1000 W) datasheet, lower HBM figure of 180-192 GB; NVLink5",
     "mi300x": "AMD Instinct MI300X datasheet; Infinity Fabric aggregate over 7 peers",
 }
-
-
-def _priced_by(spec: GpuSpec) -> str:
-    if spec.profile is None:
-        return "roofline (uncalibrated)"
-    prof = load_profile(spec.profile)
-    if prof.hardware == spec.name:
-        return f"measured profile {prof.label}"
-    return f"derived from {prof.hardware} ({prof.label}) by datasheet ratios"
 
 
 @click.command("hardware")
@@ -41,7 +32,7 @@ def hardware(as_json: bool) -> None:
     specs = [load_hardware(name) for name in PRESETS]
     fields = [f.name for f in dataclasses.fields(GpuSpec)]
     if as_json:
-        json.dump({"presets": [s.to_dict() | {"source": SOURCES.get(s.name, ""), "priced_by": _priced_by(s)}
+        json.dump({"presets": [s.to_dict() | {"source": SOURCES.get(s.name, ""), "priced_by": gpu_pricing_source(s)}
                                for s in specs], "fields": fields}, sys.stdout)
         sys.stdout.write("\n")
         return
@@ -49,7 +40,7 @@ def hardware(as_json: bool) -> None:
         click.echo(f"{s.name:7} {units.si(s.bf16_flops, 'FLOP/s')} BF16, {units.nbytes(s.hbm_bytes)} HBM at "
                    f"{units.si(s.hbm_bandwidth, 'B/s')}, scale-up {units.si(s.scale_up_bandwidth, 'B/s')}, "
                    f"scale-out {units.si(s.scale_out_bandwidth, 'B/s')}")
-        click.echo(f"        source: {SOURCES.get(s.name, '-')}; expert time: {_priced_by(s)}")
+        click.echo(f"        source: {SOURCES.get(s.name, '-')}; expert time: {gpu_pricing_source(s)}")
     click.echo("Latencies: 3 us per all-to-all phase inside a node, 10 us across (stated assumptions).")
     click.echo(f"Hardware file fields: {', '.join(fields)} (required: "
                f"{', '.join(f.name for f in dataclasses.fields(GpuSpec) if f.default is dataclasses.MISSING)}).")

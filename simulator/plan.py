@@ -318,7 +318,7 @@ def step_prefill_flags(seg: Segment, variants: list[Variant], members: tuple[int
     (the non-expert model's conservative side for attention over a cache)."""
     flags = []
     for m in members:
-        n = len(seg.series(m)[2])
+        n = sum(a.size for a in seg.step_ntok[m])  # steps of member m, without joining its arrays
         ph = variants[m].phase if variants[m].phase >= 0 else PHASES[phase]
         flags.append(np.full(n, ph == PHASE_PREFILL))
     return np.concatenate(flags) if flags else np.zeros(0, dtype=bool)

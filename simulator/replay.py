@@ -174,7 +174,6 @@ def fit_stop(trace: Trace, fit_fraction: float, phase: str, chunk_tokens: int = 
     return total
 
 
-
 def fit_variants(stats: FitStatistics, meta: TraceMetadata, *, policies: tuple[str, ...], num_gpus: int,
                  gpus_per_node: int, redundant_experts: int, tokens_per_step: int) -> list[Variant]:
     out = []

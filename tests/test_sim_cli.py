@@ -114,7 +114,7 @@ def test_hardware_lists_presets_sources_and_fields(tmp_path):
     by_name = {p["name"]: p for p in data["presets"]}
     assert set(by_name) == {"a100", "h100", "h200", "b200", "mi300x"}
     assert by_name["h200"]["priced_by"] == "measured profile h200-torch-grouped-mm"
-    assert by_name["h100"]["priced_by"].startswith("derived from h200")
+    assert by_name["h100"]["priced_by"] == "extrapolated (from h200 by datasheet ratios) of profile h200-torch-grouped-mm"
     assert all(p["source"] for p in data["presets"]) and "scale_up_latency" in data["fields"]
     bad = tmp_path / "gpu.json"
     bad.write_text(json.dumps({"name": "x", "bf16_flop": 1e15}))
