@@ -177,6 +177,9 @@ def cost_row(gpu: GpuSpec, meta: TraceMetadata | None = None) -> np.ndarray:
     row[K.C_TABLE:K.C_SMALL] = np.log2(work.gemm_seconds).ravel()
     for x in range(1, K.SMALL_MAX + 1):  # the kernel's own interpolation, tabulated for one-tile experts
         row[K.C_SMALL + x] = K.profiled_gemm_seconds(row, x, float(x * work.tile_rows))
+    if work.overhead_seconds is not None:
+        row[K.C_OVERHEAD] = 1.0
+        row[K.C_OVERHEAD + 1:] = np.log2(work.overhead_seconds)
     return row
 
 

@@ -2,11 +2,14 @@
 
 One GPU's routed-expert time in one layer, from its per-expert assignment counts c_e (after capacity dropping):
 
-    T = fixed + per_assignment x a + G(x, W),   a = sum c_e,  x = #{e : c_e > 0},
+    T = R(a) + G(x, W),   a = sum c_e,  x = #{e : c_e > 0},
     W = sum over e with c_e > 0 of ceil(c_e / tile) x tile
 
 G is the measured grouped-GEMM table, bilinear in (log2 x, log2 W) on log2 seconds, proportional in x or W past the
-grid's last point. The kernel (kernels.profiled_expert_seconds) and the NumPy reference below compute the same thing.
+grid's last point. R is the measured non-GEMM work (sort, gather, activation, weighting, scatter-add), linear in
+log-log between its grid points and proportional past the last; profiles written before R was measured carry a
+fitted line fixed + per_assignment x a instead. The kernel (kernels.profiled_expert_seconds) and the NumPy
+reference below compute the same thing.
 
 Shapes and GPUs that were not measured are derived, never silently: a table measured for hidden h0 x FFN f0 scales
 by (h f) / (h0 f0) (both the weight bytes and the FLOPs per row scale so); a table measured on one GPU moves to
@@ -20,10 +23,37 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simulator.profiles import GRID_LOG2_EXPERTS, GRID_LOG2_ROWS, GRID_LOG2_TOKENS, ExpertWork, NonExpertWork
+from simulator.profiles import (
+    GRID_LOG2_ASSIGNMENTS,
+    GRID_LOG2_EXPERTS,
+    GRID_LOG2_ROWS,
+    GRID_LOG2_TOKENS,
+    ExpertWork,
+    NonExpertWork,
+)
 
-NX, NW = len(GRID_LOG2_EXPERTS), len(GRID_LOG2_ROWS)
-TILE_CANDIDATES = (1, 16, 32, 64, 128)
+NX, NW, NA = len(GRID_LOG2_EXPERTS), len(GRID_LOG2_ROWS), len(GRID_LOG2_ASSIGNMENTS)
+TILE_CANDIDATES = (1, 16, 32, 64, 128, 256)
+
+
+def isotonic(y: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
+    """The non-decreasing sequence closest to y in weighted least squares (pool adjacent violators).
+
+    Measured times are noisy; a running maximum would keep every upward spike, this averages them away."""
+    values: list[float] = []
+    weights: list[float] = []
+    sizes: list[int] = []
+    w = np.ones(len(y)) if weight is None else np.asarray(weight, dtype=np.float64)
+    for yi, wi in zip(np.asarray(y, dtype=np.float64), w, strict=True):
+        values.append(float(yi))
+        weights.append(float(wi))
+        sizes.append(1)
+        while len(values) > 1 and values[-2] > values[-1]:
+            pooled = weights[-2] + weights[-1]
+            values[-2:] = [(values[-2] * weights[-2] + values[-1] * weights[-1]) / pooled]
+            weights[-2:] = [pooled]
+            sizes[-2:] = [sizes[-2] + sizes[-1]]
+    return np.repeat(values, sizes)
 
 
 def grid_experts() -> np.ndarray:
@@ -37,7 +67,8 @@ def grid_rows() -> np.ndarray:
 def fill_table(measured: np.ndarray) -> np.ndarray:
     """A complete, monotone [NX, NW] table from measurements (NaN where not measured).
 
-    Rows left of their first measurement (fewer rows than experts: impossible in practice) take that first value;
+    Each row's measurements are first made non-decreasing by isotonic regression on log2 seconds (noise averaged,
+    not kept). Rows left of their first measurement (fewer rows than experts: impossible in practice) take that first value;
     right of their last, time grows in proportion to rows, capped by what more experts measured at the same rows
     (so a guess never overrides a measurement in the running maximum below); an unmeasured x between measured ones is interpolated in
     log-log, and above the largest measured x time grows in proportion to x. Then a running maximum along rows and along experts makes the table monotone in both, so the model is
@@ -48,6 +79,10 @@ def fill_table(measured: np.ndarray) -> np.ndarray:
         raise ValueError(f"table must be [{NX}, {NW}], got {list(t.shape)}")
     w = grid_rows()
     last_row = -1
+    for i in range(NX):
+        ok = np.isfinite(t[i])
+        if ok.any():
+            t[i, ok] = 2.0 ** isotonic(np.log2(t[i, ok]))
     raw = t.copy()
     for i in range(NX):
         ok = np.flatnonzero(np.isfinite(t[i]))
@@ -108,13 +143,25 @@ def gemm_lookup(table: np.ndarray, x: float, w: float) -> float:
     return scale * 2.0 ** log_t
 
 
+def overhead_lookup(curve: np.ndarray, a: float) -> float:
+    """R(a): log-log interpolation on the assignments grid, R(1) below one, proportional past the grid."""
+    la = math.log2(max(a, 1.0))
+    if la >= NA - 1:
+        return float(curve[-1]) * a / 2.0 ** (NA - 1)
+    i = int(la)
+    u = la - i
+    return float(2.0 ** ((1 - u) * math.log2(curve[i]) + u * math.log2(curve[i + 1])))
+
+
 def expert_seconds(counts: np.ndarray, work: ExpertWork) -> float:
     """One GPU's expert time in one layer from its per-expert counts (NumPy reference of the kernel)."""
     counts = np.asarray(counts, dtype=np.float64)
     x = float((counts > 0).sum())
     a = float(counts.sum())
-    return work.fixed_seconds + work.per_assignment_seconds * a + gemm_lookup(work.gemm_seconds, x,
-                                                                              padded_rows(counts, work.tile_rows))
+    rest = work.fixed_seconds + work.per_assignment_seconds * a
+    if work.overhead_seconds is not None:
+        rest += overhead_lookup(work.overhead_seconds, a)
+    return rest + gemm_lookup(work.gemm_seconds, x, padded_rows(counts, work.tile_rows))
 
 
 # ---------------------------------------------------------------------------------------------- fitting
@@ -122,14 +169,66 @@ def expert_seconds(counts: np.ndarray, work: ExpertWork) -> float:
 
 @dataclass(frozen=True)
 class Sample:
-    """One measured count vector: its counts and the measured time of the whole local expert work."""
+    """One measured count vector: its counts, the measured time of the whole local expert work and, where timed,
+    of its two GEMMs alone."""
 
     counts: np.ndarray
     seconds: float
+    gemm_seconds: float = math.nan
+
+
+def overhead_curve(points: list[tuple[int, float]]) -> np.ndarray:
+    """R on the assignments grid from measured (a, seconds) points: the median at each grid point (points are
+    measured at powers of two), isotonic on log2 seconds, interpolated in log-log where a point is missing and
+    proportional past the last measured one."""
+    if not points:
+        raise ValueError("no overhead points to fit")
+    by_k: dict[int, list[float]] = {}
+    for a, t in points:
+        by_k.setdefault(round(math.log2(max(a, 1))), []).append(max(t, 1e-7))
+    ks = np.array(sorted(k for k in by_k if k < NA))
+    med = np.log2([float(np.median(by_k[k])) for k in ks])
+    med = isotonic(med)
+    grid = np.arange(NA)
+    curve = np.interp(grid, ks, med)  # flat before the first point
+    past = grid > ks[-1]
+    curve[past] = med[-1] + (grid[past] - ks[-1])  # proportional: one doubling of a doubles R
+    return 2.0 ** curve
+
+
+def fit_measured_work(measured_table: np.ndarray, samples: list[Sample],
+                      overhead_points: list[tuple[int, float]]) -> ExpertWork:
+    """The model from measurements alone: G from the grid, R from its own points, and the tile that best explains
+    the skewed vectors' GEMM times. The vectors' whole-work times then check the model (residuals); nothing is
+    fitted to them."""
+    if not samples:
+        raise ValueError("no samples to check")
+    gemm_table = fill_table(measured_table)
+    curve = overhead_curve(overhead_points)
+    timed = [s for s in samples if math.isfinite(s.gemm_seconds)] or samples
+    target = np.array([s.gemm_seconds if math.isfinite(s.gemm_seconds) else s.seconds for s in timed])
+
+    def gemm_error(tile: int) -> float:
+        g = np.array([gemm_lookup(gemm_table, float((s.counts > 0).sum()), padded_rows(s.counts, tile))
+                      for s in timed])
+        if not math.isfinite(timed[0].gemm_seconds):  # no GEMM-only times: judge on the whole work
+            g = g + np.array([overhead_lookup(curve, float(s.counts.sum())) for s in timed])
+        return float(np.abs(g / target - 1).mean())
+
+    tile = min(TILE_CANDIDATES, key=gemm_error)
+    work = ExpertWork(gemm_table, tile, 0.0, 0.0, {}, measured_table,
+                      tuple((tuple(int(c) for c in s.counts), float(s.seconds), float(s.gemm_seconds))
+                            for s in samples), curve, tuple((int(a), float(t)) for a, t in overhead_points))
+    rel = np.array([expert_seconds(s.counts, work) / s.seconds - 1 for s in samples])
+    work.residuals.update({"vectors": float(len(samples)), "mean_abs": float(np.abs(rel).mean()),
+                           "p95_abs": float(np.percentile(np.abs(rel), 95)), "max_abs": float(np.abs(rel).max()),
+                           "mean_signed": float(rel.mean()), "gemm_mean_abs": gemm_error(tile)})
+    return work
 
 
 def fit_expert_work(gemm_table: np.ndarray, samples: list[Sample]) -> ExpertWork:
-    """Choose the tile and the fixed and per-assignment terms that best explain whole-work times of skewed counts.
+    """Choose the tile and the fixed and per-assignment terms that best explain whole-work times of skewed counts
+    (the model of profiles without a measured R).
 
     For each tile, the non-GEMM remainder (measured - G) is fitted as fixed + per_assignment x a by least squares
     weighted by 1 / measured (relative error), both terms kept non-negative; the tile with the smallest mean
@@ -149,7 +248,8 @@ def fit_expert_work(gemm_table: np.ndarray, samples: list[Sample]) -> ExpertWork
         work = ExpertWork(gemm_table, tile, fixed, per, {
             "vectors": float(len(samples)), "mean_abs": err, "p95_abs": float(np.percentile(np.abs(rel), 95)),
             "max_abs": float(np.abs(rel).max()), "mean_signed": float(rel.mean())},
-            samples=tuple((tuple(int(c) for c in s.counts), float(s.seconds)) for s in samples))
+            samples=tuple((tuple(int(c) for c in s.counts), float(s.seconds), float(s.gemm_seconds))
+                          for s in samples))
         if best is None or err < best[0] - 1e-12:
             best = (err, work)
     assert best is not None
@@ -182,14 +282,17 @@ def scale_expert_work(work: ExpertWork, *, shape_ratio: float, hidden_ratio: flo
                       roofline_from: np.ndarray | None = None, roofline_to: np.ndarray | None = None,
                       hbm_ratio: float = 1.0) -> ExpertWork:
     """A measured expert model moved to another shape (shape_ratio = h f / h0 f0, hidden_ratio = h / h0) and, when
-    rooflines are given, to another GPU (table x roofline_to / roofline_from; the per-assignment term, which is
-    memory-bound, x hbm_ratio = HBM bandwidth measured on / HBM bandwidth of the target)."""
+    rooflines are given, to another GPU (table x roofline_to / roofline_from; the per-assignment work, which is
+    memory-bound, x hbm_ratio = HBM bandwidth measured on / HBM bandwidth of the target). R keeps its value at one
+    assignment (launch latency, which neither ratio moves) and scales what grows beyond it."""
     table = work.gemm_seconds * shape_ratio
     if roofline_from is not None and roofline_to is not None:
         table = table * roofline_to / roofline_from
     table = np.maximum.accumulate(np.maximum.accumulate(table, axis=1), axis=0)
-    return ExpertWork(table, work.tile_rows, work.fixed_seconds,
-                      work.per_assignment_seconds * hidden_ratio * hbm_ratio, work.residuals)  # no measurements
+    rest = hidden_ratio * hbm_ratio
+    return ExpertWork(table, work.tile_rows, work.fixed_seconds, work.per_assignment_seconds * rest, work.residuals,
+                      overhead_seconds=None if work.overhead_seconds is None
+                      else work.overhead_seconds[0] + (work.overhead_seconds - work.overhead_seconds[0]) * rest)
 
 
 def non_expert_seconds(ne: NonExpertWork, tokens: np.ndarray, context: int, layers: int,

@@ -32,7 +32,10 @@ PROFILE_NX, PROFILE_NW = 9, 18
 # decode-sized steps), looked up instead of interpolated, which keeps replay's speed.
 C_SMALL = C_TABLE + PROFILE_NX * PROFILE_NW
 SMALL_MAX = 256
-NUM_COST_COLUMNS = C_SMALL + SMALL_MAX + 1
+# Then the measured non-GEMM work R(a): a flag (1: present) and log2 seconds at a = 2^0 .. 2^(PROFILE_NA - 1).
+C_OVERHEAD = C_SMALL + SMALL_MAX + 1
+PROFILE_NA = 17
+NUM_COST_COLUMNS = C_OVERHEAD + 1 + PROFILE_NA
 # Entries of the model array: FLOPs per assignment, bytes of one expert's weights, bytes sent per token copy in
 # dispatch and in combine, capacity factor (<= 0: no capacity limit), top-k.
 M_FLOPS, M_EXPERT_BYTES, M_DISPATCH_BYTES, M_COMBINE_BYTES, M_CAPACITY_FACTOR, M_TOP_K = range(6)
@@ -58,14 +61,29 @@ def step_key(phase: int, sel_in_phase: int, recorded_step: int, tokens_per_step:
 @njit(cache=True, inline="always")
 def profiled_expert_seconds(row: np.ndarray, experts: int, rows: float, assignments: float) -> float:
     """One GPU's expert time in one layer from a profile row (expert_time.expert_seconds is the NumPy twin):
-    fixed + per-assignment x a + G(x, W), G bilinear on log2 seconds in (log2 x, log2 W), proportional past the grid.
+    fixed + per-assignment x a + R(a) + G(x, W), G bilinear on log2 seconds in (log2 x, log2 W), proportional past the grid.
     """
     t = row[C_FIXED] + row[C_PER_ASSIGN] * assignments
+    if row[C_OVERHEAD] > 0:
+        t += profiled_overhead_seconds(row, assignments)
     if experts <= 0:
         return t
     if experts <= SMALL_MAX and rows == experts * row[C_TILE]:
         return t + row[C_SMALL + experts]
     return t + profiled_gemm_seconds(row, experts, rows)
+
+
+@njit(cache=True, inline="always")
+def profiled_overhead_seconds(row: np.ndarray, assignments: float) -> float:
+    """R(a) from the profile row: log-log between grid points, proportional past the last (expert_time's
+    overhead_lookup is the NumPy twin)."""
+    la = np.log2(max(assignments, 1.0))
+    b = C_OVERHEAD + 1
+    if la >= PROFILE_NA - 1:
+        return 2.0 ** row[b + PROFILE_NA - 1] * assignments / 2.0 ** (PROFILE_NA - 1)
+    i = int(la)
+    u = la - i
+    return 2.0 ** ((1 - u) * row[b + i] + u * row[b + i + 1])
 
 
 @njit(cache=True)

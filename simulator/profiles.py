@@ -31,6 +31,8 @@ PROFILE_VERSION = 1
 # Expert-work grid: experts with work on the GPU (x = 1 .. 256) by padded rows of work (W = 1 .. 131072).
 GRID_LOG2_EXPERTS = tuple(range(9))
 GRID_LOG2_ROWS = tuple(range(18))
+# Non-GEMM expert work (sort, gather, activation, weighting, scatter-add) by assignments on the GPU (a = 1 .. 65536).
+GRID_LOG2_ASSIGNMENTS = tuple(range(17))
 # Non-expert grid: tokens per GPU per step (1 .. 16384) by attention context.
 GRID_LOG2_TOKENS = tuple(range(15))
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "data" / "profiles"
@@ -46,9 +48,14 @@ class ExpertWork:
     tile_rows: int  # per-expert rows are rounded up to a multiple of this before the table lookup
     fixed_seconds: float  # per layer and GPU: launches, offsets, the parts that do not grow with the work
     per_assignment_seconds: float  # permute, activation, weighting and scatter-add, per (token, expert) pair
-    residuals: dict[str, float] = field(default_factory=dict)  # fit on skewed count vectors: relative errors
+    residuals: dict[str, float] = field(default_factory=dict)  # on skewed count vectors: relative errors
     measured: np.ndarray | None = None  # the grid as measured, NaN where not (gemm_seconds is filled from it)
-    samples: tuple[tuple[tuple[int, ...], float], ...] = ()  # (counts, seconds) of the whole work, the fit's data
+    # (counts, seconds of the whole work, seconds of the two GEMMs alone or NaN): skewed vectors, the check's data
+    samples: tuple[tuple[tuple[int, ...], float, float], ...] = ()
+    # [len(GRID_LOG2_ASSIGNMENTS)] measured non-GEMM work R(a), monotone; when present it is the whole remainder
+    # (fixed_seconds and per_assignment_seconds are then 0)
+    overhead_seconds: np.ndarray | None = None
+    overhead_measured: tuple[tuple[int, float], ...] = ()  # (assignments, seconds) as measured
 
 
 @dataclass(frozen=True)
@@ -178,14 +185,24 @@ def _expert(data: Any, where: str) -> ExpertWork:
         if measured.shape != table.shape:
             raise InputError(f"{where}: measured_gemm_seconds must have the shape of gemm_seconds")
     try:
-        samples = tuple((tuple(int(c) for c in smp["counts"]), float(smp["seconds"]))
-                        for smp in data.get("samples") or [])
-    except (TypeError, ValueError, KeyError):
-        raise InputError(f"{where}: samples must be a list of {{counts, seconds}}") from None
+        samples = tuple((tuple(int(c) for c in smp["counts"]), float(smp["seconds"]),
+                         float(smp.get("gemm_seconds", math.nan))) for smp in data.get("samples") or [])
+        overhead_measured = tuple((int(a), float(t)) for a, t in data.get("overhead_measured") or [])
+    except (TypeError, ValueError, KeyError, AttributeError):
+        raise InputError(f"{where}: samples must be a list of {{counts, seconds[, gemm_seconds]}} and "
+                         "overhead_measured a list of [assignments, seconds]") from None
+    overhead = None
+    if data.get("overhead_seconds") is not None:
+        if list(data.get("grid_log2_assignments", [])) != list(GRID_LOG2_ASSIGNMENTS):
+            raise InputError(f"{where}: grid_log2_assignments must be {list(GRID_LOG2_ASSIGNMENTS)} (the grid of "
+                             f"profile version {PROFILE_VERSION})")
+        overhead = _table(data, "overhead_seconds", (len(GRID_LOG2_ASSIGNMENTS),), where)
+        if (np.diff(overhead) < 0).any():
+            raise InputError(f"{where}: overhead_seconds must not decrease with assignments")
     return ExpertWork(table, int(tile), _num(data, "fixed_seconds", where),
                       _num(data, "per_assignment_seconds", where),
                       {str(k): float(v) for k, v in residuals.items()} if isinstance(residuals, dict) else {},
-                      measured, samples)
+                      measured, samples, overhead, overhead_measured)
 
 
 def _non_expert(data: Any, where: str) -> NonExpertWork | None:
@@ -302,15 +319,26 @@ def nearest_shipped_profile(backend: str = DEFAULT_BACKEND) -> Path | None:
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def _sample_dict(counts: tuple[int, ...], seconds: float, gemm_seconds: float) -> dict[str, Any]:
+    d: dict[str, Any] = {"counts": list(counts), "seconds": float(f"{seconds:.5g}")}
+    if math.isfinite(gemm_seconds):
+        d["gemm_seconds"] = float(f"{gemm_seconds:.5g}")
+    return d
+
+
 def _expert_dict(e: ExpertWork) -> dict[str, Any]:
-    return {"grid_log2_experts": list(GRID_LOG2_EXPERTS), "grid_log2_rows": list(GRID_LOG2_ROWS),
-            "gemm_seconds": [[float(f"{v:.5g}") for v in row] for row in e.gemm_seconds.tolist()],
-            "tile_rows": e.tile_rows, "fixed_seconds": float(f"{e.fixed_seconds:.5g}"),
-            "per_assignment_seconds": float(f"{e.per_assignment_seconds:.5g}"),
-            "residuals": {k: float(f"{v:.4g}") for k, v in e.residuals.items()},
-            "measured_gemm_seconds": None if e.measured is None else
-            [[None if not np.isfinite(v) else float(f"{v:.5g}") for v in row] for row in e.measured.tolist()],
-            "samples": [{"counts": list(c), "seconds": float(f"{t:.5g}")} for c, t in e.samples]}
+    d = {"grid_log2_experts": list(GRID_LOG2_EXPERTS), "grid_log2_rows": list(GRID_LOG2_ROWS),
+         "gemm_seconds": [[float(f"{v:.5g}") for v in row] for row in e.gemm_seconds.tolist()],
+         "tile_rows": e.tile_rows, "fixed_seconds": float(f"{e.fixed_seconds:.5g}"),
+         "per_assignment_seconds": float(f"{e.per_assignment_seconds:.5g}")}
+    if e.overhead_seconds is not None:
+        d |= {"grid_log2_assignments": list(GRID_LOG2_ASSIGNMENTS), "overhead_seconds": _round(e.overhead_seconds),
+              "overhead_measured": [[a, float(f"{t:.5g}")] for a, t in e.overhead_measured]}
+    return d | {
+        "residuals": {k: float(f"{v:.4g}") for k, v in e.residuals.items()},
+        "measured_gemm_seconds": None if e.measured is None else
+        [[None if not np.isfinite(v) else float(f"{v:.5g}") for v in row] for row in e.measured.tolist()],
+        "samples": [_sample_dict(*smp) for smp in e.samples]}
 
 
 def _round(a: np.ndarray) -> list[Any]:

@@ -68,10 +68,17 @@ def _summary(profile: CostProfile) -> str:
     for s in profile.shapes:
         e = s.expert
         r = e.residuals
-        lines.append(f"  {s.name} ({s.shape_label}): tile {e.tile_rows} rows, fixed {units.seconds(e.fixed_seconds)},"
-                     f" {units.seconds(e.per_assignment_seconds)} per assignment; fit on {int(r.get('vectors', 0))} "
-                     f"skewed count vectors: mean |error| {units.share(r.get('mean_abs', float('nan')))}, p95 "
-                     f"{units.share(r.get('p95_abs', float('nan')))}")
+        if e.overhead_seconds is not None:
+            rest = (f"non-GEMM work {units.seconds(float(e.overhead_seconds[0]))} at 1 assignment to "
+                    f"{units.seconds(float(e.overhead_seconds[-1]))} at {2 ** (len(e.overhead_seconds) - 1):,}")
+            how = "checked on"
+        else:
+            rest = (f"fixed {units.seconds(e.fixed_seconds)}, {units.seconds(e.per_assignment_seconds)} per "
+                    "assignment")
+            how = "fit on"
+        lines.append(f"  {s.name} ({s.shape_label}): tile {e.tile_rows} rows, {rest}; {how} "
+                     f"{int(r.get('vectors', 0))} skewed count vectors: mean |error| "
+                     f"{units.share(r.get('mean_abs', float('nan')))}, p95 {units.share(r.get('p95_abs', float('nan')))}")
     c = profile.communication
     if c.source == "measured":
         assert c.dispatch_bytes_per_s and c.combine_bytes_per_s and c.latency_s is not None

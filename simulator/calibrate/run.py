@@ -1,9 +1,8 @@
 """Calibration: time one GPU's expert work (grid and skewed counts), its non-expert work and, with 2+ GPUs, the
-all-to-all, then fit the expert model (expert_time.fit_expert_work) into a CostProfile. Needs CUDA."""
+all-to-all, then build the expert model (expert_time.fit_measured_work) into a CostProfile. Needs CUDA."""
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from simulator.calibrate.non_expert import NonExpertLayer, NonExpertShapes
 from simulator.calibrate.timing import CpuTimer, GapFreeTimer, make_timer
 from simulator.cost_model import non_expert_key
 from simulator.profiles import (
+    GRID_LOG2_ASSIGNMENTS,
     GRID_LOG2_EXPERTS,
     GRID_LOG2_ROWS,
     GRID_LOG2_TOKENS,
@@ -52,6 +52,12 @@ class Plan:
     @property
     def skewed_vectors(self) -> int:
         return 16 if self.quick else 48
+
+    @property
+    def overhead_log2_assignments(self) -> tuple[int, ...]:
+        """Where R(a) is measured: every power of two of the grid, every other one with --quick."""
+        return tuple(k for k in GRID_LOG2_ASSIGNMENTS if k % (2 if self.quick else 1) == 0 or
+                     k == GRID_LOG2_ASSIGNMENTS[-1])
 
     @property
     def contexts(self) -> tuple[int, ...]:
@@ -154,17 +160,42 @@ def measure_expert(shape: ExpertShape, num_experts: int, backend_name: str, time
         table[i, cells] = timer.time(items, repeats=plan.repeats)
         tick(len(cells))
         del items
-    gemm = X.fill_table(table)
+    overhead = []
+    vectors = overhead_counts(num_experts, plan, rng)
+    for b0 in range(0, len(vectors), 6):
+        whole, gemms = _time_whole_and_gemms(backend, vectors[b0: b0 + 6], shape, timer, plan, rng)
+        overhead += [(int(c.sum()), float(w - g)) for c, w, g in zip(vectors[b0: b0 + 6], whole, gemms, strict=True)]
+        tick(len(whole))
     samples = []
     vectors = skewed_counts(num_experts, plan.skewed_vectors, rng)
-    for b0 in range(0, len(vectors), 8):
-        works = [assignments_from_counts(np.pad(c, (0, backend.num_experts - c.size)), shape.hidden_size, device, rng,
-                                         top_k=8) for c in vectors[b0: b0 + 8]]
-        secs = timer.time([partial(backend.run, w) for w in works], repeats=plan.repeats)
-        samples += [X.Sample(w.counts, float(s)) for w, s in zip(works, secs, strict=True)]
-        tick(len(works))
-    fitted = X.fit_expert_work(gemm, samples)
-    return dataclasses.replace(fitted, measured=table), int(np.isfinite(table).sum())
+    for b0 in range(0, len(vectors), 6):
+        whole, gemms = _time_whole_and_gemms(backend, vectors[b0: b0 + 6], shape, timer, plan, rng)
+        samples += [X.Sample(c, float(w), float(g)) for c, w, g in zip(vectors[b0: b0 + 6], whole, gemms, strict=True)]
+        tick(len(whole))
+    return X.fit_measured_work(table, samples, overhead), int(np.isfinite(table).sum())
+
+
+def overhead_counts(num_experts: int, plan: Plan, rng: np.random.Generator) -> list[np.ndarray]:
+    """Count vectors for R(a) at each measured a = 2^k: all on one expert, spread evenly, and Dirichlet-skewed over
+    the local experts (R should not depend on how the rows split; the median of the three is kept)."""
+    out = []
+    for k in plan.overhead_log2_assignments:
+        a = 2**k
+        one = np.zeros(num_experts, dtype=np.int64)
+        one[0] = a
+        even = np.bincount(np.arange(a) % num_experts, minlength=num_experts).astype(np.int64)
+        out += [one, even, rng.multinomial(a, rng.dirichlet(np.full(num_experts, 0.5)))]
+    return out
+
+
+def _time_whole_and_gemms(backend, vectors: list[np.ndarray], shape: ExpertShape, timer: GapFreeTimer | CpuTimer,
+                          plan: Plan, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Seconds of the whole local work and of its two GEMMs alone, for each count vector, timed in one batch."""
+    works = [assignments_from_counts(np.pad(c, (0, backend.num_experts - c.size)), shape.hidden_size, timer.device,
+                                     rng, top_k=8) for c in vectors]
+    secs = timer.time([partial(backend.run, w) for w in works] + [backend.gemms_only(w) for w in works],
+                      repeats=plan.repeats)
+    return secs[: len(works)], secs[len(works):]
 
 
 def _fill_curve(values: np.ndarray) -> np.ndarray:
@@ -206,8 +237,8 @@ def measure_non_expert(meta: TraceMetadata, timer: GapFreeTimer | CpuTimer, plan
 def work_units(metas: list[tuple[str, TraceMetadata]], plan: Plan) -> int:
     """Progress-bar total: GEMM cells + skewed vectors + non-expert points per shape."""
     tokens = len([j for j in GRID_LOG2_TOKENS if j % plan.token_step == 0 or j == GRID_LOG2_TOKENS[-1]])
-    return sum(len(gemm_points(m.num_experts, plan)) + plan.skewed_vectors + tokens * (len(plan.contexts) + 1)
-               for _, m in metas)
+    return sum(len(gemm_points(m.num_experts, plan)) + plan.skewed_vectors + 3 * len(plan.overhead_log2_assignments)
+               + tokens * (len(plan.contexts) + 1) for _, m in metas)
 
 
 def calibrate(metas: list[tuple[str, TraceMetadata]], *, backend: str, quick: bool, hardware: str | None,

@@ -1,0 +1,107 @@
+"""The measured non-GEMM work R(a): isotonic smoothing of noisy grids, the curve from measured points, the model
+built from measurements alone (tile chosen from GEMM-only times), kernel == NumPy twin, profile round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+from test_cost_profile import META, h200, hand_table, profile_dict, write_dict
+
+from simulator import expert_time as X
+from simulator import kernels as K
+from simulator.cost_model import cost_row
+from simulator.profiles import GRID_LOG2_ASSIGNMENTS, load_profile, write_profile
+
+
+def test_isotonic_pools_violators_and_keeps_monotone_input():
+    np.testing.assert_allclose(X.isotonic(np.array([1.0, 3.0, 2.0, 4.0])), [1.0, 2.5, 2.5, 4.0])
+    np.testing.assert_allclose(X.isotonic(np.array([5.0, 1.0, 1.0, 1.0])), [2.0, 2.0, 2.0, 2.0])
+    np.testing.assert_allclose(X.isotonic(np.array([2.0, 1.0]), np.array([3.0, 1.0])), [1.75, 1.75])
+    up = np.array([0.5, 1.0, 1.0, 7.0])
+    np.testing.assert_array_equal(X.isotonic(up), up)
+
+
+def test_fill_table_averages_a_noisy_spike_instead_of_keeping_it():
+    measured = hand_table()
+    spiky = measured.copy()
+    spiky[3, 3] *= 1.3  # the first cell of a row measured 30% high (as a cold first launch reads)
+    filled = X.fill_table(spiky)
+    assert filled[3, 3] < spiky[3, 3]
+    assert filled[3, 4] < spiky[3, 3]  # a running maximum would have carried the spike along the row
+    assert (np.diff(filled, axis=1) >= 0).all() and (np.diff(filled, axis=0) >= 0).all()
+
+
+def test_overhead_curve_medians_isotonic_and_proportional_past_the_points():
+    pts = [(1, 4e-5), (1, 5e-5), (1, 6e-5), (4, 4e-5), (16, 7e-5), (256, 1e-4), (256, 3e-4), (256, 2e-4)]
+    curve = X.overhead_curve(pts)
+    assert curve.shape == (len(GRID_LOG2_ASSIGNMENTS),)
+    pooled = (5e-5 * 4e-5) ** 0.5  # median 5e-5 at a=1 pooled with 4e-5 at a=4 (a violation), on log2 seconds
+    assert curve[0] == pytest.approx(pooled) and curve[2] == pytest.approx(pooled)
+    assert curve[4] == pytest.approx(7e-5) and curve[8] == pytest.approx(2e-4)
+    assert curve[6] == pytest.approx(2 ** ((np.log2(7e-5) + np.log2(2e-4)) / 2))  # log-log between measured
+    assert curve[9] == pytest.approx(4e-4) and curve[-1] == pytest.approx(2e-4 * 2 ** (16 - 8))
+    assert X.overhead_lookup(curve, 2 ** 18) == pytest.approx(curve[-1] * 4)
+    assert X.overhead_lookup(curve, 0) == curve[0]
+
+
+def truth_curve() -> np.ndarray:
+    a = 2.0 ** np.asarray(GRID_LOG2_ASSIGNMENTS)
+    return 3e-5 + 4e-9 * a + 2e-6 * np.log2(a)
+
+
+def test_measured_model_picks_the_tile_from_gemm_times_and_checks_the_whole():
+    table, curve, tile = hand_table(), truth_curve(), 32
+    rng = np.random.default_rng(3)
+    points = [(2**k, float(curve[k])) for k in GRID_LOG2_ASSIGNMENTS]
+    samples = []
+    for _ in range(40):
+        n = int(rng.integers(2, 100))
+        counts = np.floor(rng.pareto(1.1, n) * rng.integers(3, 300)).astype(np.int64)
+        counts[0] += 1
+        g = X.gemm_lookup(table, float((counts > 0).sum()), X.padded_rows(counts, tile))
+        samples.append(X.Sample(counts, g + X.overhead_lookup(curve, float(counts.sum())), g))
+    work = X.fit_measured_work(table, samples, points)
+    assert work.tile_rows == tile and work.fixed_seconds == 0 and work.per_assignment_seconds == 0
+    np.testing.assert_allclose(work.overhead_seconds, curve, rtol=1e-12)
+    assert work.residuals["mean_abs"] < 1e-9 and work.residuals["gemm_mean_abs"] < 1e-9
+    bumped = samples[0].counts.copy()
+    bumped[0] += 1
+    assert X.expert_seconds(bumped, work) >= X.expert_seconds(samples[0].counts, work)
+
+
+def test_kernel_prices_the_overhead_as_numpy_and_profile_round_trips(tmp_path):
+    data = profile_dict()
+    expert = data["shapes"][0]["expert"]
+    expert |= {"fixed_seconds": 0.0, "per_assignment_seconds": 0.0, "grid_log2_assignments": list(GRID_LOG2_ASSIGNMENTS),
+               "overhead_seconds": truth_curve().tolist(), "overhead_measured": [[1, 3e-5], [2, 3.3e-5]]}
+    path = write_dict(tmp_path / "r.yaml", data)
+    work = load_profile(path).shapes[0].expert
+    assert work.overhead_measured == ((1, 3e-5), (2, 3.3e-5))
+    row = cost_row(h200(path), META)
+    assert row[K.C_OVERHEAD] == 1.0
+    rng = np.random.default_rng(4)
+    for n, scale in ((8, 3), (64, 300), (64, 4000)):  # 64 x 4000: past the grid's 65536 assignments
+        counts = rng.integers(0, scale, n)
+        x, a = int((counts > 0).sum()), float(counts.sum())
+        w = X.padded_rows(counts, work.tile_rows)
+        assert K.profiled_expert_seconds(row, x, w, a) == pytest.approx(X.expert_seconds(counts, work), rel=1e-12)
+    out = tmp_path / "copy.yaml"
+    write_profile(load_profile(path), out)
+    again = load_profile(out).shapes[0].expert
+    np.testing.assert_allclose(again.overhead_seconds, work.overhead_seconds, rtol=1e-4)
+
+
+def test_a_decreasing_overhead_curve_is_refused(tmp_path):
+    data = profile_dict()
+    data["shapes"][0]["expert"] |= {"grid_log2_assignments": list(GRID_LOG2_ASSIGNMENTS),
+                                    "overhead_seconds": truth_curve()[::-1].tolist()}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(Exception, match="overhead_seconds must not decrease"):
+        load_profile(path)
+
+
+def test_kernel_grid_constants_match_the_profile_grids():
+    assert K.PROFILE_NA == len(GRID_LOG2_ASSIGNMENTS) == X.NA
+    assert (K.PROFILE_NX, K.PROFILE_NW) == (X.NX, X.NW)
