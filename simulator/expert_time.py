@@ -26,13 +26,14 @@ import numpy as np
 from simulator.profiles import (
     GRID_LOG2_ASSIGNMENTS,
     GRID_LOG2_EXPERTS,
-    GRID_LOG2_ROWS,
     GRID_LOG2_TOKENS,
+    GRID_ROWS,
     ExpertWork,
     NonExpertWork,
 )
 
-NX, NW, NA = len(GRID_LOG2_EXPERTS), len(GRID_LOG2_ROWS), len(GRID_LOG2_ASSIGNMENTS)
+NX, NW, NA = len(GRID_LOG2_EXPERTS), len(GRID_ROWS), len(GRID_LOG2_ASSIGNMENTS)
+LOG2_ROWS = np.log2(np.asarray(GRID_ROWS, dtype=np.float64))  # [NW] positions of the rows grid, not evenly spaced
 TILE_CANDIDATES = (1, 16, 32, 64, 128, 256)
 
 
@@ -61,7 +62,7 @@ def grid_experts() -> np.ndarray:
 
 
 def grid_rows() -> np.ndarray:
-    return 2.0 ** np.asarray(GRID_LOG2_ROWS, dtype=np.float64)
+    return np.asarray(GRID_ROWS, dtype=np.float64)
 
 
 def fill_table(measured: np.ndarray) -> np.ndarray:
@@ -92,7 +93,8 @@ def fill_table(measured: np.ndarray) -> np.ndarray:
         t[i, : ok[0]] = t[i, ok[0]]
         inner = np.isnan(t[i, : ok[-1] + 1])
         if inner.any():  # a gap inside the row: interpolate in log-log
-            t[i, np.flatnonzero(inner)] = 2 ** np.interp(np.flatnonzero(inner), ok, np.log2(t[i, ok]))
+            gap = np.flatnonzero(inner)
+            t[i, gap] = 2 ** np.interp(LOG2_ROWS[gap], LOG2_ROWS[ok], np.log2(t[i, ok]))
         for j in range(ok[-1] + 1, NW):
             # past the row's last point: in proportion to rows, but never above what more experts measured at the
             # same rows (the same work spread over fewer experts reads fewer weights)
@@ -133,11 +135,12 @@ def gemm_lookup(table: np.ndarray, x: float, w: float) -> float:
     if lx > NX - 1:
         scale *= x / 2.0 ** (NX - 1)
         lx = NX - 1
-    if lw > NW - 1:
-        scale *= w / 2.0 ** (NW - 1)
-        lw = NW - 1
-    i, j = min(int(lx), NX - 2), min(int(lw), NW - 2)
-    u, v = lx - i, lw - j
+    if lw > LOG2_ROWS[-1]:
+        scale *= w / GRID_ROWS[-1]
+        lw = float(LOG2_ROWS[-1])
+    i = min(int(lx), NX - 2)
+    j = min(int(np.searchsorted(LOG2_ROWS, lw, side="right")) - 1, NW - 2)
+    u, v = lx - i, (lw - LOG2_ROWS[j]) / (LOG2_ROWS[j + 1] - LOG2_ROWS[j])
     lt = np.log2(table[i: i + 2, j: j + 2])
     log_t = (1 - u) * (1 - v) * lt[0, 0] + u * (1 - v) * lt[1, 0] + (1 - u) * v * lt[0, 1] + u * v * lt[1, 1]
     return scale * 2.0 ** log_t

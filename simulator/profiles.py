@@ -5,7 +5,7 @@ of its per-expert assignment counts (a grouped-GEMM table plus a fitted fixed an
 the non-expert layer work by per-GPU batch and context, and the all-to-all figures. docs/cost-model.md gives the
 formulas; simulator/expert_time.py evaluates them. This module only reads, checks and writes the files.
 
-Every table uses the same fixed grids (GRID_LOG2_EXPERTS x GRID_LOG2_ROWS), so the Numba pricing kernel can index
+Every table uses the same fixed grids (GRID_LOG2_EXPERTS x GRID_ROWS), so the Numba pricing kernel can index
 them without searching.
 """
 
@@ -27,10 +27,14 @@ from traces.errors import InputError
 from traces.writer import make_parent_dir
 
 PROFILE_FORMAT = "moe-trace-profile"
-PROFILE_VERSION = 1
-# Expert-work grid: experts with work on the GPU (x = 1 .. 256) by padded rows of work (W = 1 .. 131072).
+PROFILE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# Expert-work grid: experts with work on the GPU (x = 1 .. 256) by padded rows of work W: the powers of two
+# 1 .. 131072 and, inside each octave, 3 x 2^k (3 .. 98304). Grouped GEMMs step with their row tiles, and one point
+# per octave cannot see a step inside it (version 1 had only the powers of two).
 GRID_LOG2_EXPERTS = tuple(range(9))
-GRID_LOG2_ROWS = tuple(range(18))
+GRID_ROWS = tuple(sorted({2**k for k in range(18)} | {3 * 2**k for k in range(16)}))
+V1_GRID_LOG2_ROWS = tuple(range(18))
 # Non-GEMM expert work (sort, gather, activation, weighting, scatter-add) by assignments on the GPU (a = 1 .. 65536).
 GRID_LOG2_ASSIGNMENTS = tuple(range(17))
 # Non-expert grid: tokens per GPU per step (1 .. 16384) by attention context.
@@ -44,7 +48,7 @@ BACKENDS = ("torch-grouped-mm", "transformers", "vllm-fused-moe", "sglang-fused-
 class ExpertWork:
     """One GPU's routed-expert time for one expert shape (seconds)."""
 
-    gemm_seconds: np.ndarray  # [len(GRID_LOG2_EXPERTS), len(GRID_LOG2_ROWS)] both grouped GEMMs, monotone
+    gemm_seconds: np.ndarray  # [len(GRID_LOG2_EXPERTS), len(GRID_ROWS)] both grouped GEMMs, monotone
     tile_rows: int  # per-expert rows are rounded up to a multiple of this before the table lookup
     fixed_seconds: float  # per layer and GPU: launches, offsets, the parts that do not grow with the work
     per_assignment_seconds: float  # permute, activation, weighting and scatter-add, per (token, expert) pair
@@ -162,15 +166,31 @@ def _require(data: Any, key: str, where: str, kind: type) -> Any:
     return data[key]
 
 
-def _expert(data: Any, where: str) -> ExpertWork:
+def _v1_columns(table: np.ndarray, interpolate: bool) -> np.ndarray:
+    """A version-1 table (powers of two only) on today's rows grid: the 3 x 2^k columns on the log-log line
+    between their neighbours (what version 1 priced there), or NaN for a measured grid (not measured)."""
+    out = np.full((table.shape[0], len(GRID_ROWS)), np.nan)
+    cols = [GRID_ROWS.index(2**k) for k in V1_GRID_LOG2_ROWS]
+    out[:, cols] = table
+    if interpolate:
+        lw = np.log2(np.asarray(GRID_ROWS, dtype=np.float64))
+        for i in range(out.shape[0]):
+            out[i] = 2.0 ** np.interp(lw, lw[cols], np.log2(table[i]))
+    return out
+
+
+def _expert(data: Any, where: str, version: int) -> ExpertWork:
     if not isinstance(data, dict):
         raise InputError(f"{where}: missing field expert")
-    for key, grid in (("grid_log2_experts", GRID_LOG2_EXPERTS), ("grid_log2_rows", GRID_LOG2_ROWS)):
+    rows_key, rows_grid = ("grid_log2_rows", V1_GRID_LOG2_ROWS) if version == 1 else ("grid_rows", GRID_ROWS)
+    for key, grid in (("grid_log2_experts", GRID_LOG2_EXPERTS), (rows_key, rows_grid)):
         if list(data.get(key, [])) != list(grid):
-            raise InputError(f"{where}: {key} must be {list(grid)} (the grid of profile version {PROFILE_VERSION})")
-    table = _table(data, "gemm_seconds", (len(GRID_LOG2_EXPERTS), len(GRID_LOG2_ROWS)), where)
+            raise InputError(f"{where}: {key} must be {list(grid)} (the grid of profile version {version})")
+    table = _table(data, "gemm_seconds", (len(GRID_LOG2_EXPERTS), len(rows_grid)), where)
     if (np.diff(table, axis=0) < 0).any() or (np.diff(table, axis=1) < 0).any():
         raise InputError(f"{where}: gemm_seconds must not decrease with experts or rows")
+    if version == 1:
+        table = _v1_columns(table, interpolate=True)
     tile = _num(data, "tile_rows", where, positive=True)
     if tile != int(tile) or int(tile) & (int(tile) - 1):
         raise InputError(f"{where}: tile_rows must be a power of two, got {data['tile_rows']!r}")
@@ -182,8 +202,10 @@ def _expert(data: Any, where: str) -> ExpertWork:
                                  for row in data["measured_gemm_seconds"]])
         except (TypeError, ValueError):
             raise InputError(f"{where}: measured_gemm_seconds must be a table of numbers and nulls") from None
-        if measured.shape != table.shape:
+        if measured.shape != (len(GRID_LOG2_EXPERTS), len(rows_grid)):
             raise InputError(f"{where}: measured_gemm_seconds must have the shape of gemm_seconds")
+        if version == 1:
+            measured = _v1_columns(measured, interpolate=False)
     try:
         samples = tuple((tuple(int(c) for c in smp["counts"]), float(smp["seconds"]),
                          float(smp.get("gemm_seconds", math.nan))) for smp in data.get("samples") or [])
@@ -194,8 +216,7 @@ def _expert(data: Any, where: str) -> ExpertWork:
     overhead = None
     if data.get("overhead_seconds") is not None:
         if list(data.get("grid_log2_assignments", [])) != list(GRID_LOG2_ASSIGNMENTS):
-            raise InputError(f"{where}: grid_log2_assignments must be {list(GRID_LOG2_ASSIGNMENTS)} (the grid of "
-                             f"profile version {PROFILE_VERSION})")
+            raise InputError(f"{where}: grid_log2_assignments must be {list(GRID_LOG2_ASSIGNMENTS)}")
         overhead = _table(data, "overhead_seconds", (len(GRID_LOG2_ASSIGNMENTS),), where)
         if (np.diff(overhead) < 0).any():
             raise InputError(f"{where}: overhead_seconds must not decrease with assignments")
@@ -227,7 +248,7 @@ def _non_expert(data: Any, where: str) -> NonExpertWork | None:
     )
 
 
-def _shape(data: Any, where: str) -> ShapeProfile:
+def _shape(data: Any, where: str, version: int) -> ShapeProfile:
     if not isinstance(data, dict):
         raise InputError(f"{where}: each shape must be a mapping")
     activation = data.get("activation")
@@ -236,7 +257,7 @@ def _shape(data: Any, where: str) -> ShapeProfile:
     return ShapeProfile(
         name=str(data.get("name", "")), hidden_size=int(_num(data, "hidden_size", where, positive=True)),
         expert_intermediate_size=int(_num(data, "expert_intermediate_size", where, positive=True)),
-        activation=activation, expert=_expert(data.get("expert"), f"{where} expert"),
+        activation=activation, expert=_expert(data.get("expert"), f"{where} expert", version),
         non_expert=_non_expert(data.get("non_expert"), f"{where} non_expert"),
     )
 
@@ -244,9 +265,9 @@ def _shape(data: Any, where: str) -> ShapeProfile:
 def profile_from_dict(data: Any, source: str) -> CostProfile:
     if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
         raise InputError(f"{source}: not a moe-trace cost profile (format: {PROFILE_FORMAT} missing)")
-    if data.get("version") != PROFILE_VERSION:
+    if data.get("version") not in READABLE_VERSIONS:
         raise InputError(f"{source}: unknown profile version {data.get('version')!r} (this moe-trace reads "
-                         f"version {PROFILE_VERSION})")
+                         f"versions {', '.join(map(str, READABLE_VERSIONS))})")
     for key in ("hardware", "backend", "created_at", "tool_version"):
         if data.get(key) in (None, ""):
             raise InputError(f"{source}: missing field {key}")
@@ -268,7 +289,7 @@ def profile_from_dict(data: Any, source: str) -> CostProfile:
         hardware=data["hardware"].lower(), backend=data["backend"], gpu=dict(data.get("gpu") or {}),
         software={str(k): str(v) for k, v in (data.get("software") or {}).items()},
         created_at=data["created_at"], tool_version=data["tool_version"], quick=bool(data.get("quick", False)),
-        shapes=tuple(_shape(s, f"{source} shape {i}") for i, s in enumerate(shapes)),
+        shapes=tuple(_shape(s, f"{source} shape {i}", data["version"]) for i, s in enumerate(shapes)),
         communication=communication, path=source,
     )
 
@@ -327,7 +348,7 @@ def _sample_dict(counts: tuple[int, ...], seconds: float, gemm_seconds: float) -
 
 
 def _expert_dict(e: ExpertWork) -> dict[str, Any]:
-    d = {"grid_log2_experts": list(GRID_LOG2_EXPERTS), "grid_log2_rows": list(GRID_LOG2_ROWS),
+    d = {"grid_log2_experts": list(GRID_LOG2_EXPERTS), "grid_rows": list(GRID_ROWS),
          "gemm_seconds": [[float(f"{v:.5g}") for v in row] for row in e.gemm_seconds.tolist()],
          "tile_rows": e.tile_rows, "fixed_seconds": float(f"{e.fixed_seconds:.5g}"),
          "per_assignment_seconds": float(f"{e.per_assignment_seconds:.5g}")}

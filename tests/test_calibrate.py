@@ -48,8 +48,11 @@ def test_grids_cover_the_model_and_stay_on_the_profile_grid() -> None:
     full, quick = run.gemm_points(64, run.Plan(False)), run.gemm_points(64, run.Plan(True))
     assert set(quick) < set(full)
     for i, j in full:
-        assert i in profiles.GRID_LOG2_EXPERTS and j in profiles.GRID_LOG2_ROWS
-        assert 0 <= j - i <= run.MAX_ROWS_PER_EXPERT_LOG2  # 1 .. 16k rows per expert
+        assert i in profiles.GRID_LOG2_EXPERTS and 0 <= j < len(profiles.GRID_ROWS)
+        per_expert, rest = divmod(profiles.GRID_ROWS[j], 2**i)
+        assert rest == 0 and 1 <= per_expert <= 2**run.MAX_ROWS_PER_EXPERT_LOG2  # 1 .. 16k rows per expert
+    assert any(profiles.GRID_ROWS[j] % 3 == 0 for _, j in full)  # the 3 x 2^k points inside each octave
+    assert not any(profiles.GRID_ROWS[j] % 3 == 0 for _, j in quick)
     assert max(i for i, _ in full) == 6 and max(i for i, _ in run.gemm_points(60, run.Plan(False))) == 6
     vectors = run.skewed_counts(60, 50, np.random.default_rng(1))
     assert all(v.sum() >= 1 and v.size <= 64 for v in vectors)

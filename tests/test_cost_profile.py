@@ -18,7 +18,7 @@ from simulator import expert_time as X
 from simulator import kernels as K
 from simulator.cost_model import ROOFLINE, cost_row, pricing_for
 from simulator.hardware import PRESETS, load_hardware
-from simulator.profiles import GRID_LOG2_EXPERTS, GRID_LOG2_ROWS, load_profile, write_profile
+from simulator.profiles import GRID_LOG2_EXPERTS, GRID_ROWS, load_profile, write_profile
 from simulator.replay import ReplayConfig, replay
 from traces import open_trace
 from traces.errors import InputError
@@ -30,7 +30,7 @@ META = preset_metadata("olmoe-1b-7b")
 
 
 def hand_table() -> np.ndarray:
-    """[9, 18] monotone: 5 us + 2 us per expert + 10 ns per padded row."""
+    """[9, 34] monotone: 5 us + 2 us per expert + 10 ns per padded row."""
     x = X.grid_experts()[:, None]
     w = X.grid_rows()[None, :]
     return X.fill_table(5e-6 + x * 2e-6 + w * 1e-8)
@@ -38,11 +38,11 @@ def hand_table() -> np.ndarray:
 
 def profile_dict() -> dict:
     return {
-        "format": "moe-trace-profile", "version": 1, "hardware": "h200", "backend": "torch-grouped-mm",
+        "format": "moe-trace-profile", "version": 2, "hardware": "h200", "backend": "torch-grouped-mm",
         "created_at": "2026-01-01T00:00:00+00:00", "tool_version": "test",
         "shapes": [{"name": "olmoe-1b-7b", "hidden_size": 2048, "expert_intermediate_size": 1024,
                     "activation": "swiglu",
-                    "expert": {"grid_log2_experts": list(range(9)), "grid_log2_rows": list(range(18)),
+                    "expert": {"grid_log2_experts": list(range(9)), "grid_rows": list(GRID_ROWS),
                                "gemm_seconds": hand_table().tolist(), "tile_rows": TILE, "fixed_seconds": FIXED,
                                "per_assignment_seconds": PER}}],
         "communication": {"source": "deepep"},
@@ -68,11 +68,11 @@ def test_model_reproduces_profile_at_grid_points(profile_path):
     table = hand_table()
     np.testing.assert_array_equal(work.gemm_seconds, table)
     for i in GRID_LOG2_EXPERTS:
-        for j in GRID_LOG2_ROWS:
-            assert X.gemm_lookup(table, 2**i, 2**j) == pytest.approx(table[i, j], rel=1e-9)
-            if 2 ** (j - i) >= TILE:  # x experts with 2^j / x rows each, a multiple of the tile: no padding
-                counts = np.full(2**i, 2 ** (j - i))
-                assert X.expert_seconds(counts, work) == pytest.approx(FIXED + PER * 2**j + table[i, j], rel=1e-9)
+        for j, rows in enumerate(GRID_ROWS):
+            assert X.gemm_lookup(table, 2**i, rows) == pytest.approx(table[i, j], rel=1e-9)
+            if rows % 2**i == 0 and (rows // 2**i) % TILE == 0:  # x experts, rows / x each, tile multiples
+                counts = np.full(2**i, rows // 2**i)
+                assert X.expert_seconds(counts, work) == pytest.approx(FIXED + PER * rows + table[i, j], rel=1e-9)
     assert X.expert_seconds(np.zeros(64), work) == FIXED
 
 
@@ -198,7 +198,7 @@ BAD = [
     ("negative", _cell(-1e-6), "gemm_seconds holds negative, zero or non-finite"),
     ("nan", _cell(float("nan")), "gemm_seconds holds negative, zero or non-finite"),
     ("inf", _cell(float("inf")), "gemm_seconds holds negative, zero or non-finite"),
-    ("shape", _short_table, r"gemm_seconds must have shape \[9, 18\], got \[8, 18\]"),
+    ("shape", _short_table, r"gemm_seconds must have shape \[9, 34\], got \[8, 34\]"),
     ("version", _set(99), "unknown profile version 99"),
     ("fixed", _negative_fixed, "fixed_seconds must be a finite non-negative number"),
 ]

@@ -105,3 +105,27 @@ def test_a_decreasing_overhead_curve_is_refused(tmp_path):
 def test_kernel_grid_constants_match_the_profile_grids():
     assert K.PROFILE_NA == len(GRID_LOG2_ASSIGNMENTS) == X.NA
     assert (K.PROFILE_NX, K.PROFILE_NW) == (X.NX, X.NW)
+
+
+def test_version_1_profile_prices_as_before(tmp_path):
+    """A version-1 file (rows grid of powers of two) loads onto today's grid and prices exactly as its log-log
+    line between powers of two did."""
+    from simulator.profiles import V1_GRID_LOG2_ROWS
+
+    x = X.grid_experts()[:, None]
+    w = 2.0 ** np.asarray(V1_GRID_LOG2_ROWS, dtype=np.float64)[None, :]
+    old = np.maximum.accumulate(np.maximum.accumulate(5e-6 + x * 2e-6 + w**0.7 * 1e-7, axis=1), axis=0)
+    data = profile_dict()
+    data["version"] = 1
+    expert = data["shapes"][0]["expert"]
+    del expert["grid_rows"]
+    expert |= {"grid_log2_rows": list(V1_GRID_LOG2_ROWS), "gemm_seconds": old.tolist()}
+    work = load_profile(write_dict(tmp_path / "v1.yaml", data)).shapes[0].expert
+    for xi, wi in ((1, 1.0), (3, 5.0), (8, 300.0), (64, 3000.0), (256, 131072.0), (7, 1e6)):
+        lx, lw = np.log2(xi), np.log2(min(wi, 2.0**17))
+        i, j = min(int(lx), 7), min(int(lw), 16)
+        u, v = lx - i, lw - j
+        lt = np.log2(old[i:i + 2, j:j + 2])
+        expect = 2 ** ((1 - u) * (1 - v) * lt[0, 0] + u * (1 - v) * lt[1, 0] + (1 - u) * v * lt[0, 1] + u * v * lt[1, 1])
+        expect *= max(wi / 2.0**17, 1.0)
+        assert X.gemm_lookup(work.gemm_seconds, xi, wi) == pytest.approx(expect, rel=1e-9)

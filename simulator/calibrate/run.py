@@ -20,8 +20,8 @@ from simulator.cost_model import non_expert_key
 from simulator.profiles import (
     GRID_LOG2_ASSIGNMENTS,
     GRID_LOG2_EXPERTS,
-    GRID_LOG2_ROWS,
     GRID_LOG2_TOKENS,
+    GRID_ROWS,
     Communication,
     CostProfile,
     NonExpertWork,
@@ -44,10 +44,6 @@ class Plan:
     @property
     def repeats(self) -> int:
         return 3 if self.quick else 7
-
-    @property
-    def row_step(self) -> int:
-        return 2 if self.quick else 1
 
     @property
     def skewed_vectors(self) -> int:
@@ -119,15 +115,20 @@ def _pow2_ceil(n: int) -> int:
 
 
 def gemm_points(num_experts: int, plan: Plan) -> list[tuple[int, int]]:
-    """(i, j) grid cells to measure: x = 2^i experts up to the model's count, c = 2^(j - i) rows each."""
+    """(i, j) grid cells to measure: x = 2^i experts up to the model's count, W = GRID_ROWS[j] rows in all, W / x
+    rows each (a whole number, at most 16k). --quick keeps every other power of two and drops the 3 x 2^k points."""
     top_x = int(np.log2(_pow2_ceil(num_experts)))
     out = []
     for i in GRID_LOG2_EXPERTS:
         if i > top_x or (plan.quick and i % 2 and i != top_x):
             continue
-        for j in GRID_LOG2_ROWS[i:: plan.row_step]:
-            if j - i <= MAX_ROWS_PER_EXPERT_LOG2:
-                out.append((i, j))
+        for j, w in enumerate(GRID_ROWS):
+            per_expert, rest = divmod(w, 2**i)
+            if rest or not 1 <= per_expert <= 2**MAX_ROWS_PER_EXPERT_LOG2:
+                continue
+            if plan.quick and (w & (w - 1) or (int(np.log2(w)) - i) % 2):
+                continue
+            out.append((i, j))
     return out
 
 
@@ -148,14 +149,14 @@ def measure_expert(shape: ExpertShape, num_experts: int, backend_name: str, time
                    tick: Tick, rng: np.random.Generator):
     device = timer.device
     backend = make_backend(backend_name, shape, _pow2_ceil(num_experts), device)
-    table = np.full((len(GRID_LOG2_EXPERTS), len(GRID_LOG2_ROWS)), np.nan)
+    table = np.full((len(GRID_LOG2_EXPERTS), len(GRID_ROWS)), np.nan)
     points = gemm_points(num_experts, plan)
     for i in sorted({p[0] for p in points}):
         cells = [j for (ii, j) in points if ii == i]
         items = []
         for j in cells:
             counts = np.zeros(backend.num_experts, dtype=np.int64)
-            counts[: 2**i] = 2 ** (j - i)
+            counts[: 2**i] = GRID_ROWS[j] // 2**i
             items.append(backend.gemms_only(assignments_from_counts(counts, shape.hidden_size, device, rng)))
         table[i, cells] = timer.time(items, repeats=plan.repeats)
         tick(len(cells))
