@@ -181,7 +181,8 @@ class Candidate:
     breakdown_ms: dict[str, float]  # mean per step: compute, weights, dispatch, combine, non_expert
     tokens_per_s: float  # whole cluster, whole model
     tokens_per_s_per_gpu: float
-    imbalance: float
+    step_imbalance: float  # simulator.metrics: the headline, per-step busiest over mean GPU load
+    aggregate_imbalance: float  # simulator.metrics: the whole scored part as one step
     leave_node_share: float
     memory_per_gpu_bytes: float  # expert weights with replicas + non-expert weights
     usable_hbm_bytes: float  # HBM x (1 - reserve)
@@ -352,7 +353,8 @@ def _candidates(summaries: list[VariantSummary], ntoks: list[np.ndarray], prefil
                 step_ms_p99=float(p99) * 1e3, moe_ms=float(moe.mean()) * 1e3 if moe.size else float("nan"),
                 non_expert_ms=ne_ms,
                 breakdown_ms={k: v * 1e3 for k, v in timing.breakdown.items()} | {"non_expert": ne_ms},
-                tokens_per_s=tps, tokens_per_s_per_gpu=tps / s.num_gpus, imbalance=s.imbalance,
+                tokens_per_s=tps, tokens_per_s_per_gpu=tps / s.num_gpus, step_imbalance=s.step_imbalance,
+                aggregate_imbalance=s.aggregate_imbalance,
                 leave_node_share=s.leave_node_share, memory_per_gpu_bytes=memory, usable_hbm_bytes=usable,
                 fits_memory=fits, meets_throughput=meets_tp, meets_latency=meets_lat,
                 meets_target=fits and meets_tp and meets_lat, price_per_hour=price,
@@ -465,7 +467,7 @@ def recommend(candidates: list[Candidate], config: PlanConfig) -> tuple[Candidat
             and c.tokens_per_step == rec.tokens_per_step and c.placement != rec.placement]
     failing = [c for c in same if not c.meets_target]
     if failing:
-        worst = ", ".join(f"{c.placement} ({c.tokens_per_s:,.0f} tokens/s, imbalance {c.imbalance:.2f})"
+        worst = ", ".join(f"{c.placement} ({c.tokens_per_s:,.0f} tokens/s, step imbalance {c.step_imbalance:.2f})"
                           for c in sorted(failing, key=lambda c: c.tokens_per_s)[:3])
         reasons.append(f"on the same GPUs and batch these placements miss the goal: {worst}")
     return rec, reasons

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from simulator import kernels as K
+from simulator import metrics
 from simulator.cost_model import (
     BF16_BYTES,
     DEFAULT_HBM_RESERVE,
@@ -490,8 +491,9 @@ class VariantSummary:
     tokens: int
     steps: int
     assignments: int
-    imbalance: float  # sum over layers of the busiest GPU's assignments / sum over layers of the mean GPU's
-    step_imbalance: dict[str, float]  # per-step (sum of layer max / sum of layer mean) p50 / p95 / p99 / mean
+    step_imbalance: float  # the headline (simulator.metrics): per-step busiest over mean GPU load, token-weighted
+    aggregate_imbalance: float  # the same with the whole scored part as one step (simulator.metrics)
+    step_imbalance_percentiles: dict[str, float]  # of each step's own ratio: p50 / p95 / p99 / mean
     leave_gpu_share: float  # assignments served by another GPU than the token's source
     leave_node_share: float  # assignments served on another node
     scale_up_bytes_per_step: float  # dispatch + combine bytes over NVLink-class links
@@ -524,7 +526,6 @@ def summarise(seg: Segment, variants: list[Variant], gpus: list[GpuSpec], meta: 
         steps = int(imb.size)
         tokens = int(ntok.sum())
         assignments = int(tot_gpu.sum())
-        denom = tot_gpu.mean(axis=1).sum()
         mem = float(sum(int((p.slots[layer] >= 0).sum(axis=1).max()) for layer in range(p.num_layers)) * ebytes)
         timings = []
         for h, gpu in enumerate(gpus):
@@ -547,7 +548,8 @@ def summarise(seg: Segment, variants: list[Variant], gpus: list[GpuSpec], meta: 
             a = tot_gpu[layer]
             n_assign = a.sum()
             per_layer.append({
-                "imbalance": float(a.max() / a.mean()) if a.mean() > 0 else 1.0,
+                "step_imbalance": metrics.ratio(float(ti[layer, K.I_PEAK]), float(a.mean())),
+                "aggregate_imbalance": metrics.aggregate_imbalance(a[None, :]),
                 "leave_gpu_share": float(ti[layer, K.I_LEAVE_GPU] / n_assign) if n_assign else 0.0,
                 "leave_node_share": float(ti[layer, K.I_LEAVE_NODE] / n_assign) if n_assign else 0.0,
                 "scale_up_bytes_per_step": float(ti[layer, K.I_SU_PAIRS] * per_copy / max(steps, 1)),
@@ -560,8 +562,8 @@ def summarise(seg: Segment, variants: list[Variant], gpus: list[GpuSpec], meta: 
             label=v.label, policy=p.policy, num_gpus=g, gpus_per_node=p.gpus_per_node,
             slots_per_gpu=p.slots_per_gpu, redundant_experts=v.redundant_experts, tokens_per_step=v.tokens_per_step,
             tokens=tokens, steps=steps, assignments=assignments,
-            imbalance=float(tot_gpu.max(axis=1).sum() / denom) if denom > 0 else 1.0,
-            step_imbalance=_pcts(imb),
+            step_imbalance=metrics.ratio(float(ti[:, K.I_PEAK].sum()), float(tot_gpu.mean(axis=1).sum())),
+            aggregate_imbalance=metrics.aggregate_imbalance(tot_gpu), step_imbalance_percentiles=_pcts(imb),
             leave_gpu_share=float(ti[:, K.I_LEAVE_GPU].sum() / assignments) if assignments else 0.0,
             leave_node_share=float(ti[:, K.I_LEAVE_NODE].sum() / assignments) if assignments else 0.0,
             scale_up_bytes_per_step=float(ti[:, K.I_SU_PAIRS].sum() * per_copy / max(steps, 1)),

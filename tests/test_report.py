@@ -73,7 +73,7 @@ def test_layouts_match_replay(built):
     (table,) = report.section("layouts").tables
     assert [r[0] for r in table.rows] == [p.label for p in replay.placements]
     for row, p in zip(table.rows, replay.placements, strict=True):
-        assert row[1] == fmt_num(p.imbalance)
+        assert row[1] == fmt_num(p.step_imbalance) and row[2] == fmt_num(p.aggregate_imbalance)
         assert row[8] == f"{p.timings[0].step_time['mean'] * 1e3:.3f}"
     assert report.data["replay"]["placements"][0]["label"] == replay.placements[0].label
 
@@ -128,8 +128,9 @@ def test_rebalance_and_routing_match_results(built):
     (table,) = report.section("rebalance").tables
     assert [r[0] for r in table.rows] == ["5", "20"]
     for row, r in zip(table.rows, inputs.rebalance, strict=True):
-        assert row[2] == fmt_num(r.mean_imbalance("rebalanced"))
-        assert row[4] == fmt_num(r.mean_imbalance("fixed")) and row[5] == fmt_num(r.mean_imbalance("oracle"))
+        assert row[2] == fmt_num(r.step_imbalance("rebalanced"))
+        assert row[4] == fmt_num(r.step_imbalance("fixed")) and row[5] == fmt_num(r.step_imbalance("oracle"))
+        assert row[8] == f"{-r.gain():+.1%}"
         assert r.window == 10 and r.scored_steps == r.steps - 10
     routing = report.section("routing")
     stats, pairs = routing.tables
@@ -235,8 +236,14 @@ def test_cli_report_and_rebalance(built, tmp_path):
     results = json.loads(reb.stdout)["results"]
     assert [r["every"] for r in results] == [5, 50]
     assert {"fixed", "rebalanced", "oracle", "moved_bytes_per_rebalance"} <= results[0].keys()
+    advice = json.loads(reb.stdout)["advice"]
+    assert advice["margin"] == 0.02 and advice["reason"].startswith(("refit every", "keep the fixed placement"))
+    assert advice["every"] in (None, 5, 50)
+    assert {"step_imbalance", "aggregate_imbalance", "seconds_per_step"} <= results[0]["fixed"].keys()
     table = _moe_sim("rebalance", str(trace), "--window", "10", "--quiet")
     assert table.returncode == 0 and "refit every" in table.stdout
+    assert "fixed: fitted once on the first window" in table.stdout  # the legend under the table
+    assert ("Don't refit: keep the fixed placement" in table.stdout) == (advice["every"] is None)
     bad = _moe_sim("rebalance", str(trace), "--window", "100000")
     assert bad.returncode == 2 and "--window 100000" in bad.stderr
 

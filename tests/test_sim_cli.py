@@ -38,7 +38,7 @@ def test_replay_table_and_json(tmp_path):
     assert timing["hardware"] == "h100"
     # --json stays complete: the breakdown, percentiles and per-layer rows the tables leave out
     assert set(timing["breakdown"]) == {"compute", "weights", "dispatch", "combine"}
-    assert {"p50", "p95", "p99", "mean"} <= set(data["placements"][0]["step_imbalance"])
+    assert {"p50", "p95", "p99", "mean"} <= set(data["placements"][0]["step_imbalance_percentiles"])
     assert len(data["placements"][0]["per_layer"]) == len(timing["per_layer"]) == 3  # random_trace: 3 layers
 
 
@@ -56,7 +56,8 @@ def test_replay_table_fits_120_columns(tmp_path):
     assert len(rows) == 2
     summary = data["placements"][3]
     headline, breakdown = rows
-    assert headline[1:5] == [units.sig(summary["imbalance"]), units.sig(summary["step_imbalance"]["p95"]),
+    assert headline[1:5] == [units.sig(summary["step_imbalance"]),
+                             units.sig(summary["step_imbalance_percentiles"]["p95"]),
                              units.share(summary["leave_gpu_share"]), units.share(summary["leave_node_share"])]
     compute = summary["timings"][0]["breakdown"]["compute"]
     assert " ".join(breakdown[1:3]) == units.seconds(compute)

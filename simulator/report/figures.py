@@ -151,7 +151,7 @@ def stability(segment_corr: np.ndarray, overlap: np.ndarray, independent: np.nda
 
 def imbalance_vs_interval(every: Sequence[int], rebalanced: Sequence[float], fixed: Sequence[float],
                           oracle: Sequence[float], moved_bytes_per_step: Sequence[float]) -> Figure:
-    """Mean per-step imbalance against the refit interval W, with expert bytes moved per step. [W] each."""
+    """Step imbalance (simulator.metrics) against the refit interval W, with expert bytes moved per step. [W] each."""
     fig = MplFigure(figsize=(8, 3.4), layout="constrained")
     ax = fig.add_subplot()
     ax.plot(every, rebalanced, marker="o", color=COLORS[0], label="refit every W steps")
@@ -159,7 +159,7 @@ def imbalance_vs_interval(every: Sequence[int], rebalanced: Sequence[float], fix
     ax.plot(every, oracle, linestyle=":", marker=".", color=COLORS[2], label="oracle (fitted on scored steps)")
     ax.set_xscale("log")
     ax.set_xlabel("refit interval W (steps)")
-    ax.set_ylabel("mean per-step max/mean GPU load")
+    ax.set_ylabel("step imbalance")
     ax.grid(alpha=0.3)
     twin = ax.twinx()
     twin.bar(every, np.asarray(moved_bytes_per_step) / 2**20, width=np.asarray(every) * 0.25, alpha=0.25,
@@ -171,7 +171,8 @@ def imbalance_vs_interval(every: Sequence[int], rebalanced: Sequence[float], fix
     ax.set_zorder(twin.get_zorder() + 1)
     ax.patch.set_visible(False)
     return _finish(fig, "rebalance", "Imbalance against rebalance interval",
-                   "Mean per-step load imbalance when the placement is refitted every W steps from the last N "
+                   "Step imbalance (per step, the busiest GPU's load summed over layers and steps, over the same sum "
+                   "of the mean GPU's) when the placement is refitted every W steps from the last N "
                    "steps' load, against a placement fitted once on the first window and an oracle fitted on the "
                    "scored steps themselves; bars: expert weight bytes moved per step, amortised over the interval.")
 

@@ -17,6 +17,7 @@ class Table:
     rows: list[list[str]]
     caption: str = ""
     numeric: list[bool] | None = None
+    legend: str = ""  # what the columns mean, shown under the table
 
     def __post_init__(self) -> None:
         for row in self.rows:

@@ -6,6 +6,7 @@ MoE step on the replayed layout, and says that no layouts were swept.
 
 from __future__ import annotations
 
+from simulator import metrics
 from simulator.plan import Candidate, PlanResult
 from simulator.replay import ReplayResult
 from simulator.report import figures
@@ -38,6 +39,13 @@ def best_per_layout(plan: PlanResult) -> list[Candidate]:
     return [best[k] for k in sorted(best)]
 
 
+CANDIDATE_LEGEND = (
+    "rec.: the recommended layout; step ms / p95: predicted whole-model step time; tokens/s: whole cluster, whole "
+    f"model; {metrics.STEP_IMBALANCE}; leave node: share of assignments served on another node; memory: expert "
+    "weights with replicas plus non-expert weights per GPU, against HBM x (1 - reserve); meets target: fits in "
+    "memory, reaches the throughput target and keeps p95 within the latency bound")
+
+
 def candidate_table(plan: PlanResult, rows_in: list[Candidate], caption: str) -> Table:
     rec = plan.recommendation
     priced = any(c.price_per_hour is not None for c in rows_in)
@@ -46,19 +54,20 @@ def candidate_table(plan: PlanResult, rows_in: list[Candidate], caption: str) ->
         rows.append([
             "yes" if c is rec else "", c.hardware, str(c.num_gpus), c.placement,
             _batch(c), fmt_num(c.step_ms),
-            fmt_num(c.step_ms_p95), fmt_int(c.tokens_per_s), fmt_int(c.tokens_per_s_per_gpu), fmt_num(c.imbalance),
+            fmt_num(c.step_ms_p95), fmt_int(c.tokens_per_s), fmt_int(c.tokens_per_s_per_gpu), fmt_num(c.step_imbalance),
             fmt_pct(c.leave_node_share),
             f"{c.memory_per_gpu_bytes / 2**30:.2f} / {c.usable_hbm_bytes / 2**30:.2f}",
             "yes" if c.meets_target else "no",
         ] + ([_price(c.price_per_hour), _price(c.cost_per_million_tokens)] if priced else []))
     return Table(
         columns=["rec.", "GPU", "GPUs", "placement", "tokens/step (per GPU x GPUs)", "step ms", "step ms p95",
-                 "tokens/s", "tokens/s / GPU", "imbalance", "leave node", "memory / usable GiB", "meets target"]
+                 "tokens/s", "tokens/s / GPU", "step imbalance", "leave node", "memory / usable GiB", "meets target"]
         + (["cost / hour", "cost / M tokens"] if priced else []),
         rows=rows,
         numeric=[False, False, True, False, True, True, True, True, True, True, True, True, False]
         + ([True, True] if priced else []),
         caption=caption,
+        legend=CANDIDATE_LEGEND,
     )
 
 
@@ -75,8 +84,8 @@ def plan_section(plan: PlanResult | None, replay: ReplayResult) -> Section:
             f"No throughput target was given, so no layouts were swept (pass --target-tokens-per-s to plan). On the "
             f"replayed layout, {cfg['num_gpus']} x {cfg['hardware']['name']}, the {best.label} placement has the "
             f"shortest predicted MoE step: {fmt_ms(t.step_time['mean'])} ms on average, "
-            f"{fmt_int(t.tokens_per_s_per_gpu)} tokens/s per GPU for the MoE layers, imbalance "
-            f"{fmt_num(best.imbalance)}.",
+            f"{fmt_int(t.tokens_per_s_per_gpu)} tokens/s per GPU for the MoE layers, step imbalance "
+            f"{fmt_num(best.step_imbalance)}.",
         ])
     rec = plan.recommendation
     if rec is not None:

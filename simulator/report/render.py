@@ -35,6 +35,7 @@ th { background: #eef1f5; text-align: left; } td.num { text-align: right; font-v
 figure { margin: 1rem 0 1.6rem; } figure img { max-width: 100%; height: auto; border: 1px solid #eceef2; }
 figcaption { color: #4a5261; font-size: 0.88rem; } figcaption b { color: #1d2330; }
 .bullets li { margin: 0.2rem 0; }
+.legend { color: #4a5261; font-size: 0.82rem; margin: 0.3rem 0 0; max-width: 70rem; }
 """
 
 
@@ -53,7 +54,8 @@ def _html_table(table: Table) -> str:
         rows.append(f"<tr>{cells}</tr>")
     caption = f"<caption>{html.escape(table.caption)}</caption>" if table.caption else ""
     table_html = f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    return f'<div class="table-wrap">{table_html}</div>'  # wide tables scroll inside the page, not the page
+    legend = f'<p class="legend">{html.escape(table.legend)}</p>' if table.legend else ""
+    return f'<div class="table-wrap">{table_html}{legend}</div>'  # wide tables scroll inside the page, not the page
 
 
 def _html_figure(fig: Figure) -> str:
@@ -109,6 +111,8 @@ def _md_table(table: Table) -> str:
     lines.append("| " + " | ".join(_md_escape(c) for c in table.columns) + " |")
     lines.append("|" + "|".join("---:" if n else "---" for n in numeric) + "|")
     lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in table.rows]
+    if table.legend:
+        lines += ["", f"_{_md_escape(table.legend)}_"]
     return "\n".join(lines)
 
 
