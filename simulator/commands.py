@@ -30,6 +30,32 @@ def _dropped(count: int, fraction: float) -> str:
     return "0" if count == 0 else f"{units.si(count)} ({units.share(fraction)})"
 
 
+def is_tiny_builtin(model_id: str) -> bool:
+    """A built-in random model made for trying the tools (recorder/builtin_models.py names them "<family>-tiny")."""
+    return model_id.endswith("-tiny")
+
+
+def step_size_lines(result: ReplayResult) -> list[str]:
+    """What a scored step holds, a warning when --tokens-per-step is more than the scored part can fill, and a note
+    on a built-in tiny model."""
+    s = result.placements[0]
+    size = s.step_tokens
+    regrouped = s.tokens_per_step > 0
+    what = (f"{s.tokens_per_step:,} tokens of one phase (--tokens-per-step)" if regrouped
+            else "the recorded forward passes")
+    lines = [f"Steps: {what}; {s.steps:,} scored steps of {size['mean']:,.1f} tokens on average "
+             f"(min {size['min']:,.0f}, max {size['max']:,.0f})."]
+    if regrouped and size["max"] < s.tokens_per_step:
+        lines.append(f"[yellow]warning:[/yellow] --tokens-per-step {s.tokens_per_step:,} is more than the "
+                     f"{s.tokens:,} scored tokens: every step is partial (smaller than asked for).")
+    model = result.metadata.get("model_id", "")
+    if is_tiny_builtin(model):
+        lines.append(f"note: {model} is a built-in tiny model with random weights (hidden size "
+                     f"{result.metadata.get('hidden_size')}): its steps and times show how the tools work, not how a "
+                     "real model serves.")
+    return lines
+
+
 def replay_table(result: ReplayResult) -> Table:
     """Headline comparison, one row per placement (fits 120 columns); time split in `breakdown_table`."""
     cfg = result.config
@@ -148,6 +174,8 @@ def replay_cmd(trace: tuple[str, ...], gpus: int, gpus_per_node: int, hardware: 
         sys.stdout.write("\n")
         return
     console = _console()
+    for line in step_size_lines(result):
+        console.print(line)
     console.print(replay_table(result))
     console.print(breakdown_table(result))
     if per_layer:

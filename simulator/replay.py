@@ -459,6 +459,12 @@ def _pcts(x: np.ndarray) -> dict[str, float]:
     return {"p50": float(p[0]), "p95": float(p[1]), "p99": float(p[2]), "mean": float(x.mean())}
 
 
+def _step_tokens(ntok: np.ndarray) -> dict[str, float]:
+    if ntok.size == 0:
+        return {"mean": 0.0, "min": 0.0, "max": 0.0}
+    return {"mean": float(ntok.mean()), "min": float(ntok.min()), "max": float(ntok.max())}
+
+
 @dataclass
 class HardwareTiming:
     """Predicted MoE time of one variant on one GPU type; seconds per step (means over the scored steps)."""
@@ -490,6 +496,7 @@ class VariantSummary:
     tokens_per_step: int
     tokens: int
     steps: int
+    step_tokens: dict[str, float]  # tokens per scored step: mean / min / max
     assignments: int
     step_imbalance: float  # the headline (simulator.metrics): per-step busiest over mean GPU load, token-weighted
     aggregate_imbalance: float  # the same with the whole scored part as one step (simulator.metrics)
@@ -561,7 +568,7 @@ def summarise(seg: Segment, variants: list[Variant], gpus: list[GpuSpec], meta: 
         out.append(VariantSummary(
             label=v.label, policy=p.policy, num_gpus=g, gpus_per_node=p.gpus_per_node,
             slots_per_gpu=p.slots_per_gpu, redundant_experts=v.redundant_experts, tokens_per_step=v.tokens_per_step,
-            tokens=tokens, steps=steps, assignments=assignments,
+            tokens=tokens, steps=steps, step_tokens=_step_tokens(ntok), assignments=assignments,
             step_imbalance=metrics.ratio(float(ti[:, K.I_PEAK].sum()), float(tot_gpu.mean(axis=1).sum())),
             aggregate_imbalance=metrics.aggregate_imbalance(tot_gpu), step_imbalance_percentiles=_pcts(imb),
             leave_gpu_share=float(ti[:, K.I_LEAVE_GPU].sum() / assignments) if assignments else 0.0,
