@@ -1,4 +1,5 @@
-"""`moe-sim replay` and `moe-sim plan`: parse options into a config, call the library, render a table or JSON."""
+"""`moe-sim replay` and `moe-sim plan`: parse options into a config, call the library, print its render_*() text or
+JSON. Tables are at the terminal's width, 120 columns when stdout is a pipe or a file and COLUMNS is not set."""
 
 from __future__ import annotations
 
@@ -6,119 +7,18 @@ import json
 import sys
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from simulator import metrics, tables, units
 from simulator.cli_options import int_list, names, progress_bar
 from simulator.cost_model import DEFAULT_CONTEXT_TOKENS, DEFAULT_HBM_RESERVE, DEFAULT_TOKENS_PER_GPU
 from simulator.hardware import COST_MODELS, load_hardware, parse_hardware_list
-from simulator.plan import Candidate, PlanConfig, PlanResult, apply_prices, parse_gpu_hour_cost
+from simulator.plan import PlanConfig, apply_prices, parse_gpu_hour_cost
 from simulator.plan import plan as run_plan
-from simulator.replay import DEFAULT_FIT_FRACTION, DEFAULT_PLACEMENTS, PHASES, ReplayConfig, ReplayResult
+from simulator.plan.render import render_plan
+from simulator.replay import DEFAULT_FIT_FRACTION, DEFAULT_PLACEMENTS, PHASES, ReplayConfig
 from simulator.replay import replay as run_replay
+from simulator.replay.render import render_replay
 from simulator.tables import output_width
 from traces.reader import open_trace
-
-
-def _console() -> Console:
-    """Tables at the terminal's width; 120 columns when stdout is a pipe or a file and COLUMNS is not set."""
-    return Console(width=output_width())
-
-
-def _dropped(count: int, fraction: float) -> str:
-    return "0" if count == 0 else f"{units.si(count)} ({units.share(fraction)})"
-
-
-def is_tiny_builtin(model_id: str) -> bool:
-    """A built-in random model made for trying the tools (recorder/builtin_models.py names them "<family>-tiny")."""
-    return model_id.endswith("-tiny")
-
-
-def step_size_lines(result: ReplayResult) -> list[str]:
-    """What a scored step holds, a warning when --tokens-per-step is more than the scored part can fill, and a note
-    on a built-in tiny model."""
-    s = result.placements[0]
-    size = s.step_tokens
-    regrouped = s.tokens_per_step > 0
-    what = (f"{s.tokens_per_step:,} tokens of one phase (--tokens-per-step)" if regrouped
-            else "the recorded forward passes")
-    lines = [f"Steps: {what}; {s.steps:,} scored steps of {size['mean']:,.1f} tokens on average "
-             f"(min {size['min']:,.0f}, max {size['max']:,.0f})."]
-    if regrouped and size["max"] < s.tokens_per_step:
-        lines.append(f"[yellow]warning:[/yellow] --tokens-per-step {s.tokens_per_step:,} is more than the "
-                     f"{s.tokens:,} scored tokens: every step is partial (smaller than asked for).")
-    model = result.metadata.get("model_id", "")
-    if is_tiny_builtin(model):
-        lines.append(f"note: {model} is a built-in tiny model with random weights (hidden size "
-                     f"{result.metadata.get('hidden_size')}): its steps and times show how the tools work, not how a "
-                     "real model serves.")
-    return lines
-
-
-def replay_table(result: ReplayResult) -> Table:
-    """Headline comparison, one row per placement (fits 120 columns); time split in `breakdown_table`."""
-    cfg = result.config
-    hw = cfg["hardware"]["name"]
-    title = (f"{cfg['num_gpus']} x {hw} ({cfg['gpus_per_node']} per node), phase {cfg['phase']}, "
-             f"fitted on {result.fit_tokens:,} tokens, scored on {result.placements[0].tokens:,}")
-    priced = result.placements[0].timings[0].priced_by
-    caption = (f"{metrics.STEP_IMBALANCE}; {metrics.STEP_PERCENTILE}; leave: share of assignments sent off "
-               "the token's GPU / node; MoE time: mean predicted time per step of the MoE layers; memory: expert "
-               "weights per GPU (share of HBM), 'over' past HBM x (1 - reserve)\n"
-               f"expert time priced by: {priced.get('expert_time', '-')}; all-to-all: {priced.get('all_to_all', '-')}")
-    table = tables.table(title, [("placement", "left"), ("step\nimbalance", "right"), ("step\np95", "right"),
-                           ("leave\nGPU", "right"), ("leave\nnode", "right"), ("all-to-all\n/step", "right"),
-                           ("MoE time\n/step", "right"), ("tokens/s\n/GPU", "right"),
-                           ("memory/GPU\n(of HBM)", "right"), ("dropped", "right")], caption)
-    for s in result.placements:
-        t = s.timings[0]
-        table.add_row(
-            s.label, units.sig(s.step_imbalance), units.sig(s.step_imbalance_percentiles["p95"]),
-            units.share(s.leave_gpu_share), units.share(s.leave_node_share),
-            units.nbytes(s.all_to_all_bytes_per_step), units.seconds(t.step_time["mean"]),
-            units.si(t.tokens_per_s_per_gpu),
-            f"{units.nbytes(t.expert_memory_bytes)} ({units.share(t.expert_memory_share)})"
-            + ("" if t.expert_memory_fits else " [red]over[/red]"),
-            _dropped(s.dropped_assignments, s.dropped_share),
-        )
-    return table
-
-
-def breakdown_table(result: ReplayResult) -> Table:
-    """Mean MoE time per step split into its parts, the step-time percentiles and per-step imbalance spread."""
-    hw = result.config["hardware"]["name"]
-    table = tables.table(f"MoE time per step on {hw}: mean split, then percentiles",
-                   [("placement", "left"), ("compute", "right"), ("weights", "right"), ("dispatch", "right"),
-                    ("combine", "right"), ("p50", "right"), ("p95", "right"), ("p99", "right"),
-                    ("step imbalance\np50/p99", "right"), ("aggregate\nimbalance", "right")],
-                   f"compute / weights: expert time booked by its larger roofline term; p50-p99: of the predicted "
-                   f"step time; step imbalance p50/p99: of each step's own imbalance; {metrics.AGGREGATE_IMBALANCE}")
-    for s in result.placements:
-        t = s.timings[0]
-        b, q = t.breakdown, t.step_time
-        table.add_row(s.label, *(units.seconds(b[k]) for k in ("compute", "weights", "dispatch", "combine")),
-                      *(units.seconds(q[k]) for k in ("p50", "p95", "p99")),
-                      f"{units.sig(s.step_imbalance_percentiles['p50'])}/"
-                      f"{units.sig(s.step_imbalance_percentiles['p99'])}", units.sig(s.aggregate_imbalance))
-    return table
-
-
-def per_layer_table(result: ReplayResult) -> Table:
-    table = tables.table("Per layer: step imbalance | leave-node share | MoE time per step",
-                   [("layer", "right"), *((s.label, "right") for s in result.placements)],
-                   "each cell: the layer's step imbalance (its busiest GPU per step over its mean GPU), the share "
-                   "of its assignments served on another node, and its mean predicted MoE time per step")
-    layers = len(result.placements[0].per_layer)
-    for layer in range(layers):
-        cells = []
-        for s in result.placements:
-            row = s.per_layer[layer]
-            time = sum(s.timings[0].per_layer[layer].values())
-            cells.append(f"{units.sig(row['step_imbalance'])} | {units.share(row['leave_node_share'])} | "
-                         f"{units.seconds(time)}")
-        table.add_row(str(layer), *cells)
-    return table
 
 
 @click.command()
@@ -163,7 +63,7 @@ def replay_cmd(trace: tuple[str, ...], gpus: int, gpus_per_node: int, hardware: 
     config = ReplayConfig(
         num_gpus=gpus, gpus_per_node=gpus_per_node, hardware=load_hardware(hardware, cost_model),
         placements=tuple(names(placements)),
-        redundant_experts=gpus if redundant_experts is None else redundant_experts,
+        redundant_experts=redundant_experts,
         tokens_per_step=tokens_per_step, phase=phase, fit_fraction=fit_fraction, capacity_factor=capacity_factor,
         hbm_reserve=hbm_reserve,
     )
@@ -173,56 +73,11 @@ def replay_cmd(trace: tuple[str, ...], gpus: int, gpus_per_node: int, hardware: 
         json.dump(result.to_dict(), sys.stdout)
         sys.stdout.write("\n")
         return
-    console = _console()
-    for line in step_size_lines(result):
-        console.print(line)
-    console.print(replay_table(result))
-    console.print(breakdown_table(result))
-    if per_layer:
-        console.print(per_layer_table(result))
-    best = min(result.placements, key=lambda s: s.timings[0].step_time["mean"])
-    console.print(f"Fastest: [bold]{best.label}[/bold] at {units.seconds(best.timings[0].step_time['mean'])} MoE "
-                  f"time per step, step imbalance {units.sig(best.step_imbalance)}.")
+    sys.stdout.write(render_replay(result, per_layer=per_layer, width=output_width(), color=sys.stdout.isatty()))
 
 
 replay_cmd.name = "replay"
 replay = replay_cmd  # (cli.py looks the command up as simulator.commands:replay)
-
-
-def _batch_cell(c: Candidate) -> str:
-    if c.tokens_per_gpu:
-        return f"{units.si(c.tokens_per_gpu)} x {c.num_gpus}"
-    return "recorded" if c.tokens_per_step == 0 else units.si(c.tokens_per_step)
-
-
-def plan_table(result: PlanResult, rows: list[Candidate], title: str) -> Table:
-    """One row per candidate layout (fits 120 columns); whole-model step times. When priced, cost per hour and per
-    million tokens take the place of tokens/s per GPU and imbalance (both stay in --json)."""
-    priced = any(c.price_per_hour is not None for c in rows)
-    per_gpu = any(c.tokens_per_gpu for c in rows)
-    columns = [("GPUs", "left"), ("placement", "left"),
-               ("tokens/GPU\nx GPUs" if per_gpu else "tokens\n/step", "right"), ("step\nmean", "right"),
-               ("step\np95", "right"), ("tokens/s", "right")]
-    columns += [("cost\n/hour", "right"), ("cost /\nM tokens", "right")] if priced else \
-        [("tokens/s\n/GPU", "right"), ("step\nimbalance", "right")]
-    legend = ("step mean / p95: predicted whole-model step time; tokens/s: whole cluster, whole model; "
-              + ("cost / M tokens: cost per hour over the predicted throughput; " if priced else
-                 f"{metrics.STEP_IMBALANCE}; ")
-              + "memory/GPU: expert weights with replicas plus non-expert weights; fits: memory within HBM x "
-              "(1 - reserve); meets: fits, reaches the target throughput and keeps p95 within --max-step-ms")
-    table = tables.table(title, columns + [("memory\n/GPU", "right"), ("fits", "right"), ("meets", "right")], legend)
-    for c in rows:
-        cells = [f"{c.num_gpus} x {c.hardware}", c.placement, _batch_cell(c), units.seconds(c.step_ms / 1e3),
-                 units.seconds(c.step_ms_p95 / 1e3), units.si(c.tokens_per_s)]
-        if priced:
-            cells += [units.sig(c.price_per_hour) if c.price_per_hour is not None else "-",
-                      units.sig(c.cost_per_million_tokens) if c.cost_per_million_tokens is not None else "-"]
-        else:
-            cells += [units.si(c.tokens_per_s_per_gpu), units.sig(c.step_imbalance)]
-        cells += [units.nbytes(c.memory_per_gpu_bytes), "yes" if c.fits_memory else "[red]no[/red]",
-                  "[green]yes[/green]" if c.meets_target else "no"]
-        table.add_row(*cells)
-    return table
 
 
 @click.command()
@@ -294,25 +149,7 @@ def plan_cmd(trace: tuple[str, ...], target_tokens_per_s: float, hardware: str, 
         json.dump(result.to_dict(), sys.stdout)
         sys.stdout.write("\n")
         return
-    console = _console()
-    rows = result.candidates if show_all else list(result.frontier)
-    if result.recommendation is not None and result.recommendation not in rows:
-        rows.append(result.recommendation)
-    title = f"{'All grid points' if show_all else 'Frontier'} ({len(result.candidates)} candidates)"
-    console.print(plan_table(result, rows, title))
-    if result.skipped:  # one short line: which points, and the first reason (--json has every reason)
-        points = [line.split(": ", 1)[0] for line in result.skipped]
-        first = result.skipped[0].split(": ", 1)[-1]
-        shown = "; ".join(points[:6]) + (f"; and {len(points) - 6} more" if len(points) > 6 else "")
-        console.print(f"[dim]skipped {len(points)} grid point(s) that cannot be built or planned: {shown} "
-                      f"(first reason: {first}; --json lists every reason)[/dim]")
-    for name, priced in result.pricing.items():
-        console.print(f"[dim]{name}: expert time {priced['expert_time']}; non-expert {priced['non_expert_time']}; "
-                      f"all-to-all {priced['all_to_all']}[/dim]")
-    head = "Recommendation" if result.recommendation else "No recommendation"
-    console.print(f"[bold]{head}[/bold]")
-    for reason in result.reasons:
-        console.print(f"  - {reason}")
+    sys.stdout.write(render_plan(result, show_all=show_all, width=output_width(), color=sys.stdout.isatty()))
 
 
 plan_cmd.name = "plan"

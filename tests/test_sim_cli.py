@@ -156,8 +156,7 @@ def test_tiny_model_rule_matches_the_built_in_models():
 
     pytest.importorskip("torch")
     from recorder.builtin_models import BUILTIN_MODELS
-
-    from simulator.commands import is_tiny_builtin
+    from simulator.replay.render import is_tiny_builtin
 
     assert {n for n in BUILTIN_MODELS if is_tiny_builtin(n)} == set(BUILTIN_MODELS) - {"olmoe-1b-7b-random"}
     assert not is_tiny_builtin("allenai/OLMoE-1B-7B-0924")

@@ -206,7 +206,8 @@ def test_chunk_size_and_segment_merge_are_exact(tmp_path):
     first.feed(data.expert_ids[:900], data.step[:900], data.phase[:900], 0, -1, 0)
     second = Segment.empty(arrays, model, cost, meta.num_moe_layers)
     second.feed(data.expert_ids[900:], data.step[900:], data.phase[900:], 900, -1, 0)
-    merged = first.merge(second)
+    first.absorb(second)
+    merged = first
     merged.finish()
     for other in (small, merged):
         assert np.array_equal(other.tot_gpu, whole.tot_gpu)
@@ -239,6 +240,8 @@ def test_bad_replay_inputs(tmp_path):
         ReplayConfig(capacity_factor=0)
     with pytest.raises(InputError, match="not divisible into nodes"):
         ReplayConfig(num_gpus=12, gpus_per_node=8)
+    assert ReplayConfig(num_gpus=4, gpus_per_node=4).redundant_experts == 4  # one per GPU, as `moe-sim replay`
+    assert ReplayConfig(num_gpus=4, gpus_per_node=4, redundant_experts=0).redundant_experts == 0
     with open_trace(path) as tr, pytest.raises(InputError, match="do not divide over 3 GPUs"):
         replay(tr, ReplayConfig(num_gpus=3, placements=("balanced",)))
 

@@ -11,13 +11,12 @@ import click
 
 from simulator.cli_options import int_list, progress_bars
 from simulator.hardware import load_hardware
+from simulator.options import PHASES
 from simulator.rebalance.config import RebalanceConfig, passes_needed, rebalance_trace
 from simulator.rebalance.render import render_rebalance
 from simulator.rebalance.result import DEFAULT_MARGIN, advise
 from simulator.tables import DEFAULT_WIDTH, output_width
 from traces.reader import open_trace
-
-PHASE_CHOICES = ("all", "prefill", "decode")
 
 
 def every_option(text: str | None) -> tuple[int, ...]:
@@ -36,7 +35,7 @@ def rebalance_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                           "1000). The first N steps are only fitted on, never scored."),
         click.option("--tokens-per-step", type=int, default=0, show_default=True,
                      help="Regroup tokens into steps of this many (0: the recorded forward passes)."),
-        click.option("--phase", type=click.Choice(PHASE_CHOICES), default="all", show_default=True,
+        click.option("--phase", type=click.Choice(list(PHASES)), default="all", show_default=True,
                      help="Use prefill tokens, decode tokens, or both."),
         click.option("--gpus-per-node", type=int, default=8, show_default=True, help="GPUs per node."),
         click.option("--quiet", is_flag=True, help="No progress bar."),

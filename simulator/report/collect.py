@@ -15,8 +15,9 @@ from datetime import datetime, timezone
 import numpy as np
 
 from simulator.cli_options import ProgressFactory
-from simulator.cost_model import DEFAULT_CONTEXT_TOKENS, DEFAULT_HBM_RESERVE
+from simulator.cost_model import DEFAULT_CONTEXT_TOKENS
 from simulator.hardware import GpuSpec
+from simulator.options import ScoringOptions
 from simulator.placement import fit_placement
 from simulator.plan import Candidate, PlanConfig, PlanResult, plan
 from simulator.rebalance import (
@@ -27,29 +28,25 @@ from simulator.rebalance import (
     passes_needed,
     rebalance_trace,
 )
-from simulator.replay import DEFAULT_FIT_FRACTION, DEFAULT_PLACEMENTS, ReplayConfig, replay
+from simulator.replay import DEFAULT_PLACEMENTS, ReplayConfig, replay
 from simulator.report.build import ReportInputs, StepBasis
 from simulator.routing_analysis import DEFAULT_SEGMENTS, analyze_routing
 from traces.errors import InputError
-from traces.reader import DEFAULT_CHUNK_TOKENS, Trace
+from traces.reader import Trace
 
 
-@dataclass
-class ReportOptions:
-    """The report command's options, as the library sees them."""
+@dataclass(kw_only=True)
+class ReportOptions(ScoringOptions):
+    """The report command's options, as the library sees them (the cluster and scoring ones shared with replay and
+    plan)."""
 
     hardware: list[GpuSpec]
     gpus: list[int]  # GPU counts swept by the plan; the first is replayed when there is no plan
-    gpus_per_node: int = 8
     placements: tuple[str, ...] = DEFAULT_PLACEMENTS  # compared in the replay section
     plan_placements: tuple[str, ...] = ("contiguous", "balanced", "replicated")
     redundant_experts: list[int] = field(default_factory=lambda: [0, 8, 16])
     tokens_per_step: int = 0  # 0: the recorded forward passes (replay, rebalance); > 0 also fixes the plan's steps
     plan_tokens_per_gpu: list[int] | None = None  # the plan's per-GPU batches (None: its default for the phase)
-    phase: str = "all"
-    fit_fraction: float = DEFAULT_FIT_FRACTION
-    capacity_factor: float | None = None
-    hbm_reserve: float = DEFAULT_HBM_RESERVE
     context_tokens: int = DEFAULT_CONTEXT_TOKENS
     target_tokens_per_s: float | None = None  # None: no plan sweep
     max_step_ms: float | None = None
@@ -58,9 +55,9 @@ class ReportOptions:
     rebalance_margin: float = DEFAULT_MARGIN  # refitting must beat the fixed placement by this, moves included
     rebalance_policy: str | None = None  # None: replicated when the layout has redundant slots, else balanced
     segments: int = DEFAULT_SEGMENTS
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.hardware:
             raise InputError("--hardware: give at least one GPU preset or file")
         if not self.gpus or any(g < 1 for g in self.gpus):
