@@ -104,8 +104,16 @@ def test_plan_json(tmp_path):
     data = json.loads(out.stdout)
     # 2 GPU counts x (contiguous, balanced, replicated R=0 and 4) x 2 GPU types
     assert len(data["candidates"]) == 2 * 4 * 2
-    assert data["recommendation"]["num_gpus"] == 2
-    assert data["reasons"]
+    rec = data["recommendation"]
+    assert rec["num_gpus"] == 2
+    # the reasons: the pick and by how much it meets the target, its step time, memory, and how it was ranked
+    first = data["reasons"][0]
+    assert first.startswith(f"2 x {rec['hardware']}, {rec['placement']}, recorded steps: ")
+    assert f"{rec['tokens_per_s']:,.0f} tokens/s meets the target 1,000 tokens/s" in first
+    assert data["reasons"][1].startswith(f"step time mean {rec['step_ms']:.3g} ms, p95 {rec['step_ms_p95']:.3g} ms")
+    assert data["reasons"][2].startswith("memory fits with")
+    assert any(r.startswith("ranked by fewest GPUs, then mean step time: prices were not given for b200, h100")
+               for r in data["reasons"])
 
 
 def test_hardware_lists_presets_sources_and_fields(tmp_path):
