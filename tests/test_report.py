@@ -4,6 +4,7 @@ atomic write with its --force rules, and the commands through a subprocess."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 import subprocess
@@ -51,8 +52,14 @@ def test_recommendation_matches_plan(built):
     section = report.section("recommendation")
     assert plan is not None and plan.recommendation is not None  # a 1000 tokens/s target is met by something
     assert plan.recommendation.describe() in section.paragraphs[0]
-    assert section.bullets[:len(plan.reasons)] == plan.reasons
-    frontier, per_layout = section.tables
+    assert section.bullets == plan.reasons  # the skipped points are folded, not bullets
+    (frontier,) = section.lead  # the frontier comes right after the recommendation, before the reasons
+    (per_layout,) = section.tables
+    if plan.skipped:
+        (folded,) = section.details
+        assert folded.summary.startswith(f"Skipped {len(plan.skipped)} grid point") and folded.items == plan.skipped
+    else:
+        assert not section.details
     assert len(frontier.rows) == len(plan.frontier)
     assert [r[0] for r in frontier.rows].count("yes") == (plan.recommendation in plan.frontier)
     for row, cand in zip(frontier.rows, plan.frontier, strict=True):
@@ -62,6 +69,23 @@ def test_recommendation_matches_plan(built):
     assert sorted((r[1], r[2]) for r in per_layout.rows) == [("h100", "16"), ("h100", "8"), ("h200", "16"),
                                                             ("h200", "8")]
     assert report.data["plan"]["recommendation"]["placement"] == plan.recommendation.placement
+
+
+def test_recommendation_leads_and_skipped_points_fold(built):
+    from simulator.report.model import Details, Section
+    from simulator.report.render import render_html, render_markdown
+
+    _, _, report = built
+    page = render_html(report)
+    rec = page[page.index('<section id="recommendation">'):page.index('<section id="layouts">')]
+    assert rec.index("<caption>Frontier") < rec.index('<ul class="bullets">') < rec.index("<caption>Best placement")
+    # a folded list renders as one summary line with its items under it
+    section = Section("x", "X", ["p"], details=[Details("Skipped 2 grid points", ["a: why", "b: why"])])
+    one = dataclasses.replace(report, sections=[section])
+    assert "<details><summary>Skipped 2 grid points</summary><ul><li>a: why</li><li>b: why</li></ul></details>" \
+        in render_html(one)
+    md = render_markdown(one)
+    assert "<details><summary>Skipped 2 grid points</summary>\n\n- a: why\n- b: why\n\n</details>" in md
 
 
 def test_layouts_match_replay(built):

@@ -11,7 +11,7 @@ from simulator.plan import Candidate, PlanResult
 from simulator.replay import ReplayResult
 from simulator.report import figures
 from simulator.report.format import fmt_int, fmt_ms, fmt_num, fmt_pct
-from simulator.report.model import Figure, Section, Table
+from simulator.report.model import Details, Figure, Section, Table
 
 MAX_BREAKDOWN_BARS = 16  # layouts drawn in the time breakdown (the best placement of each)
 
@@ -93,15 +93,15 @@ def plan_section(plan: PlanResult | None, replay: ReplayResult) -> Section:
                 f"({fmt_num(rec.step_ms)} ms per step, p95 {fmt_num(rec.step_ms_p95)} ms).")
     else:
         head = "No layout in the sweep meets the goal; the frontier below shows what comes closest."
-    bullets = list(plan.reasons) + [f"skipped: {s}" for s in plan.skipped]
     target = fmt_int(plan.config.get("target_tokens_per_s", float("nan")))
-    tables = [
-        candidate_table(plan, plan.frontier, f"Frontier: layouts no other beats at once on GPUs (cost per hour when "
-                                             f"every GPU is priced), throughput and p95 step time ({len(plan.candidates)} grid points, target {target} "
-                                             "tokens/s)"),
-        candidate_table(plan, best_per_layout(plan), "Best placement on each layout swept"),
-    ]
-    return Section("recommendation", "Recommendation", [head], tables, bullets=bullets)
+    frontier = candidate_table(plan, plan.frontier, f"Frontier: layouts no other beats at once on GPUs (cost per "
+                                                    f"hour when every GPU is priced), throughput and p95 step time "
+                                                    f"({len(plan.candidates)} grid points, target {target} tokens/s)")
+    details = [Details(f"Skipped {len(plan.skipped)} grid point{'s' if len(plan.skipped) != 1 else ''} that cannot "
+                       "be built or planned", list(plan.skipped))] if plan.skipped else []
+    return Section("recommendation", "Recommendation", [head],
+                   [candidate_table(plan, best_per_layout(plan), "Best placement on each layout swept")],
+                   bullets=list(plan.reasons), lead=[frontier], details=details)
 
 
 def time_breakdown_figure(plan: PlanResult | None, replay: ReplayResult) -> Figure:
