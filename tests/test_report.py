@@ -12,6 +12,7 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 from report_fixtures import small_report_inputs
 
@@ -299,3 +300,36 @@ def test_without_target_replays_first_layout_and_lists_unbuildable(built):
     for key in ("layouts", "rebalance"):
         assert any("Steps are the trace's recorded forward passes: no throughput target was given" in t
                    for t in report.section(key).paragraphs), key
+
+
+def test_plan_and_report_recommend_the_same_layout_by_default(built, tmp_path):
+    trace, _, _ = built
+    target = ["--target-tokens-per-s", "2000", "--tokens-per-gpu", "16", "--quiet"]  # batches the small trace fills
+    planned = _moe_sim("plan", str(trace), *target, "--json")
+    assert planned.returncode == 0, planned.stderr
+    reported = _moe_sim("report", str(trace), "-o", str(tmp_path / "same.html"), *target, "--json")
+    assert reported.returncode == 0, reported.stderr
+    rec = json.loads(planned.stdout)["recommendation"]
+    assert rec is not None
+    report_plan = json.loads(reported.stdout)["plan"]
+    assert report_plan["recommendation"] == rec  # the same grid, defaults and pricing: the same pick
+    assert report_plan["config"]["hardware"] == json.loads(planned.stdout)["config"]["hardware"]
+
+
+def test_report_marks_the_recommendation_titles_synthetic_traces_and_zooms_stability(built):
+    from simulator.report.build import trace_title
+    from simulator.report.figures import zoom_limits
+
+    _, inputs, report = built
+    (fig,) = [f for f in report.figures if f.key == "time-breakdown"]
+    assert "The recommended layout is outlined." in fig.caption
+    meta = inputs.metadata
+    assert trace_title(dataclasses.replace(meta, source="recorded")) == meta.model_id
+    synthetic = dataclasses.replace(meta, source="synthetic", model_id="allenai/OLMoE-1B-7B-0924")
+    assert trace_title(synthetic) == "synthetic (preset olmoe-1b-7b)"
+    assert report.subtitle.startswith(f"{trace_title(meta)}: ")
+    # correlations just under 1 get a window around their spread, not [0.9, 1] with the line on the edge
+    low, high = zoom_limits(np.array([[0.9951, 0.999], [0.997, np.nan]]))
+    assert 0.99 < low < 0.9951 and 0.999 < high < 1.0
+    flat_low, flat_high = zoom_limits(np.ones(5))
+    assert flat_low < 1.0 < flat_high and flat_high - flat_low == pytest.approx(1e-3)

@@ -25,6 +25,7 @@ from simulator.report.format import fmt_bytes, fmt_int, fmt_ms, fmt_num, fmt_pct
 from simulator.report.model import Report, Section, Table
 from simulator.report.plan_section import plan_section, time_breakdown_figure
 from simulator.routing_analysis import RoutingAnalysis
+from traces.presets import PRESETS
 from traces.schema import PHASE_NAMES, TraceMetadata
 
 SECTION_KEYS = ("recommendation", "layouts", "rebalance", "routing", "inputs")
@@ -350,6 +351,15 @@ def _plain(value: Any) -> str:
 # ------------------------------------------------------------------------------------------------------- build
 
 
+def trace_title(meta: TraceMetadata) -> str:
+    """What the trace is from: the model id, or "synthetic (preset NAME)" for `moe-sim synth` traces, whose model
+    id is the preset's hub id though no such model ran."""
+    if meta.source != "synthetic":
+        return meta.model_id
+    names = [name for name, preset in PRESETS.items() if preset.model_id == meta.model_id]
+    return f"synthetic (preset {names[0]})" if names else f"synthetic ({meta.model_id} shapes)"
+
+
 def build_report(inputs: ReportInputs) -> Report:
     """Turn computed results into the report's sections, plots and numbers."""
     sections = [
@@ -373,6 +383,6 @@ def build_report(inputs: ReportInputs) -> Report:
         "settings": inputs.settings,
         "step_basis": inputs.steps().to_dict(),
     }
-    subtitle = (f"{meta.model_id}: {fmt_int(inputs.num_tokens)} tokens from {', '.join(inputs.trace_paths)}"
+    subtitle = (f"{trace_title(meta)}: {fmt_int(inputs.num_tokens)} tokens from {', '.join(inputs.trace_paths)}"
                 + (f"; generated {inputs.created_at}" if inputs.created_at else ""))
     return Report("MoE capacity-planning report", subtitle, sections, data)

@@ -35,7 +35,7 @@ def _options_from(source: click.Command, *option_names: str) -> Callable[[click.
 
 
 @_options_from(plan_cmd, "redundant_experts", "max_step_ms", "fit_fraction", "capacity_factor", "hbm_reserve",
-               "context_tokens", "tokens_per_gpu", "gpu_hour_cost")
+               "context_tokens", "tokens_per_gpu", "gpu_hour_cost", "cost_model")
 @click.command("report")
 @click.argument("trace", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
@@ -45,7 +45,8 @@ def _options_from(source: click.Command, *option_names: str) -> Callable[[click.
               help="Whole-model throughput to reach; sweeps the layouts and recommends one (default: no sweep, "
                    "the first --gpus and --hardware are replayed).")
 @click.option("--hardware", default="h100", show_default=True,
-              help="Comma-separated GPU presets (h100, h200, b200, a100, mi300x) or YAML/JSON files.")
+              help="Comma-separated GPU presets (h100, h200, b200, a100, mi300x) or YAML/JSON files; the same default "
+                   "as `moe-sim plan`, so the two recommend the same layout for the same trace and target.")
 @click.option("--gpus", default="8,16,32,64", show_default=True,
               help="Comma-separated GPU counts for the sweep; the first is replayed when there is no target.")
 @click.option("--placements", default=",".join(DEFAULT_PLACEMENTS), show_default=True,
@@ -62,8 +63,9 @@ def _options_from(source: click.Command, *option_names: str) -> Callable[[click.
 def report(trace: tuple[str, ...], output: str, force: bool, target_tokens_per_s: float | None, hardware: str,
            gpus: str, placements: str, plan_placements: str, redundant_experts: str, max_step_ms: float | None,
            fit_fraction: float, capacity_factor: float | None, hbm_reserve: float, context_tokens: int,
-           tokens_per_gpu: str | None, gpu_hour_cost: str | None, rebalance_placement: str | None, segments: int, rebalance_every: str | None, window: int | None,
-           tokens_per_step: int, phase: str, gpus_per_node: int, quiet: bool, as_json: bool) -> None:
+           tokens_per_gpu: str | None, gpu_hour_cost: str | None, cost_model: str, rebalance_placement: str | None,
+           segments: int, rebalance_every: str | None, window: int | None, tokens_per_step: int, phase: str,
+           gpus_per_node: int, quiet: bool, as_json: bool) -> None:
     """Write a capacity-planning report on TRACE: recommendation, placements, rebalance windows, routing analysis.
 
     The HTML file is self-contained (no network needed to view it). Nothing is overwritten without --force, and the
@@ -80,12 +82,13 @@ def report(trace: tuple[str, ...], output: str, force: bool, target_tokens_per_s
     if tokens_per_gpu is not None and tokens_per_step:
         raise InputError("--tokens-per-step and --tokens-per-gpu are mutually exclusive: give absolute step sizes "
                          "or per-GPU batches, not both")
-    gpu_specs = parse_hardware_list(hardware)
+    gpu_specs = parse_hardware_list(hardware, cost_model)
     if gpu_hour_cost is not None:
         gpu_specs = apply_prices(gpu_specs, parse_gpu_hour_cost(gpu_hour_cost))
     options = ReportOptions(
         hardware=gpu_specs,
-        plan_tokens_per_gpu=None if tokens_per_gpu is None else int_list(tokens_per_gpu, "--tokens-per-gpu"), gpus=int_list(gpus, "--gpus"), gpus_per_node=gpus_per_node,
+        plan_tokens_per_gpu=None if tokens_per_gpu is None else int_list(tokens_per_gpu, "--tokens-per-gpu"),
+        gpus=int_list(gpus, "--gpus"), gpus_per_node=gpus_per_node,
         placements=tuple(names(placements)), plan_placements=tuple(names(plan_placements)),
         redundant_experts=int_list(redundant_experts, "--redundant-experts"), tokens_per_step=tokens_per_step,
         phase=phase, fit_fraction=fit_fraction, capacity_factor=capacity_factor, hbm_reserve=hbm_reserve,

@@ -110,7 +110,16 @@ def time_breakdown_figure(plan: PlanResult | None, replay: ReplayResult) -> Figu
     comps = ("compute", "weights", "dispatch", "combine")
     if plan is not None and plan.candidates:
         shown = best_per_layout(plan)[:MAX_BREAKDOWN_BARS]
+        rec = plan.recommendation
+        if rec is not None and rec not in shown:  # the recommendation takes its layout's bar, or a bar of its own
+            same = [i for i, c in enumerate(shown)
+                    if (c.hardware, c.num_gpus, c.tokens_per_step) == (rec.hardware, rec.num_gpus, rec.tokens_per_step)]
+            if same:
+                shown[same[0]] = rec
+            else:
+                shown.append(rec)
         parts = {c: [x.breakdown_ms[c] / 1e3 for x in shown] for c in (*comps, "non_expert")}
-        return figures.time_breakdown([_short(c) for c in shown], parts)
+        return figures.time_breakdown([_short(c) for c in shown], parts,
+                                      highlight=shown.index(rec) if rec is not None else None)
     parts = {c: [p.timings[0].breakdown[c] for p in replay.placements] for c in comps}
     return figures.time_breakdown([p.label for p in replay.placements], parts)
