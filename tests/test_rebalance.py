@@ -315,3 +315,22 @@ def test_refits_on_sparse_windows_give_valid_placements(policy):
         slots = fit(load)
         check_slots(slots, 64, policy)
         assert slots.shape == (3, 8, 10)
+
+
+def test_replay_and_rebalance_mean_the_same_step_imbalance(tmp_path):
+    """One definition everywhere: a load-blind placement scored on the same steps gives the same figure in both."""
+    from simulator.replay import ReplayConfig, replay
+
+    rng = np.random.default_rng(3)
+    ids = random_ids(rng, 3000, 2, 16, 2, skew=1.3)
+    step = np.arange(3000) // 50  # 60 steps of 50 tokens; the first quarter is 15 whole steps
+    path = write_ids_trace(tmp_path / "same.h5", ids, num_experts=16, step=step)
+    with open_trace(path) as trace:
+        replayed = replay(trace, ReplayConfig(num_gpus=4, gpus_per_node=4, placements=("contiguous",),
+                                              fit_fraction=0.25)).placements[0]
+        (refits,) = rebalance_trace(trace, RebalanceConfig(every=(45,), window=15, policy="contiguous", num_gpus=4,
+                                                           gpus_per_node=4))
+    assert replayed.steps == refits.scored_steps == 45
+    assert replayed.step_imbalance == pytest.approx(refits.step_imbalance("fixed"), rel=1e-12)
+    assert replayed.aggregate_imbalance == pytest.approx(refits.aggregate_imbalance("fixed"), rel=1e-12)
+    assert replayed.step_imbalance_percentiles["p95"] == pytest.approx(refits.percentile("fixed", 95), rel=1e-12)
