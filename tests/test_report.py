@@ -47,6 +47,16 @@ def test_every_section_and_plot_present(built):
         assert fig.title and fig.caption
 
 
+def test_every_results_table_has_a_legend(built):
+    _, _, report = built
+    for key in ("recommendation", "layouts", "rebalance", "routing"):
+        section = report.section(key)
+        for table in section.lead + section.tables:
+            assert len(table.legend) > 40, (key, table.caption)
+    assert "fixed: fitted once on the first window" in report.section("rebalance").tables[0].legend
+    assert "meets target: fits in memory" in report.section("recommendation").lead[0].legend
+
+
 def test_recommendation_matches_plan(built):
     _, inputs, report = built
     plan = inputs.plan

@@ -246,6 +246,12 @@ def _routing_section(inputs: ReportInputs) -> Section:
                  "TV prefill-decode", "min segment corr.", "shared w/ prev. token", "if independent"],
         rows=rows, numeric=[False, True, True, True, True, False, True, True, True, True],
         caption="Per-layer routing statistics",
+        legend="entropy: of the layer's expert load, in bits (log2 E when even); Gini: 0 even, toward 1 when few "
+               "experts take the load; max / mean: the busiest expert's load over the mean; TV prefill-decode: total "
+               "variation distance between the two phases' loads (0 same, 1 disjoint); min segment corr.: the lowest "
+               "load correlation between consecutive equal slices of the trace; shared w/ prev. token: share of its "
+               "top-k a token shares with the previous token of its sequence, against what independent choices at "
+               "the trace's rates would give",
     )
     shown = sorted({0, ra.num_layers // 2, ra.num_layers - 1})[:COSELECTION_LAYERS]
     pair_rows = []
@@ -259,7 +265,9 @@ def _routing_section(inputs: ReportInputs) -> Section:
                            "lift over independent"], rows=pair_rows,
                   numeric=[False, False, False, True, True, True],
                   caption=f"Expert pairs (pairs chosen by at least {fmt_pct(PAIR_MIN_SHARE)} of tokens; lift 1 = "
-                          "as often as independent choices would give)")
+                          "as often as independent choices would give)",
+                  legend="tokens choosing both: tokens whose top-k in the layer holds both experts; lift: that count "
+                         "over what the two experts' separate rates would give if tokens chose independently")
     figs = [
         figures.load_heatmap(ra.load, names),
         figures.entropy_gini(ent_n, gini, names),
@@ -328,13 +336,21 @@ def _inputs_section(inputs: ReportInputs) -> Section:
         ["non-expert FLOPs / token", fmt_int(nonexpert.flops_per_token), "; ".join(nonexpert.assumptions)],
         ["non-expert weights", fmt_bytes(nonexpert.weight_bytes), "attention, dense layers, embeddings, LM head"],
     ]
+    if inputs.rebalance:
+        advice = inputs.rebalance_advice or advise(inputs.rebalance)
+        assumptions += [
+            ["rebalance margin", fmt_pct(advice.margin), "a refit must shorten the step by this much, moves included"],
+            ["rebalance weight moves", "peak scale-up bandwidth", "the busiest receiving GPU's bytes (never overstated)"],
+        ]
     settings_rows = [[k, _plain(v)] for k, v in sorted(inputs.settings.items())]
     tables = [
         Table(["field", "value"], trace_rows, caption="Trace"),
         Table(["GPU", "dense BF16 TFLOP/s", "HBM GB", "HBM TB/s", "scale-up GB/s", "scale-out GB/s",
                "latency up / out (us)", "expert time priced by"], hw_rows,
               caption="Hardware (per GPU, one direction) and what priced its expert time",
-              numeric=[False] + [True] * 6 + [False]),
+              numeric=[False] + [True] * 6 + [False],
+              legend="peak datasheet figures (the cost model applies the efficiencies below); latencies are per "
+                     "all-to-all phase, stated assumptions rather than datasheet figures"),
         Table(["assumption", "value", "why"], assumptions, caption="Cost model assumptions (docs/cost-model.md)"),
     ]
     if settings_rows:
