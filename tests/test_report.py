@@ -47,6 +47,20 @@ def test_every_section_and_plot_present(built):
         assert fig.title and fig.caption
 
 
+def test_report_options_share_the_scoring_checks():
+    from simulator.hardware import GpuSpec
+    from simulator.report.collect import ReportOptions
+    from traces.errors import InputError
+
+    h100 = [GpuSpec.from_name("h100")]
+    with pytest.raises(InputError, match="not divisible into nodes"):
+        ReportOptions(hardware=h100, gpus=[8, 12])
+    with pytest.raises(InputError, match="--fit-fraction must be in"):
+        ReportOptions(hardware=h100, gpus=[8], fit_fraction=1.5)
+    with pytest.raises(InputError, match="--phase must be one of"):
+        ReportOptions(hardware=h100, gpus=[8], phase="both")
+
+
 def test_every_results_table_has_a_legend(built):
     _, _, report = built
     for key in ("recommendation", "layouts", "rebalance", "routing"):

@@ -62,6 +62,8 @@ class ReportOptions(ScoringOptions):
             raise InputError("--hardware: give at least one GPU preset or file")
         if not self.gpus or any(g < 1 for g in self.gpus):
             raise InputError("--gpus: give one or more positive GPU counts")
+        for g in self.gpus:
+            self.check_layout(g)  # fails before the long passes, as plan would after them
 
 
 def _buildable(policies: tuple[str, ...], num_experts: int, num_gpus: int, gpus_per_node: int,
