@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 from bench.bench_replay import build_trace
-from bench.common import machine, update_section
+from bench.common import machine, median_time, update_section
 from simulator.hardware import GpuSpec
-from simulator.plan import PlanConfig, plan
-from simulator.replay import ReplayConfig, replay
+from simulator.plan import PlanConfig, PlanResult, plan
+from simulator.replay import ReplayConfig, VariantSummary, replay
 from traces import open_trace
 
 HARDWARE = ("h100", "h200", "b200", "a100", "mi300x")
@@ -35,6 +34,7 @@ PHASE = "prefill"  # one kernel variant per point, so the separate `replay` runs
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=10_000_000)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each timing (the median is reported)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     gpus = [GpuSpec.from_name(h) for h in HARDWARE]
@@ -47,24 +47,29 @@ def main() -> None:
                                     tokens_per_step=TOKENS_PER_GPU * 8, fit_fraction=0.99))
             grid = dict(target_tokens_per_s=1e6, hardware=gpus, gpus=list(GPUS), gpus_per_node=8,
                         placements=list(PLACEMENTS), redundant_experts=[REDUNDANT], tokens_per_gpu=[TOKENS_PER_GPU])
-            t = time.perf_counter()
-            result = plan(tr, PlanConfig(phase=PHASE, **grid))  # type: ignore[arg-type]
-            sweep_s = time.perf_counter() - t
+            plans: dict[str, PlanResult] = {}
+
+            def sweep(phase: str) -> None:
+                plans[phase] = plan(tr, PlanConfig(phase=phase, **grid))  # type: ignore[arg-type]
+
+            sweep_s = median_time(lambda: sweep(PHASE), repeats=args.repeats, warmup=0)
+            both_s = median_time(lambda: sweep("all"), repeats=args.repeats, warmup=0)
+            result, both = plans[PHASE], plans["all"]
             assert len(result.candidates) == 20, result.skipped
-            t = time.perf_counter()
-            both = plan(tr, PlanConfig(phase="all", **grid))  # type: ignore[arg-type]
-            both_s = time.perf_counter() - t
             assert len(both.candidates) == 20, both.skipped
-            t = time.perf_counter()
-            separate = []
-            for hw in gpus:
-                for g in GPUS:
-                    for policy in PLACEMENTS:
-                        cfg = ReplayConfig(num_gpus=g, gpus_per_node=8, hardware=hw, placements=(policy,),
-                                           redundant_experts=REDUNDANT, tokens_per_step=TOKENS_PER_GPU * g,
-                                           phase=PHASE)
-                        separate.append(replay(tr, cfg).placements[0])
-            separate_s = time.perf_counter() - t
+            separate: list[VariantSummary] = []
+
+            def separate_runs() -> None:
+                separate.clear()
+                for hw in gpus:
+                    for g in GPUS:
+                        for policy in PLACEMENTS:
+                            cfg = ReplayConfig(num_gpus=g, gpus_per_node=8, hardware=hw, placements=(policy,),
+                                               redundant_experts=REDUNDANT, tokens_per_step=TOKENS_PER_GPU * g,
+                                               phase=PHASE)
+                            separate.append(replay(tr, cfg).placements[0])
+
+            separate_s = median_time(separate_runs, repeats=args.repeats, warmup=0)
             tokens = tr.num_tokens
     # the sweep and the separate runs must agree on what they predict
     by_key = {(c.hardware, c.num_gpus, c.policy): c for c in result.candidates}
@@ -82,7 +87,7 @@ def main() -> None:
         f"{GPUS[0]} GPUs, {TOKENS_PER_GPU * GPUS[1]} on {GPUS[1]}). Grid: {' / '.join(HARDWARE)} x {GPUS[0]} or "
         f"{GPUS[1]} GPUs x balanced or replicated+{REDUNDANT} = 20 points.",
         "",
-        "| run | seconds |",
+        f"| run | seconds (median of {args.repeats}) |",
         "|---|---:|",
         f"| `plan`: 20 points in one pass (4 kernel variants, each step priced on 5 GPU types) | {sweep_s:.1f} |",
         f"| 20 separate `replay` runs, one point each | {separate_s:.1f} |",

@@ -9,13 +9,19 @@ from report_fixtures import DECODE, PREFILL, random_ids, write_ids_trace
 from simulator.placement import Placement, expected_gpu_load, fit_placement
 from simulator.rebalance import (
     RebalanceConfig,
+    RebalanceResult,
+    RefitPrices,
+    advise,
     align_gpus,
     copies_moved,
     count_steps,
+    default_intervals,
+    default_window,
     gpu_share,
     iter_step_loads,
     rebalance_trace,
     replay_rebalance,
+    score_steps,
     step_peaks_means,
 )
 from traces import InputError, open_trace
@@ -56,10 +62,72 @@ def test_hand_worked_rebalance(buffer_steps):
     assert (result.steps, result.scored_steps, result.rebalances) == (6, 4, 1)
     assert result.moved_copies.tolist() == [2]
     assert result.moved_bytes.tolist() == [768]
-    assert result.aggregate["fixed"] == pytest.approx(14 / 8)
+    # step imbalance: busiest GPU per step summed over the scored steps, over the summed mean (2 per step)
+    assert result.step_imbalance("fixed") == pytest.approx((4 + 4 + 3 + 3) / 8)
+    assert result.step_imbalance("rebalanced") == pytest.approx((4 + 4 + 4 + 4) / 8)
+    assert result.step_imbalance("oracle") == pytest.approx((2 + 2 + 3 + 3) / 8)
+    # aggregate: GPU totals over the scored steps. fixed GPU0 0+0+1+1 = 2, GPU1 4+4+3+3 = 14 -> 14/8; rebalanced
+    # GPU0 0+0+4+4 = 8, GPU1 4+4+0+0 = 8 -> 1.0 (balanced on the whole, never within a step); oracle 4+6 vs 4+2
+    assert result.aggregate_imbalance("fixed") == pytest.approx(14 / 8)
+    assert result.aggregate_imbalance("rebalanced") == pytest.approx(1.0)
+    assert result.aggregate_imbalance("oracle") == pytest.approx(10 / 8)
     summary = result.to_dict()
-    assert summary["rebalanced"]["mean_imbalance"] == 2.0
+    assert summary["rebalanced"]["step_imbalance"] == 2.0 and summary["fixed"]["aggregate_imbalance"] == 1.75
     assert summary["moved_bytes_per_rebalance"] == 768.0
+
+
+def test_weight_moves_cost_time_and_the_advice_can_say_dont():
+    loads = [np.array([row], dtype=np.int32) for row in HAND_STEPS]
+    # 1 s per assignment, 0.5 s per expert with work; 384-byte experts over 384 B/s: the refit sends one copy to
+    # each GPU, so the busiest receiver takes 1 s
+    prices = RefitPrices("slow", scale_up_bandwidth=384.0, seconds_per_assignment=1.0, seconds_per_expert_read=0.5)
+    (result,) = replay_rebalance(lambda: iter(loads), pair_hot_with_cold, every=[2], window=2, num_experts=4,
+                                 expert_bytes=384, prices=prices)
+    assert result.busiest_copies.tolist() == [1] and result.move_seconds.tolist() == [1.0]
+    # expert time per step = the slowest GPU's max(load x 1 s, experts with work x 0.5 s) (one layer):
+    # fixed: steps 2-3 GPU1 {1,2} load 4 -> 4 s; steps 4-5 GPU1 load 3 -> 3 s: (4 + 4 + 3 + 3) / 4 steps
+    assert result.seconds_per_step("fixed") == pytest.approx(14 / 4)
+    # rebalanced: 4 s every step, plus the 1 s move spread over 4 steps
+    assert result.seconds_per_step("rebalanced") == pytest.approx(4.0)
+    assert result.seconds_with_moves() == pytest.approx(4.25)
+    assert result.gain() == pytest.approx(1 - 4.25 / 3.5)
+    advice = advise([result])
+    assert advice.every is None and advice.reason.startswith("keep the fixed placement: no interval is shorter")
+    assert result.to_dict()["seconds_per_step_with_moves"] == pytest.approx(4.25)
+
+
+def test_weight_reads_can_set_the_step_time():
+    # a GPU holding two experts with work but little load: reads (2 x 10 s) outweigh compute (2 x 1 s)
+    loads = np.array([[[1, 1, 0, 0]]], dtype=np.int32)  # [W=1, L=1, E=4]
+    share = gpu_share(np.array([[[0, 1], [2, 3]]]), 4)
+    _, _, gpu, seconds = score_steps(loads, share, seconds_per_assignment=1.0, seconds_per_expert_read=10.0)
+    assert gpu.tolist() == [[2.0, 0.0]] and seconds.tolist() == [20.0]
+
+
+def _scored(every: int, rebalanced: float, seconds_per_refit: float, fixed: float = 2.0) -> RebalanceResult:
+    """A result over 100 scored steps: expert seconds per step as given, one copy per refit to the busiest GPU at
+    1000 B/s."""
+    seconds = {"fixed": 100 * fixed, "rebalanced": 100 * rebalanced, "oracle": 100.0}
+    return RebalanceResult(
+        every=every, window=10, steps=110, scored_steps=100, rebalances=100 // every,
+        per_step={k: np.full(100, v / 100) for k, v in seconds.items()}, peak_load=seconds,
+        mean_load=dict.fromkeys(seconds, 100.0), gpu_load={k: np.ones((1, 2)) for k in seconds},
+        expert_seconds=seconds, moved_copies=np.ones(100 // every, dtype=np.int64),
+        busiest_copies=np.ones(100 // every, dtype=np.int64), expert_bytes=int(1000 * seconds_per_refit),
+        prices=RefitPrices("x", 1000.0, 1.0, 0.0),
+    )
+
+
+def test_advice_needs_the_margin_with_moves_counted():
+    # every 10: 1.90 s + 10 refits x 1 s over 100 steps -> 2.00 s: no gain
+    # every 50: 1.95 s + 2 refits x 1 s -> 1.97 s, 1.5% shorter than 2.0 s: under the 2% margin
+    results = [_scored(10, 1.90, 1.0), _scored(50, 1.95, 1.0)]
+    assert results[0].seconds_with_moves() == pytest.approx(2.0)
+    assert results[1].seconds_with_moves() == pytest.approx(1.97)
+    assert advise(results).every is None and "only 1.5% shorter, under the 2% margin" in advise(results).reason
+    advice = advise(results, margin=0.01)  # 1.5% clears a 1% margin
+    assert advice.every == 50 and advice.reason.startswith("refit every 50 steps: 1.5% shorter steps")
+    assert advise([_scored(10, 1.5, 0.0)]).every == 10  # free moves and a large gain
 
 
 def test_partial_last_interval_and_every_one():
@@ -190,9 +258,25 @@ def test_rebalance_trace_with_real_policy(tmp_path):
                   for t in range(4, 40, 2) for d in range(2)]
     assert fast.per_step["rebalanced"] == pytest.approx(rebalanced)
     # after the popularity shift, refitting often beats the placement fitted on the first window
-    assert fast.aggregate["rebalanced"] < fast.aggregate["fixed"]
+    assert fast.step_imbalance("rebalanced") < fast.step_imbalance("fixed")
     assert fast.moved_copies.sum() > 0 and fast.settings["policy"] == "balanced"
     assert fast.expert_bytes == 3 * 8 * 4 * 2  # SwiGLU, hidden 8, expert FFN 4, BF16 serving weights
+
+
+def test_config_defaults_come_from_the_trace(tmp_path):
+    rng = np.random.default_rng(5)
+    step = np.arange(4000) // 10  # 400 recorded steps
+    path = write_ids_trace(tmp_path / "s.h5", random_ids(rng, 4000, 1, 8, 2), num_experts=8, step=step)
+    with open_trace(path) as trace:
+        resolved = RebalanceConfig(num_gpus=2, gpus_per_node=2).resolve(trace)
+        assert resolved.window == default_window(400) == 50
+        assert resolved.every == default_intervals(400, 50) == (10, 30, 100, 300)
+        kept = RebalanceConfig(every=(7,), num_gpus=2, gpus_per_node=2).resolve(trace)
+        assert kept.every == (7,) and kept.window == 50
+        (result,) = rebalance_trace(trace, RebalanceConfig(every=(100,), num_gpus=2, gpus_per_node=2))
+    assert result.window == 50 and result.settings["hardware"] == "h100"
+    with pytest.raises(InputError, match="not divisible into nodes"):
+        RebalanceConfig(num_gpus=6, gpus_per_node=4)
 
 
 def test_count_steps_matches_stream(tmp_path):
@@ -231,3 +315,22 @@ def test_refits_on_sparse_windows_give_valid_placements(policy):
         slots = fit(load)
         check_slots(slots, 64, policy)
         assert slots.shape == (3, 8, 10)
+
+
+def test_replay_and_rebalance_mean_the_same_step_imbalance(tmp_path):
+    """One definition everywhere: a load-blind placement scored on the same steps gives the same figure in both."""
+    from simulator.replay import ReplayConfig, replay
+
+    rng = np.random.default_rng(3)
+    ids = random_ids(rng, 3000, 2, 16, 2, skew=1.3)
+    step = np.arange(3000) // 50  # 60 steps of 50 tokens; the first quarter is 15 whole steps
+    path = write_ids_trace(tmp_path / "same.h5", ids, num_experts=16, step=step)
+    with open_trace(path) as trace:
+        replayed = replay(trace, ReplayConfig(num_gpus=4, gpus_per_node=4, placements=("contiguous",),
+                                              fit_fraction=0.25)).placements[0]
+        (refits,) = rebalance_trace(trace, RebalanceConfig(every=(45,), window=15, policy="contiguous", num_gpus=4,
+                                                           gpus_per_node=4))
+    assert replayed.steps == refits.scored_steps == 45
+    assert replayed.step_imbalance == pytest.approx(refits.step_imbalance("fixed"), rel=1e-12)
+    assert replayed.aggregate_imbalance == pytest.approx(refits.aggregate_imbalance("fixed"), rel=1e-12)
+    assert replayed.step_imbalance_percentiles["p95"] == pytest.approx(refits.percentile("fixed", 95), rel=1e-12)

@@ -4,6 +4,7 @@ atomic write with its --force rules, and the commands through a subprocess."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 from report_fixtures import small_report_inputs
 
@@ -45,14 +47,44 @@ def test_every_section_and_plot_present(built):
         assert fig.title and fig.caption
 
 
+def test_report_options_share_the_scoring_checks():
+    from simulator.hardware import GpuSpec
+    from simulator.report.collect import ReportOptions
+    from traces.errors import InputError
+
+    h100 = [GpuSpec.from_name("h100")]
+    with pytest.raises(InputError, match="not divisible into nodes"):
+        ReportOptions(hardware=h100, gpus=[8, 12])
+    with pytest.raises(InputError, match="--fit-fraction must be in"):
+        ReportOptions(hardware=h100, gpus=[8], fit_fraction=1.5)
+    with pytest.raises(InputError, match="--phase must be one of"):
+        ReportOptions(hardware=h100, gpus=[8], phase="both")
+
+
+def test_every_results_table_has_a_legend(built):
+    _, _, report = built
+    for key in ("recommendation", "layouts", "rebalance", "routing"):
+        section = report.section(key)
+        for table in section.lead + section.tables:
+            assert len(table.legend) > 40, (key, table.caption)
+    assert "fixed: fitted once on the first window" in report.section("rebalance").tables[0].legend
+    assert "meets target: fits in memory" in report.section("recommendation").lead[0].legend
+
+
 def test_recommendation_matches_plan(built):
     _, inputs, report = built
     plan = inputs.plan
     section = report.section("recommendation")
     assert plan is not None and plan.recommendation is not None  # a 1000 tokens/s target is met by something
     assert plan.recommendation.describe() in section.paragraphs[0]
-    assert section.bullets[:len(plan.reasons)] == plan.reasons
-    frontier, per_layout = section.tables
+    assert section.bullets == plan.reasons  # the skipped points are folded, not bullets
+    (frontier,) = section.lead  # the frontier comes right after the recommendation, before the reasons
+    (per_layout,) = section.tables
+    if plan.skipped:
+        (folded,) = section.details
+        assert folded.summary.startswith(f"Skipped {len(plan.skipped)} grid point") and folded.items == plan.skipped
+    else:
+        assert not section.details
     assert len(frontier.rows) == len(plan.frontier)
     assert [r[0] for r in frontier.rows].count("yes") == (plan.recommendation in plan.frontier)
     for row, cand in zip(frontier.rows, plan.frontier, strict=True):
@@ -64,6 +96,23 @@ def test_recommendation_matches_plan(built):
     assert report.data["plan"]["recommendation"]["placement"] == plan.recommendation.placement
 
 
+def test_recommendation_leads_and_skipped_points_fold(built):
+    from simulator.report.model import Details, Section
+    from simulator.report.render import render_html, render_markdown
+
+    _, _, report = built
+    page = render_html(report)
+    rec = page[page.index('<section id="recommendation">'):page.index('<section id="layouts">')]
+    assert rec.index("<caption>Frontier") < rec.index('<ul class="bullets">') < rec.index("<caption>Best placement")
+    # a folded list renders as one summary line with its items under it
+    section = Section("x", "X", ["p"], details=[Details("Skipped 2 grid points", ["a: why", "b: why"])])
+    one = dataclasses.replace(report, sections=[section])
+    assert "<details><summary>Skipped 2 grid points</summary><ul><li>a: why</li><li>b: why</li></ul></details>" \
+        in render_html(one)
+    md = render_markdown(one)
+    assert "<details><summary>Skipped 2 grid points</summary>\n\n- a: why\n- b: why\n\n</details>" in md
+
+
 def test_layouts_match_replay(built):
     _, inputs, report = built
     replay = inputs.replay
@@ -73,7 +122,7 @@ def test_layouts_match_replay(built):
     (table,) = report.section("layouts").tables
     assert [r[0] for r in table.rows] == [p.label for p in replay.placements]
     for row, p in zip(table.rows, replay.placements, strict=True):
-        assert row[1] == fmt_num(p.imbalance)
+        assert row[1] == fmt_num(p.step_imbalance) and row[2] == fmt_num(p.aggregate_imbalance)
         assert row[8] == f"{p.timings[0].step_time['mean'] * 1e3:.3f}"
     assert report.data["replay"]["placements"][0]["label"] == replay.placements[0].label
 
@@ -128,8 +177,9 @@ def test_rebalance_and_routing_match_results(built):
     (table,) = report.section("rebalance").tables
     assert [r[0] for r in table.rows] == ["5", "20"]
     for row, r in zip(table.rows, inputs.rebalance, strict=True):
-        assert row[2] == fmt_num(r.mean_imbalance("rebalanced"))
-        assert row[4] == fmt_num(r.mean_imbalance("fixed")) and row[5] == fmt_num(r.mean_imbalance("oracle"))
+        assert row[2] == fmt_num(r.step_imbalance("rebalanced"))
+        assert row[4] == fmt_num(r.step_imbalance("fixed")) and row[5] == fmt_num(r.step_imbalance("oracle"))
+        assert row[8] == f"{-r.gain():+.1%}"
         assert r.window == 10 and r.scored_steps == r.steps - 10
     routing = report.section("routing")
     stats, pairs = routing.tables
@@ -235,8 +285,14 @@ def test_cli_report_and_rebalance(built, tmp_path):
     results = json.loads(reb.stdout)["results"]
     assert [r["every"] for r in results] == [5, 50]
     assert {"fixed", "rebalanced", "oracle", "moved_bytes_per_rebalance"} <= results[0].keys()
+    advice = json.loads(reb.stdout)["advice"]
+    assert advice["margin"] == 0.02 and advice["reason"].startswith(("refit every", "keep the fixed placement"))
+    assert advice["every"] in (None, 5, 50)
+    assert {"step_imbalance", "aggregate_imbalance", "seconds_per_step"} <= results[0]["fixed"].keys()
     table = _moe_sim("rebalance", str(trace), "--window", "10", "--quiet")
     assert table.returncode == 0 and "refit every" in table.stdout
+    assert "fixed: fitted once on the first window" in table.stdout  # the legend under the table
+    assert ("Don't refit: keep the fixed placement" in table.stdout) == (advice["every"] is None)
     bad = _moe_sim("rebalance", str(trace), "--window", "100000")
     assert bad.returncode == 2 and "--window 100000" in bad.stderr
 
@@ -268,3 +324,36 @@ def test_without_target_replays_first_layout_and_lists_unbuildable(built):
     for key in ("layouts", "rebalance"):
         assert any("Steps are the trace's recorded forward passes: no throughput target was given" in t
                    for t in report.section(key).paragraphs), key
+
+
+def test_plan_and_report_recommend_the_same_layout_by_default(built, tmp_path):
+    trace, _, _ = built
+    target = ["--target-tokens-per-s", "2000", "--tokens-per-gpu", "16", "--quiet"]  # batches the small trace fills
+    planned = _moe_sim("plan", str(trace), *target, "--json")
+    assert planned.returncode == 0, planned.stderr
+    reported = _moe_sim("report", str(trace), "-o", str(tmp_path / "same.html"), *target, "--json")
+    assert reported.returncode == 0, reported.stderr
+    rec = json.loads(planned.stdout)["recommendation"]
+    assert rec is not None
+    report_plan = json.loads(reported.stdout)["plan"]
+    assert report_plan["recommendation"] == rec  # the same grid, defaults and pricing: the same pick
+    assert report_plan["config"]["hardware"] == json.loads(planned.stdout)["config"]["hardware"]
+
+
+def test_report_marks_the_recommendation_titles_synthetic_traces_and_zooms_stability(built):
+    from simulator.report.build import trace_title
+    from simulator.report.figures import zoom_limits
+
+    _, inputs, report = built
+    (fig,) = [f for f in report.figures if f.key == "time-breakdown"]
+    assert "The recommended layout is outlined." in fig.caption
+    meta = inputs.metadata
+    assert trace_title(dataclasses.replace(meta, source="recorded")) == meta.model_id
+    synthetic = dataclasses.replace(meta, source="synthetic", model_id="allenai/OLMoE-1B-7B-0924")
+    assert trace_title(synthetic) == "synthetic (preset olmoe-1b-7b)"
+    assert report.subtitle.startswith(f"{trace_title(meta)}: ")
+    # correlations just under 1 get a window around their spread, not [0.9, 1] with the line on the edge
+    low, high = zoom_limits(np.array([[0.9951, 0.999], [0.997, np.nan]]))
+    assert 0.99 < low < 0.9951 and 0.999 < high < 1.0
+    flat_low, flat_high = zoom_limits(np.ones(5))
+    assert flat_low < 1.0 < flat_high and flat_high - flat_low == pytest.approx(1e-3)

@@ -66,5 +66,5 @@ def test_replay_regroups_phases_apart(tmp_path):
     for s, r, series in zip(regrouped.placements, recorded.placements, apart, strict=True):
         assert s.tokens == r.tokens == phases.size - start
         assert s.steps == sum(-(-int(n) // B) for n in scored)  # full steps of one phase, one short per phase
-        assert s.imbalance == r.imbalance and s.leave_gpu_share == r.leave_gpu_share  # totals: grouping-free
+        assert s.aggregate_imbalance == r.aggregate_imbalance and s.leave_gpu_share == r.leave_gpu_share  # totals: grouping-free
         np.testing.assert_allclose(s.step_imbalance_series, series, rtol=1e-12)

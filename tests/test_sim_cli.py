@@ -38,7 +38,7 @@ def test_replay_table_and_json(tmp_path):
     assert timing["hardware"] == "h100"
     # --json stays complete: the breakdown, percentiles and per-layer rows the tables leave out
     assert set(timing["breakdown"]) == {"compute", "weights", "dispatch", "combine"}
-    assert {"p50", "p95", "p99", "mean"} <= set(data["placements"][0]["step_imbalance"])
+    assert {"p50", "p95", "p99", "mean"} <= set(data["placements"][0]["step_imbalance_percentiles"])
     assert len(data["placements"][0]["per_layer"]) == len(timing["per_layer"]) == 3  # random_trace: 3 layers
 
 
@@ -56,7 +56,8 @@ def test_replay_table_fits_120_columns(tmp_path):
     assert len(rows) == 2
     summary = data["placements"][3]
     headline, breakdown = rows
-    assert headline[1:5] == [units.sig(summary["imbalance"]), units.sig(summary["step_imbalance"]["p95"]),
+    assert headline[1:5] == [units.sig(summary["step_imbalance"]),
+                             units.sig(summary["step_imbalance_percentiles"]["p95"]),
                              units.share(summary["leave_gpu_share"]), units.share(summary["leave_node_share"])]
     compute = summary["timings"][0]["breakdown"]["compute"]
     assert " ".join(breakdown[1:3]) == units.seconds(compute)
@@ -103,8 +104,16 @@ def test_plan_json(tmp_path):
     data = json.loads(out.stdout)
     # 2 GPU counts x (contiguous, balanced, replicated R=0 and 4) x 2 GPU types
     assert len(data["candidates"]) == 2 * 4 * 2
-    assert data["recommendation"]["num_gpus"] == 2
-    assert data["reasons"]
+    rec = data["recommendation"]
+    assert rec["num_gpus"] == 2
+    # the reasons: the pick and by how much it meets the target, its step time, memory, and how it was ranked
+    first = data["reasons"][0]
+    assert first.startswith(f"2 x {rec['hardware']}, {rec['placement']}, recorded steps: ")
+    assert f"{rec['tokens_per_s']:,.0f} tokens/s meets the target 1,000 tokens/s" in first
+    assert data["reasons"][1].startswith(f"step time mean {rec['step_ms']:.3g} ms, p95 {rec['step_ms_p95']:.3g} ms")
+    assert data["reasons"][2].startswith("memory fits with")
+    assert any(r.startswith("ranked by fewest GPUs, then mean step time: prices were not given for b200, h100")
+               for r in data["reasons"])
 
 
 def test_hardware_lists_presets_sources_and_fields(tmp_path):
@@ -121,3 +130,41 @@ def test_hardware_lists_presets_sources_and_fields(tmp_path):
     trace = random_trace(tmp_path / "t.h5", tokens=200)
     err = moe_sim("replay", str(trace), "--hardware", str(bad), "--quiet")
     assert err.returncode == 2 and "valid fields are name, bf16_flops" in err.stderr
+
+
+def test_replay_states_the_step_size_and_warns_on_steps_it_cannot_fill(tmp_path):
+    import dataclasses
+
+    import numpy as np
+    from test_sim_fixtures import tiny_meta, write_ids
+
+    # recorded steps of 2, 4 and 6 tokens (12 tokens, 1 layer, top-1), all scored
+    steps = np.repeat([0, 1, 2], [2, 4, 6])
+    meta = dataclasses.replace(tiny_meta(1, 4, 1), model_id="olmoe-tiny")
+    path = write_ids(tmp_path / "s.h5", meta, (np.arange(12) % 4).reshape(12, 1, 1), steps, np.ones(12))
+    args = ("replay", str(path), "--gpus", "2", "--gpus-per-node", "2", "--placements", "contiguous",
+            "--fit-fraction", "0", "--quiet")
+    out = moe_sim(*args)
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.splitlines()[0]
+    assert first == "Steps: the recorded forward passes; 3 scored steps of 4.0 tokens on average (min 2, max 6)."
+    assert "note: olmoe-tiny is a built-in tiny model" in out.stdout and "warning" not in out.stdout
+    data = json.loads(moe_sim(*args, "--json").stdout)
+    assert data["placements"][0]["step_tokens"] == {"mean": 4.0, "min": 2.0, "max": 6.0}
+    big = moe_sim(*args, "--tokens-per-step", "64")
+    assert big.returncode == 0, big.stderr
+    assert "Steps: 64 tokens of one phase (--tokens-per-step); 1 scored steps of 12.0 tokens" in big.stdout
+    assert "warning: --tokens-per-step 64 is more than the 12 scored tokens: every step is partial" in big.stdout
+    fits = moe_sim(*args, "--tokens-per-step", "6")
+    assert "warning" not in fits.stdout and "2 scored steps of 6.0 tokens" in fits.stdout
+
+
+def test_tiny_model_rule_matches_the_built_in_models():
+    import pytest
+
+    pytest.importorskip("torch")
+    from recorder.builtin_models import BUILTIN_MODELS
+    from simulator.replay.render import is_tiny_builtin
+
+    assert {n for n in BUILTIN_MODELS if is_tiny_builtin(n)} == set(BUILTIN_MODELS) - {"olmoe-1b-7b-random"}
+    assert not is_tiny_builtin("allenai/OLMoE-1B-7B-0924")

@@ -11,7 +11,7 @@ from test_sim_cli import moe_sim
 from test_sim_fixtures import random_ids, tiny_meta, write_ids
 
 from simulator.hardware import GpuSpec
-from simulator.plan import PlanConfig, apply_prices, parse_gpu_hour_cost, plan
+from simulator.plan import Candidate, PlanConfig, apply_prices, pareto_frontier, parse_gpu_hour_cost, plan
 from traces import open_trace
 from traces.errors import InputError
 
@@ -33,8 +33,8 @@ def test_only_replication_meets_the_target(tmp_path):
         probe = plan(tr, PlanConfig(target_tokens_per_s=1.0, **base))
     by = {c.placement: c for c in probe.candidates}
     # balanced: expert 0's GPU does >= half of all work (imbalance >= 8 x 1/2 / ... ); replication spreads it
-    assert by["balanced"].imbalance > 3.5
-    assert by["replicated+8"].imbalance < 1.3
+    assert by["balanced"].aggregate_imbalance > 3.5
+    assert by["replicated+8"].aggregate_imbalance < 1.3
     assert by["replicated+8"].tokens_per_s > 1.5 * by["balanced"].tokens_per_s
     target = (by["replicated+8"].tokens_per_s * by["balanced"].tokens_per_s) ** 0.5
     with open_trace(path) as tr:
@@ -188,3 +188,50 @@ def test_prices_from_a_hardware_file_and_the_priced_table(tmp_path):
     assert "cost" in out.stdout and "M tokens" in out.stdout
     assert "ranked by cost per hour" in out.stdout
     assert "4 x cheap" in out.stdout.split("Recommendation")[1]  # 4 x 1.5/h is the cheapest that meets 1k tokens/s
+
+
+def _candidate(num_gpus: int, tokens_per_s: float, p95: float, fits: bool = True, price: float | None = None,
+               placement: str = "balanced") -> Candidate:
+    return Candidate(
+        hardware="h100", num_gpus=num_gpus, gpus_per_node=8, placement=placement, policy=placement,
+        redundant_experts=0, tokens_per_step=0, mean_tokens_per_step=1.0, step_ms=p95, step_ms_p95=p95,
+        step_ms_p99=p95, moe_ms=p95, non_expert_ms=0.0, breakdown_ms={}, tokens_per_s=tokens_per_s,
+        tokens_per_s_per_gpu=tokens_per_s / num_gpus, step_imbalance=1.0, aggregate_imbalance=1.0,
+        leave_node_share=0.0, memory_per_gpu_bytes=1.0, usable_hbm_bytes=2.0, fits_memory=fits,
+        meets_throughput=True, meets_latency=True, meets_target=fits, price_per_hour=price,
+    )
+
+
+def test_pareto_frontier_by_hand():
+    a = _candidate(8, 100, 10)
+    b = _candidate(8, 150, 20)  # more throughput for a longer step: both a and b stay
+    c = _candidate(16, 140, 25)  # b has fewer GPUs, more throughput and a shorter step: dominated
+    d = _candidate(8, 90, 30)  # dominated by a
+    e = _candidate(4, 1000, 1, fits=False)  # would dominate everything, but does not fit in memory
+    f = _candidate(16, 200, 20)  # more GPUs buy throughput: stays
+    twin = _candidate(8, 100, 10, placement="replicated")  # the same keys as a: kept once (the first)
+    frontier = pareto_frontier([a, b, c, d, e, f, twin])
+    assert frontier == [b, a, f]  # by size, then throughput
+    # priced: size is the cost per hour, so 16 cheap GPUs can come before 8 dear ones
+    cheap, dear = _candidate(16, 120, 10, price=16.0), _candidate(8, 120, 10, price=40.0)
+    assert pareto_frontier([dear, cheap], priced=True) == [cheap]
+    assert pareto_frontier([dear, cheap], priced=False) == [dear]
+
+
+def test_non_expert_work_by_hand():
+    from simulator.cost_model import non_expert_work
+
+    meta = tiny_meta(2, 4, 2, hidden=8, ffn=4)  # 2 heads of 4 (q 8, kv 8), vocab 32, every layer MoE
+    work = non_expert_work(meta, context_tokens=100)
+    # per layer q, o (8 x 8 each) and k, v (8 x 8 each) = 256 weights; routers 2 x 8 x 4 = 64; LM head 8 x 32 = 256
+    per_token = 2 * 256 + 64 + 256
+    scores = 4 * 8 * 100 * 2  # 2 matmuls of q_dim x context, 2 FLOPs each, per layer
+    assert work.flops_per_token == 2 * per_token + scores
+    assert work.weight_bytes == (per_token + 8 * 32) * 2  # plus the embedding table, BF16
+    assert work.assumptions == ("attention over a context of 100 tokens per token",)
+    gpu = GpuSpec("easy", bf16_flops=1e12, hbm_bytes=1e9, hbm_bandwidth=1e11, scale_up_bandwidth=1e9,
+                  scale_out_bandwidth=1e8)
+    # roofline: max(FLOPs x tokens / effective FLOP/s, weight bytes / effective HBM bandwidth)
+    compute = work.flops_per_token * 1000 / (1e12 * 790 / 989)
+    reads = work.weight_bytes / (1e11 * 3.0 / 3.35)
+    assert work.step_seconds(gpu, 1000) == pytest.approx(max(compute, reads))

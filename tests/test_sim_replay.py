@@ -45,7 +45,8 @@ def test_hand_worked_tiny_trace(tmp_path):
     with open_trace(path) as tr:
         s = replay(tr, config).placements[0]
     # GPU assignments: layer 0 GPU0 = 2 (t0) + 1 (t1) + 1 (t3) = 4, GPU1 = 4; layer 1 GPU0 = 8, GPU1 = 0.
-    assert s.imbalance == pytest.approx((4 + 8) / (4 + 4))
+    assert s.aggregate_imbalance == pytest.approx((4 + 8) / (4 + 4))
+    assert s.step_imbalance == s.aggregate_imbalance  # one step: the two figures agree
     assert s.steps == 1 and s.tokens == 4 and s.assignments == 16
     # leaving the GPU: layer 0 t1 e0, t2 e2 + e3, t3 e1 = 4; layer 1 t1 x2, t3 x2 = 4
     assert s.leave_gpu_share == pytest.approx(8 / 16)
@@ -83,7 +84,7 @@ def test_hand_worked_two_nodes(tmp_path):
                           fit_fraction=0.0)
     with open_trace(path) as tr:
         s = replay(tr, config).placements[0]
-    assert s.imbalance == pytest.approx(4 / (8 / 4))  # GPU loads 1, 1, 4, 2
+    assert s.aggregate_imbalance == pytest.approx(4 / (8 / 4))  # GPU loads 1, 1, 4, 2
     assert s.leave_gpu_share == pytest.approx(6 / 8)
     assert s.leave_node_share == pytest.approx(4 / 8)
     assert s.scale_up_bytes_per_step == pytest.approx(2 * 16 * 2)  # t0 -> GPU1, t3 -> GPU2
@@ -92,6 +93,34 @@ def test_hand_worked_two_nodes(tmp_path):
     up = 16 / (1e9 * SCALE_UP_DISPATCH_EFFICIENCY) + 1e-6
     out = 1 * 16 / (1e8 * SCALE_OUT_DISPATCH_EFFICIENCY) + 1e-5
     assert s.timings[0].breakdown["dispatch"] == pytest.approx(max(up, out))
+
+
+def test_step_imbalance_is_the_token_weighted_per_step_figure(tmp_path):
+    """1 layer, 2 experts, top-1, 2 GPUs, expert e on GPU e. Load moves between steps: the aggregate cannot see it."""
+    experts = [0, 0,  1, 1,  0, 0, 0, 1]  # step 0: both on e0; step 1: both on e1; step 2: three on e0, one on e1
+    ids = np.array(experts).reshape(8, 1, 1)
+    steps = np.array([0, 0, 1, 1, 2, 2, 2, 2])
+    path = write_ids(tmp_path / "moving.h5", tiny_meta(1, 2, 1), ids, steps, np.zeros(8))
+
+    def run(tokens_per_step):
+        config = ReplayConfig(num_gpus=2, gpus_per_node=2, hardware=EASY_GPU, placements=("contiguous",),
+                              fit_fraction=0.0, tokens_per_step=tokens_per_step)
+        with open_trace(path) as tr:
+            return replay(tr, config).placements[0]
+
+    s = run(0)
+    # per step (busiest, mean): (2, 1), (2, 1), (3, 2); token-weighted: (2 + 2 + 3) / (1 + 1 + 2)
+    assert s.step_imbalance == pytest.approx(7 / 4)
+    assert s.step_imbalance_percentiles["mean"] == pytest.approx((2 + 2 + 1.5) / 3)  # unweighted, not the headline
+    assert s.per_layer[0]["step_imbalance"] == pytest.approx(7 / 4)
+    # whole trace: GPU0 5, GPU1 3 -> 5 / 4, whatever the step size
+    assert s.aggregate_imbalance == pytest.approx(5 / 4)
+    assert s.per_layer[0]["aggregate_imbalance"] == pytest.approx(5 / 4)
+    one = run(8)  # all eight tokens one step: the step imbalance falls to the aggregate
+    assert one.step_imbalance == pytest.approx(5 / 4) and one.aggregate_imbalance == pytest.approx(5 / 4)
+    two = run(2)  # regrouped in pairs: (0, 0), (1, 1), (0, 0), (0, 1) -> (2 + 2 + 2 + 1) / 4
+    assert two.step_imbalance == pytest.approx((2 + 2 + 2 + 1) / 4)
+    assert two.steps == 4 and two.step_imbalance_percentiles["p50"] == pytest.approx(2.0)
 
 
 def test_hand_worked_replica_rule(tmp_path):
@@ -177,7 +206,8 @@ def test_chunk_size_and_segment_merge_are_exact(tmp_path):
     first.feed(data.expert_ids[:900], data.step[:900], data.phase[:900], 0, -1, 0)
     second = Segment.empty(arrays, model, cost, meta.num_moe_layers)
     second.feed(data.expert_ids[900:], data.step[900:], data.phase[900:], 900, -1, 0)
-    merged = first.merge(second)
+    first.absorb(second)
+    merged = first
     merged.finish()
     for other in (small, merged):
         assert np.array_equal(other.tot_gpu, whole.tot_gpu)
@@ -210,6 +240,8 @@ def test_bad_replay_inputs(tmp_path):
         ReplayConfig(capacity_factor=0)
     with pytest.raises(InputError, match="not divisible into nodes"):
         ReplayConfig(num_gpus=12, gpus_per_node=8)
+    assert ReplayConfig(num_gpus=4, gpus_per_node=4).redundant_experts == 4  # one per GPU, as `moe-sim replay`
+    assert ReplayConfig(num_gpus=4, gpus_per_node=4, redundant_experts=0).redundant_experts == 0
     with open_trace(path) as tr, pytest.raises(InputError, match="do not divide over 3 GPUs"):
         replay(tr, ReplayConfig(num_gpus=3, placements=("balanced",)))
 

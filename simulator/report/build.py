@@ -11,17 +11,21 @@ from typing import Any
 
 import numpy as np
 
-from simulator import cost_model
+from simulator import cost_model, metrics
 from simulator.hardware import GpuSpec
 from simulator.placement import expected_gpu_load
 from simulator.plan import PlanResult
-from simulator.rebalance import RebalanceResult
+from simulator.rebalance import RebalanceAdvice, RebalanceResult, advise
+from simulator.rebalance.render import LEGEND as REBALANCE_LEGEND
+from simulator.rebalance.render import step_time
+from simulator.rebalance.result import UNIT_PRICES
 from simulator.replay import ReplayResult
 from simulator.report import figures
 from simulator.report.format import fmt_bytes, fmt_int, fmt_ms, fmt_num, fmt_pct
 from simulator.report.model import Report, Section, Table
 from simulator.report.plan_section import plan_section, time_breakdown_figure
 from simulator.routing_analysis import RoutingAnalysis
+from traces.presets import PRESETS
 from traces.schema import PHASE_NAMES, TraceMetadata
 
 SECTION_KEYS = ("recommendation", "layouts", "rebalance", "routing", "inputs")
@@ -87,6 +91,7 @@ class ReportInputs:
     settings: dict[str, Any] = field(default_factory=dict)  # the command's options, shown under Inputs
     created_at: str = ""
     step_basis: StepBasis | None = None  # None: the replay's own tokens_per_step, no plan point behind it
+    rebalance_advice: RebalanceAdvice | None = None  # None: advise() with the default margin
 
     def steps(self) -> StepBasis:
         if self.step_basis is not None:
@@ -123,17 +128,23 @@ def _layouts_section(inputs: ReportInputs) -> Section:
     for p in replay.placements:
         t = p.timings[0]
         rows.append([
-            p.label, fmt_num(p.imbalance), fmt_num(p.step_imbalance["p50"]), fmt_num(p.step_imbalance["p95"]),
-            fmt_num(p.step_imbalance["p99"]), fmt_pct(p.leave_gpu_share), fmt_pct(p.leave_node_share),
+            p.label, fmt_num(p.step_imbalance), fmt_num(p.aggregate_imbalance),
+            fmt_num(p.step_imbalance_percentiles["p95"]), fmt_num(p.step_imbalance_percentiles["p99"]),
+            fmt_pct(p.leave_gpu_share), fmt_pct(p.leave_node_share),
             fmt_bytes(p.all_to_all_bytes_per_step), fmt_ms(t.step_time["mean"]), fmt_int(t.tokens_per_s_per_gpu),
             f"{fmt_bytes(t.expert_memory_bytes)} ({fmt_pct(t.expert_memory_share)})", fmt_pct(p.dropped_share, 2),
         ])
     table = Table(
-        columns=["placement", "imbalance", "step p50", "step p95", "step p99", "leave GPU", "leave node",
+        columns=["placement", "step imbalance", "aggregate imbalance", "step p95", "step p99", "leave GPU",
+                 "leave node",
                  "all-to-all / step", "MoE ms / step", "tokens/s / GPU", "expert memory / GPU (of HBM)", "dropped"],
         rows=rows, numeric=[False] + [True] * 11,
         caption=f"Placements on {gpus} x {hw} ({nodes} node{'s' if nodes > 1 else ''} of {min(gpn, gpus)}), steps: "
                 f"{inputs.steps().size()}",
+        legend=f"{metrics.STEP_IMBALANCE}; {metrics.AGGREGATE_IMBALANCE}; step p95 / p99: percentiles of each "
+               "step's own imbalance; leave GPU / node: share of assignments served off the token's GPU / node; "
+               "MoE ms: mean predicted time per step of the MoE layers; dropped: assignments over the capacity "
+               "factor",
     )
     series = {p.label: np.asarray(p.step_imbalance_series) for p in replay.placements}
     scored = _scored_load(inputs)
@@ -151,8 +162,9 @@ def _layouts_section(inputs: ReportInputs) -> Section:
     paragraphs = [
         f"Each placement was fitted on the first {fmt_int(replay.fit_tokens)} tokens ({fmt_pct(fit_share)} of the "
         f"trace) and scored on the remaining {fmt_int(replay.total_tokens - replay.score_start)}, so no placement "
-        "is scored on the tokens it was fitted to. Imbalance is the sum over layers of the busiest GPU's "
-        "assignments over the sum of the mean GPU's; step percentiles use each step's own imbalance.",
+        "is scored on the tokens it was fitted to. Step imbalance, the headline, sums each step's busiest GPU load "
+        "over layers and steps and divides by the same sum of the mean GPU's, so it tracks step time; the aggregate "
+        "imbalance treats the whole scored part as one step and cannot see load moving between steps.",
         f"{inputs.steps().sentence()} Per-step imbalance, traffic and time are for steps of "
         f"{fmt_int(_mean_step_tokens(replay))} tokens on average ({fmt_int(_scored_steps(replay))} scored steps).",
     ]
@@ -179,37 +191,36 @@ def _rebalance_section(inputs: ReportInputs) -> Section:
     if not results:
         return Section("rebalance", "Rebalance windows", ["No rebalance replay was run."])
     first = results[0]
+    advice = inputs.rebalance_advice or advise(results)
     rows = []
     for r in results:
-        per_step = r.moved_bytes.sum() / max(r.scored_steps, 1)
         rows.append([
-            str(r.every), str(r.rebalances), fmt_num(r.mean_imbalance("rebalanced")),
-            fmt_num(r.percentile("rebalanced", 95)), fmt_num(r.mean_imbalance("fixed")),
-            fmt_num(r.mean_imbalance("oracle")),
-            fmt_bytes(float(r.moved_bytes.mean())) if r.rebalances else "0 B", fmt_bytes(per_step),
+            str(r.every), str(r.rebalances), fmt_num(r.step_imbalance("rebalanced")),
+            fmt_num(r.percentile("rebalanced", 95)), fmt_num(r.step_imbalance("fixed")),
+            fmt_num(r.step_imbalance("oracle")), fmt_bytes(float(r.moved_bytes.mean())) if r.rebalances else "0 B",
+            step_time(r), f"{-r.gain():+.1%}",
         ])
+    hw = "" if first.prices.hardware == UNIT_PRICES else f" on {first.prices.hardware}"
     table = Table(
-        columns=["refit every W steps", "refits", "mean imbalance", "p95", "fixed", "oracle",
-                 "weights moved / refit", "moved / step"],
-        rows=rows, numeric=[True] * 8,
+        columns=["refit every W steps", "refits", "step imbalance", "step p95", "fixed", "oracle",
+                 "weights moved / refit", "time / step with moves", "vs fixed"],
+        rows=rows, numeric=[True] * 9,
         caption=f"Refit from the last N = {first.window} steps with the {first.settings.get('policy', '?')} policy "
-                f"on {first.settings.get('num_gpus', '?')} GPUs; steps: {inputs.steps().size()}",
+                f"on {first.settings.get('num_gpus', '?')} GPUs{hw}; steps: {inputs.steps().size()}",
+        legend=REBALANCE_LEGEND,
     )
     fig = figures.imbalance_vs_interval(
-        [r.every for r in results], [r.mean_imbalance("rebalanced") for r in results],
-        [r.mean_imbalance("fixed") for r in results], [r.mean_imbalance("oracle") for r in results],
+        [r.every for r in results], [r.step_imbalance("rebalanced") for r in results],
+        [r.step_imbalance("fixed") for r in results], [r.step_imbalance("oracle") for r in results],
         [float(r.moved_bytes.sum()) / max(r.scored_steps, 1) for r in results],
     )
-    best = min(results, key=lambda r: r.mean_imbalance("rebalanced"))
     paragraphs = [
+        ("Refit: " if advice.every is not None else "Don't refit: ") + advice.reason + ".",
         f"The trace has {first.steps} steps; the first {first.window} are the window the first placement is fitted "
         f"on and are not scored. The fixed placement keeps that first fit; the oracle is refitted on each interval's "
         f"own steps (hindsight), the floor a refit could reach. One expert's weights are "
         f"{fmt_bytes(first.expert_bytes)}.",
         inputs.steps().sentence(),
-        f"Lowest mean imbalance when refitting every {best.every} steps: {fmt_num(best.mean_imbalance('rebalanced'))}"
-        f" against {fmt_num(best.mean_imbalance('fixed'))} fixed and {fmt_num(best.mean_imbalance('oracle'))} oracle,"
-        f" moving {fmt_bytes(float(best.moved_bytes.mean()) if best.rebalances else 0.0)} of weights per refit.",
     ]
     return Section("rebalance", "Rebalance windows", paragraphs, [table], [fig])
 
@@ -235,6 +246,12 @@ def _routing_section(inputs: ReportInputs) -> Section:
                  "TV prefill-decode", "min segment corr.", "shared w/ prev. token", "if independent"],
         rows=rows, numeric=[False, True, True, True, True, False, True, True, True, True],
         caption="Per-layer routing statistics",
+        legend="entropy: of the layer's expert load, in bits (log2 E when even); Gini: 0 even, toward 1 when few "
+               "experts take the load; max / mean: the busiest expert's load over the mean; TV prefill-decode: total "
+               "variation distance between the two phases' loads (0 same, 1 disjoint); min segment corr.: the lowest "
+               "load correlation between consecutive equal slices of the trace; shared w/ prev. token: share of its "
+               "top-k a token shares with the previous token of its sequence, against what independent choices at "
+               "the trace's rates would give",
     )
     shown = sorted({0, ra.num_layers // 2, ra.num_layers - 1})[:COSELECTION_LAYERS]
     pair_rows = []
@@ -248,7 +265,9 @@ def _routing_section(inputs: ReportInputs) -> Section:
                            "lift over independent"], rows=pair_rows,
                   numeric=[False, False, False, True, True, True],
                   caption=f"Expert pairs (pairs chosen by at least {fmt_pct(PAIR_MIN_SHARE)} of tokens; lift 1 = "
-                          "as often as independent choices would give)")
+                          "as often as independent choices would give)",
+                  legend="tokens choosing both: tokens whose top-k in the layer holds both experts; lift: that count "
+                         "over what the two experts' separate rates would give if tokens chose independently")
     figs = [
         figures.load_heatmap(ra.load, names),
         figures.entropy_gini(ent_n, gini, names),
@@ -317,13 +336,21 @@ def _inputs_section(inputs: ReportInputs) -> Section:
         ["non-expert FLOPs / token", fmt_int(nonexpert.flops_per_token), "; ".join(nonexpert.assumptions)],
         ["non-expert weights", fmt_bytes(nonexpert.weight_bytes), "attention, dense layers, embeddings, LM head"],
     ]
+    if inputs.rebalance:
+        advice = inputs.rebalance_advice or advise(inputs.rebalance)
+        assumptions += [
+            ["rebalance margin", fmt_pct(advice.margin), "a refit must shorten the step by this much, moves included"],
+            ["rebalance weight moves", "peak scale-up bandwidth", "the busiest receiving GPU's bytes (never overstated)"],
+        ]
     settings_rows = [[k, _plain(v)] for k, v in sorted(inputs.settings.items())]
     tables = [
         Table(["field", "value"], trace_rows, caption="Trace"),
         Table(["GPU", "dense BF16 TFLOP/s", "HBM GB", "HBM TB/s", "scale-up GB/s", "scale-out GB/s",
                "latency up / out (us)", "expert time priced by"], hw_rows,
               caption="Hardware (per GPU, one direction) and what priced its expert time",
-              numeric=[False] + [True] * 6 + [False]),
+              numeric=[False] + [True] * 6 + [False],
+              legend="peak datasheet figures (the cost model applies the efficiencies below); latencies are per "
+                     "all-to-all phase, stated assumptions rather than datasheet figures"),
         Table(["assumption", "value", "why"], assumptions, caption="Cost model assumptions (docs/cost-model.md)"),
     ]
     if settings_rows:
@@ -338,6 +365,15 @@ def _plain(value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- build
+
+
+def trace_title(meta: TraceMetadata) -> str:
+    """What the trace is from: the model id, or "synthetic (preset NAME)" for `moe-sim synth` traces, whose model
+    id is the preset's hub id though no such model ran."""
+    if meta.source != "synthetic":
+        return meta.model_id
+    names = [name for name, preset in PRESETS.items() if preset.model_id == meta.model_id]
+    return f"synthetic (preset {names[0]})" if names else f"synthetic ({meta.model_id} shapes)"
 
 
 def build_report(inputs: ReportInputs) -> Report:
@@ -357,10 +393,12 @@ def build_report(inputs: ReportInputs) -> Report:
         "plan": inputs.plan.to_dict() if inputs.plan is not None else None,
         "replay": inputs.replay.to_dict(),
         "rebalance": [r.to_dict() for r in inputs.rebalance],
+        "rebalance_advice": (inputs.rebalance_advice or advise(inputs.rebalance)).to_dict() if inputs.rebalance
+        else None,
         "routing": inputs.routing.summary(),
         "settings": inputs.settings,
         "step_basis": inputs.steps().to_dict(),
     }
-    subtitle = (f"{meta.model_id}: {fmt_int(inputs.num_tokens)} tokens from {', '.join(inputs.trace_paths)}"
+    subtitle = (f"{trace_title(meta)}: {fmt_int(inputs.num_tokens)} tokens from {', '.join(inputs.trace_paths)}"
                 + (f"; generated {inputs.created_at}" if inputs.created_at else ""))
     return Report("MoE capacity-planning report", subtitle, sections, data)

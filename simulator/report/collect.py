@@ -14,58 +14,56 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from simulator.cost_model import DEFAULT_CONTEXT_TOKENS, DEFAULT_HBM_RESERVE
+from simulator.cli_options import ProgressFactory
+from simulator.cost_model import DEFAULT_CONTEXT_TOKENS
 from simulator.hardware import GpuSpec
+from simulator.options import ScoringOptions
 from simulator.placement import fit_placement
 from simulator.plan import Candidate, PlanConfig, PlanResult, plan
 from simulator.rebalance import (
+    DEFAULT_MARGIN,
     RebalanceConfig,
+    advise,
     count_steps,
-    default_intervals,
-    default_window,
     passes_needed,
     rebalance_trace,
 )
-from simulator.replay import DEFAULT_FIT_FRACTION, DEFAULT_PLACEMENTS, ReplayConfig, replay
+from simulator.replay import DEFAULT_PLACEMENTS, ReplayConfig, replay
 from simulator.report.build import ReportInputs, StepBasis
 from simulator.routing_analysis import DEFAULT_SEGMENTS, analyze_routing
 from traces.errors import InputError
-from traces.reader import DEFAULT_CHUNK_TOKENS, Trace
-
-# (pass label, tokens to stream) -> progress callback for that pass
-ProgressFactory = Callable[[str, int], Callable[[int], None] | None]
+from traces.reader import Trace
 
 
-@dataclass
-class ReportOptions:
-    """The report command's options, as the library sees them."""
+@dataclass(kw_only=True)
+class ReportOptions(ScoringOptions):
+    """The report command's options, as the library sees them (the cluster and scoring ones shared with replay and
+    plan)."""
 
     hardware: list[GpuSpec]
     gpus: list[int]  # GPU counts swept by the plan; the first is replayed when there is no plan
-    gpus_per_node: int = 8
     placements: tuple[str, ...] = DEFAULT_PLACEMENTS  # compared in the replay section
     plan_placements: tuple[str, ...] = ("contiguous", "balanced", "replicated")
     redundant_experts: list[int] = field(default_factory=lambda: [0, 8, 16])
     tokens_per_step: int = 0  # 0: the recorded forward passes (replay, rebalance); > 0 also fixes the plan's steps
     plan_tokens_per_gpu: list[int] | None = None  # the plan's per-GPU batches (None: its default for the phase)
-    phase: str = "all"
-    fit_fraction: float = DEFAULT_FIT_FRACTION
-    capacity_factor: float | None = None
-    hbm_reserve: float = DEFAULT_HBM_RESERVE
     context_tokens: int = DEFAULT_CONTEXT_TOKENS
     target_tokens_per_s: float | None = None  # None: no plan sweep
     max_step_ms: float | None = None
     rebalance_every: tuple[int, ...] = ()  # empty: a spread of intervals chosen from the trace's length
     window: int | None = None  # None: default_window(steps)
+    rebalance_margin: float = DEFAULT_MARGIN  # refitting must beat the fixed placement by this, moves included
     rebalance_policy: str | None = None  # None: replicated when the layout has redundant slots, else balanced
     segments: int = DEFAULT_SEGMENTS
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.hardware:
             raise InputError("--hardware: give at least one GPU preset or file")
         if not self.gpus or any(g < 1 for g in self.gpus):
             raise InputError("--gpus: give one or more positive GPU counts")
+        for g in self.gpus:
+            self.check_layout(g)  # fails before the long passes, as plan would after them
 
 
 def _buildable(policies: tuple[str, ...], num_experts: int, num_gpus: int, gpus_per_node: int,
@@ -157,21 +155,24 @@ def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFacto
     )
     replay_result = replay(trace, replay_config, progress=bar("replay"))
 
-    phase = None if options.phase == "all" else options.phase
-    tps = tokens_per_step or None
-    steps = count_steps(trace, phase=phase, tokens_per_step=tps, chunk_tokens=options.chunk_tokens)
-    window = options.window if options.window is not None else default_window(steps)
-    every = options.rebalance_every or default_intervals(steps, window)
     policy = options.rebalance_policy or ("replicated" if redundant else "balanced")
-    rebalance_config = RebalanceConfig(every=tuple(every), window=window, policy=policy, num_gpus=num_gpus,
-                                       gpus_per_node=options.gpus_per_node, redundant_experts=redundant,
-                                       phase=phase, tokens_per_step=tps)
-    if steps <= window:
-        raise InputError(f"--window {window}: the trace has only {steps} steps ({basis.size()}), none left to "
-                         "score after the window (lower --window)")
+    rebalance_config = RebalanceConfig(
+        every=options.rebalance_every, window=options.window, policy=policy, num_gpus=num_gpus,
+        gpus_per_node=options.gpus_per_node, redundant_experts=redundant,
+        phase=None if options.phase == "all" else options.phase, tokens_per_step=tokens_per_step or None,
+        hardware=gpu, margin=options.rebalance_margin,
+    ).resolve(trace, options.chunk_tokens)
+    assert rebalance_config.window is not None
+    steps = count_steps(trace, phase=rebalance_config.phase, tokens_per_step=rebalance_config.tokens_per_step,
+                        chunk_tokens=options.chunk_tokens)
+    if steps <= rebalance_config.window:
+        raise InputError(f"--window {rebalance_config.window}: the trace has only {steps} steps ({basis.size()}), "
+                         "none left to score after the window (lower --window)")
     rebalance_results = rebalance_trace(trace, rebalance_config, chunk_tokens=options.chunk_tokens,
-                                        progress=bar("rebalance", passes_needed(every, meta.num_moe_layers,
+                                        progress=bar("rebalance", passes_needed(rebalance_config.every,
+                                                                                   meta.num_moe_layers,
                                                                                    meta.num_experts)))
+    rebalance_advice = advise(rebalance_results, rebalance_config.margin)
 
     routing = analyze_routing(trace, segments=options.segments, chunk_tokens=options.chunk_tokens,
                               progress=bar("routing"))
@@ -180,7 +181,7 @@ def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFacto
         shown["placements not buildable on this layout"] = skipped
     return ReportInputs(
         trace_paths=[str(p) for p in trace.paths], metadata=meta, num_tokens=tokens, routing=routing,
-        replay=replay_result, rebalance=rebalance_results, hardware=list(options.hardware), plan=plan_result,
+        replay=replay_result, rebalance=rebalance_results, rebalance_advice=rebalance_advice, hardware=list(options.hardware), plan=plan_result,
         settings=shown, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), step_basis=basis,
     )
 

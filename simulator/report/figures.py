@@ -68,7 +68,7 @@ def entropy_gini(entropy_norm: np.ndarray, gini: np.ndarray, layer_names: Sequen
     ax.set_xlabel("MoE layer")
     _layer_ticks(ax, list(layer_names))
     ax.grid(alpha=0.3)
-    ax.legend(loc="center right")
+    fig.legend(loc="outside upper center", ncol=2, fontsize=8)  # above the axes, never over the points
     return _finish(fig, "entropy-gini", "Load entropy and Gini per layer",
                    "Normalised entropy is 1 when every expert gets the same load; Gini is 0 then and grows toward 1 "
                    "as load concentrates on few experts.")
@@ -126,9 +126,9 @@ def stability(segment_corr: np.ndarray, overlap: np.ndarray, independent: np.nda
             left.plot(seg, segment_corr[:, layer], color=COLORS[layer % len(COLORS)], alpha=0.7,
                       label=f"layer {layer_names[layer]}" if segment_corr.shape[1] <= 8 else None)
         if segment_corr.shape[1] <= 8:
-            left.legend(fontsize=7)
-        low = float(np.nanmin(segment_corr)) if np.isfinite(segment_corr).any() else 0.0
-        left.set_ylim(min(0.9, low - 0.02), 1.0)  # zoomed in: correlations usually sit just under 1
+            left.legend(fontsize=7, loc="lower left", ncol=2)
+        left.set_ylim(*zoom_limits(segment_corr))  # correlations sit just under 1: zoom to their spread
+        left.yaxis.get_major_formatter().set_useOffset(False)
     left.set_xlabel("segment (vs the one before)")
     left.set_ylabel("load correlation")
     left.grid(alpha=0.3)
@@ -149,9 +149,21 @@ def stability(segment_corr: np.ndarray, overlap: np.ndarray, independent: np.nda
                    "tokens chose experts independently at the trace's rates.")
 
 
+def zoom_limits(values: np.ndarray, min_span: float = 1e-3) -> tuple[float, float]:
+    """y limits that show the spread of `values` (any shape, NaN ignored) with a margin on both sides, so a series
+    near 1 is neither a flat line on the top edge nor lost in a range from 0; at least min_span tall."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = float(finite.min()), float(finite.max())
+    pad = max(0.15 * (high - low), min_span / 2)
+    return low - pad, high + pad
+
+
 def imbalance_vs_interval(every: Sequence[int], rebalanced: Sequence[float], fixed: Sequence[float],
                           oracle: Sequence[float], moved_bytes_per_step: Sequence[float]) -> Figure:
-    """Mean per-step imbalance against the refit interval W, with expert bytes moved per step. [W] each."""
+    """Step imbalance (simulator.metrics) against the refit interval W, with expert bytes moved per step. [W] each."""
     fig = MplFigure(figsize=(8, 3.4), layout="constrained")
     ax = fig.add_subplot()
     ax.plot(every, rebalanced, marker="o", color=COLORS[0], label="refit every W steps")
@@ -159,7 +171,7 @@ def imbalance_vs_interval(every: Sequence[int], rebalanced: Sequence[float], fix
     ax.plot(every, oracle, linestyle=":", marker=".", color=COLORS[2], label="oracle (fitted on scored steps)")
     ax.set_xscale("log")
     ax.set_xlabel("refit interval W (steps)")
-    ax.set_ylabel("mean per-step max/mean GPU load")
+    ax.set_ylabel("step imbalance")
     ax.grid(alpha=0.3)
     twin = ax.twinx()
     twin.bar(every, np.asarray(moved_bytes_per_step) / 2**20, width=np.asarray(every) * 0.25, alpha=0.25,
@@ -167,11 +179,13 @@ def imbalance_vs_interval(every: Sequence[int], rebalanced: Sequence[float], fix
     twin.set_ylabel("expert weights moved, MiB per step")
     lines, labels = ax.get_legend_handles_labels()
     l2, lab2 = twin.get_legend_handles_labels()
-    ax.legend(lines + l2, labels + lab2, fontsize=8, loc="upper left")
+    # above the axes: inside, it hid the W = 1 point at the left edge
+    fig.legend(lines + l2, labels + lab2, fontsize=8, loc="outside upper center", ncol=4)
     ax.set_zorder(twin.get_zorder() + 1)
     ax.patch.set_visible(False)
     return _finish(fig, "rebalance", "Imbalance against rebalance interval",
-                   "Mean per-step load imbalance when the placement is refitted every W steps from the last N "
+                   "Step imbalance (per step, the busiest GPU's load summed over layers and steps, over the same sum "
+                   "of the mean GPU's) when the placement is refitted every W steps from the last N "
                    "steps' load, against a placement fitted once on the first window and an oracle fitted on the "
                    "scored steps themselves; bars: expert weight bytes moved per step, amortised over the interval.")
 
@@ -239,8 +253,10 @@ def node_traffic(names: Sequence[str], intra: Sequence[float], inter: Sequence[f
                    "and between nodes over the network, per placement.")
 
 
-def time_breakdown(names: Sequence[str], parts: Mapping[str, Sequence[float]]) -> Figure:
-    """Stacked MoE time per step by component for each layout. parts: component -> [P] seconds."""
+def time_breakdown(names: Sequence[str], parts: Mapping[str, Sequence[float]],
+                   highlight: int | None = None) -> Figure:
+    """Stacked MoE time per step by component for each layout. parts: component -> [P] seconds; highlight: the
+    index of the recommended layout, outlined and labelled."""
     fig = MplFigure(figsize=(max(6.0, 0.7 * len(names) + 3), 3.8), layout="constrained")
     ax = fig.add_subplot()
     x = np.arange(len(names))
@@ -250,10 +266,18 @@ def time_breakdown(names: Sequence[str], parts: Mapping[str, Sequence[float]]) -
         ax.bar(x, v, bottom=bottom, color=COMPONENT_COLORS[comp], label=comp.replace("_", "-"))
         bottom += v
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    marked = ""
+    if highlight is not None:
+        ax.bar([highlight], [bottom[highlight]], fill=False, edgecolor="black", linewidth=2.0, zorder=3)
+        ax.annotate("recommended", (highlight, bottom[highlight]), xytext=(0, 4), textcoords="offset points",
+                    ha="center", fontsize=8, fontweight="bold")
+        ax.get_xticklabels()[highlight].set_fontweight("bold")
+        ax.set_ylim(0, 1.12 * float(bottom.max()))  # room for the label
+        marked = " The recommended layout is outlined."
     ax.set_ylabel("ms per step")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     return _finish(fig, "time-breakdown", "Step time breakdown",
                    "Predicted time per step split into expert compute, expert weight reads (each layer counts as "
                    "whichever bounds its slowest GPU), dispatch and combine, plus the non-expert work (attention, "
-                   "dense layers, embeddings) where the layouts come from the plan.")
+                   f"dense layers, embeddings) where the layouts come from the plan.{marked}")

@@ -1,5 +1,7 @@
 """The report as plain data: sections of paragraphs, tables and figures. Renderers turn it into HTML or Markdown.
 
+A section renders in this order: paragraphs, lead tables, bullets, tables, details, figures.
+
 Nothing here computes or draws; build.py fills a Report, render.py writes it out.
 """
 
@@ -17,6 +19,7 @@ class Table:
     rows: list[list[str]]
     caption: str = ""
     numeric: list[bool] | None = None
+    legend: str = ""  # what the columns mean, shown under the table
 
     def __post_init__(self) -> None:
         for row in self.rows:
@@ -37,13 +40,23 @@ class Figure:
 
 
 @dataclass
+class Details:
+    """A list folded under a one-line summary (HTML <details>; Markdown viewers that know the tag fold it too)."""
+
+    summary: str
+    items: list[str]
+
+
+@dataclass
 class Section:
     key: str  # anchor id in HTML
     title: str
     paragraphs: list[str] = field(default_factory=list)  # plain text (renderers escape it)
     tables: list[Table] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
-    bullets: list[str] = field(default_factory=list)  # points shown right after the paragraphs
+    bullets: list[str] = field(default_factory=list)  # points shown after the paragraphs and the lead tables
+    lead: list[Table] = field(default_factory=list)  # tables shown right after the paragraphs, before the bullets
+    details: list[Details] = field(default_factory=list)  # folded lists, after the tables
 
 
 @dataclass

@@ -6,11 +6,12 @@ MoE step on the replayed layout, and says that no layouts were swept.
 
 from __future__ import annotations
 
+from simulator import metrics
 from simulator.plan import Candidate, PlanResult
 from simulator.replay import ReplayResult
 from simulator.report import figures
 from simulator.report.format import fmt_int, fmt_ms, fmt_num, fmt_pct
-from simulator.report.model import Figure, Section, Table
+from simulator.report.model import Details, Figure, Section, Table
 
 MAX_BREAKDOWN_BARS = 16  # layouts drawn in the time breakdown (the best placement of each)
 
@@ -38,6 +39,13 @@ def best_per_layout(plan: PlanResult) -> list[Candidate]:
     return [best[k] for k in sorted(best)]
 
 
+CANDIDATE_LEGEND = (
+    "rec.: the recommended layout; step ms / p95: predicted whole-model step time; tokens/s: whole cluster, whole "
+    f"model; {metrics.STEP_IMBALANCE}; leave node: share of assignments served on another node; memory: expert "
+    "weights with replicas plus non-expert weights per GPU, against HBM x (1 - reserve); meets target: fits in "
+    "memory, reaches the throughput target and keeps p95 within the latency bound")
+
+
 def candidate_table(plan: PlanResult, rows_in: list[Candidate], caption: str) -> Table:
     rec = plan.recommendation
     priced = any(c.price_per_hour is not None for c in rows_in)
@@ -46,19 +54,20 @@ def candidate_table(plan: PlanResult, rows_in: list[Candidate], caption: str) ->
         rows.append([
             "yes" if c is rec else "", c.hardware, str(c.num_gpus), c.placement,
             _batch(c), fmt_num(c.step_ms),
-            fmt_num(c.step_ms_p95), fmt_int(c.tokens_per_s), fmt_int(c.tokens_per_s_per_gpu), fmt_num(c.imbalance),
+            fmt_num(c.step_ms_p95), fmt_int(c.tokens_per_s), fmt_int(c.tokens_per_s_per_gpu), fmt_num(c.step_imbalance),
             fmt_pct(c.leave_node_share),
             f"{c.memory_per_gpu_bytes / 2**30:.2f} / {c.usable_hbm_bytes / 2**30:.2f}",
             "yes" if c.meets_target else "no",
         ] + ([_price(c.price_per_hour), _price(c.cost_per_million_tokens)] if priced else []))
     return Table(
         columns=["rec.", "GPU", "GPUs", "placement", "tokens/step (per GPU x GPUs)", "step ms", "step ms p95",
-                 "tokens/s", "tokens/s / GPU", "imbalance", "leave node", "memory / usable GiB", "meets target"]
+                 "tokens/s", "tokens/s / GPU", "step imbalance", "leave node", "memory / usable GiB", "meets target"]
         + (["cost / hour", "cost / M tokens"] if priced else []),
         rows=rows,
         numeric=[False, False, True, False, True, True, True, True, True, True, True, True, False]
         + ([True, True] if priced else []),
         caption=caption,
+        legend=CANDIDATE_LEGEND,
     )
 
 
@@ -75,8 +84,8 @@ def plan_section(plan: PlanResult | None, replay: ReplayResult) -> Section:
             f"No throughput target was given, so no layouts were swept (pass --target-tokens-per-s to plan). On the "
             f"replayed layout, {cfg['num_gpus']} x {cfg['hardware']['name']}, the {best.label} placement has the "
             f"shortest predicted MoE step: {fmt_ms(t.step_time['mean'])} ms on average, "
-            f"{fmt_int(t.tokens_per_s_per_gpu)} tokens/s per GPU for the MoE layers, imbalance "
-            f"{fmt_num(best.imbalance)}.",
+            f"{fmt_int(t.tokens_per_s_per_gpu)} tokens/s per GPU for the MoE layers, step imbalance "
+            f"{fmt_num(best.step_imbalance)}.",
         ])
     rec = plan.recommendation
     if rec is not None:
@@ -84,15 +93,15 @@ def plan_section(plan: PlanResult | None, replay: ReplayResult) -> Section:
                 f"({fmt_num(rec.step_ms)} ms per step, p95 {fmt_num(rec.step_ms_p95)} ms).")
     else:
         head = "No layout in the sweep meets the goal; the frontier below shows what comes closest."
-    bullets = list(plan.reasons) + [f"skipped: {s}" for s in plan.skipped]
     target = fmt_int(plan.config.get("target_tokens_per_s", float("nan")))
-    tables = [
-        candidate_table(plan, plan.frontier, f"Frontier: layouts no other beats at once on GPUs (cost per hour when "
-                                             f"every GPU is priced), throughput and p95 step time ({len(plan.candidates)} grid points, target {target} "
-                                             "tokens/s)"),
-        candidate_table(plan, best_per_layout(plan), "Best placement on each layout swept"),
-    ]
-    return Section("recommendation", "Recommendation", [head], tables, bullets=bullets)
+    frontier = candidate_table(plan, plan.frontier, f"Frontier: layouts no other beats at once on GPUs (cost per "
+                                                    f"hour when every GPU is priced), throughput and p95 step time "
+                                                    f"({len(plan.candidates)} grid points, target {target} tokens/s)")
+    details = [Details(f"Skipped {len(plan.skipped)} grid point{'s' if len(plan.skipped) != 1 else ''} that cannot "
+                       "be built or planned", list(plan.skipped))] if plan.skipped else []
+    return Section("recommendation", "Recommendation", [head],
+                   [candidate_table(plan, best_per_layout(plan), "Best placement on each layout swept")],
+                   bullets=list(plan.reasons), lead=[frontier], details=details)
 
 
 def time_breakdown_figure(plan: PlanResult | None, replay: ReplayResult) -> Figure:
@@ -101,7 +110,16 @@ def time_breakdown_figure(plan: PlanResult | None, replay: ReplayResult) -> Figu
     comps = ("compute", "weights", "dispatch", "combine")
     if plan is not None and plan.candidates:
         shown = best_per_layout(plan)[:MAX_BREAKDOWN_BARS]
+        rec = plan.recommendation
+        if rec is not None and rec not in shown:  # the recommendation takes its layout's bar, or a bar of its own
+            same = [i for i, c in enumerate(shown)
+                    if (c.hardware, c.num_gpus, c.tokens_per_step) == (rec.hardware, rec.num_gpus, rec.tokens_per_step)]
+            if same:
+                shown[same[0]] = rec
+            else:
+                shown.append(rec)
         parts = {c: [x.breakdown_ms[c] / 1e3 for x in shown] for c in (*comps, "non_expert")}
-        return figures.time_breakdown([_short(c) for c in shown], parts)
+        return figures.time_breakdown([_short(c) for c in shown], parts,
+                                      highlight=shown.index(rec) if rec is not None else None)
     parts = {c: [p.timings[0].breakdown[c] for p in replay.placements] for c in comps}
     return figures.time_breakdown([p.label for p in replay.placements], parts)

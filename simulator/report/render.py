@@ -35,6 +35,8 @@ th { background: #eef1f5; text-align: left; } td.num { text-align: right; font-v
 figure { margin: 1rem 0 1.6rem; } figure img { max-width: 100%; height: auto; border: 1px solid #eceef2; }
 figcaption { color: #4a5261; font-size: 0.88rem; } figcaption b { color: #1d2330; }
 .bullets li { margin: 0.2rem 0; }
+details { margin: 0.4rem 0 1rem; } details summary { cursor: pointer; color: #4a5261; }
+.legend { color: #4a5261; font-size: 0.82rem; margin: 0.3rem 0 0; max-width: 70rem; }
 """
 
 
@@ -53,7 +55,8 @@ def _html_table(table: Table) -> str:
         rows.append(f"<tr>{cells}</tr>")
     caption = f"<caption>{html.escape(table.caption)}</caption>" if table.caption else ""
     table_html = f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    return f'<div class="table-wrap">{table_html}</div>'  # wide tables scroll inside the page, not the page
+    legend = f'<p class="legend">{html.escape(table.legend)}</p>' if table.legend else ""
+    return f'<div class="table-wrap">{table_html}{legend}</div>'  # wide tables scroll inside the page, not the page
 
 
 def _html_figure(fig: Figure) -> str:
@@ -69,10 +72,14 @@ def _html_figure(fig: Figure) -> str:
 def _html_section(section: Section) -> str:
     parts = [f'<section id="{html.escape(section.key)}"><h2>{html.escape(section.title)}</h2>']
     parts += [f"<p>{html.escape(p)}</p>" for p in section.paragraphs]
+    parts += [_html_table(t) for t in section.lead]
     if section.bullets:
         parts.append('<ul class="bullets">' + "".join(f"<li>{html.escape(b)}</li>" for b in section.bullets)
                      + "</ul>")
     parts += [_html_table(t) for t in section.tables]
+    parts += [f"<details><summary>{html.escape(d.summary)}</summary><ul>"
+              + "".join(f"<li>{html.escape(item)}</li>" for item in d.items) + "</ul></details>"
+              for d in section.details]
     parts += [_html_figure(f) for f in section.figures]
     parts.append("</section>")
     return "\n".join(parts)
@@ -109,6 +116,8 @@ def _md_table(table: Table) -> str:
     lines.append("| " + " | ".join(_md_escape(c) for c in table.columns) + " |")
     lines.append("|" + "|".join("---:" if n else "---" for n in numeric) + "|")
     lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in table.rows]
+    if table.legend:
+        lines += ["", f"_{_md_escape(table.legend)}_"]
     return "\n".join(lines)
 
 
@@ -121,10 +130,15 @@ def render_markdown(report: Report, image_dir: str | None = None) -> str:
         out += ["", f'<a id="{section.key}"></a>', f"## {section.title}", ""]
         for p in section.paragraphs:
             out += [p, ""]
+        for t in section.lead:
+            out += [_md_table(t), ""]
         if section.bullets:
             out += [f"- {b}" for b in section.bullets] + [""]
         for t in section.tables:
             out += [_md_table(t), ""]
+        for d in section.details:
+            out += [f"<details><summary>{html.escape(d.summary)}</summary>", "",
+                    *(f"- {_md_escape(item)}" for item in d.items), "", "</details>", ""]
         for fig in section.figures:
             if image_dir is None:
                 src = "data:image/png;base64," + base64.b64encode(fig.png).decode("ascii")

@@ -1,0 +1,52 @@
+"""Helpers the simulator's commands share: comma-separated option values and progress bars on stderr."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from traces.errors import InputError
+
+ProgressFactory = Callable[[str, int], Callable[[int], None] | None]  # (label, total tokens) -> advance(n)
+
+
+def int_list(text: str, option: str) -> list[int]:
+    """`--gpus 8,16` -> [8, 16]; a one-line InputError naming the option otherwise."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{option}: expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise InputError(f"{option}: give at least one value")
+    return values
+
+
+def names(text: str) -> list[str]:
+    """`a, b,,c` -> ["a", "b", "c"]."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+@contextmanager
+def progress_bars(quiet: bool) -> Iterator[ProgressFactory]:
+    """A rich progress display on stderr; each pass over the trace gets its own bar (none when quiet)."""
+    if quiet:
+        yield lambda label, total: None
+        return
+    columns = (TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        def factory(label: str, total: int) -> Callable[[int], None]:
+            task = progress.add_task(label, total=total)
+            return lambda n: progress.advance(task, n)
+
+        yield factory
+
+
+@contextmanager
+def progress_bar(total: int, label: str, quiet: bool) -> Iterator[Callable[[int], None] | None]:
+    """One bar of `total` tokens (None when quiet)."""
+    with progress_bars(quiet) as bars:
+        yield bars(label, total)

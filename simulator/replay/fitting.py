@@ -1,0 +1,127 @@
+"""Fitting: count load (and co-selection) on the fit part of a trace, then fit every placement on it.
+
+Shape legend: L MoE layers, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from simulator import kernels as K
+from simulator.options import PHASES
+from simulator.placement import Placement, fit_placement
+from simulator.replay.config import Variant
+from traces.errors import InputError
+from traces.reader import DEFAULT_CHUNK_TOKENS, Trace
+from traces.schema import TraceMetadata
+
+
+@dataclass
+class FitStatistics:
+    """Counts over the fit part. load [L, E]; coselection [L, E, E] or None; score_start: first scored token."""
+
+    load: np.ndarray
+    coselection: np.ndarray | None
+    fit_tokens: int
+    score_start: int
+
+
+def fit_statistics(trace: Trace, *, fit_fraction: float, phase: str, tokens_per_step: int, with_coselection: bool,
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> FitStatistics:
+    """Load (and co-selection) over the first fit_fraction of the trace's tokens.
+
+    The scored part starts at the first recorded step boundary at or after that point (so no step is split
+    between fitting and scoring); with fit_fraction 0 the whole trace is both fitted and scored.
+    """
+    meta = trace.metadata
+    layers, experts = meta.num_moe_layers, meta.num_experts
+    load = np.zeros((layers, experts), dtype=np.int64)
+    cosel = np.zeros((layers, experts, experts) if with_coselection else (1, 1, 1), dtype=np.int64)
+    total = trace.num_tokens
+    if fit_fraction <= 0:
+        stop = total
+        score_start = 0
+    else:
+        stop = fit_stop(trace, fit_fraction, phase, chunk_tokens)
+        score_start = -1
+    t0 = 0
+    last_step = None
+    for chunk in trace.iter_chunks(("expert_ids", "step", "phase"), chunk_tokens):
+        n = chunk.num_tokens
+        assert chunk.expert_ids is not None and chunk.step is not None and chunk.phase is not None
+        if t0 < stop:
+            K.count_load(chunk.expert_ids, chunk.phase, t0, PHASES[phase], stop, load, cosel, with_coselection)
+        if score_start < 0 and t0 + n > stop:
+            # first boundary of recorded steps at or after `stop` (regrouped steps start anywhere)
+            local = max(0, stop - t0)
+            if tokens_per_step > 0 or local == 0 and (last_step is None or chunk.step[0] != last_step):
+                score_start = t0 + local
+            else:
+                prev = chunk.step[local - 1] if local > 0 else last_step
+                change = np.flatnonzero(chunk.step[local:] != prev)
+                if change.size:
+                    score_start = t0 + local + int(change[0])
+        last_step = chunk.step[-1] if n else last_step
+        t0 += n
+        if score_start >= 0 and t0 >= stop:
+            break
+    if score_start < 0:
+        score_start = total
+    if fit_fraction > 0 and load.sum() == 0:
+        raise InputError(f"{trace.paths[0]}: the fit part (the first {stop:,} tokens) holds no {phase} assignments "
+                         "to fit placements on (raise --fit-fraction, or 0 to fit on everything)")
+    return FitStatistics(load, cosel if with_coselection else None, stop, score_start)
+
+
+def fit_stop(trace: Trace, fit_fraction: float, phase: str, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> int:
+    """Global index where the fit part ends: after fit_fraction of the chosen phase's tokens (all tokens for
+    "all"), so a trace that opens with a long prefill still fits decode placements on decode tokens."""
+    total = trace.num_tokens
+    if phase == "all":
+        return int(total * fit_fraction)
+    code = PHASES[phase]
+    seen = 0
+    for chunk in trace.iter_chunks(("phase",), chunk_tokens):
+        assert chunk.phase is not None
+        seen += int(np.count_nonzero(chunk.phase == code))
+    wanted = int(seen * fit_fraction)
+    if seen == 0 or wanted == 0:
+        return int(total * fit_fraction)  # nothing of the phase to fit on: fit_statistics says so
+    t0 = 0
+    for chunk in trace.iter_chunks(("phase",), chunk_tokens):  # a second pass over one column, bounded memory
+        assert chunk.phase is not None
+        hits = np.flatnonzero(chunk.phase == code)
+        if wanted <= hits.size:
+            return t0 + int(hits[wanted - 1]) + 1
+        wanted -= hits.size
+        t0 += chunk.num_tokens
+    return total
+
+
+def fit_variants(stats: FitStatistics, meta: TraceMetadata, *, policies: tuple[str, ...], num_gpus: int,
+                 gpus_per_node: int, redundant_experts: int, tokens_per_step: int) -> list[Variant]:
+    out = []
+    for policy in policies:
+        placement = fit_placement(policy, stats.load, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
+                                  redundant_experts=redundant_experts, coselection=stats.coselection)
+        check_placement_matches(placement, meta, policy)
+        r = int((placement.slots >= 0).sum() // placement.num_layers - meta.num_experts)  # empty slots are no replicas
+        label = policy if r == 0 or policy.startswith("file:") else f"{policy}+{r}"
+        out.append(Variant(label, placement, tokens_per_step, max(r, 0)))
+    return out
+
+
+def check_placement_matches(placement: Placement, meta: TraceMetadata, source: str) -> None:
+    """A placement must be for the trace's model: same layers and experts, and the same model id if it names one."""
+    if placement.model_id is not None and placement.model_id != meta.model_id:
+        raise InputError(f"{source}: placement is for model {placement.model_id!r} but the trace is from "
+                         f"{meta.model_id!r}")
+    if placement.num_experts != meta.num_experts or placement.num_layers != meta.num_moe_layers:
+        raise InputError(
+            f"{source}: placement is for {placement.num_layers} layers x {placement.num_experts} experts but the "
+            f"trace ({meta.model_id}) has {meta.num_moe_layers} x {meta.num_experts}"
+        )
+
+
