@@ -5,12 +5,26 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from traces.errors import InputError
 
 ProgressFactory = Callable[[str, int], Callable[[int], None] | None]  # (label, total tokens) -> advance(n)
+
+
+def _set_workers(_ctx: click.Context, _param: click.Parameter, value: int | None) -> int | None:
+    from simulator.kernels import set_workers
+
+    set_workers(value)  # raises InputError naming the limit
+    return value
+
+
+workers_option = click.option(
+    "--workers", type=int, default=None, expose_value=False, callback=_set_workers, metavar="N",
+    help="Threads the replay kernel spreads its placements and layouts over (default: every core). Results are "
+         "identical for any N.")
 
 
 def int_list(text: str, option: str) -> list[int]:

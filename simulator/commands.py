@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from simulator.cli_options import int_list, names, progress_bar
+from simulator.cli_options import int_list, names, progress_bar, workers_option
 from simulator.cost_model import DEFAULT_CONTEXT_TOKENS, DEFAULT_HBM_RESERVE, DEFAULT_TOKENS_PER_GPU
 from simulator.hardware import COST_MODELS, load_hardware, parse_hardware_list
 from simulator.plan import PlanConfig, apply_prices, parse_gpu_hour_cost
@@ -50,6 +50,7 @@ from traces.reader import open_trace
 @click.option("--per-layer", is_flag=True, help="Also print a per-layer breakdown.")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout instead of tables.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@workers_option
 def replay_cmd(trace: tuple[str, ...], gpus: int, gpus_per_node: int, hardware: str, cost_model: str,
                placements: str,
                redundant_experts: int | None, tokens_per_step: int, phase: str, fit_fraction: float,
@@ -118,6 +119,7 @@ replay = replay_cmd  # (cli.py looks the command up as simulator.commands:replay
 @click.option("--all", "show_all", is_flag=True, help="Print every grid point, not only the frontier.")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout instead of tables.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@workers_option
 def plan_cmd(trace: tuple[str, ...], target_tokens_per_s: float, hardware: str, cost_model: str, gpus: str,
              gpus_per_node: int,
              placements: str, redundant_experts: str, tokens_per_gpu: str | None, tokens_per_step: str | None,

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from simulator.cli_options import int_list, progress_bars
+from simulator.cli_options import int_list, progress_bars, workers_option
 from simulator.hardware import load_hardware
 from simulator.options import PHASES
 from simulator.rebalance.config import RebalanceConfig, passes_needed, rebalance_trace
@@ -39,6 +39,7 @@ def rebalance_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Use prefill tokens, decode tokens, or both."),
         click.option("--gpus-per-node", type=int, default=8, show_default=True, help="GPUs per node."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
+        workers_option,
     ]
     for option in reversed(options):
         fn = option(fn)
