@@ -17,8 +17,10 @@ source GPU's tokens evenly over the replicas.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from traces.errors import InputError
 
@@ -51,17 +53,29 @@ I_LEAVE_GPU, I_LEAVE_NODE, I_SU_PAIRS, I_SO_PAIRS, I_DROPPED, I_ACTIVE, I_PEAK, 
 NUM_INT_TOTALS = 8
 
 
-def set_workers(workers: int | None) -> int:
-    """Threads the replay kernel runs its variants on: `workers`, or every core Numba sees when None or 0.
-    Returns the number in use. Results do not depend on it (each variant is one thread's, in serial order)."""
-    import numba
+_WORKERS = [0]  # threads run_variants replays shards of the trace on; 0: every core this process may use
 
-    limit = int(numba.config.NUMBA_NUM_THREADS)
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def set_workers(workers: int | None) -> int:
+    """Threads replay spreads its shards of the trace over: `workers`, or every core when None or 0. Returns the
+    number in use. Results do not depend on it (the shards are fixed by the trace, not by the thread count)."""
+    limit = available_cores()
     n = limit if not workers else int(workers)
     if n < 1 or n > limit:
-        raise InputError(f"--workers must be 1 to {limit} (the cores Numba sees), got {workers}")
-    numba.set_num_threads(n)
+        raise InputError(f"--workers must be 1 to {limit} (the cores this process may use), got {workers}")
+    _WORKERS[0] = 0 if not workers else n
     return n
+
+
+def workers() -> int:
+    return _WORKERS[0] or available_cores()
 
 
 @njit(cache=True)
@@ -237,7 +251,7 @@ def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gp
     return sum_max / sum_mean
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int, phase_filter: int,
                  score_start: int, var_gpus: np.ndarray, var_slots: np.ndarray, var_gpn: np.ndarray,
                  var_tps: np.ndarray, var_used: np.ndarray, var_phase: np.ndarray, rep_count: np.ndarray,
@@ -266,14 +280,14 @@ def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int
     n_tok, layers, top_k = ids.shape
     n_var = var_gpus.shape[0]
     g_max = tot_gpu.shape[2]
-    # Per-variant scratch, so variants run in parallel (numba.prange; set_workers) with results bit-identical to
-    # one thread: each variant writes only its own rows, in the same order as a serial run.
+    # Per-variant scratch: each variant writes only its own rows. The kernel holds no GIL, so run_variants replays
+    # shards of the trace on several threads at once.
     mark_gpu = -np.ones((n_var, g_max), dtype=np.int64)  # stamp of the last (token, layer) sent to each GPU
     mark_node = -np.ones((n_var, g_max), dtype=np.int64)  # ... and to each node (nodes <= GPUs)
     step_times = np.zeros((n_var, cost.shape[0]))
     sel_start = sel_count.copy()
     # Variant-outer: each variant's counters stay in one core's cache while it walks the chunk.
-    for v in prange(n_var):
+    for v in range(n_var):
         _replay_variant(v, ids, steps, phases, t0, phase_filter, score_start, var_gpus, var_slots, var_gpn, var_tps,
                         var_used, var_phase, rep_count, rep_slot, local_slot, slot_gpu, model, cost, sel_start.copy(),
                         cur_key, cur_ntok, acc, fresh, head_key, head_ntok, head_acc, tot_gpu, tot_int, comp,
@@ -283,7 +297,7 @@ def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int
             sel_count[phases[i]] += 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _replay_variant(v: int, ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int, phase_filter: int,
                     score_start: int, var_gpus: np.ndarray, var_slots: np.ndarray, var_gpn: np.ndarray,
                     var_tps: np.ndarray, var_used: np.ndarray, var_phase: np.ndarray, rep_count: np.ndarray,

@@ -8,6 +8,8 @@ slots, R replicas (padded to the most), H hardware specs, W accumulator width (k
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +19,7 @@ from simulator.cost_model import cost_matrix, model_vector
 from simulator.hardware import GpuSpec
 from simulator.options import PHASES
 from simulator.replay.config import Progress, Variant
+from traces.chunk import TraceChunk
 from traces.reader import DEFAULT_CHUNK_TOKENS, Trace
 from traces.schema import PHASE_DECODE, PHASE_PREFILL
 
@@ -220,24 +223,73 @@ class Segment:
         return imb, tim, ntok
 
 
+SHARD_TOKENS = 1 << 18  # tokens per independently replayed shard; fixed, so results never depend on --workers
+
+
 def run_variants(trace: Trace, variants: list[Variant], gpus: list[GpuSpec], *, phase: str, score_start: int,
                  capacity_factor: float | None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                  progress: Progress | None = None) -> Segment:
-    """One pass over the scored tokens for every variant; returns the finished segment."""
+    """One pass over the scored tokens for every variant; returns the finished segment.
+
+    The trace is read once, in order, and cut into shards of about SHARD_TOKENS tokens (whole chunks). Each shard
+    is replayed into its own Segment on a pool of kernels.workers() threads (the kernel releases the GIL) and the
+    segments are absorbed in trace order, exactly. At most two shards per thread are in flight, so memory stays
+    bounded whatever the trace's length. The cut points depend only on the trace, so any worker count gives
+    bit-identical results.
+    """
     meta = trace.metadata
     arrays = VariantArrays.build(variants, meta.num_experts)
-    seg = Segment.empty(arrays, model_vector(meta, capacity_factor), cost_matrix(gpus, meta), meta.num_moe_layers)
-    t0 = 0
-    for chunk in trace.iter_chunks(("expert_ids", "step", "phase"), chunk_tokens):
-        n = chunk.num_tokens
-        if t0 + n > score_start:
+    model, cost = model_vector(meta, capacity_factor), cost_matrix(gpus, meta)
+    phase_filter = PHASES[phase]
+
+    def replay_shard(chunks: list[tuple[int, TraceChunk]], sel_offset: tuple[int, int]) -> Segment:
+        seg = Segment.empty(arrays, model, cost, meta.num_moe_layers, sel_offset)
+        for t0, chunk in chunks:
             assert chunk.expert_ids is not None and chunk.step is not None and chunk.phase is not None
-            seg.feed(chunk.expert_ids, chunk.step, chunk.phase, t0, PHASES[phase], score_start)
-        t0 += n
-        if progress is not None:
-            progress(n)
-    seg.finish()
-    return seg
+            seg.feed(chunk.expert_ids, chunk.step, chunk.phase, t0, phase_filter, score_start)
+        return seg
+
+    threads = K.workers()
+    merged: Segment | None = None
+    in_flight: deque[Future[Segment]] = deque()
+    scored = np.zeros(2, dtype=np.int64)  # scored tokens per phase before the shard being gathered
+
+    def absorb_oldest() -> None:
+        nonlocal merged
+        seg = in_flight.popleft().result()
+        if merged is None:
+            merged = seg
+        else:
+            merged.absorb(seg)
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        shard: list[tuple[int, TraceChunk]] = []
+        shard_tokens, offset, t0 = 0, (0, 0), 0
+        for chunk in trace.iter_chunks(("expert_ids", "step", "phase"), chunk_tokens):
+            n = chunk.num_tokens
+            if t0 + n > score_start:
+                assert chunk.phase is not None
+                ph = chunk.phase[max(0, score_start - t0):]
+                if phase_filter >= 0:
+                    ph = ph[ph == phase_filter]
+                scored += np.bincount(ph, minlength=2)[:2]
+                shard.append((t0, chunk))
+                shard_tokens += n
+                if shard_tokens >= SHARD_TOKENS:
+                    in_flight.append(pool.submit(replay_shard, shard, offset))
+                    shard, shard_tokens, offset = [], 0, (int(scored[0]), int(scored[1]))
+                while len(in_flight) > 2 * threads or (in_flight and in_flight[0].done()):
+                    absorb_oldest()
+            t0 += n
+            if progress is not None:
+                progress(n)
+        if shard or not in_flight:
+            in_flight.append(pool.submit(replay_shard, shard, offset))
+        while in_flight:
+            absorb_oldest()
+    assert merged is not None
+    merged.finish()
+    return merged
 
 
 def split_phases(variants: list[Variant], split: bool) -> tuple[list[Variant], list[tuple[int, ...]]]:
