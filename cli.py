@@ -29,6 +29,7 @@ SIM_COMMANDS = {
     "validate": ("traces.commands:validate", "Check traces fully; exit non-zero on the first problem."),
     "convert": ("traces.commands:convert", "Convert a trace between HDF5 and Arrow (by the output's extension)."),
     "synth": ("traces.commands:synth", "Write a synthetic trace with realistic skew and co-selection."),
+    "import": ("traces.import_commands:import_cmd", "Import SGLang, vLLM, Megatron, tabular or HF router dumps."),
     "replay": ("simulator.commands:replay", "Replay a trace on a GPU layout and compare expert placements."),
     "plan": ("simulator.commands:plan", "Find the cheapest layouts that meet a throughput target."),
     "report": ("simulator.report.commands:report", "Write a self-contained HTML or Markdown capacity-planning report."),

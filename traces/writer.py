@@ -15,7 +15,7 @@ from typing import Protocol
 
 from traces.chunk import TraceChunk
 from traces.errors import InputError
-from traces.schema import TraceMetadata
+from traces.schema import TraceMetadata, stamp_provenance
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
 ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
@@ -113,6 +113,7 @@ def open_writer(
 
     force: replace an existing trace (or leftover .partial) at this name.
     resume: continue a `.partial` file left by an interrupted writer (its rows are kept).
+    An empty `created_at` or `tool_version` is filled in (now, this moe-trace), so the file passes validation.
     """
     from traces.arrow_format import DEFAULT_COMPRESSION as ARROW_DEFAULT
     from traces.arrow_format import ArrowTraceWriter
@@ -125,6 +126,7 @@ def open_writer(
     if path.exists() and not force:
         raise InputError(f"{path}: already exists (pass --force to overwrite)")
     make_parent_dir(path)
+    stamp_provenance(metadata)
     metadata.status = "partial"
     backend: _Backend
     if resume and part.exists():
