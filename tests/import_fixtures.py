@@ -180,3 +180,23 @@ def vllm_responses(path: Path, *, requests: tuple[tuple[int, int], ...] = ((5, 3
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return [path], Expected(**{k: np.asarray(v) for k, v in rows.items() if k != "ids"},
                             expert_ids=np.concatenate(rows["ids"]))
+
+
+def tabular_rows(*, seed: int = 3, sequences: int = 3, tokens: int = 4) -> tuple[list[dict], Expected]:
+    """One row per (request, layer, token) with the expert list and gating probabilities, as public dumps hold
+    them, in request-major, layer-major order (a token's layers are far apart). Request ids are strings."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    ids = choose(rng, sequences * tokens)
+    weights = rng.random(ids.shape).astype(np.float32)
+    for s in range(sequences):
+        for layer in range(L):
+            for t in range(tokens):
+                i = s * tokens + t
+                rows.append({"request_id": f"req-{s}", "layer": layer, "token_idx": t,
+                             "topk_ids": ids[i, layer].tolist(), "topk_weights": weights[i, layer].tolist()})
+    n = sequences * tokens
+    exp = Expected(seq_id=np.repeat(np.arange(sequences), tokens), position=np.tile(np.arange(tokens), sequences),
+                   phase=np.zeros(n, dtype=np.int64), step=np.repeat(np.arange(sequences), tokens),
+                   expert_ids=ids, expert_weights=weights)
+    return rows, exp
