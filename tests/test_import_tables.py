@@ -166,3 +166,19 @@ def test_sglang_stat_and_per_pass_become_load_files(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_load_file(out2).load, want)  # the second rank's identical passes: once
     with pytest.raises(InputError, match="load file"):
         import_dump([str(tmp_path / "pp0.pt")], tmp_path / "x.h5", "sglang-per-pass", model="olmoe")
+
+
+def test_writer_api_example_validates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer example of docs/trace-format.md runs, and its file passes validation with provenance filled."""
+    import re
+
+    from traces.validate import validate
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "trace-format.md").read_text()
+    section = doc.split("## Writing a trace from another tool", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "trace-format.md:writer", "exec"), {})
+    assert validate(tmp_path / "written-by-another-tool.h5").num_tokens == 9
+    with open_trace(tmp_path / "written-by-another-tool.h5") as trace:
+        assert trace.metadata.created_at and trace.metadata.tool_version
