@@ -33,6 +33,7 @@ SIM_COMMANDS = {
     "replay": ("simulator.commands:replay", "Replay a trace on a GPU layout and compare expert placements."),
     "plan": ("simulator.commands:plan", "Find the cheapest layouts that meet a throughput target."),
     "report": ("simulator.report.commands:report", "Write a self-contained HTML or Markdown capacity-planning report."),
+    "place": ("simulator.interop.place:place", "Fit one placement to a trace or load file; export it for an engine."),
     "rebalance": ("simulator.report.commands:rebalance", "Replay periodic placement refits: how often to rebalance."),
     "calibrate": ("simulator.calibrate.commands:calibrate", "Measure this machine's GPU kernels into a cost profile."),
     "hardware": ("simulator.hardware_commands:hardware", "List GPU presets, their sources and a hardware file's fields."),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,16 +86,9 @@ class LoadFile:
 
 def write_load_file(path: str | Path, load: LoadFile, *, force: bool = False) -> Path:
     """Write a load file atomically (a temporary name, then a rename)."""
-    from traces.writer import make_parent_dir
+    from traces.writer import write_text_atomic
 
-    p = Path(path)
-    if p.exists() and not force:
-        raise InputError(f"{p}: already exists (pass --force to overwrite)")
-    make_parent_dir(p)
-    tmp = p.with_name(p.name + ".partial")
-    tmp.write_text(json.dumps(load.to_dict(), indent=1) + "\n")
-    os.replace(tmp, p)
-    return p
+    return write_text_atomic(path, json.dumps(load.to_dict(), indent=1) + "\n", force=force)
 
 
 def read_load_file(path: str | Path, domain: str | None = None) -> LoadFile:

@@ -42,6 +42,18 @@ def make_parent_dir(path: Path) -> None:
         raise InputError(f"{path}: cannot create directory {path.parent} ({exc.strerror})") from exc
 
 
+def write_text_atomic(path: str | Path, text: str, *, force: bool = False) -> Path:
+    """Write a small text output (JSON, YAML) under a temporary name, then rename: never half a file."""
+    p = Path(path)
+    if p.exists() and not force:
+        raise InputError(f"{p}: already exists (pass --force to overwrite)")
+    make_parent_dir(p)
+    tmp = partial_path(p)
+    tmp.write_text(text)
+    os.replace(tmp, p)
+    return p
+
+
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
