@@ -48,7 +48,8 @@ def load_torch(path: Path) -> Any:
 
 
 def as_int_array(value: Any, where: str, ndim: int) -> np.ndarray:
-    """An integer tensor, array or nested list as an int64 array with `ndim` dimensions."""
+    """An integer tensor, array or nested list as a signed-compatible integer array with `ndim` dimensions (the
+    source's dtype is kept, so an int32 dump is not copied to int64)."""
     try:
         import torch
 
@@ -67,7 +68,11 @@ def as_int_array(value: Any, where: str, ndim: int) -> np.ndarray:
             raise InputError(f"{where}: expected integers, found {arr.dtype}")
     if arr.ndim != ndim:
         raise InputError(f"{where}: expected {ndim} dimensions, found shape {tuple(arr.shape)}")
-    return arr.astype(np.int64, copy=False)
+    if arr.dtype.kind == "u" and arr.dtype.itemsize >= 8:
+        if arr.size and arr.max() > np.iinfo(np.int64).max:
+            raise InputError(f"{where}: integer {int(arr.max())} is out of range")
+        return arr.astype(np.int64)
+    return arr  # int8..int64 or a small unsigned type: every value fits int64 arithmetic
 
 
 def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
@@ -81,7 +86,7 @@ def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line)
+                yield number, json.loads(line.decode("utf-8"))  # str: json skips guessing the encoding
             except (ValueError, UnicodeDecodeError) as exc:
                 raise InputError(f"{path}: line {number} is not valid JSON ({str(exc)[:120]})") from exc
 
