@@ -182,3 +182,39 @@ def test_writer_api_example_validates(tmp_path: Path, monkeypatch: pytest.Monkey
     assert validate(tmp_path / "written-by-another-tool.h5").num_tokens == 9
     with open_trace(tmp_path / "written-by-another-tool.h5") as trace:
         assert trace.metadata.created_at and trace.metadata.tool_version
+
+
+def test_shapes_from_a_config_json(tmp_path: Path) -> None:
+    """--config: MoE layers, experts, top-k and router semantics from a Hugging Face config.json."""
+    from traces.importers.model_shape import metadata_from_config
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "model_type": "deepseek_v3", "_name_or_path": "org/tiny-dsv3", "num_hidden_layers": 5,
+        "first_k_dense_replace": 1, "n_routed_experts": 64, "num_experts_per_tok": 8, "hidden_size": 256,
+        "moe_intermediate_size": 128, "intermediate_size": 512, "n_shared_experts": 1, "scoring_func": "sigmoid",
+        "norm_topk_prob": True, "routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4, "vocab_size": 1000,
+        "num_attention_heads": 4, "torch_dtype": "bfloat16"}))
+    meta = metadata_from_config(config, source="megatron")
+    assert meta.moe_layers == [1, 2, 3, 4] and meta.num_experts == 64 and meta.top_k == 8
+    assert meta.router_scoring == "sigmoid" and meta.norm_topk_prob and meta.routed_scaling_factor == 2.5
+    assert meta.num_shared_experts == 1 and meta.dense_intermediate_size == 512
+    assert meta.notes["expert_groups"] == 8 and meta.model_id == "org/tiny-dsv3"
+    mixtral = tmp_path / "mixtral.json"
+    mixtral.write_text(json.dumps({"model_type": "mixtral", "num_hidden_layers": 2, "num_local_experts": 8,
+                                   "num_experts_per_tok": 2, "hidden_size": 64, "intermediate_size": 128}))
+    meta = metadata_from_config(mixtral, source="vllm")
+    assert meta.norm_topk_prob and meta.router_scoring == "softmax" and meta.moe_layers == [0, 1]
+    rng = np.random.default_rng(1)
+    ids = np.argsort(rng.random((3, 2, 8)), axis=-1)[..., :2]
+    dump = tmp_path / "r.json"
+    dump.write_text(json.dumps({"prompt_token_ids": [1, 2], "outputs": [{"routed_experts": ids.tolist()}]}))
+    import_dump([str(dump)], tmp_path / "o.h5", "vllm", config=str(mixtral))
+    with open_trace(tmp_path / "o.h5") as trace:
+        np.testing.assert_array_equal(trace.read_all().expert_ids, ids)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model_type": "x", "num_hidden_layers": 2, "hidden_size": 8}))
+    with pytest.raises(InputError, match="number of experts"):
+        metadata_from_config(bad)
+    with pytest.raises(InputError, match="exactly one"):
+        import_dump([str(dump)], tmp_path / "p.h5", "vllm", config=str(mixtral), model="olmoe")

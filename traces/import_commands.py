@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import click
 
 from traces.importers import FORMATS
+
+
+@contextmanager
+def _counter(enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A live count of imported tokens on stderr (the total is unknown until the dumps are read)."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    with Progress(SpinnerColumn(), TextColumn("importing {task.completed:,.0f} tokens"), TimeElapsedColumn(),
+                  console=console, transient=True, disable=not enabled or not console.is_terminal) as progress:
+        task = progress.add_task("import", total=None)
+        yield lambda n: progress.advance(task, n)
 
 
 @click.command("import")
@@ -60,8 +75,10 @@ def import_cmd(sources: tuple[str, ...], output: str, fmt: str, model: str | Non
         columns=Columns(seq=seq_col, layer=layer_col, position=position_col, experts=experts_col,
                         weights=weights_col, token=token_col, phase=phase_col, step=step_col),
     )
-    result = import_dump(list(sources), output, fmt, model=model, config=config, options=options, force=force,
-                         compression=compression, command_line=" ".join(["moe-sim", *sys.argv[1:]]))
+    with _counter(enabled=not as_json) as advance:
+        result = import_dump(list(sources), output, fmt, model=model, config=config, options=options, force=force,
+                             compression=compression, command_line=" ".join(["moe-sim", *sys.argv[1:]]),
+                             on_tokens=advance)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return

@@ -8,6 +8,7 @@ describes every layout, with the engine code it was read from.
 from __future__ import annotations
 
 import glob
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,8 @@ def source_paths(sources: list[str], fmt: str) -> list[Path]:
 
 def import_dump(sources: list[str], output: str | Path, fmt: str, *, model: str | None = None,
                 config: str | None = None, options: ImportOptions | None = None, force: bool = False,
-                compression: str | None = None, command_line: str = "") -> ImportResult:
+                compression: str | None = None, command_line: str = "",
+                on_tokens: Callable[[int], None] | None = None) -> ImportResult:
     """Convert dumps of format `fmt` to a trace at `output` (or a load file for count-only formats)."""
     if fmt not in FORMATS:
         raise InputError(f"--from: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -93,7 +95,7 @@ def import_dump(sources: list[str], output: str | Path, fmt: str, *, model: str 
         return _import_counts(paths, out, fmt, meta, force)
     from traces.importers.sink import TraceSink
 
-    with TraceSink(out, meta, force=force, compression=compression) as sink:
+    with TraceSink(out, meta, force=force, compression=compression, on_tokens=on_tokens) as sink:
         details = _run_importer(fmt, paths, sink, options)
         written = sink.close(paths)
     return ImportResult(written, "trace", sink.num_tokens, details)

@@ -10,6 +10,7 @@ partial file, so a failed import leaves nothing under the output name.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -31,12 +32,14 @@ class TraceSink:
     """
 
     def __init__(self, output: str | Path, metadata: TraceMetadata, *, force: bool = False,
-                 compression: str | None = None, buffer_tokens: int = DEFAULT_BUFFER_TOKENS):
+                 compression: str | None = None, buffer_tokens: int = DEFAULT_BUFFER_TOKENS,
+                 on_tokens: Callable[[int], None] | None = None):
         self.output = Path(output)
         self.metadata = metadata
         self.force = force
         self.compression = compression
         self.buffer_tokens = buffer_tokens
+        self.on_tokens = on_tokens  # progress callback: tokens added
         self.num_tokens = 0
         self.duplicates = 0  # batches skipped because another rank's file already held them
         self._writer: TraceWriter | None = None
@@ -115,6 +118,8 @@ class TraceSink:
         self._pending.append(chunk)
         self._pending_tokens += n
         self.num_tokens += n
+        if self.on_tokens is not None:
+            self.on_tokens(n)
         if self._pending_tokens >= self.buffer_tokens:
             self._flush()
 
