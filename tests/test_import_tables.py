@@ -148,6 +148,7 @@ def test_sglang_stat_and_per_pass_become_load_files(tmp_path: Path) -> None:
     out = tmp_path / "stat.json"
     result = import_dump([str(tmp_path / "expert_distribution_recorder_1.0.pt")], out, "sglang-stat", model="olmoe")
     assert result.kind == "load file" and result.details["steps"] == 5
+    assert result.num_tokens == int(counts.sum(axis=(0, 2)).max()) // 8  # one layer's selections / top-k
     load = read_load_file(out)
     np.testing.assert_array_equal(load.load, counts.sum(axis=0))
     assert load.layers == list(range(16)) and load.steps == 5 and load.model_id == "allenai/OLMoE-1B-7B-0924"

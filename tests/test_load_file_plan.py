@@ -31,6 +31,14 @@ def test_load_file_forms(tmp_path: Path) -> None:
     again = read_load_file(path)
     np.testing.assert_array_equal(again.load, olmoe.load)
     assert again.layers == olmoe.layers and again.top_k == 8
+    per_layer = tmp_path / "per-layer.json"
+    per_layer.write_text(json.dumps({"2": [1, 2, 3], "0": [4, 5, 6]}))
+    loaded = read_load_file(per_layer)
+    assert loaded.layers == [0, 2]
+    np.testing.assert_array_equal(loaded.load, [[4, 5, 6], [1, 2, 3]])
+    per_layer.write_text(json.dumps({"2": [1, 2, 3], "0": [4, 5]}))
+    with pytest.raises(InputError, match="per-layer load JSON"):
+        read_load_file(per_layer)
     csv = tmp_path / "l.csv"
     csv.write_text("layer,expert,count\n3,0,5\n3,1,7\n4,1,2\n")
     table = read_load_file(csv)

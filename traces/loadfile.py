@@ -7,8 +7,8 @@ command that uses one says so: per-step imbalance, co-selection and all-to-all b
 Format (JSON): {"format": "moe-trace-load", "version": 1, "source": tool or file, "model_id", "num_experts",
 "top_k", "num_hidden_layers", "layers": [decoder-layer index per row], "load": [[count per expert] per row],
 "steps": forward passes counted (0 = unknown), "created_at", "tool_version", "notes": {...}}.
-Also read as they are: the OLMoE counts file ({"layers", "counts" | "domains"}) and CSV with the columns
-layer, expert, count (one row per layer and expert).
+Also read as they are: the OLMoE counts file ({"layers", "counts" | "domains"}), a per-layer load JSON
+({"3": [count per expert], "4": [...]}) and CSV with the columns layer, expert, count (one row per layer and expert).
 """
 
 from __future__ import annotations
@@ -124,8 +124,16 @@ def read_load_file(path: str | Path, domain: str | None = None) -> LoadFile:
         return LoadFile(layers=table.layers, load=table.counts, source=str(data.get("source", p)),
                         model_id=data.get("model"), top_k=int(data.get("top_k") or 0),
                         num_hidden_layers=table.num_hidden_layers)
-    raise InputError(f"{p}: not a load file (needs \"format\": \"{LOAD_FORMAT}\", or OLMoE-style "
-                     "\"layers\" with \"counts\" or \"domains\")")
+    if data and all(isinstance(k, str) and k.strip().isdigit() for k in data):  # {"layer": [count per expert]}
+        rows = {int(k): v for k, v in data.items()}
+        layers = sorted(rows)
+        try:
+            load = np.asarray([rows[i] for i in layers], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InputError(f"{p}: a per-layer load JSON maps each layer to one list of counts per expert") from None
+        return LoadFile(layers=layers, load=load, source=str(p))
+    raise InputError(f"{p}: not a load file (needs \"format\": \"{LOAD_FORMAT}\", OLMoE-style \"layers\" with "
+                     "\"counts\" or \"domains\", or {\"layer\": [count per expert]})")
 
 
 def _read_csv(p: Path) -> LoadFile:

@@ -141,5 +141,5 @@ def _import_counts(paths: list[Path], out: Path, fmt: str, meta: Any, force: boo
                     model_id=meta.model_id, top_k=meta.top_k, num_hidden_layers=meta.num_hidden_layers,
                     steps=steps, notes={"imported_from": [str(p) for p in paths[:64]]})
     written = write_load_file(out, load, force=force)
-    return ImportResult(written, "load file", int(counts.sum() // max(1, meta.top_k)),
+    return ImportResult(written, "load file", int(counts.sum(axis=1).max() // max(1, meta.top_k)),  # per layer
                         {"steps": steps, "layers": len(load.layers)})
