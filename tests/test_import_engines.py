@@ -63,7 +63,7 @@ def test_sglang_per_token_tensor_parallel_ranks_kept_once(tmp_path: Path) -> Non
     result = moe_sim("import", *paths, "-o", out, "--from", "sglang-per-token", "--model", "olmoe", "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["num_tokens"] == 13 and summary["duplicate_passes"] == 6
+    assert summary["num_tokens"] == 13 and summary["duplicate_rank_files"] == 2
     assert_matches(out, exp)
 
 
@@ -192,3 +192,13 @@ def test_vllm_offline_outputs_and_bad_inputs(tmp_path: Path) -> None:
         with pytest.raises(InputError, match=fragment):
             import_dump([str(bad)], tmp_path / "b.h5", "vllm", model="olmoe")
         assert not (tmp_path / "b.h5").exists() and not (tmp_path / "b.h5.partial").exists()
+
+
+def test_megatron_tensor_parallel_rank_files_read_once(tmp_path: Path) -> None:
+    paths, exp = megatron_trace(tmp_path, ranks=1, steps=2)
+    peer = tmp_path / "router_trace_rank1.jsonl"
+    peer.write_text(paths[0].read_text().replace('"rank": 0', '"rank": 1'))
+    out = tmp_path / "m.h5"
+    result = import_dump([str(tmp_path)], out, "megatron", model="olmoe")
+    assert result.details["duplicate_rank_files"] == 1
+    assert_matches(out, exp)

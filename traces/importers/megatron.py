@@ -5,12 +5,14 @@
 (docs/import.md cites the tracer's code). Row t of every layer's record in one step is the same token. The records
 hold no request ids, positions or phases: each (rank, step) becomes one sequence whose positions are its rows,
 and every token gets the phase given by --phase. Multi-token-prediction records (block "mtp") are skipped.
+Tensor-parallel ranks trace the same tokens: a rank file equal to an earlier one but for "rank" is read once.
 Shape legend: T tokens of a step, L MoE layers, K top-k.
 """
 
 from __future__ import annotations
 
 import heapq
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,22 +21,39 @@ import numpy as np
 
 from traces.errors import InputError
 from traces.importers.safe_load import as_int_array, json_lines, require
-from traces.importers.sink import TraceSink
+from traces.importers.sink import TraceSink, fingerprint
 
 RECORD_KEYS = ("step", "layer", "num_tokens", "topk", "top_indices")
 
 
 def import_router_trace(paths: list[Path], sink: TraceSink, phase: int) -> dict[str, Any]:
     """Import rank files; the same step on several ranks is one forward pass (data-parallel ranks' tokens side
-    by side), so the files are merged by step, each streamed one step at a time."""
+    by side), so the files are merged by step, each streamed one step at a time. A rank file whose records equal
+    an earlier one's is imported once."""
     meta = sink.metadata
     layer_row = {layer: i for i, layer in enumerate(meta.moe_layers)}
     skipped = [0]
-    streams = [_steps(path, meta.top_k, layer_row, skipped) for path in paths]
+    unique, seen = [], set()
+    for path in paths:  # a first streamed pass: tensor-parallel ranks write identical records but for "rank"
+        key = _file_fingerprint(path)
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    streams = [_steps(path, meta.top_k, layer_row, skipped) for path in unique]
     next_seq = 0
     for step, where, pending in heapq.merge(*streams, key=lambda item: item[0]):
         next_seq = _emit(pending, step, where, sink, layer_row, next_seq, phase)
-    return {"skipped_mtp_records": skipped[0], "duplicate_steps": sink.duplicates}
+    return {"skipped_mtp_records": skipped[0], "duplicate_rank_files": len(paths) - len(unique)}
+
+
+def _file_fingerprint(path: Path) -> bytes:
+    """Digest of a rank file's routing records with the rank number left out."""
+    parts: list[Any] = []
+    for _, record in json_lines(path):
+        if isinstance(record, dict):
+            record = {k: v for k, v in record.items() if k != "rank"}
+        parts.append(json.dumps(record, sort_keys=True))
+    return fingerprint(parts)
 
 
 def _steps(path: Path, top_k: int, layer_row: dict[int, int],
@@ -95,8 +114,6 @@ def _emit(pending: dict[int, np.ndarray], step: int, where: str, sink: TraceSink
     if n == 0:
         return next_seq
     ids = np.stack([pending[layer] for layer in layer_row], axis=1)  # [T, L, K]
-    if sink.seen_before(step, ids):  # a tensor- or expert-parallel peer captured the same decisions
-        return next_seq
     sink.add(seq_id=np.full(n, next_seq), position=np.arange(n), phase=np.full(n, phase, dtype=np.uint8),
              step=np.full(n, step), expert_ids=ids, where=where)
     return next_seq + 1

@@ -22,7 +22,7 @@ import numpy as np
 
 from traces.errors import InputError
 from traces.importers.safe_load import as_int_array, load_torch, require
-from traces.importers.sink import TraceSink
+from traces.importers.sink import TraceSink, fingerprint
 from traces.schema import PHASE_DECODE, PHASE_PREFILL, TraceMetadata
 
 MODE_EXTEND, MODE_DECODE, MODE_MIXED, MODE_IDLE = 1, 2, 3, 4  # sglang ForwardMode values
@@ -107,14 +107,17 @@ def import_per_token(paths: list[Path], sink: TraceSink) -> dict[str, Any]:
     """Import per-rank per_token dumps; returns what the summary reports (ranks, duplicate passes skipped).
 
     Ranks run their forward passes in lockstep (data-parallel attention ranks meet in every MoE layer), so the same
-    forward_pass_id on several ranks is one pass: the files are merged by it. Each file is one pickle, loaded with
-    its tensors memory-mapped.
+    forward_pass_id on several ranks is one pass: the files are merged by it. A rank file identical to an earlier
+    one (tensor-parallel ranks record the same batches) is imported once. Each file is one pickle, loaded with its
+    tensors memory-mapped.
     """
     meta = sink.metadata
     first_map: np.ndarray | None = None
     next_id = [0]
     ranks: set[int] = set()
     streams = []
+    seen: set[bytes] = set()
+    duplicates = 0
     for path in paths:
         data = load_torch(path)
         require(data, ("records", "last_physical_to_logical_map"), str(path))
@@ -128,10 +131,26 @@ def import_per_token(paths: list[Path], sink: TraceSink) -> dict[str, Any]:
         if not isinstance(data["records"], list):
             raise InputError(f"{path}: 'records' is not a list")
         _compact(path, data["records"])
+        key = _file_fingerprint(path, data["records"])
+        if key in seen:  # plain tensor parallelism: this rank recorded exactly another rank's batches
+            duplicates += 1
+            continue
+        seen.add(key)
         streams.append(_records(path, data["records"], rows, p2l, SequenceTracker(next_id), ranks))
     for _, where, record, rows, p2l, tracker in heapq.merge(*streams, key=lambda item: item[0]):
         _import_record(record, where, rows, p2l, tracker, sink, meta.top_k)
-    return {"ranks": sorted(ranks), "duplicate_passes": sink.duplicates}
+    return {"ranks": sorted(ranks), "duplicate_rank_files": duplicates}
+
+
+def _file_fingerprint(path: Path, records: list[Any]) -> bytes:
+    """Digest of a rank file's passes (ids, positions, expert ids), the rank number left out."""
+    parts: list[Any] = []
+    for i, record in enumerate(records):
+        require(record, RECORD_KEYS, f"{path}: record {i}")
+        parts += [repr(record["forward_pass_id"]), as_int_array(record["input_ids"], f"{path}: record {i}: input_ids", 1),
+                  as_int_array(record["positions"], f"{path}: record {i}: positions", 1),
+                  as_int_array(record["topk_ids_of_layer"], f"{path}: record {i}: topk_ids_of_layer", 3)]
+    return fingerprint(parts)
 
 
 def _compact(path: Path, records: list[Any]) -> None:
@@ -177,8 +196,6 @@ def _import_record(record: dict[str, Any], where: str, rows: np.ndarray, p2l: np
     if topk.shape[2] < k:
         raise InputError(f"{where}: topk_ids_of_layer holds {topk.shape[2]} ids per token, fewer than top-k {k}")
     step = int(record["forward_pass_id"])
-    if sink.seen_before(step, input_ids, positions, topk):  # another rank recorded this same batch (plain TP)
-        return
     phys = topk[rows].transpose(1, 0, 2)  # [T, L, K']
     chosen, pad = phys[..., :k], phys[..., k:]
     if (chosen < 0).any() or (pad != -1).any():
@@ -236,18 +253,21 @@ def logical_counts_per_pass(paths: list[Path], meta: TraceMetadata) -> tuple[np.
         rows = layer_rows(meta, p2l.shape[0], f"{path}: last_physical_to_logical_map")
         if not isinstance(data["records"], list):
             raise InputError(f"{path}: 'records' is not a list")
+        counted = []
         for i, record in enumerate(data["records"]):
             where = f"{path}: record {i}"
             require(record, ("global_physical_count",), where)
-            phys = as_int_array(record["global_physical_count"], f"{where}: global_physical_count", 2)
+            counted.append(as_int_array(record["global_physical_count"], f"{where}: global_physical_count", 2))
+        key = fingerprint([repr(r.get("forward_pass_id")) for r in data["records"]] + counted)
+        if key in seen:  # a tensor-parallel rank counted exactly another rank's batches
+            continue
+        seen.add(key)
+        for i, phys in enumerate(counted):
+            where = f"{path}: record {i}"
             if phys.shape != p2l.shape:
                 raise InputError(f"{where}: global_physical_count has shape {phys.shape}, the expert map {p2l.shape}")
             if phys.size and phys.min() < 0:
                 raise InputError(f"{where}: global_physical_count holds a negative count")
-            key = repr(record.get("forward_pass_id")).encode() + phys.tobytes()
-            if key in seen:  # another rank counted this same batch (plain tensor parallelism)
-                continue
-            seen.add(key)
             for j, row in enumerate(rows):
                 np.add.at(total[j], p2l[row], phys[row])
             passes += 1

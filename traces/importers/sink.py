@@ -10,7 +10,7 @@ partial file, so a failed import leaves nothing under the output name.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -22,6 +22,21 @@ from traces.schema import PHASE_NAMES, TraceMetadata
 from traces.writer import TraceWriter, open_writer, partial_path
 
 DEFAULT_BUFFER_TOKENS = 1 << 16
+
+
+def fingerprint(parts: Sequence[bytes | np.ndarray | int | str]) -> bytes:
+    """A 16-byte digest of a sequence of arrays, integers and strings (to find ranks that recorded the same thing)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(str(part.shape).encode())
+            h.update(np.ascontiguousarray(part.astype(np.int64, copy=False)).tobytes())
+        elif isinstance(part, int):
+            h.update(part.to_bytes(8, "little", signed=True))
+        else:
+            h.update(part if isinstance(part, bytes) else part.encode())
+        h.update(b"|")
+    return h.digest()
 
 
 class TraceSink:
@@ -41,7 +56,6 @@ class TraceSink:
         self.buffer_tokens = buffer_tokens
         self.on_tokens = on_tokens  # progress callback: tokens added
         self.num_tokens = 0
-        self.duplicates = 0  # batches skipped because another rank's file already held them
         self._writer: TraceWriter | None = None
         self._pending: list[TraceChunk] = []
         self._pending_tokens = 0
@@ -49,24 +63,6 @@ class TraceSink:
         self._last_step = -1
         if self.output.exists() and not force:
             raise InputError(f"{self.output}: already exists (pass --force to overwrite)")
-
-    def seen_before(self, *parts: bytes | np.ndarray | int) -> bool:
-        """True when a batch with exactly these contents was added before (ranks that record the same batch)."""
-        h = hashlib.blake2b(digest_size=16)
-        for part in parts:
-            if isinstance(part, np.ndarray):
-                h.update(np.ascontiguousarray(part).tobytes())
-            elif isinstance(part, int):
-                h.update(part.to_bytes(8, "little", signed=True))
-            else:
-                h.update(part)
-            h.update(b"|")
-        key = h.digest()
-        if key in self._seen:
-            self.duplicates += 1
-            return True
-        self._seen.add(key)
-        return False
 
     def add(self, *, seq_id: np.ndarray, position: np.ndarray, phase: np.ndarray, step: np.ndarray,
             expert_ids: np.ndarray, where: str, token_id: np.ndarray | None = None,
