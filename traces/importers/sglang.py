@@ -258,7 +258,8 @@ def logical_counts_per_pass(paths: list[Path], meta: TraceMetadata) -> tuple[np.
             where = f"{path}: record {i}"
             require(record, ("global_physical_count",), where)
             counted.append(as_int_array(record["global_physical_count"], f"{where}: global_physical_count", 2))
-        key = fingerprint([repr(r.get("forward_pass_id")) for r in data["records"]] + counted)
+        parts: list[Any] = [repr(r.get("forward_pass_id")) for r in data["records"]]
+        key = fingerprint(parts + counted)
         if key in seen:  # a tensor-parallel rank counted exactly another rank's batches
             continue
         seen.add(key)
