@@ -29,8 +29,8 @@ def fingerprint(parts: Sequence[bytes | np.ndarray | int | str]) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     for part in parts:
         if isinstance(part, np.ndarray):
-            h.update(str(part.shape).encode())
-            h.update(np.ascontiguousarray(part.astype(np.int64, copy=False)).tobytes())
+            h.update(f"{part.dtype.str}{part.shape}".encode())
+            h.update(np.ascontiguousarray(part).reshape(-1).view(np.uint8).data)
         elif isinstance(part, int):
             h.update(part.to_bytes(8, "little", signed=True))
         else:
