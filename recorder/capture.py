@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from recorder.routers import RouterLayout
+from recorder.routers import RouterLayout, topk_from_logits
 from traces.chunk import TraceChunk
 from traces.writer import TraceWriter
 
@@ -262,10 +262,7 @@ class RoutingCapture:
                 weights = weights / weights.sum(-1, keepdim=True)
         else:  # "logits": an nn.Linear gate; redo the block's softmax top-k (transformers 4.x)
             first = output
-            probs = F.softmax(first.float(), dim=-1)
-            weights, ids = torch.topk(probs, k, dim=-1)
-            if lay.norm_topk_prob:
-                weights = weights / weights.sum(-1, keepdim=True)
+            weights, ids = topk_from_logits(first, k, norm_topk_prob=lay.norm_topk_prob)
             weights = weights.to(first.dtype)
         if ids.dim() != 2:
             ids, weights, first = ids.reshape(-1, k), weights.reshape(-1, k), first.reshape(-1, first.shape[-1])

@@ -32,6 +32,7 @@ class Adapter:
     router_names: tuple[str, ...]  # router module path relative to the decoder layer
     scoring: str = "softmax"  # "softmax" or "sigmoid"
     always_normalised: bool = False  # top-k weights sum to 1 whatever the config says (Mixtral, GPT-OSS)
+    softmax_over_top_k: bool = False  # weights are a softmax over the k largest logits only (GPT-OSS)
 
 
 ADAPTERS: dict[str, Adapter] = {
@@ -52,7 +53,7 @@ ADAPTERS: dict[str, Adapter] = {
     "hunyuan_v1_moe": Adapter(("mlp.gate",)),
     "phimoe": Adapter(("mlp.router", "block_sparse_moe.router")),
     "granitemoe": Adapter(("block_sparse_moe.router",), always_normalised=True),
-    "gpt_oss": Adapter(("mlp.router",), always_normalised=True),  # softmax over the top-k logits
+    "gpt_oss": Adapter(("mlp.router",), always_normalised=True, softmax_over_top_k=True),
     "llama4_text": Adapter(("feed_forward.router",), scoring="sigmoid"),
 }
 
@@ -105,6 +106,33 @@ def text_config(model: nn.Module) -> Any:
     config = model.config
     get = getattr(config, "get_text_config", None)
     return get() if callable(get) else config
+
+
+def routing_semantics(model_type: str, config: Any) -> tuple[str, bool]:
+    """(router scoring, top-k weights renormalised) for a model type and its (text) config object."""
+    adapter = ADAPTERS.get(model_type)
+    scoring = str(_cfg(config, "scoring_func", default=adapter.scoring if adapter else "softmax"))
+    if scoring not in ("softmax", "sigmoid"):
+        scoring = "softmax"
+    norm = bool(adapter.always_normalised) if adapter else False
+    return scoring, norm or bool(_cfg(config, "norm_topk_prob", default=False))
+
+
+def topk_from_logits(logits: torch.Tensor, top_k: int, *, norm_topk_prob: bool,
+                     softmax_over_top_k: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A softmax router's choice from its raw logits [T, E]: (weights [T, K] float32, ids [T, K]).
+
+    softmax over all experts, the k most probable, renormalised when norm_topk_prob; or (GPT-OSS) the k largest
+    logits and a softmax over those k. Ties go to the lower expert id, as torch.topk breaks them.
+    """
+    if softmax_over_top_k:
+        top, ids = torch.topk(logits.float(), top_k, dim=-1)
+        return torch.softmax(top, dim=-1), ids
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, ids
 
 
 def find_router_sites(model: nn.Module, model_type: str) -> tuple[list[RouterSite], str]:
@@ -193,12 +221,7 @@ def discover_routers(model: nn.Module) -> RouterLayout:
         raise InputError(f"model type {model_type}: cannot tell the router's top-k from the model or its config")
     hidden = int(_cfg(config, "hidden_size"))
     convention, first_output, dense_scores = probe_router(first, hidden, top_k)
-    adapter = ADAPTERS.get(adapter_name)
-    scoring = str(_cfg(config, "scoring_func", default=adapter.scoring if adapter else "softmax"))
-    if scoring not in ("softmax", "sigmoid"):
-        scoring = "softmax"
-    norm = bool(adapter.always_normalised) if adapter else False
-    norm = norm or bool(_cfg(config, "norm_topk_prob", default=False))
+    scoring, norm = routing_semantics(adapter_name, config)
     if convention == "logits" and scoring != "softmax":
         raise InputError(
             f"model type {model_type}: this transformers version computes top-k outside the router; "

@@ -11,6 +11,7 @@ import click
 from simulator.cli_options import int_list, names, progress_bar, workers_option
 from simulator.cost_model import DEFAULT_CONTEXT_TOKENS, DEFAULT_HBM_RESERVE, DEFAULT_TOKENS_PER_GPU
 from simulator.hardware import COST_MODELS, load_hardware, parse_hardware_list
+from simulator.interop.loadplan import DEFAULT_LOAD_TOKENS, load_file_options, trace_or_load_file
 from simulator.plan import PlanConfig, apply_prices, parse_gpu_hour_cost
 from simulator.plan import plan as run_plan
 from simulator.plan.render import render_plan
@@ -82,7 +83,8 @@ replay = replay_cmd  # (cli.py looks the command up as simulator.commands:replay
 
 
 @click.command()
-@click.argument("trace", nargs=-1, required=True)
+@click.argument("trace", nargs=-1, required=False)
+@load_file_options
 @click.option("--target-tokens-per-s", type=float, required=True, help="Whole-model throughput to reach.")
 @click.option("--hardware", default="h100", show_default=True,
               help="Comma-separated GPU presets or YAML/JSON files to compare.")
@@ -125,7 +127,8 @@ def plan_cmd(trace: tuple[str, ...], target_tokens_per_s: float, hardware: str, 
              placements: str, redundant_experts: str, tokens_per_gpu: str | None, tokens_per_step: str | None,
              max_step_ms: float | None, phase: str, fit_fraction: float, capacity_factor: float | None,
              hbm_reserve: float, context_tokens: int, gpu_hour_cost: str | None, show_all: bool, as_json: bool,
-             quiet: bool) -> None:
+             quiet: bool, load_file: str | None = None, load_model: str | None = None,
+             load_tokens: int = DEFAULT_LOAD_TOKENS) -> None:
     """Sweep hardware x GPUs x placement x redundancy x batch over TRACE in one pass and recommend a layout.
 
     The recommendation meets the throughput target and the latency bound with its weights in HBM next to the
@@ -145,13 +148,16 @@ def plan_cmd(trace: tuple[str, ...], target_tokens_per_s: float, hardware: str, 
         fit_fraction=fit_fraction, capacity_factor=capacity_factor, hbm_reserve=hbm_reserve,
         context_tokens=context_tokens,
     )
-    with open_trace(list(trace)) as tr, progress_bar(tr.num_tokens, "plan", quiet or as_json) as progress:
+    with trace_or_load_file(trace, load_file, model=load_model, tokens=load_tokens) as (paths, load_note), \
+            open_trace(paths) as tr, progress_bar(tr.num_tokens, "plan", quiet or as_json) as progress:
         result = run_plan(tr, config, progress=progress)
     if as_json:
-        json.dump(result.to_dict(), sys.stdout)
+        json.dump({**result.to_dict(), **({"load_file_note": load_note} if load_note else {})}, sys.stdout)
         sys.stdout.write("\n")
         return
     sys.stdout.write(render_plan(result, show_all=show_all, width=output_width(), color=sys.stdout.isatty()))
+    if load_note:
+        sys.stdout.write(f"note: {load_note}\n")
 
 
 plan_cmd.name = "plan"

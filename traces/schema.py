@@ -35,6 +35,11 @@ ALL_FIELDS = tuple(TOKEN_FIELDS) + ROUTING_FIELDS
 REQUIRED_FIELDS = ("seq_id", "position", "phase", "step", "expert_ids")
 
 # Metadata keys that must agree between shards of one trace (provenance keys may differ).
+# Values of the `source` metadata key: how the routing was obtained. Imported traces name the tool the dump came
+# from (see docs/import.md); only "recorded" traces carry transformers and torch versions.
+IMPORTED_SOURCES = ("sglang", "vllm", "megatron", "tabular", "hf-router-logits")
+SOURCES = ("recorded", "synthetic", *IMPORTED_SOURCES)
+
 PROVENANCE_KEYS = frozenset(
     {"created_at", "command_line", "prompts_sha256", "status", "tool_version", "shard_index", "notes"}
 )
@@ -48,6 +53,16 @@ def current_tool_version() -> str:
         return version("moe-trace")
     except PackageNotFoundError:  # a source tree that was not installed
         return "0.0.0+source"
+
+
+def stamp_provenance(metadata: TraceMetadata) -> None:
+    """Fill created_at (now, UTC) and tool_version when a writer left them empty, so the file validates."""
+    from datetime import datetime, timezone
+
+    if not metadata.created_at:
+        metadata.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if not metadata.tool_version:
+        metadata.tool_version = current_tool_version()
 
 
 def expert_id_dtype(num_experts: int) -> np.dtype:
@@ -90,7 +105,7 @@ class TraceMetadata:
     has_token_ids: bool = True
     has_weights: bool = True
     has_logits: bool = False
-    source: str = "recorded"  # "recorded" or "synthetic"
+    source: str = "recorded"  # one of SOURCES: "recorded", "synthetic" or the tool an imported dump came from
     transformers_version: str | None = None
     torch_version: str | None = None
     prompts_sha256: str | None = None

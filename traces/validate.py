@@ -15,7 +15,7 @@ import numpy as np
 from traces.chunk import TraceChunk
 from traces.errors import InputError
 from traces.reader import DEFAULT_CHUNK_TOKENS, Trace, open_trace
-from traces.schema import PHASE_NAMES, TraceMetadata
+from traces.schema import PHASE_NAMES, SOURCES, TraceMetadata
 
 
 @dataclass
@@ -47,8 +47,8 @@ def check_metadata(meta: TraceMetadata, source: str) -> None:
         problems.append("num_shared_experts and shared_expert_intermediate_size must both be set or both be 0")
     if meta.router_first_output not in ("logits", "probabilities"):
         problems.append(f"router_first_output must be logits or probabilities, not {meta.router_first_output!r}")
-    if meta.source not in ("recorded", "synthetic"):
-        problems.append(f"source must be recorded or synthetic, not {meta.source!r}")
+    if meta.source not in SOURCES:
+        problems.append(f"source must be one of {', '.join(SOURCES)}, not {meta.source!r}")
     if meta.source == "recorded":
         for name in ("transformers_version", "torch_version"):
             if not getattr(meta, name):

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from traces.chunk import TraceChunk
 from traces.errors import InputError
-from traces.schema import TraceMetadata
+from traces.schema import TraceMetadata, stamp_provenance
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
 ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
@@ -40,6 +40,18 @@ def make_parent_dir(path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"{path}: cannot create directory {path.parent} ({exc.strerror})") from exc
+
+
+def write_text_atomic(path: str | Path, text: str, *, force: bool = False) -> Path:
+    """Write a small text output (JSON, YAML) under a temporary name, then rename: never half a file."""
+    p = Path(path)
+    if p.exists() and not force:
+        raise InputError(f"{p}: already exists (pass --force to overwrite)")
+    make_parent_dir(p)
+    tmp = partial_path(p)
+    tmp.write_text(text)
+    os.replace(tmp, p)
+    return p
 
 
 def partial_path(path: Path) -> Path:
@@ -113,6 +125,7 @@ def open_writer(
 
     force: replace an existing trace (or leftover .partial) at this name.
     resume: continue a `.partial` file left by an interrupted writer (its rows are kept).
+    An empty `created_at` or `tool_version` is filled in (now, this moe-trace), so the file passes validation.
     """
     from traces.arrow_format import DEFAULT_COMPRESSION as ARROW_DEFAULT
     from traces.arrow_format import ArrowTraceWriter
@@ -125,6 +138,7 @@ def open_writer(
     if path.exists() and not force:
         raise InputError(f"{path}: already exists (pass --force to overwrite)")
     make_parent_dir(path)
+    stamp_provenance(metadata)
     metadata.status = "partial"
     backend: _Backend
     if resume and part.exists():

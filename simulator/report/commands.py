@@ -35,9 +35,10 @@ def _options_from(source: click.Command, *option_names: str) -> Callable[[click.
 
 
 @_options_from(plan_cmd, "redundant_experts", "max_step_ms", "fit_fraction", "capacity_factor", "hbm_reserve",
-               "context_tokens", "tokens_per_gpu", "gpu_hour_cost", "cost_model")
+               "context_tokens", "tokens_per_gpu", "gpu_hour_cost", "cost_model", "load_file", "load_model",
+               "load_tokens")
 @click.command("report")
-@click.argument("trace", nargs=-1, required=True)
+@click.argument("trace", nargs=-1, required=False)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Report file: .html (self-contained, plots embedded) or .md (PNG plots in <name>_files/).")
 @click.option("--force", is_flag=True, help="Overwrite an existing report (and its _files folder).")
@@ -65,8 +66,10 @@ def report(trace: tuple[str, ...], output: str, force: bool, target_tokens_per_s
            fit_fraction: float, capacity_factor: float | None, hbm_reserve: float, context_tokens: int,
            tokens_per_gpu: str | None, gpu_hour_cost: str | None, cost_model: str, rebalance_placement: str | None,
            segments: int, rebalance_every: str | None, window: int | None, tokens_per_step: int, phase: str,
-           gpus_per_node: int, quiet: bool, as_json: bool) -> None:
-    """Write a capacity-planning report on TRACE: recommendation, placements, rebalance windows, routing analysis.
+           gpus_per_node: int, quiet: bool, as_json: bool, load_file: str | None = None,
+           load_model: str | None = None, load_tokens: int = 200_000) -> None:
+    """Write a capacity-planning report on TRACE (or --load-file): recommendation, placements, rebalance windows,
+    routing analysis.
 
     The HTML file is self-contained (no network needed to view it). Nothing is overwritten without --force, and the
     report appears under its name only once it is complete.
@@ -99,7 +102,12 @@ def report(trace: tuple[str, ...], output: str, force: bool, target_tokens_per_s
     if target_tokens_per_s is not None and target_tokens_per_s <= 0:
         raise InputError(f"--target-tokens-per-s must be positive, got {target_tokens_per_s}")
     settings = {"command line": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
-    with open_trace(list(trace)) as tr, progress_bars(quiet or as_json) as bars:
+    from simulator.interop.loadplan import trace_or_load_file
+
+    with trace_or_load_file(trace, load_file, model=load_model, tokens=load_tokens) as (paths, load_note), \
+            open_trace(paths) as tr, progress_bars(quiet or as_json) as bars:
+        if load_note:
+            settings["load file"] = load_note
         inputs = collect_inputs(tr, options, progress=bars, settings=settings)
     result = build_report(inputs)
     written = write_report(result, out, force=force)
