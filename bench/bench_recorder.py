@@ -58,9 +58,10 @@ def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, t
     occasional collect and the writer's appends land in some timings and not others: the total-time ratio counts
     all of them, the paired median shows the typical timing.
     """
-    from recorder.capture import PassTokens, RoutingCapture, TraceSink
+    from recorder.capture import PassTokens, RoutingCapture
     from recorder.metadata import build_metadata
     from recorder.routers import discover_routers
+    from recorder.sink import TraceSink
     from traces.writer import open_writer
 
     layout = discover_routers(model)

@@ -23,9 +23,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from recorder.capture import PassTokens, RoutingCapture, TraceSink
+from recorder.capture import PassTokens, RoutingCapture
 from recorder.metadata import build_metadata
 from recorder.routers import discover_routers
+from recorder.sink import TraceSink
 from recorder.stats import layer_load
 from traces.chunk import TraceChunk
 from traces.schema import PHASE_DECODE, PHASE_PREFILL, TraceMetadata

@@ -23,12 +23,14 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from recorder.capture import HostBlock, PassTokens, RoutingCapture, TraceSink
+from recorder.blocks import HostBlock
+from recorder.capture import PassTokens, RoutingCapture
 from recorder.config import RecordConfig
 from recorder.metadata import build_metadata
 from recorder.models import load_model, resolve_device, resolve_dtype
 from recorder.prompts import PromptSet, load_prompts, render
 from recorder.routers import discover_routers
+from recorder.sink import TraceSink
 from traces.errors import InputError
 from traces.reader import open_trace
 from traces.schema import PHASE_DECODE, PHASE_PREFILL, TraceMetadata

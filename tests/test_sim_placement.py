@@ -251,7 +251,8 @@ def coactivation_reference(slots: np.ndarray, load: np.ndarray, cosel: np.ndarra
 def test_coactivation_kernel_matches_plain_reference(seed):
     # The kernel keeps pair weights per GPU and node up to date instead of rescanning (DeepSeek-V3 sizes fit in
     # ~1.6 s instead of ~2 min); the swaps it makes must be the ones a from-scratch search makes.
-    from simulator.placement import _coactivation_layer, replicated
+    from simulator.placement.packing import coactivation_layer
+    from simulator.placement.policies import replicated
 
     rng = np.random.default_rng(seed)
     experts, gpus, per_node, redundant = 12, 4, 2 if seed % 2 else 4, 4
@@ -260,7 +261,7 @@ def test_coactivation_kernel_matches_plain_reference(seed):
     cosel = cosel + cosel.T  # co-selection counts are symmetric; the score counts each pair from both sides
     slots = replicated(load, num_gpus=gpus, gpus_per_node=per_node, redundant_experts=redundant)[0].astype(np.int64)
     cap = 1.3 * load.sum() / gpus
-    fast = _coactivation_layer(slots, load[0], cosel, per_node, 4.0, cap, 50)
+    fast = coactivation_layer(slots, load[0], cosel, per_node, 4.0, cap, 50)
     slow = coactivation_reference(slots, load[0], cosel, per_node, 4.0, cap, 50)
     assert not np.array_equal(fast, slots)  # some swap was worth making
     np.testing.assert_array_equal(fast, slow)
