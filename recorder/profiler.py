@@ -27,9 +27,9 @@ from recorder.capture import PassTokens, RoutingCapture
 from recorder.metadata import build_metadata
 from recorder.routers import discover_routers
 from recorder.sink import TraceSink
-from recorder.stats import layer_load
 from traces.chunk import TraceChunk
 from traces.schema import PHASE_DECODE, PHASE_PREFILL, TraceMetadata
+from traces.stats import layer_loads
 from traces.writer import write_trace
 
 
@@ -184,9 +184,9 @@ class MoEProfiler:
         for col in ("layer", "module", "busiest expert", "max share", "max/mean", "idle experts", "expert GFLOPs"):
             table.add_column(col, justify="left" if col == "module" else "right")
         counts = self.expert_counts()
-        for layer, name, row in zip(meta.moe_layers, meta.moe_module_names, layer_load(counts), strict=True):
+        for layer, name, row in zip(meta.moe_layers, meta.moe_module_names, layer_loads(counts, meta.moe_layers), strict=True):
             gflops = row.assignments * meta.flops_per_assignment / 1e9
-            table.add_row(str(layer), name, str(row.busiest), f"{row.max_share:.1%}", f"{row.imbalance:.2f}",
+            table.add_row(str(layer), name, str(row.top_expert), f"{row.top_share:.1%}", f"{row.max_over_mean:.2f}",
                           str(row.idle), f"{gflops:,.3f}")
         console.print(table)
 

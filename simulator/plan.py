@@ -45,13 +45,12 @@ from simulator.replay import (
 )
 from traces.errors import InputError
 from traces.reader import DEFAULT_CHUNK_TOKENS, Trace
-from traces.schema import PHASE_DECODE, PHASE_PREFILL
+from traces.schema import PHASE_DECODE, PHASE_NAMES, PHASE_PREFILL
 
 LATENCY_PERCENTILE = "p95"  # --max-step-ms bounds this percentile of the whole-model step time
 # A regrouped grid point is planned only when the scored part holds at least this many full steps of each phase it
 # replays: fewer would make the mean and p95 rest on one or two steps (and a partial last step).
 MIN_FULL_STEPS = 4
-PHASE_NAMES = {PHASE_PREFILL: "prefill", PHASE_DECODE: "decode"}
 
 
 @dataclass

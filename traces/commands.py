@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from traces.reader import DEFAULT_CHUNK_TOKENS
+from traces.units import nbytes
 
 TRACES = click.argument("traces", nargs=-1, required=True, metavar="TRACE...")
 CHUNK = click.option(
@@ -33,14 +34,6 @@ def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator
     ) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 @click.command()
@@ -79,7 +72,7 @@ def info(traces: tuple[str, ...], as_json: bool, chunk_tokens: int) -> None:
         ("columns", ", ".join(["ids"] + ([f"weights ({summary.weights_dtype})"] if summary.weights_dtype else [])
                               + (["token ids"] if summary.has_token_ids else [])
                               + (["router logits"] if summary.has_logits else []))),
-        ("size on disk", f"{_human_bytes(summary.size_bytes)} ({summary.bytes_per_token:.1f} bytes/token)"),
+        ("size on disk", f"{nbytes(summary.size_bytes)} ({summary.bytes_per_token:.1f} bytes/token)"),
     ]
     for key, value in rows:
         overview.add_row(f"[bold]{key}[/]", value)
@@ -142,7 +135,7 @@ def convert(src: str, dst: str, force: bool, compression: str | None, chunk_toke
     with progress_bar(total, "converting") as advance:
         out = convert_trace(src, dst, force=force, compression=compression, chunk_tokens=chunk_tokens,
                             on_chunk=advance)
-    click.echo(f"wrote {out}: {total:,} tokens, {_human_bytes(out.stat().st_size)}")
+    click.echo(f"wrote {out}: {total:,} tokens, {nbytes(out.stat().st_size)}")
 
 
 @click.command()
@@ -200,4 +193,4 @@ def synth(output: str, model: str, tokens: int, seed: int, skew: float, counts_f
                               command_line=" ".join(["moe-sim", *sys.argv[1:]]))
     size = Path(out).stat().st_size
     click.echo(f"wrote {out}: {tokens:,} tokens of {config.model}, {config.num_sequences:,} sequences, "
-               f"{_human_bytes(size)} ({size / tokens:.1f} bytes/token)")
+               f"{nbytes(size)} ({size / tokens:.1f} bytes/token)")
