@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_sim_fixtures import random_trace
+from sim_fixtures import random_trace
 
 from simulator import units
 

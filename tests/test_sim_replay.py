@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_sim_fixtures import random_trace, tiny_meta, write_ids
+from sim_fixtures import random_trace, tiny_meta, write_ids
 
 from simulator import kernels as K
 from simulator.cost_model import (
@@ -217,7 +217,7 @@ def test_bad_replay_inputs(tmp_path):
 def test_decode_fit_uses_decode_tokens_behind_a_long_prefill(tmp_path):
     """A trace that opens with a long batched prefill: --phase decode fits on the first quarter of the decode tokens,
     not on the (prefill-only) first quarter of the trace; an empty fit part is refused."""
-    from test_sim_fixtures import random_ids, tiny_meta, write_ids
+    from sim_fixtures import random_ids, tiny_meta, write_ids
 
     rng = np.random.default_rng(4)
     meta = tiny_meta(2, 8, 2)

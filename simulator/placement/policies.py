@@ -24,7 +24,7 @@ from traces.errors import InputError
 COACTIVATION_LOAD_SLACK = 0.05
 # Weight of keeping a co-selected pair in one node relative to one GPU: a pair split across nodes costs scale-out
 # bytes, whose bandwidth is about 9x below NVLink's (450 vs 50 GB/s per GPU on H100 nodes: NVLink4 against one
-# 400 Gb/s NIC; figures and sources in docs/hardware.md).
+# 400 Gb/s NIC; figures and sources in docs/cost-model.md, "Hardware presets").
 COACTIVATION_NODE_WEIGHT = 4.0
 
 
