@@ -17,6 +17,19 @@ from simulator.hardware import ClusterLayout
 from traces.errors import InputError
 
 
+class PlacementNotApplicable(InputError):
+    """A policy that cannot be built on this layout or load: str() is "policy: reason".
+
+    A caller comparing several policies skips this one, showing `reason`, and keeps the others; every other
+    InputError is bad input that stops the command.
+    """
+
+    def __init__(self, policy: str, reason: str):
+        super().__init__(f"{policy}: {reason}")
+        self.policy = policy
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Placement:
     """Expert ids per physical slot, per layer.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulator.placement.core import Placement
+from simulator.placement.core import Placement, PlacementNotApplicable
 from simulator.placement.policies import POLICIES, USES_REDUNDANCY
 from traces.errors import InputError
 
@@ -19,7 +19,7 @@ def fit_placement(policy: str, load: np.ndarray, *, num_gpus: int, gpus_per_node
     if policy.startswith("file:"):
         placement = load_placement_file(policy[5:], num_experts=load.shape[1], num_layers=load.shape[0])
         if placement.num_gpus != num_gpus:
-            raise InputError(f"{policy[5:]}: placement is for {placement.num_gpus} GPUs, not --gpus {num_gpus}")
+            raise PlacementNotApplicable(policy, f"placement is for {placement.num_gpus} GPUs, not --gpus {num_gpus}")
         return Placement(policy, placement.slots, placement.num_experts, gpus_per_node, placement.model_id)
     if policy not in POLICIES:
         raise InputError(f"--placements: unknown policy {policy!r}; choose from {', '.join(POLICIES)} or file:PATH")

@@ -175,17 +175,21 @@ def pack_items(weight: np.ndarray, item_expert: np.ndarray, num_bins: int, capac
 
 
 @njit(cache=True)
-def best_replicated_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, max_iters: int) -> np.ndarray:
-    """One layer of the replicated policy: [G, S] expert ids.
+def best_replicated_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, num_slots: int,
+                          max_iters: int) -> np.ndarray:
+    """One layer of the replicated policy: [G, S] expert ids (-1: empty), num_slots = E + R filled slots.
 
-    Replica counts start at the min-max-per-replica greedy; then, while the packed maximum is more than
-    GOOD_ENOUGH_EXCESS above the ideal (mean GPU load), a replica is moved from the expert whose per-replica load is lowest to the expert whose replica
-    sits on the heaviest GPU, keeping the change only when the repacked maximum drops.
+    When num_slots < G x S the G x S - num_slots empty slots go one per GPU (uneven layouts: some GPUs hold one
+    slot more). Replica counts start at the min-max-per-replica greedy; then, while the packed maximum is more than
+    GOOD_ENOUGH_EXCESS above the ideal (mean GPU load), a replica is moved from the expert whose per-replica load is
+    lowest to the expert whose replica sits on the heaviest GPU, keeping the change only when the repacked maximum
+    drops.
     """
     e_count = load.shape[0]
-    m = num_gpus * slots_per_gpu
+    m = num_slots
+    empty = num_gpus * slots_per_gpu - num_slots
     counts = replica_counts_minmax(load, m, num_gpus)
-    best_slots = _pack_counts(load, counts, num_gpus, slots_per_gpu, max_iters)
+    best_slots = pack_counts(load, counts, num_gpus, slots_per_gpu, empty, max_iters)
     best_peak = _peak(load, counts, best_slots)
     mean = load.sum() / num_gpus
     for _ in range(4 * (m - e_count) + 1):
@@ -220,7 +224,7 @@ def best_replicated_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, m
                 break
             counts[gain] += 1
             counts[donor] -= 1
-            trial = _pack_counts(load, counts, num_gpus, slots_per_gpu, max_iters)
+            trial = pack_counts(load, counts, num_gpus, slots_per_gpu, empty, max_iters)
             peak = _peak(load, counts, trial)
             if peak < best_peak * (1.0 - 1e-9):
                 best_peak, best_slots, improved = peak, trial, True
@@ -233,22 +237,27 @@ def best_replicated_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, m
 
 
 @njit(cache=True)
-def _pack_counts(load: np.ndarray, counts: np.ndarray, num_gpus: int, slots_per_gpu: int,
-                 max_iters: int) -> np.ndarray:
-    m = counts.sum()
+def pack_counts(load: np.ndarray, counts: np.ndarray, num_gpus: int, slots_per_gpu: int, empty: int,
+                max_iters: int) -> np.ndarray:
+    """counts[e] replicas of each expert, each carrying load[e] / counts[e], packed one replica per GPU at most:
+    [G, S] expert ids. `empty` slots (at most G) stay empty, one per GPU: they are packed as weightless items of
+    one extra expert id, which the one-per-GPU rule spreads over distinct GPUs (uneven layouts)."""
+    e_count = load.shape[0]
+    m = counts.sum() + empty
     item_expert = np.empty(m, dtype=np.int64)
-    weight = np.empty(m)
+    weight = np.zeros(m)
     k = 0
-    for e in range(load.shape[0]):
+    for e in range(e_count):
         for _ in range(counts[e]):
             item_expert[k] = e
             weight[k] = load[e] / counts[e]
             k += 1
+    item_expert[k:] = e_count  # the empty slots' stand-in expert
     bins = pack_items(weight, item_expert, num_gpus, slots_per_gpu, max_iters, 1)
     out = -np.ones((num_gpus, slots_per_gpu), dtype=np.int64)
     for g in range(num_gpus):
         for s in range(slots_per_gpu):
-            if bins[g, s] >= 0:
+            if bins[g, s] >= 0 and item_expert[bins[g, s]] < e_count:
                 out[g, s] = item_expert[bins[g, s]]
     return out
 

@@ -7,13 +7,16 @@ Every policy is registered in POLICIES and called through `simulator.placement.f
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from simulator.hardware import ClusterLayout
+from simulator.placement.core import PlacementNotApplicable
 from simulator.placement.packing import (
     best_replicated_layer,
     coactivation_layer,
+    pack_counts,
     pack_items,
     replica_counts_minmax,
 )
@@ -35,13 +38,11 @@ def _check_common(load: np.ndarray, num_gpus: int, gpus_per_node: int) -> tuple[
     return int(load.shape[0]), int(load.shape[1])
 
 
-def _slots_without_replicas(num_experts: int, num_gpus: int, policy: str) -> int:
-    if num_experts % num_gpus:
-        raise InputError(
-            f"--placements {policy}: {num_experts} experts do not divide over {num_gpus} GPUs without replicas "
-            "(use --redundant-experts with the replicated policy, or another GPU count)"
-        )
-    return num_experts // num_gpus
+def slots_per_gpu(filled: int, num_gpus: int) -> int:
+    """Slots per GPU for `filled` experts and replicas: ceil(filled / G). When G does not divide them, the first
+    filled mod G GPUs (contiguous, round-robin) or any filled mod G GPUs (packing policies) hold one slot more and
+    the others keep one empty slot, as engines lay out counts that do not divide (Qwen1.5-MoE's 60 experts on 8)."""
+    return -(-filled // num_gpus)
 
 
 def contiguous(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant_experts: int = 0,
@@ -51,14 +52,15 @@ def contiguous(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant
     load: [L, E] expert load (only its shape is used). Returns slots [L, G, ceil(E/G)] int32.
     """
     layers, experts = _check_common(load, num_gpus, gpus_per_node)
-    return np.broadcast_to(_uneven(np.arange(experts), num_gpus), (layers, num_gpus, -(-experts // num_gpus))).copy()
+    one = _uneven(np.arange(experts), num_gpus)
+    return np.broadcast_to(one, (layers, *one.shape)).copy()
 
 
 def _uneven(order: np.ndarray, num_gpus: int) -> np.ndarray:
     """[G, ceil(E/G)] experts in `order` dealt in consecutive runs: the first E mod G GPUs hold one more (the
     others keep an empty slot, -1), as engines lay out a count that does not divide (Qwen1.5-MoE's 60 on 8)."""
     experts = order.size
-    s = -(-experts // num_gpus)
+    s = slots_per_gpu(experts, num_gpus)
     out = np.full((num_gpus, s), -1, dtype=np.int32)
     sizes = np.full(num_gpus, experts // num_gpus)
     sizes[: experts % num_gpus] += 1
@@ -76,7 +78,7 @@ def round_robin(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundan
     load: [L, E] expert load (only its shape is used). Returns slots [L, G, ceil(E/G)] int32.
     """
     layers, experts = _check_common(load, num_gpus, gpus_per_node)
-    s = -(-experts // num_gpus)
+    s = slots_per_gpu(experts, num_gpus)
     flat = np.full(s * num_gpus, -1, dtype=np.int32)
     flat[:experts] = np.arange(experts)
     one = flat.reshape(s, num_gpus).T.copy()  # GPUs past E mod G keep an empty last slot when G does not divide E
@@ -85,45 +87,46 @@ def round_robin(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundan
 
 def balanced(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant_experts: int = 0,
              coselection: np.ndarray | None = None) -> np.ndarray:
-    """No replicas; each GPU gets E/G experts with summed loads as even as possible (LPT + swap search).
+    """No replicas; each GPU gets E/G experts (uneven: E mod G GPUs one more) with summed loads as even as
+    possible (LPT + swap search).
 
-    load: [L, E] expert load. Returns slots [L, G, E/G] int32.
+    load: [L, E] expert load. Returns slots [L, G, ceil(E/G)] int32 (-1: the empty slot of a GPU holding one less).
     """
     layers, experts = _check_common(load, num_gpus, gpus_per_node)
-    s = _slots_without_replicas(experts, num_gpus, "balanced")
+    s = slots_per_gpu(experts, num_gpus)
     out = np.empty((layers, num_gpus, s), dtype=np.int32)
-    item_expert = np.arange(experts, dtype=np.int64)
+    ones = np.ones(experts, dtype=np.int64)
     for layer in range(layers):
-        bins = pack_items(load[layer].astype(np.float64), item_expert, num_gpus, s, 64 * experts, 1)
-        out[layer] = bins
+        out[layer] = pack_counts(load[layer].astype(np.float64), ones, num_gpus, s, num_gpus * s - experts,
+                                 64 * experts)
     return out
 
 
-def _replicated_slots(experts: int, num_gpus: int, redundant: int) -> int:
+def _replicated_slots(experts: int, num_gpus: int, redundant: int, policy: str) -> tuple[int, int]:
+    """(slots per GPU, filled slots E + R) for R redundant slots; E + R need not divide over the GPUs."""
     if redundant < 0:
         raise InputError(f"--redundant-experts must not be negative, got {redundant}")
-    total = experts + redundant
-    if total % num_gpus:
-        raise InputError(
-            f"--redundant-experts {redundant}: {experts} experts + {redundant} replicas = {total} slots do not "
-            f"divide over {num_gpus} GPUs"
-        )
-    return total // num_gpus
+    if redundant > experts * (num_gpus - 1):
+        raise PlacementNotApplicable(
+            policy, f"{redundant} redundant slots need more than one replica of an expert on some GPU "
+            f"({experts} experts on {num_gpus} GPUs hold at most {experts * (num_gpus - 1)})")
+    return slots_per_gpu(experts + redundant, num_gpus), experts + redundant
 
 
 def replicated(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant_experts: int = 0,
                coselection: np.ndarray | None = None) -> np.ndarray:
     """Replicate hot experts into R extra slots and pack replicas flat over all GPUs.
 
-    load: [L, E] expert load; redundant_experts: R, with (E + R) divisible by G.
-    Returns slots [L, G, (E + R) / G] int32. Replica counts minimise max load per replica, then are adjusted
-    while repacking (LPT + move/swap search) lowers the heaviest GPU; replicas of one expert sit on different GPUs.
+    load: [L, E] expert load; redundant_experts: R, at most E x (G - 1).
+    Returns slots [L, G, ceil((E + R) / G)] int32 (uneven: some GPUs keep one empty slot, -1). Replica counts
+    minimise max load per replica, then are adjusted while repacking (LPT + move/swap search) lowers the heaviest
+    GPU; replicas of one expert sit on different GPUs.
     """
     layers, experts = _check_common(load, num_gpus, gpus_per_node)
-    s = _replicated_slots(experts, num_gpus, redundant_experts)
+    s, filled = _replicated_slots(experts, num_gpus, redundant_experts, "replicated")
     out = np.empty((layers, num_gpus, s), dtype=np.int32)
     for layer in range(layers):
-        out[layer] = best_replicated_layer(load[layer].astype(np.float64), num_gpus, s, 16 * num_gpus * s)
+        out[layer] = best_replicated_layer(load[layer].astype(np.float64), num_gpus, s, filled, 16 * num_gpus * s)
     return out
 
 
@@ -131,18 +134,21 @@ def replicated_hierarchical(load: np.ndarray, *, num_gpus: int, gpus_per_node: i
                             coselection: np.ndarray | None = None) -> np.ndarray:
     """Replicated, packed in two levels: replicas onto nodes (min-max node load), then each node's onto its GPUs.
 
-    load: [L, E]; returns slots [L, G, (E + R) / G] int32. Same replica counts as the flat policy's start.
+    load: [L, E]; returns slots [L, G, ceil((E + R) / G)] int32 (-1: empty). Same replica counts as the flat
+    policy's start. Empty slots of an uneven layout are weightless items of an extra expert id, so the one-per-GPU
+    rule puts at most one on each GPU.
     """
     layers, experts = _check_common(load, num_gpus, gpus_per_node)
-    s = _replicated_slots(experts, num_gpus, redundant_experts)
-    nodes = max(1, num_gpus // gpus_per_node)
+    s, filled = _replicated_slots(experts, num_gpus, redundant_experts, "replicated-hier")
+    nodes = ClusterLayout(num_gpus, gpus_per_node).num_nodes
     gpn = num_gpus // nodes
     out = np.empty((layers, num_gpus, s), dtype=np.int32)
     for layer in range(layers):
         lw = load[layer].astype(np.float64)
-        counts = replica_counts_minmax(lw, num_gpus * s, num_gpus)
-        item_expert = np.repeat(np.arange(experts, dtype=np.int64), counts)
-        weight = lw[item_expert] / counts[item_expert]
+        counts = replica_counts_minmax(lw, filled, num_gpus)
+        counts_with_empty = np.append(counts, num_gpus * s - filled)  # [E + 1]: the last id stands for empty
+        item_expert = np.repeat(np.arange(experts + 1, dtype=np.int64), counts_with_empty)
+        weight = np.append(lw / np.maximum(counts, 1), 0.0)[item_expert]
         # A node may hold several replicas of an expert, one per GPU at most: up to gpn per node, then the per-GPU
         # rule inside each node.
         node_bins = pack_items(weight, item_expert, nodes, gpn * s, 16 * num_gpus * s, gpn)
@@ -150,7 +156,8 @@ def replicated_hierarchical(load: np.ndarray, *, num_gpus: int, gpus_per_node: i
             items = node_bins[n]
             gpu_bins = pack_items(weight[items], item_expert[items], gpn, s, 16 * gpn * s, 1)
             for g in range(gpn):
-                out[layer, n * gpn + g] = item_expert[items[gpu_bins[g]]]
+                held = item_expert[items[gpu_bins[g]]]
+                out[layer, n * gpn + g] = np.where(held < experts, held, -1)
     return out
 
 
@@ -165,7 +172,7 @@ def coactivation(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redunda
     """
     layers, experts = _check_common(load, num_gpus, gpus_per_node)
     if coselection is None or coselection.shape != (layers, experts, experts):
-        raise InputError("placement coactivation: needs co-selection counts [layers, experts, experts]")
+        raise PlacementNotApplicable("coactivation", "needs co-selection counts [layers, experts, experts]")
     base_policy = replicated if redundant_experts else balanced
     base = base_policy(load, num_gpus=num_gpus, gpus_per_node=gpus_per_node, redundant_experts=redundant_experts)
     out = np.empty_like(base)
@@ -179,6 +186,34 @@ def coactivation(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redunda
         out[layer] = coactivation_layer(slots, lw, co, gpus_per_node, COACTIVATION_NODE_WEIGHT, cap,
                                          4 * experts)
     return out
+
+
+@dataclass(frozen=True)
+class Redundancy:
+    """A number of redundant slots R and, when it is not the one asked for, why (for the command's output)."""
+
+    redundant_experts: int
+    note: str | None = None
+
+
+def default_redundant_experts(num_experts: int, num_gpus: int) -> Redundancy:
+    """The default redundancy: one extra slot per GPU (R = G), as engines with redundant experts provision.
+
+    When E + G does not divide over the G GPUs (E mod G != 0), R is rounded to the nearest value that does
+    (G - E mod G or 2G - E mod G; a tie goes up), so every GPU holds the same number of slots, and the note says so.
+    """
+    if num_experts < 1:
+        raise InputError(f"placement: need at least one expert, got {num_experts}")
+    if num_gpus < 1:
+        raise InputError(f"--gpus must be at least 1, got {num_gpus}")
+    rest = num_experts % num_gpus
+    if rest == 0:
+        return Redundancy(num_gpus)
+    down, up = num_gpus - rest, 2 * num_gpus - rest
+    r = down if num_gpus - down < up - num_gpus else up
+    note = (f"default redundancy rounded from {num_gpus} (one per GPU) to {r}: {num_experts} experts + {r} = "
+            f"{num_experts + r} slots, {(num_experts + r) // num_gpus} per GPU")
+    return Redundancy(r, note)
 
 
 PolicyFn = Callable[..., np.ndarray]
