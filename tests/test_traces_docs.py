@@ -89,3 +89,26 @@ def test_gzip_read_figure_matches_the_benchmark() -> None:
     stated = re.search(r"\| `gzip` \|.*?([\d.]+)x slower to read than `lz4`", DOCS[0].read_text())
     assert stated is not None and {"lz4", "gzip"} <= rates.keys()
     assert float(stated.group(1)) == round(rates["lz4"] / rates["gzip"], 1)
+
+
+def test_readme_reading_snippet(traces_dir: Path) -> None:
+    """The README's "Read a trace without moe-trace" block, on a trace.h5 and the trace.arrow it says how to make."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S) if "h5py" in b]
+    assert len(blocks) == 1
+    from traces.convert import convert
+
+    readme_dir = traces_dir / "readme"
+    readme_dir.mkdir()
+    (readme_dir / "trace.h5").write_bytes((traces_dir / "trace.h5").read_bytes())
+    convert(readme_dir / "trace.h5", readme_dir / "trace.arrow")  # what `moe-sim convert trace.h5 trace.arrow` does
+    with open_trace(traces_dir / "trace.h5") as trace:
+        expected = trace.read_all(["expert_ids"]).expert_ids
+    cwd = os.getcwd()
+    os.chdir(readme_dir)
+    try:
+        namespace: dict = {}
+        exec(compile(blocks[0], "README.md", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    np.testing.assert_array_equal(namespace["ids"], expected)  # the Arrow read, the block's last
+    assert namespace["n"] == 3000 and namespace["meta"]["top_k"] == expected.shape[2]

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from traces.presets import PRESETS
 from traces.reader import DEFAULT_CHUNK_TOKENS
 from traces.units import nbytes
 
@@ -142,7 +143,8 @@ def convert(src: str, dst: str, force: bool, compression: str | None, chunk_toke
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Trace to write (.h5/.hdf5 or .arrow/.feather/.ipc).")
 @click.option("--model", default="olmoe-1b-7b", show_default=True,
-              help="Model preset: olmoe-1b-7b, mixtral-8x7b, qwen1.5-moe-a2.7b or deepseek-v3.")
+              help=f"Model preset: {', '.join(PRESETS)} (hub ids accepted; DeepSeek-V3 with its "
+                   "group-limited routing).")
 @click.option("--tokens", type=click.IntRange(min=1), default=100_000, show_default=True, help="Tokens to write.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same trace).")
 @click.option("--skew", type=click.FloatRange(min=0), default=0.8, show_default=True,
