@@ -8,7 +8,14 @@ from typing import Any
 
 import torch
 
-from recorder.builtin_models import BUILTIN_MODELS, build_builtin_model, build_builtin_tokenizer
+from recorder.builtin_models import (
+    BUILTIN_MODELS,
+    FULL_SIZE_BUILTINS,
+    build_builtin_model,
+    build_builtin_tokenizer,
+    builtin_config,
+)
+from recorder.memory import MemoryEstimate, check_fits, count_parameters, free_bytes
 from traces.errors import InputError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -26,10 +33,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on a GPU that supports it, else fp32 (CPU half precision is slow and imprecise)."""
+def resolve_dtype(name: str, device: torch.device, model_id: str | None = None) -> torch.dtype:
+    """auto: bf16 on a GPU that supports it; on a CPU fp32 (CPU half precision is slow and imprecise), except for
+    the full-size built-in models, whose random weights need no precision and whose fp32 copy (28 GB for
+    olmoe-1b-7b-random) would not fit most hosts."""
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and model_id in FULL_SIZE_BUILTINS:
             return torch.bfloat16
         return torch.float16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
@@ -121,10 +132,20 @@ def load_model(
 ) -> tuple[Any, Any]:
     """(model in eval mode on `device`, tokenizer with left padding and a pad token)."""
     if model_id in BUILTIN_MODELS:
+        estimate = MemoryEstimate(count_parameters(builtin_config(model_id)), dtype)
+        check_fits(model_id, estimate, device, free_bytes(device))
         return build_builtin_model(model_id, device, dtype), build_builtin_tokenizer()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model_source(model_id, revision)
+    try:
+        config = AutoConfig.from_pretrained(source.name, revision=revision, trust_remote_code=trust_remote_code,
+                                            local_files_only=source.local_files_only)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--model {model_id}: cannot read its config ({_first_line(exc)})") from None
+    # before any weight is read: a model too large for the device is refused in one line, not killed by the OS
+    estimate = MemoryEstimate(count_parameters(config, trust_remote_code=trust_remote_code), dtype)
+    check_fits(model_id, estimate, device, free_bytes(device))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.name, revision=revision, trust_remote_code=trust_remote_code,
                                                   local_files_only=source.local_files_only)

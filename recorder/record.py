@@ -250,7 +250,7 @@ def record(cfg: RecordConfig, console: Console | None = None) -> RecordResult:
         raise InputError("--batch-size and --max-length must be at least 1, --max-new-tokens at least 0")
     prompts = load_prompts(cfg.prompts, cfg.prompt_field)
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, cfg.model)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     model, tokenizer = load_model(cfg.model, device, dtype, revision=cfg.revision,
