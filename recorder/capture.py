@@ -14,7 +14,12 @@ device.
 
 Holding router outputs across passes is exact because eager PyTorch allocates fresh outputs every pass and never
 writes into a tensor that is still referenced. Under CUDA graphs (outputs in static memory, overwritten by the next
-replay) use `window_passes=1`, which copies every pass before the next one runs.
+replay) use `window_passes=1`, which copies every pass before the next one runs. Three checks make sure a trace never
+holds missing or stale passes silently: a router that runs inside CUDA graph capture (its hook would not run on
+replay) raises GraphRecordingError at once; a pass whose held router outputs reuse the memory of outputs the window
+still holds (static buffers overwritten in place) raises it too; and MoEProfiler raises when the model ran but its
+routers' hooks did not. Under torch.compile the hooks are traced into the compiled code (a list store, no graph
+break) and record as in eager mode.
 
 Shape legend: N passes in a window, B batch rows, S tokens per row in a pass, T = B * S rows (padding included),
 L MoE layers, K top-k, E experts.
@@ -38,6 +43,17 @@ from recorder.routers import RouterLayout
 
 RouterRead = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids [T, K], weights [T, K], first output [T, E]
 
+GRAPH_CAPTURE = ("a router ran inside CUDA graph capture: its hook does not run when the graph is replayed, so the "
+                 "trace would miss those passes; record without CUDA graphs (eager, or torch.compile without "
+                 "mode='reduce-overhead' and without a static cache)")
+STATIC_OUTPUTS = ("router outputs were overwritten in place by the next pass (static buffers, as CUDA graph replays "
+                  "write them), so the passes held for copying are stale; record with window_passes=1 (MoEProfiler's "
+                  "default), which copies every pass before the next one runs")
+
+
+class GraphRecordingError(RuntimeError):
+    """Routing cannot be recorded correctly in the way the model runs (CUDA graphs); one line says why and what to do."""
+
 
 @dataclass
 class PassTokens:
@@ -59,6 +75,7 @@ class PassWindow:
 
     key: tuple  # (T, B, S, has token ids, device)
     ids: list[torch.Tensor] = field(default_factory=list)  # N * L x [T, K], pass-major
+    held: set[int] = field(default_factory=set)  # data_ptr of the first router's outputs the window holds
     weights: list[torch.Tensor] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)  # N * L x [T, E]
     tokens: list[torch.Tensor] = field(default_factory=list)  # N * 2 x [B, S] int64: position, token id
@@ -115,8 +132,13 @@ class RoutingCapture:
     # -- inside the forward pass: one list store per router, nothing else ----------------------------------------
     def _make_hook(self, slot: int) -> Callable[..., None]:
         pending = self._pending
+        # Only the first router checks for graph capture (one C++ call per pass, not per layer): a captured forward
+        # runs it too. Under torch.compile the check is skipped while tracing (capture happens below the hooks).
+        check = slot == 0 and torch.cuda.is_available()
 
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if check and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+                raise GraphRecordingError(GRAPH_CAPTURE)
             pending[slot] = output
 
         return hook
@@ -195,6 +217,12 @@ class RoutingCapture:
         if w is None:
             w = self._window = PassWindow(key)
             w.info.has_token_ids = tokens.token_id is not None
+        held = {ids[0].data_ptr()} | ({weights[0].data_ptr()} if self.save_weights else set()) \
+            | ({firsts[0].data_ptr()} if self.save_logits else set())
+        if held & w.held:  # a live tensor's memory handed out again: only static buffers do that
+            self._window = None
+            raise GraphRecordingError(STATIC_OUTPUTS)
+        w.held |= held
         w.ids += ids
         nbytes = t * len(ids) * ids[0].shape[-1] * ids[0].element_size()
         if self.save_weights:

@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from recorder.capture import PassTokens, RoutingCapture
+from recorder.capture import GraphRecordingError, PassTokens, RoutingCapture
 from recorder.metadata import build_metadata
 from recorder.routers import discover_routers
 from recorder.sink import TraceSink
@@ -140,8 +140,13 @@ class MoEProfiler:
 
     def _after_pass(self, module: Any, args: tuple, output: Any) -> None:
         assert self._capture is not None and self._sink is not None
-        if self._tokens is None or not self._capture.has_pending:
+        if self._tokens is None:
             return
+        if not self._capture.has_pending:  # the model ran, its routers' hooks did not: never lose passes silently
+            self._tokens = None
+            raise GraphRecordingError("the model ran but none of its routers' hooks did (a compiled or captured "
+                                      "region that skips forward hooks?); refusing to record a trace with missing "
+                                      "passes: run the model eagerly or with torch.compile's default mode")
         blocks = self._capture.end_pass(self._tokens)
         self._step += 1
         if blocks:
