@@ -261,7 +261,8 @@ def test_without_target_replays_first_layout_and_lists_unbuildable(built):
     from simulator.report.collect import _buildable
 
     ok, skipped = _buildable(("contiguous", "replicated"), 64, 1, 8, 8)
-    assert ok == ("contiguous",) and len(skipped) == 1 and skipped[0].startswith("replicated: ") and "8 redundant slots" in skipped[0]
+    assert ok == ("contiguous",) and len(skipped) == 1
+    assert skipped[0].startswith("replicated: ") and "8 redundant slots" in skipped[0]
     assert inputs.rebalance[0].settings["policy"] == "replicated"
     report = build_report(inputs)
     assert "No throughput target was given" in report.section("recommendation").paragraphs[0]
