@@ -59,6 +59,7 @@ def test_two_gloo_ranks_record_what_one_process_records(tmp_path: Path) -> None:
             np.testing.assert_array_equal(x, y)  # same tokens, same experts and weights
     with open_trace(shards[0]) as r0, open_trace(shards[1]) as r1:
         c0, c1 = r0.read_all(), r1.read_all()
+        assert c0.seq_id is not None and c1.seq_id is not None and c0.step is not None and c1.step is not None
         assert set(np.unique(c0.seq_id) % 2) == {0} and set(np.unique(c1.seq_id) % 2) == {1}  # global prompt ids
         assert set(np.unique(c0.step) % 2) == {0} and set(np.unique(c1.step) % 2) == {1}  # passes numbered apart
         assert np.all(np.diff(c0.step) >= 0) and np.all(np.diff(c1.step) >= 0)
@@ -67,4 +68,4 @@ def test_two_gloo_ranks_record_what_one_process_records(tmp_path: Path) -> None:
                            "--json", str(tmp_path / "t-rank*.h5")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert info.returncode == 0, info.stderr
-    assert json.loads(info.stdout)["num_sequences"] == len(np.unique(b.seq_id))
+    assert b.seq_id is not None and json.loads(info.stdout)["num_sequences"] == len(np.unique(b.seq_id))

@@ -7,11 +7,13 @@ import importlib.util
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from traces import open_trace
+from traces.chunk import TraceChunk
 from traces.synthetic import SynthConfig, write_synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,30 +52,44 @@ def test_snippet(name: str, code: str, traces_dir: Path) -> None:
         exec(compile(code, name, "exec"), namespace)
     finally:
         os.chdir(cwd)
-    layer0 = np.bincount(expected.expert_ids[:, 0].ravel(), minlength=64)  # type: ignore[index]
-    phase = expected.phase
-    assert phase is not None and expected.expert_ids is not None
-    checks = {
-        "ids": lambda v: np.testing.assert_array_equal(v, expected.expert_ids),
-        "weights": lambda v: np.testing.assert_array_equal(v, expected.expert_weights),
-        "counts": lambda v: (assert_true(v.sum() == expected.expert_ids.size),  # type: ignore[union-attr]
-                             np.testing.assert_array_equal(v[0], layer0)),
-        "tokens": lambda v: assert_true(v == 3000),
-        "tokens_per_phase": lambda v: assert_true(v.sum() == 3000 and v[1] == int((phase == 1).sum())),
-        "per_phase": lambda v: assert_true(dict(v) == {0: int((phase == 0).sum()), 1: int((phase == 1).sum())}),
-        "hot": lambda v: assert_true(v[0] == (int(np.argmax(layer0)), int(layer0.max()))),
-        "layer0_load": lambda v: assert_true(v.row(0) == (int(np.argmax(layer0)), int(layer0.max()))),
-        "meta": lambda v: assert_true(v["num_experts"] == 64 and v["top_k"] == expected.expert_ids.shape[2]),
-        "chunk": lambda v: np.testing.assert_array_equal(v.expert_ids, expected.expert_ids[-v.num_tokens:]),
-    }
-    results = sorted(assigned_names(code) & checks.keys())
-    assert results, f"{name}: the snippet computes none of {sorted(checks)}, so nothing it reads is checked"
+    results = sorted(assigned_names(code) & CHECKED)
+    assert results, f"{name}: the snippet computes none of {sorted(CHECKED)}, so nothing it reads is checked"
     for result in results:
-        checks[result](namespace[result])
+        check_result(result, namespace[result], expected)
 
 
-def assert_true(condition: object) -> None:
-    assert condition
+CHECKED = frozenset({"ids", "weights", "counts", "tokens", "tokens_per_phase", "per_phase", "hot", "layer0_load",
+                     "meta", "chunk"})
+
+
+def check_result(name: str, value: Any, expected: TraceChunk) -> None:
+    """A snippet's result `name` against the trace it read (3000 tokens, 64 experts)."""
+    ids, phase = expected.expert_ids, expected.phase
+    assert ids is not None and phase is not None
+    layer0 = np.bincount(ids[:, 0].ravel(), minlength=64)
+    hottest = (int(np.argmax(layer0)), int(layer0.max()))
+    if name == "ids":
+        np.testing.assert_array_equal(value, ids)
+    elif name == "weights":
+        np.testing.assert_array_equal(value, expected.expert_weights)
+    elif name == "counts":
+        assert value.sum() == ids.size
+        np.testing.assert_array_equal(value[0], layer0)
+    elif name == "tokens":
+        assert value == 3000
+    elif name == "tokens_per_phase":
+        assert value.sum() == 3000 and value[1] == int((phase == 1).sum())
+    elif name == "per_phase":
+        assert dict(value) == {0: int((phase == 0).sum()), 1: int((phase == 1).sum())}
+    elif name == "hot":
+        assert value[0] == hottest
+    elif name == "layer0_load":
+        assert value.row(0) == hottest
+    elif name == "meta":
+        assert value["num_experts"] == 64 and value["top_k"] == ids.shape[2]
+    else:
+        assert name == "chunk"
+        np.testing.assert_array_equal(value.expert_ids, ids[-value.num_tokens:])
 
 
 def assigned_names(code: str) -> set[str]:
@@ -103,6 +119,7 @@ def test_readme_reading_snippet(traces_dir: Path) -> None:
     convert(readme_dir / "trace.h5", readme_dir / "trace.arrow")  # what `moe-sim convert trace.h5 trace.arrow` does
     with open_trace(traces_dir / "trace.h5") as trace:
         expected = trace.read_all(["expert_ids"]).expert_ids
+    assert expected is not None
     cwd = os.getcwd()
     os.chdir(readme_dir)
     try:
