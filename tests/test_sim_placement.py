@@ -22,6 +22,7 @@ from simulator.placement import (
     imbalance,
     load_placement_file,
     pack_items,
+    replica_counts_minmax,
 )
 from traces.errors import InputError
 
@@ -355,3 +356,43 @@ def test_round_robin_lays_out_counts_that_do_not_divide():
     assert slots.shape == (2, 7, 3)
     assert sorted(slots[0][slots[0] >= 0].tolist()) == list(range(16))
     assert slots[0, 1].tolist() == [1, 8, 15] and slots[0, 2].tolist() == [2, 9, -1]
+
+
+def _best_max_per_replica(load: np.ndarray, num_slots: int, cap: int) -> float:
+    """Brute force: the smallest max(load / counts) over all counts in 1..cap summing to num_slots."""
+    import itertools
+
+    best = np.inf
+    for counts in itertools.product(range(1, cap + 1), repeat=load.size):
+        if sum(counts) == num_slots:
+            best = min(best, float((load / np.array(counts)).max()))
+    return best
+
+
+def test_replica_counts_minmax_by_hand_and_against_brute_force():
+    # [8, 4, 2, 2] with 2 extra slots: expert 0 takes the first (8 -> 4 per replica); then experts 0 and 1 tie at 4
+    # and the first wins, leaving the largest load per replica at 4 (expert 1), the best any split can do.
+    counts = replica_counts_minmax(np.array([8.0, 4, 2, 2]), 6, 4)
+    np.testing.assert_array_equal(counts, [3, 1, 1, 1])
+    np.testing.assert_array_equal(replica_counts_minmax(np.array([100.0, 1]), 4, 2), [2, 2])  # the cap binds
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        experts = int(rng.integers(1, 5))
+        cap = int(rng.integers(1, 4))
+        load = rng.integers(0, 20, size=experts).astype(np.float64)
+        num_slots = int(rng.integers(experts, experts * cap + 1))
+        counts = replica_counts_minmax(load, num_slots, cap)
+        assert counts.sum() == num_slots and counts.min() >= 1 and counts.max() <= cap
+        assert (load / counts).max() == _best_max_per_replica(load, num_slots, cap)
+
+
+def test_pack_counts_spreads_empty_slots_one_per_gpu():
+    """Two experts on two GPUs of two slots: each GPU holds one expert and one empty slot, never both empties on
+    one GPU (which would stack both experts on the other)."""
+    from simulator.placement.packing import pack_counts
+
+    slots = pack_counts(np.array([3.0, 1.0]), np.array([1, 1]), 2, 2, 2, 100)
+    assert sorted(slots.max(axis=1).tolist()) == [0, 1] and (slots == -1).sum(axis=1).tolist() == [1, 1]
+    # three replicas of a hot expert and one cold expert over 3 GPUs of 2 slots, one slot left empty
+    slots = pack_counts(np.array([9.0, 1.0]), np.array([3, 1]), 3, 2, 2, 100)
+    assert (slots == 0).sum(axis=1).tolist() == [1, 1, 1] and (slots == -1).sum() == 2

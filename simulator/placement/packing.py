@@ -19,7 +19,8 @@ PACKING_TOLERANCE = 1e-4
 def replica_counts_minmax(load: np.ndarray, num_slots: int, max_per_expert: int) -> np.ndarray:
     """Replicas per expert minimising the largest load per replica (greedy; optimal for that objective).
 
-    load: [E] float64; num_slots >= E; returns [E] int64 counts summing to num_slots, each <= max_per_expert.
+    load: [E] float64; E <= num_slots <= E x max_per_expert (the caller checks); returns [E] int64 counts summing
+    to num_slots, each <= max_per_expert.
     """
     e_count = load.shape[0]
     counts = np.ones(e_count, dtype=np.int64)
