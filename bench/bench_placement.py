@@ -141,8 +141,8 @@ def main() -> None:
         *rows,
         "",
         "Real OLMoE counts (layers 0, 7, 15; `data/olmoe_expert_counts.json`): greedy reference vs "
-        "`replicated`; the target is an excess (max/mean - 1) of at most 0.25 of the greedy's (EPLB's own figures "
-        "in anchors.md: arxiv 1.007 at 8+8, 1.083 at 32+32).",
+        "`replicated`; the target is an excess (max/mean - 1) of at most 0.25 of the greedy's (DeepSeek's EPLB, "
+        "github.com/deepseek-ai/EPLB, global policy, on the same counts: arxiv 1.007 at 8+8, 1.083 at 32+32).",
         "",
         "| domain | GPUs + redundant | greedy | replicated | excess ratio | ms |",
         "|---|---|---:|---:|---:|---:|",

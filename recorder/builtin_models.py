@@ -95,9 +95,11 @@ def builtin_config(name: str) -> Any:
     return BUILTIN_MODELS[name]()
 
 
+# The built-in models with a real model's full size (recorded in bf16 on a CPU by default, see resolve_dtype).
+FULL_SIZE_BUILTINS = frozenset({"olmoe-1b-7b-random"})
 # Built on the target device in the target dtype: a 28 GB fp32 copy on the host would be slow. Its random weights
 # therefore depend on the device's random generator; every other built-in model is the same on every machine.
-BUILT_ON_DEVICE = frozenset({"olmoe-1b-7b-random"})
+BUILT_ON_DEVICE = FULL_SIZE_BUILTINS
 
 
 def build_builtin_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = BUILTIN_SEED) -> Any:

@@ -7,13 +7,19 @@ appends, no kernel. Every `window_passes` passes (or when the shape changes, the
 preallocated device byte buffer, laid out [N, T, L, X] (N passes, the trace's own row order), with two kernels per
 field whatever N is, starts one non-blocking copy into pinned host memory and records a CUDA event. So the host cost
 of moving routing off the device is paid once per window rather than once per pass: in HF decode, which is bound by
-how fast the main thread launches kernels, that is what counts. A background thread (`TraceSink`) copies finished
-blocks out of pinned memory, drops padding rows and appends whole batches to the trace; a byte budget on the work
-in flight gives back-pressure, and the window's own limits bound what it keeps alive on the device.
+how fast the main thread launches kernels, that is what counts. A background thread (`TraceSink`, sink.py) copies
+finished blocks (blocks.py) out of pinned memory, drops padding rows and appends whole batches to the trace; a byte
+budget on the work in flight gives back-pressure, and the window's own limits bound what it keeps alive on the
+device.
 
 Holding router outputs across passes is exact because eager PyTorch allocates fresh outputs every pass and never
 writes into a tensor that is still referenced. Under CUDA graphs (outputs in static memory, overwritten by the next
-replay) use `window_passes=1`, which copies every pass before the next one runs.
+replay) use `window_passes=1`, which copies every pass before the next one runs. Three checks make sure a trace never
+holds missing or stale passes silently: a router that runs inside CUDA graph capture (its hook would not run on
+replay) raises GraphRecordingError at once; a pass whose held router outputs reuse the memory of outputs the window
+still holds (static buffers overwritten in place) raises it too; and MoEProfiler raises when the model ran but its
+routers' hooks did not. Under torch.compile the hooks are traced into the compiled code (a list store, no graph
+break) and record as in eager mode.
 
 Shape legend: N passes in a window, B batch rows, S tokens per row in a pass, T = B * S rows (padding included),
 L MoE layers, K top-k, E experts.
@@ -22,22 +28,31 @@ L MoE layers, K top-k, E experts.
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from recorder.blocks import BlockInfo, HostBlock, Packing, packing_of
 from recorder.routers import RouterLayout, topk_from_logits
-from traces.chunk import TraceChunk
-from traces.writer import TraceWriter
 
 RouterRead = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids [T, K], weights [T, K], first output [T, E]
+
+GRAPH_CAPTURE = ("a router ran inside CUDA graph capture: its hook does not run when the graph is replayed, so the "
+                 "trace would miss those passes; record without CUDA graphs (eager, or torch.compile without "
+                 "mode='reduce-overhead' and without a static cache)")
+STATIC_OUTPUTS = ("router outputs were overwritten in place by the next pass (static buffers, as CUDA graph replays "
+                  "write them), so the passes held for copying are stale; record with window_passes=1 (MoEProfiler's "
+                  "default), which copies every pass before the next one runs")
+
+
+class GraphRecordingError(RuntimeError):
+    """Routing cannot be recorded correctly in the way the model runs (CUDA graphs); one line says why and what to do."""
 
 
 @dataclass
@@ -52,140 +67,15 @@ class PassTokens:
     step: int
 
 
-# One block of passes travels as one byte buffer: fields at 8-byte aligned offsets. name -> (offset, dtype, shape)
-Packing = dict[str, tuple[int, torch.dtype, tuple[int, ...]]]
-
-
-def _packing(fields: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[Packing, int]:
-    out: Packing = {}
-    offset = 0
-    for name, dtype, shape in fields:
-        out[name] = (offset, dtype, shape)
-        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-        offset += (nbytes + 7) // 8 * 8
-    return out, offset
-
-
-_NP_DTYPES = {torch.uint8: np.uint8, torch.int32: np.int32, torch.int64: np.int64, torch.float16: np.float16,
-              torch.float32: np.float32, torch.bool: np.bool_}
 
 
 @dataclass
-class BlockInfo:
-    """Who the N passes of a block are: one entry per pass."""
-
-    seq_ids: list[np.ndarray]  # N x [B]
-    phases: list[int]
-    steps: list[int]
-    has_token_ids: bool
-
-
-@dataclass
-class HostBlock:
-    """N passes of one shape in one host byte buffer (pinned on CUDA).
-
-    Until `start()` runs (at once, or in the writer thread when the capture has `copy_in_writer`) the block holds
-    references to the window's device tensors and no data. After it, the copy into `data` may still be in flight
-    until `event` completes; only the writer thread waits for it.
-    Fields: tokens [N, 2, B, S] (position, token id), valid [N, B, S], ids, weights, logits [N, T, L, X].
-    """
-
-    packing: Packing
-    info: BlockInfo
-    nbytes: int
-    source: Any = None  # (RoutingCapture, _Window, stream) until started
-    data: torch.Tensor | None = None  # uint8 [nbytes]
-    event: Any = None  # torch.cuda.Event or None
-
-    @property
-    def num_passes(self) -> int:
-        return len(self.info.steps)
-
-    def start(self) -> None:
-        """Launch the window's gather kernels and its copy to the host (never waits); a no-op once started."""
-        if self.source is not None:
-            capture, window, stream = self.source
-            self.source = None
-            self.data, self.event = capture._copy_window(window, self.packing, self.nbytes, stream)
-
-    def ready(self) -> bool:
-        """True once the copy to the host has finished (never blocks)."""
-        self.start()
-        return self.event is None or bool(self.event.query())
-
-    def release(self) -> RawBlock:
-        """A plain copy of the bytes, so the pinned buffer goes back to the allocator now (waits for the copy)."""
-        self.start()
-        assert self.data is not None
-        if self.event is not None:
-            self.event.synchronize()  # with the GIL released
-        return RawBlock(self.data.numpy().copy(), self.packing, self.info)
-
-    def field(self, name: str) -> np.ndarray:
-        return self.release().field(name)
-
-    def to_chunk(self, with_token_ids: bool, id_dtype: np.dtype, weights_dtype: np.dtype) -> TraceChunk:
-        return blocks_to_chunk([self.release()], with_token_ids, id_dtype, weights_dtype)
-
-
-@dataclass
-class RawBlock:
-    """A HostBlock copied out of pinned memory, waiting to be converted."""
-
-    raw: np.ndarray  # uint8 [nbytes]
-    packing: Packing
-    info: BlockInfo
-
-    def field(self, name: str) -> np.ndarray:
-        """Field `name` as a view of the bytes (shapes as in HostBlock)."""
-        offset, dtype, shape = self.packing[name]
-        np_dtype = np.dtype(_NP_DTYPES[dtype])
-        count = int(np.prod(shape))
-        return self.raw[offset: offset + count * np_dtype.itemsize].view(np_dtype).reshape(shape)
-
-
-def blocks_to_chunk(blocks: list[RawBlock], with_token_ids: bool, id_dtype: np.dtype,
-                    weights_dtype: np.dtype) -> TraceChunk:
-    """Trace rows of consecutive blocks, in order, padding dropped."""
-    return TraceChunk.concat([_convert(b, with_token_ids, id_dtype, weights_dtype) for b in blocks])
-
-
-def _convert(block: RawBlock, with_token_ids: bool, id_dtype: np.dtype, weights_dtype: np.dtype) -> TraceChunk:
-    """One block's rows, vectorised over its N passes (one NumPy call per column, not per pass)."""
-    info = block.info
-    tokens = block.field("tokens")  # [N, 2, B, S]
-    n, _, b, s = tokens.shape
-    valid = block.field("valid").reshape(-1)  # [N * T]
-    rows: slice | np.ndarray = slice(None) if bool(valid.all()) else np.flatnonzero(valid)
-    per_pass = b * s
-
-    def per_token(name: str, dtype: np.dtype) -> np.ndarray:
-        x = block.field(name)  # [N, T, L, X]
-        return x.reshape(n * per_pass, *x.shape[2:])[rows].astype(dtype, copy=False)
-
-    seq = np.repeat(np.stack(info.seq_ids).astype(np.int32), s, axis=1).reshape(-1)  # [N * T]
-    chunk = TraceChunk(
-        seq_id=seq[rows],
-        position=tokens[:, 0].reshape(-1)[rows].astype(np.int32),
-        phase=np.repeat(np.asarray(info.phases, dtype=np.uint8), per_pass)[rows],
-        step=np.repeat(np.asarray(info.steps, dtype=np.int32), per_pass)[rows],
-        expert_ids=per_token("ids", id_dtype),
-    )
-    if with_token_ids and info.has_token_ids:
-        chunk.token_id = tokens[:, 1].reshape(-1)[rows].astype(np.int32)
-    if "weights" in block.packing:
-        chunk.expert_weights = per_token("weights", weights_dtype)
-    if "logits" in block.packing:
-        chunk.router_logits = per_token("logits", np.dtype(np.float16))
-    return chunk
-
-
-@dataclass
-class _Window:
+class PassWindow:
     """References to the outputs of passes not yet copied (all of one shape), in pass order."""
 
     key: tuple  # (T, B, S, has token ids, device)
     ids: list[torch.Tensor] = field(default_factory=list)  # N * L x [T, K], pass-major
+    held: set[int] = field(default_factory=set)  # data_ptr of the first router's outputs the window holds
     weights: list[torch.Tensor] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)  # N * L x [T, E]
     tokens: list[torch.Tensor] = field(default_factory=list)  # N * 2 x [B, S] int64: position, token id
@@ -227,7 +117,7 @@ class RoutingCapture:
         # uint8 ids on the device when they fit; int32 otherwise (torch has few uint16 kernels).
         self.id_dtype = torch.uint8 if layout.num_experts <= 256 else torch.int32
         self._pending: list[Any] = [None] * layout.num_layers
-        self._window: _Window | None = None
+        self._window: PassWindow | None = None
         self._device_bytes: torch.Tensor | None = None
         self._handles: list[Any] = []
         self.attach()
@@ -242,8 +132,13 @@ class RoutingCapture:
     # -- inside the forward pass: one list store per router, nothing else ----------------------------------------
     def _make_hook(self, slot: int) -> Callable[..., None]:
         pending = self._pending
+        # Only the first router checks for graph capture (one C++ call per pass, not per layer): a captured forward
+        # runs it too. Under torch.compile the check is skipped while tracing (capture happens below the hooks).
+        check = slot == 0 and torch.cuda.is_available()
 
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if check and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+                raise GraphRecordingError(GRAPH_CAPTURE)
             pending[slot] = output
 
         return hook
@@ -317,8 +212,14 @@ class RoutingCapture:
             out += self._collect_window()
             w = None
         if w is None:
-            w = self._window = _Window(key)
+            w = self._window = PassWindow(key)
             w.info.has_token_ids = tokens.token_id is not None
+        held = {ids[0].data_ptr()} | ({weights[0].data_ptr()} if self.save_weights else set()) \
+            | ({firsts[0].data_ptr()} if self.save_logits else set())
+        if held & w.held:  # a live tensor's memory handed out again: only static buffers do that
+            self._window = None
+            raise GraphRecordingError(STATIC_OUTPUTS)
+        w.held |= held
         w.ids += ids
         nbytes = t * len(ids) * ids[0].shape[-1] * ids[0].element_size()
         if self.save_weights:
@@ -364,15 +265,15 @@ class RoutingCapture:
             fields.append(("weights", self.weights_dtype, (n, t, lay.num_layers, lay.top_k)))
         if self.save_logits:
             fields.append(("logits", torch.float16, (n, t, lay.num_layers, lay.num_experts)))
-        packing, total = _packing(fields)
+        packing, total = packing_of(fields)
         # The copy must follow the passes on the stream that ran them, whichever thread launches it.
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-        block = HostBlock(packing, w.info, total, source=(self, w, stream))
+        block = HostBlock(packing, w.info, total, launch=partial(self.copy_window, w, packing, total, stream))
         if not self.copy_in_writer:
             block.start()
         return [block]
 
-    def _copy_window(self, w: _Window, packing: Packing, total: int, stream: Any) -> tuple[torch.Tensor, Any]:
+    def copy_window(self, w: PassWindow, packing: Packing, total: int, stream: Any) -> tuple[torch.Tensor, Any]:
         """Gather window `w` into the device byte buffer and start one copy to (pinned) host memory."""
         device = w.key[4]
         n, b, s = len(w.info.steps), w.key[1], w.key[2]
@@ -420,147 +321,3 @@ class RoutingCapture:
             handle.remove()
         self._handles = []
         self.drop_pass()
-
-
-_FLUSH = object()  # queue marker: a producer waits on back-pressure, write now
-_STOP = object()  # queue marker: write everything and end the thread
-
-
-class TraceSink:
-    """Background writer: turns batches of HostBlock into trace chunks, in order, with bounded memory.
-
-    Every time the thread takes Python's GIL it stalls the main thread, whose decode loop is bound by how fast it
-    launches kernels; so the thread sleeps on its queue (no GIL, no periodic wake-ups) until a batch arrives, wakes
-    at most once per `poll_seconds`, waits for the block's copy with the GIL released, and appends to the file only
-    once `flush_bytes` have gathered or `flush_seconds` have passed (few, large appends). Appends happen only at
-    batch boundaries, so an interrupted trace holds whole batches; close() writes whatever is pending. `submit`
-    blocks while more than `max_bytes` of pinned buffers wait (back-pressure; converted data waiting for an append
-    is bounded by `flush_bytes`). With `writer=None` the chunks are kept in `self.chunks`.
-    """
-
-    def __init__(
-        self,
-        writer: TraceWriter | None,
-        *,
-        with_token_ids: bool,
-        id_dtype: np.dtype,
-        weights_dtype: np.dtype,
-        max_bytes: int = 1 << 30,
-        flush_bytes: int = 32 << 20,
-        flush_seconds: float = 5.0,
-        poll_seconds: float = 0.05,
-        on_written: Callable[[int, int], None] | None = None,
-    ):
-        self.writer = writer
-        self.with_token_ids = with_token_ids
-        self.id_dtype = id_dtype
-        self.weights_dtype = weights_dtype
-        self.max_bytes = max_bytes
-        self.flush_bytes = flush_bytes
-        self.flush_seconds = flush_seconds
-        self.poll_seconds = poll_seconds
-        self.on_written = on_written
-        self.chunks: list[TraceChunk] = []
-        self.tokens_written = 0
-        self.batches_written = 0
-        self.busy_seconds = 0.0  # CPU time of the writer thread (GIL held or not)
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._in_flight = 0
-        self._cond = threading.Condition()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="moe-trace-writer", daemon=True)
-        self._thread.start()
-
-    def submit(self, blocks: list[HostBlock], num_sequences: int) -> None:
-        """Hand over one whole batch (all its blocks); blocks while too much waits to be written."""
-        nbytes = sum(b.nbytes for b in blocks)
-        with self._cond:
-            if self._in_flight > 0 and self._in_flight + nbytes > self.max_bytes:
-                self._queue.put(_FLUSH)
-                while self._in_flight > 0 and self._in_flight + nbytes > self.max_bytes and self._error is None:
-                    self._cond.wait()
-            self._raise_if_failed()
-            self._in_flight += nbytes
-        self._queue.put((blocks, num_sequences))
-
-    def _run(self) -> None:
-        pending: list[RawBlock] = []  # blocks copied out of pinned memory, waiting for the next append
-        pending_bytes = pending_batches = pending_sequences = 0
-        last_flush = last_wake = time.monotonic()
-        stop = False
-        while not stop:
-            # Asleep without the GIL until a batch arrives (or a pending append falls due).
-            timeout = None if not pending else max(0.0, last_flush + self.flush_seconds - time.monotonic())
-            items: list[Any] = []
-            with contextlib.suppress(queue.Empty):
-                items.append(self._queue.get(timeout=timeout))
-            rest = last_wake + self.poll_seconds - time.monotonic()
-            if rest > 0 and items and items[0] is not _STOP:
-                time.sleep(rest)  # at most one wake-up per poll_seconds: later batches join this one
-            last_wake = time.monotonic()
-            woke = time.thread_time()  # CPU time of this thread
-            while True:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            urgent = False
-            for item in items:
-                if item is _STOP or item is _FLUSH:
-                    stop = stop or item is _STOP
-                    urgent = True
-                    continue
-                blocks, sequences = item
-                nbytes = sum(b.nbytes for b in blocks)
-                try:
-                    if self._error is None:
-                        # Waits for the copy with the GIL released; copying out frees the pinned buffers at once,
-                        # so the pinned allocator keeps reusing a few blocks.
-                        for b in blocks:
-                            b.start()  # launches the copy of a block filed with copy_in_writer
-                        pending.extend(b.release() for b in blocks)
-                        pending_bytes += nbytes
-                        pending_batches += 1
-                        pending_sequences += sequences
-                except BaseException as exc:  # reported to the main thread at its next submit/close
-                    self._error = exc
-                finally:
-                    del blocks, item
-                    with self._cond:
-                        self._in_flight -= nbytes
-                        self._cond.notify_all()
-            del items
-            due = urgent or pending_bytes >= self.flush_bytes or time.monotonic() - last_flush >= self.flush_seconds
-            if due and pending:
-                try:
-                    if self._error is None:
-                        self._write(pending, pending_batches, pending_sequences)
-                except BaseException as exc:
-                    self._error = exc
-                finally:
-                    last_flush = time.monotonic()
-                    pending = []
-                    pending_bytes = pending_batches = pending_sequences = 0
-            self.busy_seconds += time.thread_time() - woke
-
-    def _write(self, blocks: list[RawBlock], batches: int, sequences: int) -> None:
-        chunk = blocks_to_chunk(blocks, self.with_token_ids, self.id_dtype, self.weights_dtype)
-        if self.writer is not None:
-            self.writer.append(chunk)
-        else:
-            self.chunks.append(chunk)
-        self.tokens_written += chunk.num_tokens
-        self.batches_written += batches
-        if self.on_written is not None:
-            self.on_written(sequences, chunk.num_tokens)
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def close(self) -> None:
-        """Write everything submitted, stop the thread, and re-raise a writer error."""
-        if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join()
-        self._raise_if_failed()

@@ -48,7 +48,9 @@ def record(prompts: Path, model: str, output: Path, batch_size: int, max_length:
     """Run a transformers MoE model over PROMPTS and record every token's expert routing.
 
     Prefill is always recorded; --max-new-tokens adds greedy decoding. Padding is never recorded. The trace is
-    written crash-safely: an interrupted run leaves <output>.partial, which --resume continues.
+    written crash-safely: an interrupted run leaves <output>.partial, which --resume continues. Under torchrun
+    (`torchrun --nproc-per-node N moe-rec record ...`) each rank records every N-th prompt into
+    <output stem>-rank<r><ext>; moe-sim opens the shards as one trace.
 
     \b
     Example:
@@ -56,15 +58,25 @@ def record(prompts: Path, model: str, output: Path, batch_size: int, max_length:
     """
     from rich.console import Console
 
+    from recorder.ranks import gather_results, rank_from_env
     from recorder.record import print_summary
     from recorder.record import record as run_record
+
+    ranks = rank_from_env()
 
     cfg = RecordConfig(
         prompts=prompts, model=model, output=output, batch_size=batch_size, max_length=max_length,
         max_new_tokens=max_new_tokens, device=device, dtype=dtype, save_logits=save_logits,
         token_ids=not no_token_ids, revision=revision, trust_remote_code=trust_remote_code, resume=resume,
-        force=force, seed=seed, prompt_field=prompt_field, progress=not no_progress,
-        command_line=shlex.join(["moe-rec", *sys.argv[1:]]),
+        force=force, seed=seed, prompt_field=prompt_field, progress=not no_progress and ranks.rank == 0,
+        command_line=shlex.join(["moe-rec", *sys.argv[1:]]), rank=ranks.rank, world_size=ranks.world_size,
+        local_rank=ranks.local_rank,
     )
     result = run_record(cfg, Console(stderr=True))
     print_summary(result, max_length, Console())
+    everyone = gather_results(ranks, (result.tokens, result.sequences, str(result.path)))
+    if ranks.distributed and ranks.rank == 0:
+        pattern = str(output.with_name(f"{output.stem}-rank*{output.suffix}"))
+        click.echo(f"all {ranks.world_size} ranks: {sum(r[0] for r in everyone):,} tokens from "
+                   f"{sum(r[1] for r in everyone):,} prompts in {len(everyone)} shards; moe-sim reads them as one "
+                   f"trace: moe-sim info '{pattern}'")

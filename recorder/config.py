@@ -29,3 +29,6 @@ class RecordConfig:
     prompt_field: str = "text"
     progress: bool = True
     command_line: str = ""
+    rank: int = 0  # torchrun: this process records the prompts i with i mod world_size == rank (see ranks.py)
+    world_size: int = 1
+    local_rank: int = 0  # the device index on the node (cuda:local_rank with --device auto)

@@ -23,12 +23,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from recorder.capture import PassTokens, RoutingCapture, TraceSink
+from recorder.capture import GraphRecordingError, PassTokens, RoutingCapture
 from recorder.metadata import build_metadata
 from recorder.routers import discover_routers
-from recorder.stats import layer_load
+from recorder.sink import TraceSink
 from traces.chunk import TraceChunk
 from traces.schema import PHASE_DECODE, PHASE_PREFILL, TraceMetadata
+from traces.stats import layer_loads
 from traces.writer import write_trace
 
 
@@ -139,8 +140,13 @@ class MoEProfiler:
 
     def _after_pass(self, module: Any, args: tuple, output: Any) -> None:
         assert self._capture is not None and self._sink is not None
-        if self._tokens is None or not self._capture.has_pending:
+        if self._tokens is None:
             return
+        if not self._capture.has_pending:  # the model ran, its routers' hooks did not: never lose passes silently
+            self._tokens = None
+            raise GraphRecordingError("the model ran but none of its routers' hooks did (a compiled or captured "
+                                      "region that skips forward hooks?); refusing to record a trace with missing "
+                                      "passes: run the model eagerly or with torch.compile's default mode")
         blocks = self._capture.end_pass(self._tokens)
         self._step += 1
         if blocks:
@@ -183,9 +189,9 @@ class MoEProfiler:
         for col in ("layer", "module", "busiest expert", "max share", "max/mean", "idle experts", "expert GFLOPs"):
             table.add_column(col, justify="left" if col == "module" else "right")
         counts = self.expert_counts()
-        for layer, name, row in zip(meta.moe_layers, meta.moe_module_names, layer_load(counts), strict=True):
+        for layer, name, row in zip(meta.moe_layers, meta.moe_module_names, layer_loads(counts, meta.moe_layers), strict=True):
             gflops = row.assignments * meta.flops_per_assignment / 1e9
-            table.add_row(str(layer), name, str(row.busiest), f"{row.max_share:.1%}", f"{row.imbalance:.2f}",
+            table.add_row(str(layer), name, str(row.top_expert), f"{row.top_share:.1%}", f"{row.max_over_mean:.2f}",
                           str(row.idle), f"{gflops:,.3f}")
         console.print(table)
 

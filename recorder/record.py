@@ -23,12 +23,15 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from recorder.capture import HostBlock, PassTokens, RoutingCapture, TraceSink
+from recorder.blocks import HostBlock
+from recorder.capture import PassTokens, RoutingCapture
 from recorder.config import RecordConfig
 from recorder.metadata import build_metadata
 from recorder.models import load_model, resolve_device, resolve_dtype
 from recorder.prompts import PromptSet, load_prompts, render
+from recorder.ranks import RankInfo, rank_prompts, shard_path
 from recorder.routers import discover_routers
+from recorder.sink import TraceSink
 from traces.errors import InputError
 from traces.reader import open_trace
 from traces.schema import PHASE_DECODE, PHASE_PREFILL, TraceMetadata
@@ -99,10 +102,11 @@ class BatchRunner:
     """Runs one batch of prompts (prefill + greedy decode) and returns its passes, splitting on CUDA OOM."""
 
     def __init__(self, model: Any, tokenizer: Any, capture: RoutingCapture, prompts: PromptSet, cfg: RecordConfig,
-                 device: torch.device, console: Console, first_step: int = 0):
+                 device: torch.device, console: Console, first_step: int = 0, step_stride: int = 1):
         self.model, self.tokenizer, self.capture = model, tokenizer, capture
         self.prompts, self.cfg, self.device, self.console = prompts, cfg, device, console
         self.step = first_step
+        self.step_stride = step_stride  # world_size under torchrun: ranks number their passes apart
         self.batch_limit = cfg.batch_size
         self.truncated = 0
         self.oom_splits = 0
@@ -177,7 +181,7 @@ class BatchRunner:
         # Passes are filed into the capture's window; a block's copy to the host starts when a window fills, the
         # pass shape changes (prefill -> decode) or the batch ends, so a batch's blocks hold exactly its passes.
         blocks = self.capture.end_pass(PassTokens(seq, position_dev, ids_dev, mask_dev, PHASE_PREFILL, self.step))
-        self.step += 1
+        self.step += self.step_stride
         if new_tokens == 0:
             return blocks + self.capture.collect()
         cache = output_cache(out)
@@ -191,7 +195,7 @@ class BatchRunner:
                                 use_cache=True, **{self.cache_arg: cache})
             tokens = PassTokens(seq, pos, next_ids[:, None], ~finished[:, None], PHASE_DECODE, self.step)
             blocks += self.capture.end_pass(tokens)
-            self.step += 1
+            self.step += self.step_stride
             if self.eos_id is not None:
                 finished = finished | (next_ids == self.eos_id)
                 if j % EOS_CHECK_EVERY == EOS_CHECK_EVERY - 1 and bool(finished.all()):
@@ -237,7 +241,10 @@ def _progress(console: Console, enabled: bool) -> Progress:
 def record(cfg: RecordConfig, console: Console | None = None) -> RecordResult:
     """Record the routing of cfg.model over cfg.prompts into cfg.output. See the module docstring for safety."""
     console = console or Console(stderr=True)
-    out = Path(cfg.output)
+    ranks = RankInfo(cfg.rank, cfg.world_size, cfg.local_rank)
+    if not 0 <= ranks.rank < ranks.world_size:
+        raise InputError(f"rank {ranks.rank} is not in 0..{ranks.world_size - 1}")
+    out = shard_path(Path(cfg.output), ranks.rank) if ranks.distributed else Path(cfg.output)
     encoding_for(out)  # unsupported extension: fail before loading anything
     partial = partial_path(out)
     if out.exists() and not cfg.force:
@@ -247,8 +254,9 @@ def record(cfg: RecordConfig, console: Console | None = None) -> RecordResult:
     if cfg.batch_size < 1 or cfg.max_length < 1 or cfg.max_new_tokens < 0:
         raise InputError("--batch-size and --max-length must be at least 1, --max-new-tokens at least 0")
     prompts = load_prompts(cfg.prompts, cfg.prompt_field)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    device = resolve_device(f"cuda:{ranks.local_rank}" if ranks.distributed and cfg.device == "auto"
+                            and torch.cuda.is_available() else cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device, cfg.model)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     model, tokenizer = load_model(cfg.model, device, dtype, revision=cfg.revision,
@@ -257,15 +265,20 @@ def record(cfg: RecordConfig, console: Console | None = None) -> RecordResult:
     meta = build_metadata(
         model, layout, model_id=cfg.model, revision=cfg.revision, token_ids=cfg.token_ids,
         save_logits=cfg.save_logits, prompts_sha256=prompts.sha256, command_line=cfg.command_line,
-        notes={"decoding": "greedy", "max_length": cfg.max_length, "max_new_tokens": cfg.max_new_tokens},
+        notes={"decoding": "greedy", "max_length": cfg.max_length, "max_new_tokens": cfg.max_new_tokens,
+               **({"rank": ranks.rank, "world_size": ranks.world_size} if ranks.distributed else {})},
     )
     resume = ResumeState(set(), 0, 0)
     if cfg.resume and partial.exists() and not cfg.force:
         resume = read_resume_state(partial, meta)
-    todo = [i for i in range(len(prompts.prompts)) if i not in resume.done]
+    mine = rank_prompts(len(prompts.prompts), ranks)
+    todo = [i for i in mine if i not in resume.done]
+    # steps: rank r numbers its passes r, r + N, r + 2N, ... (N ranks), so passes of all shards stay distinct
+    first_step = resume.next_step - 1 + ranks.world_size if resume.tokens else ranks.rank
     writer = open_writer(out, meta, force=cfg.force, resume=cfg.resume and not cfg.force)
     capture = RoutingCapture(layout, save_logits=cfg.save_logits, window_passes=WINDOW_PASSES, copy_in_writer=True)
-    runner = BatchRunner(model, tokenizer, capture, prompts, cfg, device, console, first_step=resume.next_step)
+    runner = BatchRunner(model, tokenizer, capture, prompts, cfg, device, console, first_step=first_step,
+                         step_stride=ranks.world_size)
     progress = _progress(console, cfg.progress)
     task = progress.add_task("record", total=len(todo), tokens=0, rate=0.0)
     started = time.perf_counter()

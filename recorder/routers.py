@@ -5,7 +5,7 @@ structural fallback for unknown models: a child named `gate` or `router` of a bl
 `layers.<i>`. A probe call on random input tells which output convention the installed transformers uses:
 
 - "3-tuple": (logits [T, E], top-k weights [T, K], ids [T, K])  -- transformers 5.x
-- "2-tuple": (dense scores [T, E], ids [T, K])                   -- older 5.0 code and the seed card
+- "2-tuple": (dense scores [T, E], ids [T, K])                   -- early transformers 5.0 releases
 - "logits":  one tensor [T, E] from an nn.Linear gate; top-k is done by the block (transformers 4.x)
 
 and whether the first output is raw logits or probabilities (transformers 5.0 returned softmax probabilities).

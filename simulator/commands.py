@@ -12,6 +12,7 @@ from simulator.cli_options import int_list, names, progress_bar, workers_option
 from simulator.cost_model import DEFAULT_CONTEXT_TOKENS, DEFAULT_HBM_RESERVE, DEFAULT_TOKENS_PER_GPU
 from simulator.hardware import COST_MODELS, load_hardware, parse_hardware_list
 from simulator.interop.loadplan import DEFAULT_LOAD_TOKENS, load_file_options, trace_or_load_file
+from simulator.placement import Redundancy, default_redundant_experts
 from simulator.plan import PlanConfig, apply_prices, parse_gpu_hour_cost
 from simulator.plan import plan as run_plan
 from simulator.plan.render import render_plan
@@ -36,7 +37,8 @@ from traces.reader import open_trace
               help="Comma-separated policies to compare: contiguous, round-robin, balanced, replicated, "
                    "replicated-hier, coactivation, file:PATH.")
 @click.option("--redundant-experts", type=int, default=None,
-              help="Extra expert slots for replicated / coactivation (default: one per GPU).")
+              help="Extra expert slots for replicated / coactivation (default: one per GPU, rounded so that the "
+                   "slots divide over the GPUs).")
 @click.option("--tokens-per-step", type=int, default=0, show_default=True,
               help="Regroup scored tokens into steps of this many (0: the recorded forward passes).")
 @click.option("--phase", type=click.Choice(list(PHASES)), default="all", show_default=True,
@@ -62,10 +64,14 @@ def replay_cmd(trace: tuple[str, ...], gpus: int, gpus_per_node: int, hardware: 
     Placements are fitted on the first --fit-fraction of the trace and scored on the rest, all in one pass.
     Experts over HBM x (1 - --hbm-reserve) are marked "over".
     """
+    redundancy = Redundancy(redundant_experts) if redundant_experts is not None else None
+    if redundancy is None:  # the library's default, from the trace's expert count
+        with open_trace(list(trace)) as tr:
+            redundancy = default_redundant_experts(tr.metadata.num_experts, gpus)
     config = ReplayConfig(
         num_gpus=gpus, gpus_per_node=gpus_per_node, hardware=load_hardware(hardware, cost_model),
         placements=tuple(names(placements)),
-        redundant_experts=redundant_experts,
+        redundant_experts=redundancy.redundant_experts,
         tokens_per_step=tokens_per_step, phase=phase, fit_fraction=fit_fraction, capacity_factor=capacity_factor,
         hbm_reserve=hbm_reserve,
     )
@@ -74,7 +80,11 @@ def replay_cmd(trace: tuple[str, ...], gpus: int, gpus_per_node: int, hardware: 
     if as_json:
         json.dump(result.to_dict(), sys.stdout)
         sys.stdout.write("\n")
+        if redundancy.note:
+            click.echo(f"note: {redundancy.note}", err=True)
         return
+    if redundancy.note:
+        sys.stdout.write(f"Note: {redundancy.note}.\n")
     sys.stdout.write(render_replay(result, per_layer=per_layer, width=output_width(), color=sys.stdout.isatty()))
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_sim_fixtures import random_trace
+from sim_fixtures import random_trace
 
 from simulator import profiles
 from simulator.calibrate import run

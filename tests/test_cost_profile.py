@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from test_sim_fixtures import random_ids, write_ids
+from sim_fixtures import random_ids, write_ids
 
 from simulator import expert_time as X
 from simulator import kernels as K

@@ -12,9 +12,10 @@ from rich.console import Console
 
 from recorder import MoEProfiler
 from recorder.builtin_models import build_builtin_model
-from recorder.capture import PassTokens, RoutingCapture, TraceSink
+from recorder.capture import PassTokens, RoutingCapture
 from recorder.config import RecordConfig
 from recorder.record import BatchRunner, record
+from recorder.sink import TraceSink
 from traces import open_trace
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -175,7 +175,13 @@ def test_bad_jsonl_and_options(tmp_path: Path) -> None:
         _record(tmp_path, "t.csv")
     empty_dir = tmp_path / "not-a-model"
     empty_dir.mkdir()
-    with pytest.raises(InputError, match="cannot load"):
+    with pytest.raises(InputError, match="no config.json in this folder"):
+        _record(tmp_path, model=str(empty_dir))
+    (empty_dir / "config.json").write_text("{}")  # a config without model_type
+    with pytest.raises(InputError, match="cannot read its config"):
+        _record(tmp_path, model=str(empty_dir))
+    build_builtin_model("olmoe-tiny", torch.device("cpu"), torch.float32).config.save_pretrained(empty_dir)
+    with pytest.raises(InputError, match="cannot load"):  # a config, but no weights or tokenizer
         _record(tmp_path, model=str(empty_dir))
 
 

@@ -11,8 +11,9 @@ import torch
 from rich.console import Console
 
 import recorder.record as record_module
+from recorder.blocks import HostBlock, blocks_to_chunk
 from recorder.builtin_models import build_builtin_model
-from recorder.capture import HostBlock, PassTokens, RoutingCapture, blocks_to_chunk
+from recorder.capture import PassTokens, RoutingCapture
 from recorder.config import RecordConfig
 from recorder.record import forward_kwargs, output_cache, record
 from recorder.routers import discover_routers

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from test_sim_fixtures import random_trace
+from sim_fixtures import random_trace
 
 from simulator import kernels as K
 from simulator.hardware import GpuSpec

@@ -307,13 +307,18 @@ def test_without_target_replays_first_layout_and_lists_unbuildable(built):
                             placements=("contiguous", "balanced", "replicated"), window=10, rebalance_every=(50,))
     with open_trace(trace) as tr:
         inputs = collect_inputs(tr, options)
-    # 64 experts do not divide over 6 GPUs: contiguous lays them out unevenly (11 and 10 per GPU), balanced cannot,
-    # and replicated fits with the 8 redundant slots that make 72
+    # 64 experts do not divide over 6 GPUs: contiguous and balanced lay them out unevenly (11 and 10 per GPU), and
+    # replicated fits with the 8 redundant slots that make 72
     assert inputs.plan is None
-    assert [p.label for p in inputs.replay.placements] == ["contiguous", "replicated+8"]
+    assert [p.label for p in inputs.replay.placements] == ["contiguous", "balanced", "replicated+8"]
     assert inputs.replay.config["num_gpus"] == 6 and inputs.replay.config["hardware"]["name"] == "a100"
-    skipped = inputs.settings["placements not buildable on this layout"]
-    assert [s.split(":")[0] for s in skipped] == ["balanced"]
+    assert "placements not buildable on this layout" not in inputs.settings
+    # a policy that cannot apply is listed with its reason, the others are kept: 8 replicas on one GPU
+    from simulator.report.collect import _buildable
+
+    ok, skipped = _buildable(("contiguous", "replicated"), 64, 1, 8, 8)
+    assert ok == ("contiguous",) and len(skipped) == 1
+    assert skipped[0].startswith("replicated: ") and "8 redundant slots" in skipped[0]
     assert inputs.rebalance[0].settings["policy"] == "replicated"
     report = build_report(inputs)
     assert "No throughput target was given" in report.section("recommendation").paragraphs[0]

@@ -1,7 +1,8 @@
 """The HTML report in a real headless browser (Debian's chromium through selenium): it loads from a file:// URL
 with no console errors, every plot decodes and has a size, and a screenshot of it is a real, non-blank picture.
 
-Skipped only where chromium (and its driver) are not installed; scripts/setup.sh installs them when it can.
+Skipped only where chromium (and its driver) are not installed; scripts/setup.sh installs them when it can (not
+with --no-browser).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from simulator.report import build_report, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromedriver not installed")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="chromium and chromedriver not installed (scripts/setup.sh installs them as root with apt-get unless "
+           "given --no-browser; or apt-get install chromium chromium-driver)")
 
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",

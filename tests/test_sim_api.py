@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from test_sim_fixtures import random_trace
+from sim_fixtures import random_trace
 
 import simulator
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_sim_fixtures import random_trace
+from sim_fixtures import random_trace
 
 from simulator import units
 
@@ -79,7 +79,7 @@ def test_replay_bad_inputs(tmp_path):
     hw = tmp_path / "gpu.json"
     hw.write_text(json.dumps({"name": "x", "bf16_flops": 1e15}))
     cases = [
-        (["--gpus", "3", "--placements", "balanced"], "do not divide over 3 GPUs"),
+        (["--gpus", "2", "--placements", "replicated", "--redundant-experts", "17"], "17 redundant slots"),
         (["--gpus", "12", "--gpus-per-node", "8"], "not divisible into nodes"),
         (["--capacity-factor", "-1"], "capacity-factor"),
         (["--gpus", "2", "--placements", f"file:{placement}"], "8 experts"),
@@ -136,7 +136,7 @@ def test_replay_states_the_step_size_and_warns_on_steps_it_cannot_fill(tmp_path)
     import dataclasses
 
     import numpy as np
-    from test_sim_fixtures import tiny_meta, write_ids
+    from sim_fixtures import tiny_meta, write_ids
 
     # recorded steps of 2, 4 and 6 tokens (12 tokens, 1 layer, top-1), all scored
     steps = np.repeat([0, 1, 2], [2, 4, 6])
@@ -168,3 +168,16 @@ def test_tiny_model_rule_matches_the_built_in_models():
 
     assert {n for n in BUILTIN_MODELS if is_tiny_builtin(n)} == set(BUILTIN_MODELS) - {"olmoe-1b-7b-random"}
     assert not is_tiny_builtin("allenai/OLMoE-1B-7B-0924")
+
+
+def test_replay_uneven_layout_and_rounded_default_redundancy(tmp_path):
+    """16 experts on 7 GPUs: every default policy replays (uneven slots), and the default redundancy (one per GPU,
+    7) is rounded to 5 so that 21 slots divide over the 7 GPUs, which the output says."""
+    path = random_trace(tmp_path / "t.h5", tokens=400, experts=16)
+    out = moe_sim("replay", str(path), "--gpus", "7", "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "default redundancy rounded from 7 (one per GPU) to 5: 16 experts + 5 = 21 slots, 3 per GPU" in out.stdout
+    assert "replicated+5" in out.stdout and "balanced" in out.stdout
+    data = moe_sim("replay", str(path), "--gpus", "7", "--quiet", "--json")
+    assert data.returncode == 0 and json.loads(data.stdout)["config"]["redundant_experts"] == 5
+    assert "rounded from 7" in data.stderr

@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
+from sim_fixtures import random_ids, tiny_meta, write_ids
 from test_sim_cli import moe_sim
-from test_sim_fixtures import random_ids, tiny_meta, write_ids
 
 from simulator.hardware import GpuSpec
 from simulator.plan import Candidate, PlanConfig, apply_prices, pareto_frontier, parse_gpu_hour_cost, plan

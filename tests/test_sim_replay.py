@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_sim_fixtures import random_trace, tiny_meta, write_ids
+from sim_fixtures import random_trace, tiny_meta, write_ids
 
 from simulator import kernels as K
 from simulator.cost_model import (
@@ -242,14 +242,28 @@ def test_bad_replay_inputs(tmp_path):
         ReplayConfig(num_gpus=12, gpus_per_node=8)
     assert ReplayConfig(num_gpus=4, gpus_per_node=4).redundant_experts == 4  # one per GPU, as `moe-sim replay`
     assert ReplayConfig(num_gpus=4, gpus_per_node=4, redundant_experts=0).redundant_experts == 0
-    with open_trace(path) as tr, pytest.raises(InputError, match="do not divide over 3 GPUs"):
-        replay(tr, ReplayConfig(num_gpus=3, placements=("balanced",)))
+    with open_trace(path) as tr, pytest.raises(InputError, match="17 redundant slots"):
+        replay(tr, ReplayConfig(num_gpus=2, placements=("replicated",), redundant_experts=17))  # 16 at most
+
+
+def test_uneven_layout_replays(tmp_path):
+    """16 experts on 3 GPUs (6, 5, 5 slots): balanced and replicated replay, with one empty slot where a GPU holds
+    one less, and the labels count replicas, not empty slots."""
+    path = random_trace(tmp_path / "u.h5", tokens=600)
+    with open_trace(path) as tr:
+        result = replay(tr, ReplayConfig(num_gpus=3, gpus_per_node=3, placements=("balanced", "replicated"),
+                                         redundant_experts=4))
+    assert [p.label for p in result.placements] == ["balanced", "replicated+4"]
+    balanced, replicated = result.fitted_placements
+    assert sorted((balanced.slots[0] >= 0).sum(axis=1).tolist()) == [5, 5, 6]
+    assert sorted((replicated.slots[0] >= 0).sum(axis=1).tolist()) == [6, 7, 7]
+    assert all(p.tokens == result.placements[0].tokens > 0 for p in result.placements)
 
 
 def test_decode_fit_uses_decode_tokens_behind_a_long_prefill(tmp_path):
     """A trace that opens with a long batched prefill: --phase decode fits on the first quarter of the decode tokens,
     not on the (prefill-only) first quarter of the trace; an empty fit part is refused."""
-    from test_sim_fixtures import random_ids, tiny_meta, write_ids
+    from sim_fixtures import random_ids, tiny_meta, write_ids
 
     rng = np.random.default_rng(4)
     meta = tiny_meta(2, 8, 2)

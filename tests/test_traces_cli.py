@@ -62,6 +62,8 @@ def test_synth_is_deterministic_and_info_reports_it(synth_h5: Path, tmp_path: Pa
     share = counts / counts.sum()
     assert info["layers"][0]["top_share"] == pytest.approx(share.max())
     assert info["layers"][0]["entropy"] == pytest.approx(-(share * np.log(share)).sum() / np.log(64))
+    assert info["layers"][0]["assignments"] == 20000 * 8 and info["layers"][0]["idle"] == int((counts == 0).sum())
+    assert info["layers"][0]["max_over_mean"] == pytest.approx(share.max() * 64)
     table = moe_sim("info", synth_h5)
     assert table.returncode == 0 and "Per-layer expert load" in table.stdout and "bytes/token" in table.stdout
 

@@ -250,3 +250,15 @@ def test_exception_in_writer_leaves_a_readable_partial(tmp_path: Path, suffix: s
     with open_trace(partial_path(path)) as trace:
         assert not trace.complete
         assert_same(chunk, trace.read_all())
+
+
+def test_layer_loads_by_hand():
+    """One LayerLoad for `moe-sim info` and MoEProfiler: a hand-checked layer and an empty one."""
+    from traces.stats import layer_loads
+
+    busy, empty = layer_loads(np.array([[6, 2, 0, 0], [0, 0, 0, 0]]), [3, 5])
+    assert (busy.layer, busy.assignments, busy.top_expert, busy.idle) == (3, 8, 0, 2)
+    assert busy.top_share == 0.75 and busy.max_over_mean == 3.0  # 6 / (8 / 4)
+    expected = -(0.75 * np.log(0.75) + 0.25 * np.log(0.25)) / np.log(4)
+    assert busy.entropy == pytest.approx(expected)
+    assert (empty.assignments, empty.max_over_mean, empty.idle, empty.top_share) == (0, 0.0, 4, 0.25)

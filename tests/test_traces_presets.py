@@ -42,4 +42,21 @@ def test_lookup_and_overrides() -> None:
         get_preset("llama")
     with pytest.raises(TypeError, match="unknown TraceMetadata field"):
         preset_metadata("olmoe", colour="red")
-    assert len(PRESETS) == 4
+    assert len(PRESETS) == 8
+    assert get_preset("openai/gpt-oss-120b").name == "gpt-oss-120b" and get_preset("Qwen3-MoE").name == "qwen3-30b-a3b"
+
+
+def test_qwen3_and_gpt_oss_shapes() -> None:
+    q3 = preset_metadata("qwen3-30b-a3b")
+    assert (q3.num_moe_layers, q3.num_experts, q3.top_k, q3.hidden_size) == (48, 128, 8, 2048)
+    assert (q3.expert_intermediate_size, q3.num_key_value_heads, q3.head_dim, q3.norm_topk_prob) == (768, 4, 128, True)
+    assert q3.num_shared_experts == 0 and q3.model_type == "qwen3_moe"
+    big = preset_metadata("qwen3-235b-a22b")
+    assert (big.num_moe_layers, big.hidden_size, big.expert_intermediate_size, big.num_attention_heads) == (
+        94, 4096, 1536, 64)
+    oss = preset_metadata("gpt-oss-120b")
+    assert (oss.num_moe_layers, oss.num_experts, oss.top_k, oss.hidden_size) == (36, 128, 4, 2880)
+    assert (oss.expert_intermediate_size, oss.vocab_size, oss.head_dim, oss.norm_topk_prob) == (2880, 201088, 64, True)
+    assert oss.moe_module_names[5] == "model.layers.5.mlp.router"  # GPT-OSS names its router `router`
+    small = preset_metadata("gpt-oss-20b")
+    assert (small.num_moe_layers, small.num_experts, small.top_k) == (24, 32, 4)

@@ -13,6 +13,7 @@ from traces.synth_kernels import alias_table, noise_odds_table
 from traces.synthetic import (
     SynthConfig,
     build_model,
+    expert_groups,
     iter_synthetic,
     load_counts,
     make_clusters,
@@ -55,6 +56,8 @@ def reference_trace(config: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.nda
     seq, pos = chunks[0].seq_id, chunks[0].position
     num_layers, num_experts, k = meta.num_moe_layers, meta.num_experts, meta.top_k
     num_clusters = cl.members.shape[1]
+    num_groups, topk_groups = expert_groups(meta)
+    group_size = num_experts // num_groups
     tables = [alias_table(row) for row in pop]
     odds_table = noise_odds_table(config.noise_scale)
     key = _mix(config.seed)
@@ -93,7 +96,8 @@ def reference_trace(config: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.nda
                     e = int(members[_alias(cl.member_prob[layer, tp], cl.member_alias[layer, tp], len(members), v)])
                 else:
                     e = _alias(*tables[layer], num_experts, v)
-                if e not in chosen:
+                groups = {x // group_size for x in chosen}
+                if e not in chosen and (len(groups) < topk_groups or e // group_size in groups):
                     chosen.append(e)
             q = np.empty(k)
             for j, e in enumerate(chosen):
@@ -121,8 +125,10 @@ def reference_trace(config: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.nda
         SynthConfig(tokens=200, seed=3, model="deepseek-v3", sequences=3, weights_dtype="float32"),
         SynthConfig(tokens=200, seed=4, model="mixtral-8x7b", sequences=2, stickiness=0.5, cluster_weight=0.4),
         SynthConfig(tokens=150, seed=5, model="qwen1.5-moe-a2.7b", counts=None, skew=0.0, decode_fraction=0.5),
+        SynthConfig(tokens=150, seed=6, model="deepseek-v3", sequences=2, stickiness=0.6, skew=0.0),
+        SynthConfig(tokens=150, seed=8, model="gpt-oss-20b", sequences=2),
     ],
-    ids=["olmoe", "deepseek-sigmoid", "mixtral-sticky", "qwen-uniform"],
+    ids=["olmoe", "deepseek-sigmoid", "mixtral-sticky", "qwen-uniform", "deepseek-groups-sticky", "gpt-oss"],
 )
 def test_kernel_matches_numpy_reference(config: SynthConfig) -> None:
     _, chunk = synthesize(config)
@@ -177,7 +183,8 @@ def test_layout_is_what_a_batched_recorder_writes() -> None:
         assert np.all(c.phase[c.seq_id == s][: model.prompt[s]] == 0)
 
 
-@pytest.mark.parametrize("model", ["olmoe-1b-7b", "mixtral-8x7b", "qwen1.5-moe-a2.7b", "deepseek-v3"])
+@pytest.mark.parametrize("model", ["olmoe-1b-7b", "mixtral-8x7b", "qwen1.5-moe-a2.7b", "deepseek-v3",
+                                   "qwen3-30b-a3b", "gpt-oss-120b", "gpt-oss-20b"])
 def test_rows_are_valid_top_k_with_router_like_weights(model: str) -> None:
     meta, c = synthesize(SynthConfig(model=model, tokens=400, seed=1))
     ids = c.expert_ids.astype(np.int64)
@@ -186,8 +193,13 @@ def test_rows_are_valid_top_k_with_router_like_weights(model: str) -> None:
     assert not np.any(srt[..., 1:] == srt[..., :-1])  # no duplicate expert in a row
     w = c.expert_weights.astype(np.float64)
     assert np.all(w > 0) and np.all(np.diff(w, axis=-1) <= 0)  # router order: descending weight
+    groups, topk_groups = expert_groups(meta)
+    group_count = np.array([[len(np.unique(row // (meta.num_experts // groups))) for row in token] for token in ids])
+    assert group_count.max() <= topk_groups  # DeepSeek-V3: every token's 8 experts in at most 4 of 8 groups
+    if groups > 1:
+        assert group_count.max() == topk_groups  # the limit binds: without it 8 experts would span 5-8 groups
     total = w.sum(-1)
-    if model in ("mixtral-8x7b", "deepseek-v3"):  # norm_topk_prob (DeepSeek then x2.5)
+    if meta.norm_topk_prob:  # Mixtral, Qwen3-MoE, GPT-OSS; DeepSeek-V3 then x2.5
         np.testing.assert_allclose(total, meta.routed_scaling_factor, rtol=5e-3)
     else:  # un-renormalised softmax probabilities
         assert np.all(total < 1.0) and 0.2 < total.mean() < 0.95

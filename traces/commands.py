@@ -14,7 +14,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from traces.presets import PRESETS
 from traces.reader import DEFAULT_CHUNK_TOKENS
+from traces.units import nbytes
 
 TRACES = click.argument("traces", nargs=-1, required=True, metavar="TRACE...")
 CHUNK = click.option(
@@ -33,14 +35,6 @@ def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator
     ) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 @click.command()
@@ -79,7 +73,7 @@ def info(traces: tuple[str, ...], as_json: bool, chunk_tokens: int) -> None:
         ("columns", ", ".join(["ids"] + ([f"weights ({summary.weights_dtype})"] if summary.weights_dtype else [])
                               + (["token ids"] if summary.has_token_ids else [])
                               + (["router logits"] if summary.has_logits else []))),
-        ("size on disk", f"{_human_bytes(summary.size_bytes)} ({summary.bytes_per_token:.1f} bytes/token)"),
+        ("size on disk", f"{nbytes(summary.size_bytes)} ({summary.bytes_per_token:.1f} bytes/token)"),
     ]
     for key, value in rows:
         overview.add_row(f"[bold]{key}[/]", value)
@@ -142,14 +136,15 @@ def convert(src: str, dst: str, force: bool, compression: str | None, chunk_toke
     with progress_bar(total, "converting") as advance:
         out = convert_trace(src, dst, force=force, compression=compression, chunk_tokens=chunk_tokens,
                             on_chunk=advance)
-    click.echo(f"wrote {out}: {total:,} tokens, {_human_bytes(out.stat().st_size)}")
+    click.echo(f"wrote {out}: {total:,} tokens, {nbytes(out.stat().st_size)}")
 
 
 @click.command()
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Trace to write (.h5/.hdf5 or .arrow/.feather/.ipc).")
 @click.option("--model", default="olmoe-1b-7b", show_default=True,
-              help="Model preset: olmoe-1b-7b, mixtral-8x7b, qwen1.5-moe-a2.7b or deepseek-v3.")
+              help=f"Model preset: {', '.join(PRESETS)} (hub ids accepted; DeepSeek-V3 with its "
+                   "group-limited routing).")
 @click.option("--tokens", type=click.IntRange(min=1), default=100_000, show_default=True, help="Tokens to write.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same trace).")
 @click.option("--skew", type=click.FloatRange(min=0), default=0.8, show_default=True,
@@ -200,4 +195,4 @@ def synth(output: str, model: str, tokens: int, seed: int, skew: float, counts_f
                               command_line=" ".join(["moe-sim", *sys.argv[1:]]))
     size = Path(out).stat().st_size
     click.echo(f"wrote {out}: {tokens:,} tokens of {config.model}, {config.num_sequences:,} sequences, "
-               f"{_human_bytes(size)} ({size / tokens:.1f} bytes/token)")
+               f"{nbytes(size)} ({size / tokens:.1f} bytes/token)")

@@ -143,7 +143,60 @@ PRESETS: dict[str, ModelPreset] = {
         num_key_value_heads=128,
         head_dim=192,
     ),
+    # Qwen/Qwen3-30B-A3B config.json: 48 layers, hidden 2048, 128 experts, num_experts_per_tok 8,
+    # moe_intermediate_size 768, norm_topk_prob true, no shared expert, decoder_sparse_step 1 and no mlp_only_layers
+    # (every layer is MoE), vocab 151936, 32 heads, 4 KV heads, head_dim 128 (set explicitly, not hidden / heads).
+    "qwen3-30b-a3b": ModelPreset(
+        name="qwen3-30b-a3b",
+        model_id="Qwen/Qwen3-30B-A3B",
+        model_type="qwen3_moe",
+        num_hidden_layers=48,
+        first_moe_layer=0,
+        num_experts=128,
+        top_k=8,
+        hidden_size=2048,
+        expert_intermediate_size=768,
+        router_scoring="softmax",
+        norm_topk_prob=True,
+        vocab_size=151936,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+    ),
+    # openai/gpt-oss-120b config.json: 36 layers, hidden 2880, intermediate_size 2880 (per expert),
+    # num_local_experts 128, num_experts_per_tok 4, vocab 201088, 64 heads, 8 KV heads, head_dim 64. The router
+    # (GptOssTopKRouter) takes the top 4 logits and a softmax over those 4 only, so the weights sum to 1
+    # (norm_topk_prob). Experts are gated (gate, up, down: SwiGLU-shaped, clamped) with biases; the released expert
+    # weights are MXFP4 with bf16 activations, and the dtype below is the activation dtype. The router is
+    # `mlp.router`, not `mlp.gate`.
+    "gpt-oss-120b": ModelPreset(
+        name="gpt-oss-120b",
+        model_id="openai/gpt-oss-120b",
+        model_type="gpt_oss",
+        num_hidden_layers=36,
+        first_moe_layer=0,
+        num_experts=128,
+        top_k=4,
+        hidden_size=2880,
+        expert_intermediate_size=2880,
+        router_scoring="softmax",
+        norm_topk_prob=True,
+        vocab_size=201088,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=64,
+        router_module="model.layers.{layer}.mlp.router",
+    ),
 }
+# Qwen/Qwen3-235B-A22B config.json: as Qwen3-30B-A3B (128 experts, top-8, norm_topk_prob, every layer MoE, 4 KV
+# heads of 128) with 94 layers, hidden 4096, moe_intermediate_size 1536 and 64 heads.
+PRESETS["qwen3-235b-a22b"] = dataclasses.replace(
+    PRESETS["qwen3-30b-a3b"], name="qwen3-235b-a22b", model_id="Qwen/Qwen3-235B-A22B", num_hidden_layers=94,
+    hidden_size=4096, expert_intermediate_size=1536, num_attention_heads=64)
+# openai/gpt-oss-20b config.json: as gpt-oss-120b with 24 layers and num_local_experts 32.
+PRESETS["gpt-oss-20b"] = dataclasses.replace(
+    PRESETS["gpt-oss-120b"], name="gpt-oss-20b", model_id="openai/gpt-oss-20b", num_hidden_layers=24,
+    num_experts=32)
 
 ALIASES = {
     "olmoe": "olmoe-1b-7b",
@@ -154,6 +207,12 @@ ALIASES = {
     "qwen/qwen1.5-moe-a2.7b": "qwen1.5-moe-a2.7b",
     "deepseek": "deepseek-v3",
     "deepseek-ai/deepseek-v3": "deepseek-v3",
+    "qwen3-moe": "qwen3-30b-a3b",
+    "qwen/qwen3-30b-a3b": "qwen3-30b-a3b",
+    "qwen/qwen3-235b-a22b": "qwen3-235b-a22b",
+    "gpt-oss": "gpt-oss-120b",
+    "openai/gpt-oss-120b": "gpt-oss-120b",
+    "openai/gpt-oss-20b": "gpt-oss-20b",
 }
 
 

@@ -17,11 +17,14 @@ from traces.schema import PHASE_DECODE, PHASE_PREFILL
 
 @dataclass
 class LayerLoad:
-    """How evenly one MoE layer's assignments spread over its experts."""
+    """How evenly one MoE layer's assignments spread over its experts (`moe-sim info`, `MoEProfiler`)."""
 
     layer: int  # decoder-layer index
+    assignments: int  # token-expert assignments in this layer (tokens x top-k)
     top_expert: int  # the most-used expert
     top_share: float  # its share of the layer's assignments (uniform: 1/E; at most 1/K)
+    max_over_mean: float  # top expert's assignments / mean per expert (1 = perfectly even; 0 with no assignments)
+    idle: int  # experts that received no assignment
     entropy: float  # entropy of the expert shares divided by log(E): 1 = perfectly even
 
 
@@ -60,16 +63,19 @@ def expert_counts(ids: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 def layer_loads(counts: np.ndarray, layers: list[int]) -> list[LayerLoad]:
-    """Per-layer load summary from counts [L, E]."""
+    """Per-layer load summary from counts [L, E] (pure NumPy); layers: the L decoder-layer indices."""
     out = []
+    counts = np.asarray(counts, dtype=np.int64)
     num_experts = counts.shape[1]
     for layer, row in zip(layers, counts, strict=True):
-        total = row.sum()
+        total = int(row.sum())
         share = row / total if total else np.full(num_experts, 1.0 / num_experts)
         nz = share[share > 0]
         entropy = float(-(nz * np.log(nz)).sum() / np.log(num_experts)) if num_experts > 1 else 1.0
-        top = int(np.argmax(share))
-        out.append(LayerLoad(layer=layer, top_expert=top, top_share=float(share[top]), entropy=entropy))
+        top = int(np.argmax(row))
+        out.append(LayerLoad(layer=int(layer), assignments=total, top_expert=top, top_share=float(share[top]),
+                             max_over_mean=float(row[top] * num_experts / total) if total else 0.0,
+                             idle=int((row == 0).sum()), entropy=entropy))
     return out
 
 

@@ -93,6 +93,8 @@ def route_rows(
     norm_topk: bool,
     scale: float,  # routed_scaling_factor
     vocab_size: int,
+    num_groups: int,  # group-limited routing: experts in this many groups of E / num_groups (1: none)
+    topk_groups: int,  # a token's K experts come from at most this many groups
     topic: np.ndarray,  # [B] int64 state: current topic of each slot
     prev: np.ndarray,  # [B, L, K] int64 state: previous token's experts of each slot
     has_prev: np.ndarray,  # [B] bool state
@@ -102,18 +104,23 @@ def route_rows(
 ) -> None:
     """Route T rows: K distinct experts per layer, drawn from a per-token mixture, weights in router order.
 
+    With num_groups > 1 (DeepSeek-V3: 8 groups of 32, 4 per token) the groups of the first experts drawn are the
+    token's groups: once topk_groups groups are in use, a draw from any other group is drawn again, so every
+    token's experts span at most topk_groups groups, the groups its strongest preferences fall in.
     Sequences are independent, so slots run in parallel; each slot walks its own rows in order.
     """
     for s in prange(topic.shape[0]):
         _route_slot(s, row0, key, slot, position, pop, pop_prob, pop_alias, cluster_of, members, member_prob,
                     member_alias, member_count, cluster_mass, w_cluster, w_sticky, topic_switch, noise_odds,
-                    scoring, norm_topk, scale, vocab_size, topic, prev, has_prev, out_ids, out_weights, out_tokens)
+                    scoring, norm_topk, scale, vocab_size, num_groups, topk_groups, topic, prev, has_prev,
+                    out_ids, out_weights, out_tokens)
 
 
 @njit(cache=True)
 def _route_slot(s, row0, key, slot, position, pop, pop_prob, pop_alias, cluster_of, members, member_prob,
                 member_alias, member_count, cluster_mass, w_cluster, w_sticky, topic_switch, noise_odds,
-                scoring, norm_topk, scale, vocab_size, topic, prev, has_prev, out_ids, out_weights, out_tokens):
+                scoring, norm_topk, scale, vocab_size, num_groups, topk_groups, topic, prev, has_prev, out_ids,
+                out_weights, out_tokens):
     """The rows of slot s (parameters as in route_rows; every cluster has at least one member)."""
     num_rows = slot.shape[0]
     num_layers, num_experts = pop.shape
@@ -125,6 +132,8 @@ def _route_slot(s, row0, key, slot, position, pop, pop_prob, pop_alias, cluster_
     q = np.empty(k, np.float64)
     used = np.zeros(num_experts, np.bool_)  # chosen at the current (row, layer); cleared after it
     prev_hits = np.zeros(num_experts, np.int64)  # times each expert is in the previous token's top-k
+    group_size = num_experts // num_groups
+    group_used = np.zeros(num_groups, np.bool_)  # groups of the experts chosen at the current (row, layer)
     for t in range(num_rows):
         if slot[t] != s:
             continue
@@ -145,6 +154,7 @@ def _route_slot(s, row0, key, slot, position, pop, pop_prob, pop_alias, cluster_
             i = 0
             n = 0
             attempts = 0
+            groups_in_use = 0
             while n < k:
                 u, v = _unit_pair(c, i)
                 i += 1
@@ -155,12 +165,17 @@ def _route_slot(s, row0, key, slot, position, pop, pop_prob, pop_alias, cluster_
                     e = members[layer, tp, _alias_draw(member_prob[layer, tp], member_alias[layer, tp], m, v)]
                 else:
                     e = _alias_draw(pop_prob[layer], pop_alias[layer], num_experts, v)
-                if used[e]:  # sampling without replacement: draw again
+                closed = num_groups > 1 and groups_in_use >= topk_groups and not group_used[e // group_size]
+                if used[e] or closed:  # sampling without replacement (and within the token's groups): draw again
                     attempts += 1
                     if attempts < 64 * k:
                         continue
-                    e = _most_popular_unused(pop[layer], used)  # never reached in practice
+                    e = _most_popular_unused(pop[layer], used, group_used, groups_in_use >= topk_groups,
+                                             group_size)  # never reached in practice
                 used[e] = True
+                if not group_used[e // group_size]:
+                    group_used[e // group_size] = True
+                    groups_in_use += 1
                 chosen[n] = e
                 n += 1
             # Router weights: mixture probability of each chosen expert, perturbed by logistic noise.
@@ -169,6 +184,7 @@ def _route_slot(s, row0, key, slot, position, pop, pop_prob, pop_alias, cluster_
             if sticky > 0.0:
                 for j in range(k):
                     prev_hits[prev[s, layer, j]] += 1
+            group_used[:] = False
             for j in range(k):
                 e = chosen[j]
                 used[e] = False
@@ -214,10 +230,13 @@ def _route_slot(s, row0, key, slot, position, pop, pop_prob, pop_alias, cluster_
 
 
 @njit(cache=True)
-def _most_popular_unused(pop_row: np.ndarray, used: np.ndarray) -> np.int64:
+def _most_popular_unused(pop_row: np.ndarray, used: np.ndarray, group_used: np.ndarray, groups_closed: bool,
+                         group_size: int) -> np.int64:
+    """The most popular expert not chosen yet, from the token's groups once they are all in use."""
     best = -1
     for e in range(pop_row.shape[0]):
-        if not used[e] and (best < 0 or pop_row[e] > pop_row[best]):
+        allowed = not groups_closed or group_used[e // group_size]
+        if allowed and not used[e] and (best < 0 or pop_row[e] > pop_row[best]):
             best = e
     return np.int64(best)
 

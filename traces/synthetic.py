@@ -22,7 +22,8 @@ The model, per sequence and per MoE layer (shape legend: T tokens, L layers, E e
   still-running sequences. Sequence lengths vary (uniform 0.5x..1.5x of the mean), decode_fraction of each
   sequence's tokens are generated ones. Token ids are uniform over the vocabulary.
 
-DeepSeek-V3's group-limited routing (8 groups, 4 per token) is not modelled: its experts are drawn as above.
+* Group-limited routing (DeepSeek-V3: 256 experts in 8 groups of 32, a token uses at most 4 groups): the groups of
+  a token's first draws are its groups; once topk_groups are in use, draws from other groups are drawn again.
 Router logits are not synthesised (has_logits is False).
 """
 
@@ -287,6 +288,17 @@ def synth_metadata(config: SynthConfig) -> TraceMetadata:
     return meta
 
 
+def expert_groups(meta: TraceMetadata) -> tuple[int, int]:
+    """(groups, groups a token may use) of group-limited routing, from the metadata notes; (1, 1) without it."""
+    groups = int(meta.notes.get("expert_groups", 1))
+    topk = int(meta.notes.get("topk_groups", groups))
+    if groups < 1 or meta.num_experts % groups or not 1 <= topk <= groups:
+        raise InputError(f"expert_groups {groups} / topk_groups {topk} do not fit {meta.num_experts} experts")
+    if topk * (meta.num_experts // groups) < meta.top_k:
+        raise InputError(f"top-{meta.top_k} does not fit in {topk} groups of {meta.num_experts // groups} experts")
+    return groups, topk
+
+
 def _num_clusters(config: SynthConfig, meta: TraceMetadata) -> int:
     if config.num_clusters is not None:
         return max(1, min(config.num_clusters, meta.num_experts))
@@ -331,6 +343,7 @@ def iter_synthetic(config: SynthConfig, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     key = np.uint64(kern.seed_key(config.seed))  # a Python int below 2**63 would type as int64
     noise_odds = kern.noise_odds_table(config.noise_scale)
     scoring = kern.SCORING_SIGMOID if meta.router_scoring == "sigmoid" else kern.SCORING_SOFTMAX
+    num_groups, topk_groups = expert_groups(meta)
 
     def route(row0: int, seq: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = len(seq)
@@ -344,7 +357,7 @@ def iter_synthetic(config: SynthConfig, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
                 clusters.cluster_of, clusters.members, clusters.member_prob, clusters.member_alias,
                 clusters.member_count, clusters.mass,
                 config.cluster_weight, config.stickiness, config.topic_switch, noise_odds, scoring,
-                meta.norm_topk_prob, meta.routed_scaling_factor, max(1, meta.vocab_size),
+                meta.norm_topk_prob, meta.routed_scaling_factor, max(1, meta.vocab_size), num_groups, topk_groups,
                 topic, prev, has_prev, ids[a:b], weights[a:b], tokens[a:b],
             )
         return ids, weights, tokens

@@ -1,18 +1,16 @@
-"""Number formatting shared by the report's tables and text ("n/a" for missing or non-finite values)."""
+"""Number formatting of the report's tables and text ("n/a" for missing or non-finite values); byte counts go
+through the project's one formatter (`traces.units`), so the report prints a size as replay does."""
 
 from __future__ import annotations
 
 import math
 
+from traces.units import nbytes
+
 
 def fmt_bytes(n: float) -> str:
-    if not math.isfinite(n):
-        return "n/a"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
+    """Binary prefixes, three significant figures: "9.05 MiB"."""
+    return nbytes(n) if math.isfinite(n) else "n/a"
 
 
 def fmt_num(x: float | None, digits: int = 3) -> str:
