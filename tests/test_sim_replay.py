@@ -280,3 +280,18 @@ def test_decode_fit_uses_decode_tokens_behind_a_long_prefill(tmp_path):
     only_prefill = write_ids(tmp_path / "q.h5", meta, ids[:1200], steps[:1200], phases[:1200])
     with open_trace(only_prefill) as tr, pytest.raises(InputError, match="holds no decode assignments"):
         replay(tr, ReplayConfig(num_gpus=2, gpus_per_node=2, placements=("balanced",), phase="decode"))
+
+
+def test_a_policy_that_cannot_apply_is_skipped_with_its_reason(tmp_path):
+    """17 redundant slots for 16 experts on 2 GPUs: replicated cannot be built (some GPU would hold an expert twice),
+    contiguous still replays, and the result, its JSON and the text say why replicated is missing."""
+    from simulator.replay.render import render_replay
+
+    path = random_trace(tmp_path / "s.h5", tokens=600)
+    with open_trace(path) as tr:
+        result = replay(tr, ReplayConfig(num_gpus=2, gpus_per_node=2, placements=("contiguous", "replicated"),
+                                         redundant_experts=17))
+    assert [p.label for p in result.placements] == ["contiguous"]
+    assert [p for p, _ in result.skipped] == ["replicated"] and "17 redundant slots" in result.skipped[0][1]
+    assert result.to_dict()["skipped"][0]["placement"] == "replicated"
+    assert "Skipped replicated: 17 redundant slots" in render_replay(result)

@@ -50,9 +50,12 @@ def replay(trace: Trace, config: ReplayConfig, progress: Progress | None = None)
     if stats.score_start >= trace.num_tokens:
         raise InputError(f"{trace.paths[0]}: nothing left to score after fitting on {stats.fit_tokens} tokens "
                          "(lower --fit-fraction)")
+    skipped: list[tuple[str, str]] = []
     variants = fit_variants(stats, meta, policies=tuple(config.placements), num_gpus=config.num_gpus,
                             gpus_per_node=config.gpus_per_node, redundant_experts=config.redundancy,
-                            tokens_per_step=config.tokens_per_step)
+                            tokens_per_step=config.tokens_per_step, skipped=skipped)
+    if not variants:
+        raise InputError("no placement applies to this layout: " + "; ".join(f"{p}: {r}" for p, r in skipped))
     members, groups = split_phases(variants, config.tokens_per_step > 0 and config.phase == "all")
     seg = run_variants(trace, members, [config.hardware], phase=config.phase, score_start=stats.score_start,
                        capacity_factor=config.capacity_factor, chunk_tokens=config.chunk_tokens, progress=progress)
@@ -64,6 +67,6 @@ def replay(trace: Trace, config: ReplayConfig, progress: Progress | None = None)
     return ReplayResult(
         trace=[str(p) for p in trace.paths], metadata=meta.to_dict(), config=cfg, fit_tokens=stats.fit_tokens,
         score_start=stats.score_start, total_tokens=trace.num_tokens, placements=summaries,
-        fitted_placements=[v.placement for v in variants], fit_load=stats.load,
+        fitted_placements=[v.placement for v in variants], fit_load=stats.load, skipped=skipped,
     )
 

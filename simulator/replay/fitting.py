@@ -11,7 +11,7 @@ import numpy as np
 
 from simulator import kernels as K
 from simulator.options import PHASES
-from simulator.placement import Placement, fit_placement
+from simulator.placement import Placement, PlacementNotApplicable, fit_placement
 from simulator.replay.config import Variant
 from traces.errors import InputError
 from traces.reader import DEFAULT_CHUNK_TOKENS, Trace
@@ -101,11 +101,20 @@ def fit_stop(trace: Trace, fit_fraction: float, phase: str, chunk_tokens: int = 
 
 
 def fit_variants(stats: FitStatistics, meta: TraceMetadata, *, policies: tuple[str, ...], num_gpus: int,
-                 gpus_per_node: int, redundant_experts: int, tokens_per_step: int) -> list[Variant]:
+                 gpus_per_node: int, redundant_experts: int, tokens_per_step: int,
+                 skipped: list[tuple[str, str]] | None = None) -> list[Variant]:
+    """One variant per policy. With `skipped`, a policy that cannot apply to this layout is left out and
+    (policy, reason) appended there, so the others still replay; without it, it raises."""
     out = []
     for policy in policies:
-        placement = fit_placement(policy, stats.load, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
-                                  redundant_experts=redundant_experts, coselection=stats.coselection)
+        try:
+            placement = fit_placement(policy, stats.load, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
+                                      redundant_experts=redundant_experts, coselection=stats.coselection)
+        except PlacementNotApplicable as exc:
+            if skipped is None:
+                raise
+            skipped.append((policy, exc.reason))
+            continue
         check_placement_matches(placement, meta, policy)
         r = int((placement.slots >= 0).sum() // placement.num_layers - meta.num_experts)  # empty slots are no replicas
         label = policy if r == 0 or policy.startswith("file:") else f"{policy}+{r}"

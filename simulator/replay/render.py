@@ -15,6 +15,7 @@ def render_replay(result: ReplayResult, *, per_layer: bool = False, width: int |
     items: list[str | Table] = [*step_size_lines(result), replay_table(result), breakdown_table(result)]
     if per_layer:
         items.append(per_layer_table(result))
+    items += [f"Skipped {policy}: {reason}." for policy, reason in result.skipped]
     items.append(f"Fastest: [bold]{best.label}[/bold] at {units.seconds(best.timings[0].step_time['mean'])} MoE "
                  f"time per step, step imbalance {units.sig(best.step_imbalance)}.")
     return tables.to_text(*items, width=width, color=color)

@@ -167,6 +167,7 @@ class ReplayResult:
     placements: list[VariantSummary]
     fitted_placements: list[Placement] = field(repr=False, default_factory=list)
     fit_load: np.ndarray | None = field(repr=False, default=None)  # [L, E] load the placements were fitted on
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (policy, reason) of placements left out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -176,6 +177,7 @@ class ReplayResult:
             "fit_tokens": self.fit_tokens,
             "score_start": self.score_start,
             "total_tokens": self.total_tokens,
+            "skipped": [{"placement": p, "reason": r} for p, r in self.skipped],
             "placements": [dataclasses.asdict(s) | {"all_to_all_bytes_per_step": s.all_to_all_bytes_per_step}
                            for s in self.placements],
         }

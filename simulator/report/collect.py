@@ -18,7 +18,7 @@ from simulator.cli_options import ProgressFactory
 from simulator.cost_model import DEFAULT_CONTEXT_TOKENS
 from simulator.hardware import GpuSpec
 from simulator.options import ScoringOptions
-from simulator.placement import fit_placement
+from simulator.placement import PlacementNotApplicable, fit_placement
 from simulator.plan import Candidate, PlanConfig, PlanResult, plan
 from simulator.rebalance import (
     DEFAULT_MARGIN,
@@ -81,6 +81,8 @@ def _buildable(policies: tuple[str, ...], num_experts: int, num_gpus: int, gpus_
             fit_placement(policy, probe, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
                           redundant_experts=redundant, coselection=cosel)
             ok.append(policy)
+        except PlacementNotApplicable as exc:
+            skipped.append(f"{policy}: {exc.reason}")
         except InputError as exc:
             skipped.append(f"{policy}: {exc}")
     if not ok:
