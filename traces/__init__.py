@@ -1,5 +1,14 @@
 """Trace format v1: schema, writer and reader (the contract between recorder/ and simulator/)."""
 
+import os as _os
+from pathlib import Path as _Path
+
+# Numba's compiled kernels are cached in the user's cache directory, not beside the installed sources (which may be
+# read-only or shared); every package imports traces first, so this runs before Numba is imported. A NUMBA_CACHE_DIR
+# the user set wins.
+_os.environ.setdefault("NUMBA_CACHE_DIR", str(
+    _Path(_os.environ.get("XDG_CACHE_HOME") or _Path.home() / ".cache") / "moe-trace" / "numba"))
+
 from traces.chunk import TraceChunk
 from traces.errors import InputError
 from traces.reader import DEFAULT_CHUNK_TOKENS, Trace, open_trace
