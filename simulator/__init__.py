@@ -16,9 +16,9 @@ never pays for the Numba kernels until a replay runs.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, Any
 
 import traces as _traces  # noqa: F401  (sets Numba's cache directory before any kernel module imports Numba)
-from typing import TYPE_CHECKING, Any
 
 # public name -> (module, name there). The entry points are replay_trace / plan_trace / rebalance_trace: the
 # subpackages simulator.replay and simulator.plan take the bare names.
