@@ -11,6 +11,7 @@ run are checked to be identical.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    load = os.getloadavg()[0]  # other work on the machine skews every figure; say how much there was
     cores = K.available_cores()
     gpu = GpuSpec.from_name("h100")
     counts = sorted({1, cores})
@@ -71,7 +73,8 @@ def main() -> None:
     md = "\n".join([
         "## Replay on several cores (`python -m bench.bench_workers`)", "",
         f"{args.tokens:,}-token synthetic OLMoE-1B-7B trace streamed from its file, 8 GPUs, steps of "
-        f"{TOKENS_PER_STEP} tokens, medians of {args.repeats} alternating runs on {machine()}. Results identical "
+        f"{TOKENS_PER_STEP} tokens, medians of {args.repeats} alternating runs on {machine()} (load average "
+        f"{load:.1f} at the start). Results identical "
         "for every worker count (checked each run).", "",
         "| placements | workers | seconds | assignments/s | per placement per core | speed-up | efficiency |",
         "|---|---:|---:|---:|---:|---:|---:|", *rows])
