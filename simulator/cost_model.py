@@ -179,7 +179,9 @@ def cost_row(gpu: GpuSpec, meta: TraceMetadata | None = None) -> np.ndarray:
         row[K.C_SMALL + x] = K.profiled_gemm_seconds(row, x, float(x * work.tile_rows))
     if work.overhead_seconds is not None:
         row[K.C_OVERHEAD] = 1.0
-        row[K.C_OVERHEAD + 1:] = np.log2(work.overhead_seconds)
+        row[K.C_OVERHEAD + 1: K.C_OVERHEAD_SMALL] = np.log2(work.overhead_seconds)
+        for a in range(K.SMALL_MAX + 1):
+            row[K.C_OVERHEAD_SMALL + a] = K.profiled_overhead_seconds(row, float(a))
     return row
 
 

@@ -41,7 +41,10 @@ SMALL_MAX = 256
 # Then the measured non-GEMM work R(a): a flag (1: present) and log2 seconds at a = 2^0 .. 2^(PROFILE_NA - 1).
 C_OVERHEAD = C_SMALL + SMALL_MAX + 1
 PROFILE_NA = 17
-NUM_COST_COLUMNS = C_OVERHEAD + 1 + PROFILE_NA
+# Then R(a) in seconds for a = 0 .. SMALL_MAX, the kernel's own interpolation tabulated (decode-sized steps look it
+# up instead of taking a log and a power for every GPU, layer and step).
+C_OVERHEAD_SMALL = C_OVERHEAD + 1 + PROFILE_NA
+NUM_COST_COLUMNS = C_OVERHEAD_SMALL + SMALL_MAX + 1
 # Entries of the model array: FLOPs per assignment, bytes of one expert's weights, bytes sent per token copy in
 # dispatch and in combine, capacity factor (<= 0: no capacity limit), top-k.
 M_FLOPS, M_EXPERT_BYTES, M_DISPATCH_BYTES, M_COMBINE_BYTES, M_CAPACITY_FACTOR, M_TOP_K = range(6)
@@ -96,7 +99,10 @@ def profiled_expert_seconds(row: np.ndarray, experts: int, rows: float, assignme
     """
     t = row[C_FIXED] + row[C_PER_ASSIGN] * assignments
     if row[C_OVERHEAD] > 0:
-        t += profiled_overhead_seconds(row, assignments)
+        if assignments <= SMALL_MAX:
+            t += row[C_OVERHEAD_SMALL + int(assignments)]
+        else:
+            t += profiled_overhead_seconds(row, assignments)
     if experts <= 0:
         return t
     if experts <= SMALL_MAX and rows == experts * row[C_TILE]:
