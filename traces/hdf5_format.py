@@ -180,7 +180,7 @@ class Hdf5ShardReader:
 
     def __init__(self, path: Path):
         self.path = path
-        info = run_bounded(lambda: _probe(path), str(path))  # a corrupt file may hang libhdf5: never here
+        info = run_bounded(_probe, (path,), str(path))  # a corrupt file may hang libhdf5: never here
         attrs, datasets = info["attrs"], info["datasets"]
         if attrs.get("format") != FORMAT_NAME or "metadata" not in attrs:
             raise InputError(f"{path}: HDF5 file is not a moe-trace trace")
