@@ -171,3 +171,15 @@ def test_mutated_traces_never_read_as_valid(tmp_path: Path, encoding: str) -> No
     assert result.counts["error"] > CASES_PER_ENCODING // 2  # the mutants did damage the files
     for path in result.errors:  # a sample through the CLI: exit 2, one line
         assert_one_line_error(moe_sim("validate", path), Path(path).name)
+
+
+def test_relative_paths_after_a_change_of_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The structure probe's helper process keeps its own working directory: relative paths still mean the caller's."""
+    meta = make_meta()
+    for folder, rows in (("a", 100), ("b", 200)):
+        (tmp_path / folder).mkdir()
+        write_trace(tmp_path / folder / "t.h5", meta, make_chunk(meta, rows, seed=rows))
+    for folder, rows in (("a", 100), ("b", 200)):
+        monkeypatch.chdir(tmp_path / folder)
+        with open_trace("t.h5") as trace:
+            assert_same(trace.read_all(), make_chunk(meta, rows, seed=rows))

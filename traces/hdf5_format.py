@@ -14,6 +14,7 @@ library (readable by any HDF5 tool) but reads about 10x slower; "lzf" ships with
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -150,10 +151,11 @@ def header_digest(metadata: str, status: str, num_tokens: int, block_rows: int) 
     return text_digest(json.dumps([FORMAT_NAME, SCHEMA_VERSION, metadata, status, num_tokens, block_rows]))
 
 
-def _probe(path: Path) -> dict:
-    """Everything the reader takes from the file's structure, read in the watchdog's child process."""
+def _probe(path: Path, absolute: str) -> dict:
+    """Everything the reader takes from the file's structure, read in the watchdog's helper process (whose working
+    directory may differ from the caller's: it opens the absolute path, and names `path` in errors)."""
     try:
-        file = h5py.File(path, "r")
+        file = h5py.File(absolute, "r")
     except OSError as exc:
         raise InputError(f"{path}: cannot open as HDF5 ({_short(exc)}); the file may be truncated or corrupt") from exc
     with file:
@@ -180,7 +182,7 @@ class Hdf5ShardReader:
 
     def __init__(self, path: Path):
         self.path = path
-        info = run_bounded(_probe, (path,), str(path))  # a corrupt file may hang libhdf5: never here
+        info = run_bounded(_probe, (path, os.path.abspath(path)), str(path))  # a corrupt file may hang libhdf5: never here
         attrs, datasets = info["attrs"], info["datasets"]
         if attrs.get("format") != FORMAT_NAME or "metadata" not in attrs:
             raise InputError(f"{path}: HDF5 file is not a moe-trace trace")

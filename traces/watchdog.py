@@ -33,7 +33,7 @@ def probe_seconds() -> float:
 
 def run_bounded(fn: Callable[..., Any], args: tuple, what: str, seconds: float | None = None) -> Any:
     """fn(*args) (a module-level function, picklable arguments and result), computed in a helper process that may
-    take at most `seconds` for it.
+    take at most `seconds` for it. The helper keeps the working directory it was forked in: pass absolute paths.
 
     An InputError in the helper is raised again here; any other failure, a crash or the time limit is an InputError
     naming `what`. The helper is forked once per process and serves every probe after the first, so a probe costs
