@@ -12,29 +12,11 @@ import pytest
 from import_fixtures import megatron_trace, sglang_per_token, tabular_rows, vllm_responses
 
 from traces.errors import InputError
+from traces.fuzz import mutate  # shared with the trace encodings' fuzzing
 from traces.importers import ImportOptions, import_dump
 from traces.importers.tabular import Columns
 
 CASES_PER_FORMAT = 200
-
-
-def mutate(raw: bytes, rng: random.Random) -> bytes:
-    data = bytearray(raw)
-    kind = rng.choice(["flip", "truncate", "zero", "duplicate"])
-    if kind == "flip":
-        for _ in range(rng.randint(1, 8)):
-            j = rng.randrange(len(data))
-            data[j] ^= 1 << rng.randrange(8)
-    elif kind == "truncate":
-        data = data[:rng.randrange(len(data))]
-    else:
-        a = rng.randrange(len(data))
-        b = min(len(data), a + rng.randint(1, 64))
-        if kind == "zero":
-            data[a:b] = bytes(b - a)
-        else:
-            data[b:b] = data[a:b]
-    return bytes(data)
 
 
 def sources(tmp: Path) -> list[tuple[str, Path, ImportOptions]]:

@@ -8,6 +8,7 @@ leaves an IPC stream after the magic bytes, from which every completed batch is 
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,13 +17,22 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from traces.checksum import checksum, text_digest
 from traces.chunk import TraceChunk
 from traces.errors import InputError
-from traces.schema import TraceMetadata
+from traces.schema import FORMAT_MINOR, TraceMetadata
 
 ARROW_MAGIC = b"ARROW1"
 META_KEY = b"moe_trace"
 STATUS_KEY = b"moe_trace_status"
+# Format 1.1 checksums: the schema carries the metadata JSON's SHA-256; each data batch's custom metadata carries
+# {"index", "row0", "rows", "sums": {column: [s1, s2]}} (traces/checksum.py); the completion mark carries the
+# totals {"batches", "rows"}.
+HEADER_KEY = b"moe_trace_sha256"
+BLOCK_KEY = b"moe_trace_block"
+TOTALS_KEY = b"moe_trace_totals"
+# Any failure of the IPC decoder on a corrupt file (ArrowMemoryError is what a huge declared size gives).
+ARROW_ERRORS = (pa.ArrowException, OSError, MemoryError, ValueError, IndexError, KeyError, TypeError)
 COMPRESSIONS = ("zstd", "lz4", "none")
 # zstd (level 1) shrinks OLMoE expert ids by a quarter; LZ4 finds no repeats in them and saves nothing.
 DEFAULT_COMPRESSION = "zstd"
@@ -39,9 +49,10 @@ def _arrow_type(meta: TraceMetadata, name: str) -> pa.DataType:
 
 
 def arrow_schema(meta: TraceMetadata) -> pa.Schema:
+    text = meta.to_json().encode()
     return pa.schema(
         [pa.field(n, _arrow_type(meta, n), nullable=False) for n in meta.stored_fields()],
-        metadata={META_KEY: meta.to_json().encode()},
+        metadata={META_KEY: text, HEADER_KEY: text_digest(text).encode()},
     )
 
 
@@ -77,26 +88,33 @@ class ArrowTraceWriter:
             raise InputError(f"--compression: Arrow supports {', '.join(COMPRESSIONS)}, not {compression!r}")
         self.path = path
         self.metadata = metadata
+        metadata.format_minor = FORMAT_MINOR
         self.schema = arrow_schema(metadata)
         self.batch_rows = batch_rows(metadata)
         codec = None if compression == "none" else pa.Codec(compression, compression_level=1 if compression == "zstd" else None)
         self.sink = pa.OSFile(str(path), "wb")
         self.writer = pa.ipc.new_file(self.sink, self.schema, options=pa.ipc.IpcWriteOptions(compression=codec))
         self.num_tokens = 0
+        self.num_batches = 0
 
     def append(self, chunk: TraceChunk) -> None:
         for start in range(0, chunk.num_tokens, self.batch_rows):
             part = chunk.slice(start, start + self.batch_rows) if chunk.num_tokens > self.batch_rows else chunk
             arrays = [_to_arrow(getattr(part, f.name), f.type) for f in self.schema]
-            self.writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
+            block = {"index": self.num_batches, "row0": self.num_tokens, "rows": part.num_tokens,
+                     "sums": {f.name: checksum(getattr(part, f.name)) for f in self.schema}}
+            self.writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema),
+                                    custom_metadata={BLOCK_KEY: json.dumps(block).encode()})
             self.sink.flush()  # a batch is on disk before the next starts: a crash keeps it
             self.num_tokens += part.num_tokens
+            self.num_batches += 1
 
     def close(self, complete: bool) -> None:
         if complete:
             empty = self.schema.empty_table().to_batches()
             batch = empty[0] if empty else pa.RecordBatch.from_pylist([], schema=self.schema)
-            self.writer.write_batch(batch, custom_metadata={STATUS_KEY: b"complete"})
+            totals = json.dumps({"batches": self.num_batches, "rows": self.num_tokens}).encode()
+            self.writer.write_batch(batch, custom_metadata={STATUS_KEY: b"complete", TOTALS_KEY: totals})
         self.writer.close()
         self.sink.close()
 
@@ -111,16 +129,28 @@ class ArrowShardReader:
         # Plain reads, not a memory map: mapped pages count as the reader's resident memory and would grow with
         # the file; reads keep memory to the batches in flight.
         self.source = pa.OSFile(str(path), "r")
-        self.recovered_batches: int | None = None  # set only for footer-less (crashed) files
         try:
-            self.reader: pa.ipc.RecordBatchFileReader | None = pa.ipc.open_file(self.source)
-            schema = self.reader.schema
-            complete = self._has_complete_marker()
-            num_tokens = _count_rows(self.source, self.reader)
-        except (pa.ArrowInvalid, OSError):
-            self.reader = None
-            schema, num_tokens = self._recover_stream()
-            complete = False
+            self._open()
+        except BaseException:
+            self.source.close()
+            raise
+
+    def _open(self) -> None:
+        path = self.path
+        self.recovered_batches: int | None = None  # set only for footer-less (crashed) files
+        totals: dict | None = None
+        try:
+            try:
+                self.reader: pa.ipc.RecordBatchFileReader | None = pa.ipc.open_file(self.source)
+                schema = self.reader.schema
+                complete, totals = self._completion_mark()
+                num_tokens = _count_rows(self.source, self.reader)
+            except (pa.ArrowInvalid, OSError):
+                self.reader = None
+                schema, num_tokens = self._recover_stream()
+                complete = False
+        except ARROW_ERRORS as exc:
+            raise InputError(f"{path}: Arrow file is truncated or corrupt ({_short(exc)})") from exc
         raw = (schema.metadata or {}).get(META_KEY)
         if raw is None:
             raise InputError(f"{path}: Arrow file is not a moe-trace trace (no {META_KEY.decode()} metadata)")
@@ -128,18 +158,34 @@ class ArrowShardReader:
         self.metadata.status = "complete" if complete else "partial"
         self.schema = schema
         self.num_tokens = int(num_tokens)
+        digest = (schema.metadata or {}).get(HEADER_KEY)
+        self.checked = self.metadata.format_minor >= 1 or digest is not None
+        if self.checked and digest != text_digest(raw).encode():
+            raise InputError(f"{path}: checksum mismatch in the schema metadata; the file is corrupt")
+        if self.checked and complete and totals != {"batches": self._data_batches(), "rows": self.num_tokens}:
+            raise InputError(f"{path}: the completion mark's totals {totals} do not match the file's batches")
         for name in self.metadata.stored_fields():
             if schema.get_field_index(name) < 0:
                 raise InputError(f"{path}: column {name} is missing")
 
-    def _has_complete_marker(self) -> bool:
+    def _completion_mark(self) -> tuple[bool, dict | None]:
         assert self.reader is not None
         n = self.reader.num_record_batches
         if n == 0:
-            return False
+            return False, None
         last = self.reader.get_batch_with_custom_metadata(n - 1)
         meta = last.custom_metadata or {}
-        return meta.get(STATUS_KEY) == b"complete"
+        if meta.get(STATUS_KEY) != b"complete":
+            return False, None
+        try:
+            totals = json.loads(meta.get(TOTALS_KEY, b"null"))
+        except (ValueError, UnicodeDecodeError):
+            totals = "unreadable"
+        return True, totals
+
+    def _data_batches(self) -> int:
+        assert self.reader is not None
+        return self.reader.num_record_batches - 1  # all but the zero-row completion mark
 
     def _open_stream(self, src: pa.NativeFile) -> pa.ipc.RecordBatchStreamReader:
         """The IPC stream inside a file format file (after its 8 magic bytes), read sequentially."""
@@ -148,8 +194,8 @@ class ArrowShardReader:
             raise InputError(f"{self.path}: not an Arrow IPC file")
         try:
             return pa.ipc.open_stream(src)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(f"{self.path}: Arrow file is truncated or corrupt ({exc})") from exc
+        except ARROW_ERRORS as exc:
+            raise InputError(f"{self.path}: Arrow file is truncated or corrupt ({_short(exc)})") from exc
 
     def _recover_stream(self) -> tuple[pa.Schema, int]:
         with pa.OSFile(str(self.path), "r") as src:
@@ -160,49 +206,78 @@ class ArrowShardReader:
                     rows += stream.read_next_batch().num_rows
                 except StopIteration:
                     break
-                except (pa.ArrowInvalid, OSError):
+                except ARROW_ERRORS:
                     break
                 count += 1
         self.recovered_batches = count
         return stream.schema, rows
 
-    def _batches(self, names: list[str]) -> Iterator[pa.RecordBatch]:
+    def _batches(self, names: list[str]) -> Iterator[tuple[pa.RecordBatch, dict | None]]:
         if self.recovered_batches is not None:  # a crashed writer's file: replay its stream
             with pa.OSFile(str(self.path), "r") as src:
                 stream = self._open_stream(src)
                 for _ in range(self.recovered_batches):
-                    yield stream.read_next_batch().select(names)
+                    got = stream.read_next_batch_with_custom_metadata()
+                    yield got.batch.select(names), got.custom_metadata
             return
         # Re-open with only the wanted columns so the others are never decompressed, and decompress the next
         # PREFETCH batches in threads while the caller works on this one.
         idx = [self.schema.get_field_index(n) for n in names]
         reader = pa.ipc.open_file(self.source, options=pa.ipc.IpcReadOptions(included_fields=idx))
         with ThreadPoolExecutor(max_workers=max(1, PREFETCH)) as pool:
-            ahead: deque[Future[pa.RecordBatch]] = deque()
+            ahead: deque[Future] = deque()
             for i in range(reader.num_record_batches):
-                ahead.append(pool.submit(reader.get_batch, i))
+                ahead.append(pool.submit(reader.get_batch_with_custom_metadata, i))
                 if len(ahead) > PREFETCH:
-                    yield ahead.popleft().result()
+                    got = ahead.popleft().result()
+                    yield got.batch, got.custom_metadata
             while ahead:
-                yield ahead.popleft().result()
+                got = ahead.popleft().result()
+                yield got.batch, got.custom_metadata
 
     def iter_blocks(self, names: list[str], block_tokens: int) -> Iterator[TraceChunk]:
         del block_tokens  # Arrow batches are read whole; the caller regroups them
         try:
             yield from self._chunks(names)
-        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
-            raise InputError(f"{self.path}: Arrow data is corrupt ({str(exc).splitlines()[0]})") from exc
+        except ARROW_ERRORS as exc:
+            raise InputError(f"{self.path}: Arrow data is corrupt ({_short(exc)})") from exc
 
     def _chunks(self, names: list[str]) -> Iterator[TraceChunk]:
-        for batch in self._batches(names):
+        index = row0 = 0
+        for batch, custom in self._batches(names):
             if batch.num_rows == 0:
                 continue
-            yield TraceChunk(
-                **{n: _to_numpy(batch.column(n), self.metadata.field_shape(n)) for n in names}
-            )
+            batch.validate()  # O(columns): declared lengths against buffer sizes, before any slicing trusts them
+            values = {n: _to_numpy(batch.column(n), self.metadata.field_shape(n)) for n in names}
+            if self.checked:
+                self._verify(index, row0, batch.num_rows, custom, values)
+            index += 1
+            row0 += batch.num_rows
+            yield TraceChunk(**values)
+
+    def _verify(self, index: int, row0: int, rows: int, custom: dict | None, values: dict[str, np.ndarray]) -> None:
+        where = f"{self.path}: record batch {index} (rows {row0}..{row0 + rows})"
+        try:
+            block = json.loads((custom or {})[BLOCK_KEY])
+            sums = block["sums"]
+            placed = (block["index"], block["row0"], block["rows"]) == (index, row0, rows)
+        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+            raise InputError(f"{where}: its checksum record is missing or damaged") from exc
+        if not placed:
+            raise InputError(f"{where}: holds the rows of batch {block['index']} (rows {block['row0']}.."
+                             f"{block['row0'] + block['rows']}); the file is corrupt")
+        for name, value in values.items():
+            want = sums.get(name) if isinstance(sums, dict) else None
+            if want is None or list(checksum(value)) != list(want):
+                raise InputError(f"{where}: checksum mismatch in {name}; the file is corrupt")
 
     def close(self) -> None:
         self.source.close()
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def chunk_to_table(chunk: TraceChunk, meta: TraceMetadata) -> pa.Table:

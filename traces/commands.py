@@ -99,7 +99,8 @@ def validate(traces: tuple[str, ...], allow_partial: bool, chunk_tokens: int) ->
 
     Checks: files open and are traces of a known schema version, shards agree, metadata is complete, column
     dtypes match it, expert ids are in range with no expert twice in a row's top-k, weights and logits are
-    finite, phases/positions/steps/token ids are valid, and every declared row is there. TRACE... are files or
+    finite, phases/positions/steps/token ids are valid, every declared row is there, and every block matches its
+    checksum (format 1.1; files written before carry none and are reported as unchecked). TRACE... are files or
     glob patterns, read together as the shards of one trace.
     """
     from traces.reader import open_trace
@@ -111,7 +112,7 @@ def validate(traces: tuple[str, ...], allow_partial: bool, chunk_tokens: int) ->
         result = validate_trace(list(traces), allow_partial=allow_partial, chunk_tokens=chunk_tokens,
                                 on_chunk=advance)
     state = "complete" if result.complete else "partial"
-    click.echo(f"ok: {result.num_tokens:,} tokens in {result.num_shards} file(s), {state}, no problem found")
+    click.echo(f"ok: {result.num_tokens:,} tokens in {result.num_shards} file(s), {state}, no problem found; {result.integrity}")
 
 
 @click.command()

@@ -17,6 +17,7 @@ DEFAULT_CHUNK_TOKENS = 1 << 16
 class _Shard(Protocol):
     path: Path
     encoding: str  # "hdf5" or "arrow"
+    checked: bool  # the file carries block checksums (format 1.1), verified by every read
     metadata: TraceMetadata
     num_tokens: int
 

@@ -16,6 +16,9 @@ import numpy as np
 from traces.errors import InputError
 
 SCHEMA_VERSION = 1
+# Minor revisions add to v1 without breaking its readers. 1: every block carries a checksum (traces/checksum.py),
+# checked by every read; files of minor 0 (written before) have none and read as "unchecked".
+FORMAT_MINOR = 1
 FORMAT_NAME = "moe-trace"
 
 PHASE_PREFILL = 0
@@ -41,7 +44,7 @@ IMPORTED_SOURCES = ("sglang", "vllm", "megatron", "tabular", "hf-router-logits")
 SOURCES = ("recorded", "synthetic", *IMPORTED_SOURCES)
 
 PROVENANCE_KEYS = frozenset(
-    {"created_at", "command_line", "prompts_sha256", "status", "tool_version", "shard_index", "notes"}
+    {"created_at", "command_line", "prompts_sha256", "status", "tool_version", "shard_index", "notes", "format_minor"}
 )
 
 
@@ -114,6 +117,7 @@ class TraceMetadata:
     command_line: str = ""
     status: str = "partial"  # "partial" until the writer closes cleanly, then "complete"
     schema_version: int = SCHEMA_VERSION
+    format_minor: int = 0  # set by the writer to FORMAT_MINOR; 0 (absent) in files written before block checksums
     notes: dict[str, Any] = field(default_factory=dict)  # free-form extras (synthetic parameters, ...)
 
     def __post_init__(self) -> None:

@@ -24,6 +24,16 @@ class ValidationResult:
     num_tokens: int
     num_shards: int
     complete: bool
+    unchecked: list[str]  # shards written before format 1.1: no block checksums to verify
+
+    @property
+    def integrity(self) -> str:
+        """How far the content was verified, for the summary line."""
+        if not self.unchecked:
+            return "every block's checksum verified"
+        if len(self.unchecked) == self.num_shards:
+            return "unchecked: written before format 1.1, the file(s) carry no block checksums"
+        return f"unchecked: {len(self.unchecked)} of {self.num_shards} files carry no block checksums"
 
 
 def check_metadata(meta: TraceMetadata, source: str) -> None:
@@ -149,6 +159,7 @@ def validate(
             num_tokens=trace.num_tokens,
             num_shards=len(trace.shards),
             complete=trace.complete,
+            unchecked=[str(s.path) for s in trace.shards if not s.checked],
         )
 
 
