@@ -3,9 +3,9 @@
     python -m bench.bench_workers [--tokens 2000000] [--repeats 3]
 
 The trace is bench_replay's synthetic OLMoE-1B-7B (ids only), replayed from the file by run_variants: one
-placement and six at once, 8 GPUs, steps of 4096 tokens. Shards of the trace (replay.segment.SHARD_TOKENS) run on
-the worker threads. Runs alternate between the worker counts and each figure is a median; the results of every
-run are checked to be identical.
+placement and six at once, 8 GPUs, steps of 4096 tokens. Shards of the trace (replay.segment.SHARD_TOKENS) run
+on the worker threads. Runs alternate between the worker counts and each figure is a median; the results of
+every run are checked to be identical.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def main() -> None:
     md = "\n".join([
         "## Replay on several cores (`python -m bench.bench_workers`)", "",
         f"{args.tokens:,}-token synthetic OLMoE-1B-7B trace streamed from its file, 8 GPUs, steps of "
-        f"{TOKENS_PER_STEP} tokens, medians of {args.repeats} alternating runs on {machine()}. Results identical "
-        "for every worker count (checked each run).", "",
+        f"{TOKENS_PER_STEP} tokens, medians of {args.repeats} alternating runs on {machine()}. Results "
+        "identical for every worker count (checked each run).", "",
         "| placements | workers | seconds | assignments/s | per placement per core | speed-up | efficiency |",
         "|---|---:|---:|---:|---:|---:|---:|", *rows])
     print(md)
