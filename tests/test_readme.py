@@ -1,4 +1,5 @@
-"""The README's two entry commands are the product's front door: run the first verbatim, check CI runs the second."""
+"""The README's two entry commands are the product's front door: run the first verbatim, check CI runs the
+second."""
 
 from __future__ import annotations
 

@@ -27,8 +27,8 @@ def _cfg(tmp_path: Path, name: str, **kw) -> RecordConfig:
     prompts = tmp_path / "p.txt"
     if not prompts.exists():
         prompts.write_text("\n".join(PROMPTS) + "\n")
-    return RecordConfig(prompts=prompts, output=tmp_path / name, batch_size=3, max_new_tokens=2, progress=False,
-                        device="cpu", **kw)
+    return RecordConfig(prompts=prompts, output=tmp_path / name, batch_size=3, max_new_tokens=2,
+                        progress=False, device="cpu", **kw)
 
 
 def _rows(path: Path) -> dict[str, np.ndarray]:
@@ -143,11 +143,12 @@ cli.moe_rec()
 def test_sigterm_leaves_partial_and_cli_resume_completes(tmp_path: Path) -> None:
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
     root = Path(__file__).resolve().parent.parent
-    env = {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     args = ["record", "--prompts", "p.txt", "-o", "t.h5", "--batch-size", "2", "--max-new-tokens", "2",
             "--device", "cpu"]
-    child = subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert child.stdout is not None
     for _ in range(2):
         assert child.stdout.readline().strip() == "batch"
@@ -163,5 +164,6 @@ def test_sigterm_leaves_partial_and_cli_resume_completes(tmp_path: Path) -> None
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     reference = record(RecordConfig(prompts=tmp_path / "p.txt", output=tmp_path / "ref.h5", batch_size=2,
-                                    max_new_tokens=2, progress=False, device="cpu"), Console(file=io.StringIO())).path
+                                    max_new_tokens=2, progress=False, device="cpu"),
+                       Console(file=io.StringIO())).path
     _assert_same(_rows(tmp_path / "t.h5"), _rows(reference))

@@ -1,5 +1,6 @@
-"""Regrouped steps, as the report replays them at a plan point's batch: prefill and decode tokens fill steps of their
-own however the trace interleaves them, in the rebalance stream and in the replay alike (checked by hand)."""
+"""Regrouped steps, as the report replays them at a plan point's batch: prefill and decode tokens fill steps
+of their own however the trace interleaves them, in the rebalance stream and in the replay alike (checked by
+hand)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def test_rebalance_steps_fill_per_phase(tmp_path):
     ids = random_ids(rng, PHASES.size, 2, 8, 2)
     path = write_ids_trace(tmp_path / "p.h5", ids, num_experts=8, phase=PHASES)
     B = 4
-    # by hand: each phase's tokens in order, cut into runs of 4; a step comes out when its phase's next one opens
+    # by hand: each phase's tokens in order, cut into runs of 4; a step comes out when its phase's next one
+    # opens
     want = []
     for code in (PREFILL, DECODE):
         where = np.flatnonzero(np.equal(PHASES, code))  # prefill 13 tokens -> 4 steps, decode 10 -> 3 steps
@@ -66,5 +68,6 @@ def test_replay_regroups_phases_apart(tmp_path):
     for s, r, series in zip(regrouped.placements, recorded.placements, apart, strict=True):
         assert s.tokens == r.tokens == phases.size - start
         assert s.steps == sum(-(-int(n) // B) for n in scored)  # full steps of one phase, one short per phase
-        assert s.aggregate_imbalance == r.aggregate_imbalance and s.leave_gpu_share == r.leave_gpu_share  # totals: grouping-free
+        # totals: grouping-free
+        assert s.aggregate_imbalance == r.aggregate_imbalance and s.leave_gpu_share == r.leave_gpu_share
         np.testing.assert_allclose(s.step_imbalance_series, series, rtol=1e-12)

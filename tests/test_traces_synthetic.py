@@ -83,7 +83,8 @@ def reference_trace(config: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.nda
         for layer in range(num_layers):
             c = _mix(key ^ (row * (num_layers + 1) + layer))
             members = cl.members[layer, tp, : cl.member_count[layer, tp]]
-            mixture = w_gl * pop[layer] + w_cl * np.where(cl.cluster_of[layer] == tp, pop[layer], 0.0) / cl.mass[layer, tp]
+            mixture = w_gl * pop[layer] + w_cl * np.where(cl.cluster_of[layer] == tp, pop[layer],
+                                                          0.0) / cl.mass[layer, tp]
             if sticky:
                 mixture = mixture + sticky * np.bincount(prev[s][layer], minlength=num_experts) / k
             i, chosen = 0, []
@@ -93,7 +94,8 @@ def reference_trace(config: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.nda
                 if u < sticky:
                     e = int(prev[s][layer][min(int(v * k), k - 1)])
                 elif u < sticky + w_cl:
-                    e = int(members[_alias(cl.member_prob[layer, tp], cl.member_alias[layer, tp], len(members), v)])
+                    e = int(members[_alias(cl.member_prob[layer, tp], cl.member_alias[layer, tp],
+                                           len(members), v)])
                 else:
                     e = _alias(*tables[layer], num_experts, v)
                 groups = {x // group_size for x in chosen}
@@ -103,7 +105,8 @@ def reference_trace(config: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.nda
             for j, e in enumerate(chosen):
                 odds = odds_table[min(int(_pair(c, i)[0] * len(odds_table)), len(odds_table) - 1)]
                 i += 1
-                q[j] = mixture[e] * odds if meta.router_scoring == "softmax" else 1 / (1 + 1 / (mixture[e] * num_experts * odds))
+                q[j] = (mixture[e] * odds if meta.router_scoring == "softmax"
+                        else 1 / (1 + 1 / (mixture[e] * num_experts * odds)))
             if meta.norm_topk_prob:
                 w = q / q.sum()
             elif meta.router_scoring == "softmax":
@@ -123,8 +126,10 @@ def reference_trace(config: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.nda
     [
         SynthConfig(tokens=300, seed=7, sequences=5, batch_size=2),
         SynthConfig(tokens=200, seed=3, model="deepseek-v3", sequences=3, weights_dtype="float32"),
-        SynthConfig(tokens=200, seed=4, model="mixtral-8x7b", sequences=2, stickiness=0.5, cluster_weight=0.4),
-        SynthConfig(tokens=150, seed=5, model="qwen1.5-moe-a2.7b", counts=None, skew=0.0, decode_fraction=0.5),
+        SynthConfig(tokens=200, seed=4, model="mixtral-8x7b", sequences=2, stickiness=0.5,
+                    cluster_weight=0.4),
+        SynthConfig(tokens=150, seed=5, model="qwen1.5-moe-a2.7b", counts=None, skew=0.0,
+                    decode_fraction=0.5),
         SynthConfig(tokens=150, seed=6, model="deepseek-v3", sequences=2, stickiness=0.6, skew=0.0),
         SynthConfig(tokens=150, seed=8, model="gpt-oss-20b", sequences=2),
     ],
@@ -135,7 +140,8 @@ def test_kernel_matches_numpy_reference(config: SynthConfig) -> None:
     ids, weights, tokens = reference_trace(config)
     np.testing.assert_array_equal(chunk.expert_ids, ids)
     np.testing.assert_array_equal(chunk.token_id, tokens)
-    np.testing.assert_allclose(chunk.expert_weights.astype(np.float64), weights, rtol=2e-3 if config.weights_dtype == "float16" else 1e-6)
+    np.testing.assert_allclose(chunk.expert_weights.astype(np.float64), weights,
+                               rtol=2e-3 if config.weights_dtype == "float16" else 1e-6)
 
 
 def test_alias_table_draws_the_given_distribution() -> None:
@@ -194,7 +200,8 @@ def test_rows_are_valid_top_k_with_router_like_weights(model: str) -> None:
     w = c.expert_weights.astype(np.float64)
     assert np.all(w > 0) and np.all(np.diff(w, axis=-1) <= 0)  # router order: descending weight
     groups, topk_groups = expert_groups(meta)
-    group_count = np.array([[len(np.unique(row // (meta.num_experts // groups))) for row in token] for token in ids])
+    group_count = np.array([[len(np.unique(row // (meta.num_experts // groups))) for row in token]
+                            for token in ids])
     assert group_count.max() <= topk_groups  # DeepSeek-V3: every token's 8 experts in at most 4 of 8 groups
     if groups > 1:
         assert group_count.max() == topk_groups  # the limit binds: without it 8 experts would span 5-8 groups
@@ -208,7 +215,8 @@ def test_rows_are_valid_top_k_with_router_like_weights(model: str) -> None:
 # ---------------------------------------------------------------- realism
 def _loads(ids: np.ndarray, num_experts: int) -> np.ndarray:
     """[L, E] share of assignments per expert."""
-    out = np.stack([np.bincount(ids[:, layer].ravel(), minlength=num_experts) for layer in range(ids.shape[1])])
+    out = np.stack([np.bincount(ids[:, layer].ravel(), minlength=num_experts)
+                    for layer in range(ids.shape[1])])
     return out / out.sum(axis=1, keepdims=True)
 
 
