@@ -64,6 +64,7 @@ def test_measured_model_picks_the_tile_from_gemm_times_and_checks_the_whole():
         samples.append(X.Sample(counts, g + X.overhead_lookup(curve, float(counts.sum())), g))
     work = X.fit_measured_work(table, samples, points)
     assert work.tile_rows == tile and work.fixed_seconds == 0 and work.per_assignment_seconds == 0
+    assert work.overhead_seconds is not None
     np.testing.assert_allclose(work.overhead_seconds, curve, rtol=1e-12)
     assert work.residuals["mean_abs"] < 1e-9 and work.residuals["gemm_mean_abs"] < 1e-9
     bumped = samples[0].counts.copy()
@@ -92,6 +93,7 @@ def test_kernel_prices_the_overhead_as_numpy_and_profile_round_trips(tmp_path):
     out = tmp_path / "copy.yaml"
     write_profile(load_profile(path), out)
     again = load_profile(out).shapes[0].expert
+    assert again.overhead_seconds is not None and work.overhead_seconds is not None
     np.testing.assert_allclose(again.overhead_seconds, work.overhead_seconds, rtol=1e-4)
 
 

@@ -37,6 +37,7 @@ def assert_matches(path: Path, exp: Expected) -> None:
         assert meta.has_token_ids
         np.testing.assert_array_equal(chunk.token_id, exp.token_id)
     if exp.expert_weights is not None:
+        assert chunk.expert_weights is not None
         np.testing.assert_allclose(chunk.expert_weights, exp.expert_weights, rtol=1e-3, atol=1e-3)
 
 

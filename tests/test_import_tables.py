@@ -113,6 +113,7 @@ def test_hf_router_logits_recomputes_top_k(tmp_path: Path, model: str) -> None:
     with open_trace(out) as trace:
         chunk = trace.read_all()
     np.testing.assert_array_equal(chunk.expert_ids, want_ids)
+    assert chunk.expert_weights is not None
     np.testing.assert_allclose(chunk.expert_weights.astype(np.float64), want_w, rtol=2e-3, atol=1e-3)
     np.testing.assert_array_equal(chunk.seq_id, [0] * 5 + [1] * 3)
     np.testing.assert_array_equal(chunk.position, [0, 1, 2, 3, 4, 0, 1, 2])

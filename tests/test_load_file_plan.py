@@ -68,6 +68,7 @@ def test_load_file_becomes_steps_with_its_expert_shares() -> None:
                 and "cannot show per-step imbalance, co-selection and all-to-all bytes" in note)
         with open_trace(paths) as trace:
             ids = trace.read_all(["expert_ids"]).expert_ids
+            assert ids is not None
             assert trace.metadata.model_id == "allenai/OLMoE-1B-7B-0924"
     counts = read_load_file(COUNTS).load
     for row, layer in enumerate([0, 7, 15]):  # the counted layers keep their experts' shares

@@ -41,7 +41,9 @@ def test_readme_main_command_runs_end_to_end() -> None:
     with open_trace(trace) as t:
         assert t.complete
         assert t.num_tokens > 0
-        phases = set(t.read_all(["phase"]).phase.tolist())
+        phase = t.read_all(["phase"]).phase
+        assert phase is not None
+        phases = set(phase.tolist())
     assert phases == {0, 1}  # prefill and decode both recorded
     assert "contiguous" in result.stdout  # the replay table compares placements
 

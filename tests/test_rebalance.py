@@ -242,8 +242,8 @@ def test_rebalance_trace_with_real_policy(tmp_path):
         fast, slow = rebalance_trace(trace, config, chunk_tokens=512)
         loads = list(iter_step_loads(trace))
     # the same replay with the oracle's intervals scored in a second pass gives the same numbers
-    fit = config.fit_function(16)
-    again = replay_rebalance(lambda: iter(loads), fit, every=[2, 30], window=4, num_experts=16,
+    fit_function = config.fit_function(16)
+    again = replay_rebalance(lambda: iter(loads), fit_function, every=[2, 30], window=4, num_experts=16,
                              expert_bytes=1, gpus_per_node=4, buffer_steps=1)
     for one, two in zip((fast, slow), again, strict=True):
         for name in ("fixed", "rebalanced", "oracle"):

@@ -3,6 +3,8 @@ weights)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -13,13 +15,15 @@ from recorder.reference import reference_routing
 
 
 def _tiny_extra(name: str):
-    from transformers import AutoModelForCausalLM, GptOssConfig, Qwen3MoeConfig
+    from transformers import AutoModelForCausalLM, GptOssConfig, PretrainedConfig, Qwen3MoeConfig
 
-    common = dict(vocab_size=320, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-                  max_position_embeddings=256)
+    common: dict[str, Any] = dict(vocab_size=320, hidden_size=64, num_attention_heads=4,
+                                  num_key_value_heads=4, max_position_embeddings=256)
+    cfg: PretrainedConfig
     if name == "qwen3_moe":
-        cfg = Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
-                             num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, head_dim=16, **common)
+        cfg = Qwen3MoeConfig(  # type: ignore[call-arg]
+            intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, num_experts=8,
+            num_experts_per_tok=2, norm_topk_prob=True, head_dim=16, **common)
     else:
         cfg = GptOssConfig(intermediate_size=32, num_hidden_layers=2, num_local_experts=8,
                            num_experts_per_tok=2, head_dim=16, layer_types=["full_attention"] * 2, **common)
@@ -45,7 +49,7 @@ def _model(name: str):
     return model
 
 
-def _reference(name: str, module: torch.nn.Module, hidden: np.ndarray,
+def _reference(name: str, module: Any, hidden: np.ndarray,
                model) -> tuple[np.ndarray, np.ndarray]:
     cfg = model.config
     w = module.weight.detach().double().numpy()

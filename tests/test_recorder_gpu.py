@@ -78,12 +78,13 @@ def test_end_pass_and_collect_use_pinned_buffers_and_never_synchronise() -> None
     for t in taps:
         t.remove()
     host = blocks[0]
-    assert host.event is not None and host.data.is_pinned() and host.num_passes == 3
+    assert host.event is not None and host.data is not None and host.data.is_pinned() and host.num_passes == 3
     chunk = host.to_chunk(True, np.dtype(np.uint8), np.dtype(np.float16))  # waits for the copy
     # [N, T, L, K]
     assert host.field("ids").shape == (3, 8 * 64, 4, 4) and host.field("ids").dtype == np.uint8
     np.testing.assert_array_equal(chunk.token_id, np.concatenate(all_ids))
     np.testing.assert_array_equal(chunk.step, np.repeat([0, 1, 2], 512))
+    assert chunk.expert_ids is not None and chunk.expert_weights is not None
     for i in range(prof.layout.num_layers):
         np.testing.assert_array_equal(chunk.expert_ids[:, i], np.concatenate([s[0] for s in seen[i]]))
         np.testing.assert_allclose(chunk.expert_weights[:, i], np.concatenate([s[1] for s in seen[i]]),
@@ -141,6 +142,8 @@ def test_cuda_record_end_to_end_with_oom_split(tmp_path: Path, monkeypatch: pyte
     def rows(path: Path):
         with open_trace(path) as t:
             c = t.read_all()
+        assert c.position is not None and c.seq_id is not None
+        assert c.expert_ids is not None and c.token_id is not None
         order = np.lexsort((c.position, c.seq_id))
         return c.expert_ids[order], c.token_id[order]
 

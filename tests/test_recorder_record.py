@@ -47,6 +47,7 @@ def _record(tmp_path: Path, name: str = "t.h5", console: Console | None = None, 
 def _by_token(path: Path):
     with open_trace(path) as t:
         c = t.read_all()
+    assert c.position is not None and c.seq_id is not None
     order = np.lexsort((c.position, c.seq_id))
     return {k: v[order] for k, v in c.present().items()}, t.metadata
 

@@ -331,6 +331,7 @@ def test_without_target_replays_first_layout_and_lists_unbuildable(built):
     fastest = min(inputs.replay.placements, key=lambda p: p.timings[0].step_time["mean"]).label
     assert f"the {fastest} placement has the" in report.section("recommendation").paragraphs[0]
     # no plan: the recorded forward passes are the steps, and both sections say so
+    assert inputs.step_basis is not None
     assert inputs.step_basis.source == "recorded" and inputs.replay.config["tokens_per_step"] == 0
     for key in ("layouts", "rebalance"):
         assert any("Steps are the trace's recorded forward passes: no throughput target was given" in t

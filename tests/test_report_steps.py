@@ -4,6 +4,8 @@ hand)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from report_fixtures import DECODE, PREFILL, random_ids, write_ids_trace
 
@@ -50,7 +52,8 @@ def test_replay_regroups_phases_apart(tmp_path):
     path = write_ids_trace(tmp_path / "r.h5", ids, num_experts=8, phase=phases)
     gpu = GpuSpec.from_name("h100")
     B = 16
-    config = dict(num_gpus=4, gpus_per_node=2, hardware=gpu, placements=("contiguous", "round-robin"))
+    config: dict[str, Any] = dict(num_gpus=4, gpus_per_node=2, hardware=gpu,
+                                  placements=("contiguous", "round-robin"))
     with open_trace(path) as trace:
         regrouped = replay(trace, ReplayConfig(tokens_per_step=B, **config))
         recorded = replay(trace, ReplayConfig(tokens_per_step=0, **config))

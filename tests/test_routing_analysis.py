@@ -35,8 +35,8 @@ HAND_PHASE = [PREFILL, PREFILL, PREFILL, DECODE, DECODE]
 
 @pytest.fixture(params=[1, 2, 5], ids=lambda n: f"chunk{n}")
 def hand(tmp_path, request):
-    path = write_ids_trace(tmp_path / "hand.h5", HAND_IDS, num_experts=4, seq_id=HAND_SEQ, position=HAND_POS,
-                           phase=HAND_PHASE)
+    path = write_ids_trace(tmp_path / "hand.h5", HAND_IDS, num_experts=4, seq_id=np.asarray(HAND_SEQ),
+                           position=np.asarray(HAND_POS), phase=np.asarray(HAND_PHASE))
     with open_trace(path) as trace:
         return analyze_routing(trace, segments=2, chunk_tokens=request.param)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,8 +30,9 @@ def hot_expert_trace(path, tokens=24576):
 
 def test_only_replication_meets_the_target(tmp_path):
     path = hot_expert_trace(tmp_path / "hot.h5")
-    base = dict(hardware=[GpuSpec.from_name("h100")], gpus=[8], gpus_per_node=8,
-                placements=["balanced", "replicated"], redundant_experts=[0, 8], tokens_per_step=[4096])
+    base: dict[str, Any] = dict(hardware=[GpuSpec.from_name("h100")], gpus=[8], gpus_per_node=8,
+                                placements=["balanced", "replicated"], redundant_experts=[0, 8],
+                                tokens_per_step=[4096])
     with open_trace(path) as tr:
         probe = plan(tr, PlanConfig(target_tokens_per_s=1.0, **base))
     by = {c.placement: c for c in probe.candidates}
@@ -75,7 +77,7 @@ def uniform_trace(path, tokens=24576, phases=None):
                      np.zeros(tokens) if phases is None else phases)
 
 
-ONE_NODE = dict(gpus=[4, 8], gpus_per_node=8, placements=["balanced"], redundant_experts=[0])
+ONE_NODE: dict[str, Any] = dict(gpus=[4, 8], gpus_per_node=8, placements=["balanced"], redundant_experts=[0])
 
 
 def test_only_more_gpus_meet_the_target_with_per_gpu_batches(tmp_path):
@@ -108,7 +110,7 @@ def test_cost_ranking_prefers_cheaper_hardware_with_more_gpus(tmp_path):
     path = uniform_trace(tmp_path / "u.h5")
     h100 = dataclasses.replace(GpuSpec.from_name("h100"), price_per_gpu_hour=1.0)
     b200 = dataclasses.replace(GpuSpec.from_name("b200"), price_per_gpu_hour=10.0)
-    grid = dict(tokens_per_gpu=[512], **ONE_NODE)
+    grid: dict[str, Any] = dict(tokens_per_gpu=[512], **ONE_NODE)
     with open_trace(path) as tr:
         probe = plan(tr, PlanConfig(target_tokens_per_s=1.0, hardware=[h100, b200], **grid))
     tps = {(c.hardware, c.num_gpus): c.tokens_per_s for c in probe.candidates}
@@ -137,8 +139,8 @@ def test_phases_are_regrouped_apart_in_one_pass(tmp_path):
     tokens = 24576
     phases = (np.arange(tokens) // 64) % 2
     path = uniform_trace(tmp_path / "p.h5", tokens=tokens, phases=phases)
-    grid = dict(gpus=[2], gpus_per_node=8, placements=["contiguous"], redundant_experts=[0],
-                tokens_per_gpu=[256], fit_fraction=0.0)
+    grid: dict[str, Any] = dict(gpus=[2], gpus_per_node=8, placements=["contiguous"], redundant_experts=[0],
+                                tokens_per_gpu=[256], fit_fraction=0.0)
     with open_trace(path) as tr:
         both = plan(tr, PlanConfig(target_tokens_per_s=1.0, **grid))
         apart = [plan(tr, PlanConfig(target_tokens_per_s=1.0, phase=p, **grid))

@@ -169,6 +169,7 @@ def test_kernels_match_numpy_reference(tmp_path, tps, phase, score_start, cf):
                            capacity_factor=cf, chunk_tokens=97)
         chunk = tr.read_all(["expert_ids", "step", "phase"])
         meta = tr.metadata
+    assert chunk.expert_ids is not None and chunk.step is not None and chunk.phase is not None
     model = model_vector(meta, cf)
     cost = cost_matrix([gpu, EASY_GPU])
     for i, v in enumerate(variants):
@@ -205,6 +206,7 @@ def test_chunk_size_and_segment_merge_are_exact(tmp_path):
         data = tr.read_all(["expert_ids", "step", "phase"])
         meta = tr.metadata
     # two segments split in the middle of a step, replayed apart and merged
+    assert data.step is not None and data.expert_ids is not None and data.phase is not None
     assert data.step[900] == data.step[899]
     arrays = VariantArrays.build(variants, meta.num_experts)
     model, cost = model_vector(meta, 1.5), cost_matrix([gpu])
@@ -231,6 +233,7 @@ def test_fit_and_score_split_is_honest(tmp_path):
     with open_trace(path) as tr:
         result = replay(tr, config)
         steps = tr.read_all(["step"]).step
+    assert steps is not None
     assert result.fit_tokens == 500
     assert result.score_start >= 500
     assert steps[result.score_start] != steps[result.score_start - 1]  # scoring starts on a step boundary
@@ -282,6 +285,7 @@ def test_decode_fit_uses_decode_tokens_behind_a_long_prefill(tmp_path):
         res = replay(tr, ReplayConfig(num_gpus=2, gpus_per_node=2, placements=("balanced",), phase="decode",
                                       fit_fraction=0.25))
     assert res.fit_tokens == 1200 + 200  # the first 200 decode tokens
+    assert res.fit_load is not None
     assert int(res.fit_load.sum()) == 200 * 2 * 2  # tokens x layers x top-k, all decode
     assert res.placements[0].tokens == 600
     only_prefill = write_ids(tmp_path / "q.h5", meta, ids[:1200], steps[:1200], phases[:1200])

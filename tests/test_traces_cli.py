@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -58,7 +59,8 @@ def test_synth_is_deterministic_and_info_reports_it(synth_h5: Path, tmp_path: Pa
     assert info["size_bytes"] == synth_h5.stat().st_size
     assert len(info["layers"]) == 16
     counts = np.zeros(64)
-    for row in first.expert_ids[:, 0].astype(int):  # type: ignore[union-attr]
+    assert first.expert_ids is not None
+    for row in first.expert_ids[:, 0].astype(int):
         counts[row] += 1
     share = counts / counts.sum()
     assert info["layers"][0]["top_share"] == pytest.approx(share.max())
@@ -94,7 +96,7 @@ def test_help_everywhere() -> None:
 
 
 # ---------------------------------------------------------------- bad input
-def _valid(tmp_path: Path, name: str = "t.h5", **meta_overrides: object) -> Path:
+def _valid(tmp_path: Path, name: str = "t.h5", **meta_overrides: Any) -> Path:
     meta = make_meta(**meta_overrides)
     return write_trace(tmp_path / name, meta, make_chunk(meta, 300))
 

@@ -54,6 +54,7 @@ def reference_trace(config: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.nda
     meta, pop, cl = model.meta, model.pop, model.clusters
     chunks = list(iter_synthetic(config, chunk_tokens=config.tokens))
     seq, pos = chunks[0].seq_id, chunks[0].position
+    assert seq is not None and pos is not None
     num_layers, num_experts, k = meta.num_moe_layers, meta.num_experts, meta.top_k
     num_clusters = cl.members.shape[1]
     num_groups, topk_groups = expert_groups(meta)
@@ -87,7 +88,7 @@ def reference_trace(config: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.nda
                                                           0.0) / cl.mass[layer, tp]
             if sticky:
                 mixture = mixture + sticky * np.bincount(prev[s][layer], minlength=num_experts) / k
-            i, chosen = 0, []
+            i, chosen = 0, list[int]()
             while len(chosen) < k:
                 u, v = _pair(c, i)
                 i += 1
@@ -140,6 +141,7 @@ def test_kernel_matches_numpy_reference(config: SynthConfig) -> None:
     ids, weights, tokens = reference_trace(config)
     np.testing.assert_array_equal(chunk.expert_ids, ids)
     np.testing.assert_array_equal(chunk.token_id, tokens)
+    assert chunk.expert_weights is not None
     np.testing.assert_allclose(chunk.expert_weights.astype(np.float64), weights,
                                rtol=2e-3 if config.weights_dtype == "float16" else 1e-6)
 
@@ -163,6 +165,7 @@ def test_same_seed_same_trace_whatever_the_chunking() -> None:
     for name, value in whole.present().items():
         np.testing.assert_array_equal(np.concatenate([getattr(p, name) for p in pieces]), value, err_msg=name)
     other = synthesize(SynthConfig(tokens=5000, seed=12, sequences=7, batch_size=3))[1]
+    assert other.expert_ids is not None and whole.expert_ids is not None
     assert not np.array_equal(other.expert_ids, whole.expert_ids)
 
 
@@ -170,6 +173,7 @@ def test_layout_is_what_a_batched_recorder_writes() -> None:
     config = SynthConfig(tokens=10_000, seed=2, sequences=10, batch_size=4, decode_fraction=0.3)
     model = build_model(config)
     c = synthesize(config)[1]
+    assert c.seq_id is not None and c.position is not None and c.phase is not None and c.step is not None
     assert c.num_tokens == 10_000 and len(np.unique(c.seq_id)) == 10
     assert int((model.prompt + model.decode).sum()) == 10_000
     assert abs(float(c.phase.mean()) - 0.3) < 0.01
@@ -193,6 +197,7 @@ def test_layout_is_what_a_batched_recorder_writes() -> None:
                                    "qwen3-30b-a3b", "gpt-oss-120b", "gpt-oss-20b"])
 def test_rows_are_valid_top_k_with_router_like_weights(model: str) -> None:
     meta, c = synthesize(SynthConfig(model=model, tokens=400, seed=1))
+    assert c.expert_ids is not None and c.expert_weights is not None
     ids = c.expert_ids.astype(np.int64)
     assert ids.max() < meta.num_experts
     srt = np.sort(ids, axis=-1)
@@ -228,6 +233,7 @@ def test_skew_controls_load_imbalance() -> None:
     entropies = []
     for skew in (0.0, 0.8, 1.6):
         meta, c = synthesize(SynthConfig(tokens=4000, seed=5, skew=skew, cluster_weight=0.0, stickiness=0.0))
+        assert c.expert_ids is not None
         entropies.append(_entropy(_loads(c.expert_ids, meta.num_experts)).mean())
     assert entropies[0] > 0.99 > entropies[1] > entropies[2]
 
@@ -237,6 +243,7 @@ def test_counts_file_sets_popularity() -> None:
     config = SynthConfig(tokens=6000, seed=3, counts=table, cluster_weight=0.0, stickiness=0.0)
     model = build_model(config)
     meta, c = synthesize(config)
+    assert c.expert_ids is not None
     share = _loads(c.expert_ids, meta.num_experts)
     for row, layer in enumerate(table.layers):  # counted layers keep their real expert ids and shares
         real = table.counts[row] / table.counts[row].sum()
@@ -263,7 +270,9 @@ def test_counts_file_errors(tmp_path: Path) -> None:
 def test_co_selected_experts_come_from_clusters() -> None:
     config = SynthConfig(tokens=6000, seed=9, skew=0.0, cluster_weight=0.4, stickiness=0.0)
     model = build_model(config)
-    ids = synthesize(config)[1].expert_ids[:, 0].astype(np.int64)  # layer 0: [T, K]
+    all_ids = synthesize(config)[1].expert_ids
+    assert all_ids is not None
+    ids = all_ids[:, 0].astype(np.int64)  # layer 0: [T, K]
     e = model.meta.num_experts
     onehot = np.zeros((len(ids), e))
     np.put_along_axis(onehot, ids, 1.0, axis=1)
@@ -290,6 +299,7 @@ def test_consecutive_tokens_share_experts() -> None:
     def overlap(stickiness: float) -> float:
         c = synthesize(SynthConfig(tokens=3000, seed=4, sequences=1, skew=0.0, cluster_weight=0.0,
                                    stickiness=stickiness))[1]
+        assert c.expert_ids is not None
         ids = np.sort(c.expert_ids[:, 0].astype(np.int64), axis=-1)
         return float(np.mean([len(np.intersect1d(a, b)) for a, b in zip(ids[1:], ids[:-1], strict=True)]))
 
