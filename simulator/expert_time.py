@@ -302,10 +302,11 @@ def scale_expert_work(work: ExpertWork, *, shape_ratio: float, hidden_ratio: flo
         table = table * roofline_to / roofline_from
     table = np.maximum.accumulate(np.maximum.accumulate(table, axis=1), axis=0)
     rest = hidden_ratio * hbm_ratio
+    overhead = work.overhead_seconds
+    if overhead is not None:
+        overhead = overhead[0] + (overhead - overhead[0]) * rest
     return ExpertWork(table, work.tile_rows, work.fixed_seconds, work.per_assignment_seconds * rest,
-                      work.residuals, overhead_seconds=None if work.overhead_seconds is None
-                      else work.overhead_seconds[0] + (work.overhead_seconds - work.overhead_seconds[0])
-                      * rest)
+                      work.residuals, overhead_seconds=overhead)
 
 
 def non_expert_seconds(ne: NonExpertWork, tokens: np.ndarray, context: int, layers: int,
