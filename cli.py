@@ -1,8 +1,9 @@
 """Command lines: `moe-rec` (record routing traces) and `moe-sim` (inspect, replay and plan from traces).
 
 Both groups are thin. Each command lives beside the library code it calls (`<package>/commands.py`) and is
-imported only when it runs, so `moe-sim info` never pays for importing torch and `moe-rec` never compiles Numba
-kernels. Any InputError becomes one line on stderr and exit code 2; `--debug` shows the traceback instead.
+imported only when it runs, so `moe-sim info` never pays for importing torch and `moe-rec` never compiles
+Numba kernels. Any InputError becomes one line on stderr and exit code 2; `--debug` shows the traceback
+instead.
 """
 
 from __future__ import annotations
@@ -22,21 +23,30 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 # command name -> ("module:function", one-line help shown by the group's --help)
 REC_COMMANDS = {
-    "record": ("recorder.commands:record", "Run a transformers MoE model over prompts and record its routing."),
+    "record": ("recorder.commands:record",
+               "Run a transformers MoE model over prompts and record its routing."),
 }
 SIM_COMMANDS = {
-    "info": ("traces.commands:info", "Summarise traces: tokens, phases, layers, size, per-layer expert load."),
+    "info": ("traces.commands:info",
+             "Summarise traces: tokens, phases, layers, size, per-layer expert load."),
     "validate": ("traces.commands:validate", "Check traces fully; exit non-zero on the first problem."),
-    "convert": ("traces.commands:convert", "Convert a trace between HDF5 and Arrow (by the output's extension)."),
+    "convert": ("traces.commands:convert",
+                "Convert a trace between HDF5 and Arrow (by the output's extension)."),
     "synth": ("traces.commands:synth", "Write a synthetic trace with realistic skew and co-selection."),
-    "import": ("traces.import_commands:import_cmd", "Import SGLang, vLLM, Megatron, tabular or HF router dumps."),
+    "import": ("traces.import_commands:import_cmd",
+               "Import SGLang, vLLM, Megatron, tabular or HF router dumps."),
     "replay": ("simulator.commands:replay", "Replay a trace on a GPU layout and compare expert placements."),
     "plan": ("simulator.commands:plan", "Find the cheapest layouts that meet a throughput target."),
-    "report": ("simulator.report.commands:report", "Write a self-contained HTML or Markdown capacity-planning report."),
-    "place": ("simulator.interop.place:place", "Fit one placement to a trace or load file; export it for an engine."),
-    "rebalance": ("simulator.rebalance.commands:rebalance", "Replay periodic placement refits: how often to rebalance."),
-    "calibrate": ("simulator.calibrate.commands:calibrate", "Measure this machine's GPU kernels into a cost profile."),
-    "hardware": ("simulator.hardware_commands:hardware", "List GPU presets, their sources and a hardware file's fields."),
+    "report": ("simulator.report.commands:report",
+               "Write a self-contained HTML or Markdown capacity-planning report."),
+    "place": ("simulator.interop.place:place",
+              "Fit one placement to a trace or load file; export it for an engine."),
+    "rebalance": ("simulator.rebalance.commands:rebalance",
+                  "Replay periodic placement refits: how often to rebalance."),
+    "calibrate": ("simulator.calibrate.commands:calibrate",
+                  "Measure this machine's GPU kernels into a cost profile."),
+    "hardware": ("simulator.hardware_commands:hardware",
+                 "List GPU presets, their sources and a hardware file's fields."),
 }
 
 

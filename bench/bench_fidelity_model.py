@@ -1,11 +1,12 @@
-"""Whole-model fidelity: the predicted forward time of the built-in `olmoe-1b-7b-random` against its real forward
-passes on one GPU, at prefill 16 x 512 and decode 256 x 1 (over a 512-token cache).
+"""Whole-model fidelity: the predicted forward time of the built-in `olmoe-1b-7b-random` against its real
+forward passes on one GPU, at prefill 16 x 512 and decode 256 x 1 (over a 512-token cache).
 
-Measured: median of CUDA-event-timed forward passes (warm-up first), no hooks attached, both as the host runs them
-(wall) and queued behind a sleep kernel (GPU time without launch gaps, as calibration times kernels); decode steps append to
-the cache, so the 10 timed and warm-up steps see 512 to 521 cached tokens. Predicted: the routing of
-the same inputs recorded by MoEProfiler, replayed on one GPU with the profile (expert time per recorded step), plus
-the profile's non-expert time for that step (prefill or decode table, context = the tokens attended).
+Measured: median of CUDA-event-timed forward passes (warm-up first), no hooks attached, both as the host runs
+them (wall) and queued behind a sleep kernel (GPU time without launch gaps, as calibration times kernels);
+decode steps append to the cache, so the 10 timed and warm-up steps see 512 to 521 cached tokens. Predicted:
+the routing of the same inputs recorded by MoEProfiler, replayed on one GPU with the profile (expert time per
+recorded step), plus the profile's non-expert time for that step (prefill or decode table, context = the
+tokens attended).
 
     python -m bench.bench_fidelity_model --profile data/profiles/h200-transformers.yaml --write-docs
 """
@@ -53,14 +54,15 @@ def time_forward(fn, device: torch.device, repeats: int = 7, warmup: int = 3) ->
 
 
 def time_gpu(fn, device: torch.device) -> float:
-    """GPU time of fn, queued behind a sleep kernel so the host's launch gaps are hidden (calibration's timer); if
-    the forward waits on the GPU inside, this reads the same as the wall time."""
+    """GPU time of fn, queued behind a sleep kernel so the host's launch gaps are hidden (calibration's
+    timer); if the forward waits on the GPU inside, this reads the same as the wall time."""
     from simulator.calibrate.timing import make_timer
 
     return float(make_timer(device).time([fn], repeats=7, warmup=3)[0])
 
 
-def predict(model, inputs: dict, gpu, context: int, prefill: bool, tmp: Path, name: str) -> tuple[float, str, str]:
+def predict(model, inputs: dict, gpu, context: int, prefill: bool, tmp: Path,
+            name: str) -> tuple[float, str, str]:
     """Predicted seconds of one forward pass with these inputs (recorded once, replayed on one GPU)."""
     prof = MoEProfiler(model)
     with prof:
@@ -74,7 +76,8 @@ def predict(model, inputs: dict, gpu, context: int, prefill: bool, tmp: Path, na
         res = replay(tr, cfg)
     moe = float(np.sum(res.placements[0].step_time_series[0]))
     tokens = res.placements[0].tokens
-    ne = non_expert_work(meta, context).step_seconds_array(gpu, np.array([tokens], dtype=np.float64), prefill)[0]
+    ne = non_expert_work(meta, context).step_seconds_array(gpu, np.array([tokens], dtype=np.float64),
+                                                           prefill)[0]
     p = pricing_for(gpu, meta)
     return moe + float(ne), p.source, p.non_expert_source
 
@@ -87,7 +90,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--prefill", default="16x512")
     ap.add_argument("--decode", default="256x1")
-    ap.add_argument("--cache", type=int, default=512, help="cached tokens per sequence before the decode step")
+    ap.add_argument("--cache", type=int, default=512,
+                    help="cached tokens per sequence before the decode step")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -101,8 +105,8 @@ def main() -> None:
         ids = torch.randint(0, vocab, (b, s), generator=gen).to(device)
         meas = time_forward(lambda: model(input_ids=ids, use_cache=False), device)
         queued = time_gpu(lambda: model(input_ids=ids, use_cache=False), device)
-        pred, src, ne_src = predict(model, {"input_ids": ids, "use_cache": False}, gpu, s // 2, True, Path(tmp),
-                                    "prefill")
+        pred, src, ne_src = predict(model, {"input_ids": ids, "use_cache": False}, gpu, s // 2, True,
+                                    Path(tmp), "prefill")
         rows.append(("prefill", args.prefill, meas, queued, pred))
         b, s = (int(v) for v in args.decode.split("x"))
         ctx = torch.randint(0, vocab, (b, args.cache), generator=gen).to(device)
@@ -117,22 +121,23 @@ def main() -> None:
         pred, _, _ = predict(model, {"input_ids": step, "past_key_values": cache, "use_cache": True}, gpu,
                              args.cache + s, False, Path(tmp), "decode")
         rows.append(("decode", args.decode, meas, queued, pred))
-    lines = ["| pass | batch x tokens | measured ms, wall | measured ms, GPU (queued) | predicted ms | error vs wall "
-             "| error vs GPU |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| pass | batch x tokens | measured ms, wall | measured ms, GPU (queued) | predicted ms | error "
+             "vs wall | error vs GPU |", "|---|---|---:|---:|---:|---:|---:|"]
     for phase, shape, meas, queued, pred in rows:
         lines.append(f"| {phase} | {shape} | {meas * 1e3:.2f} | {queued * 1e3:.2f} | {pred * 1e3:.2f} | "
                      f"{(pred - meas) / meas:+.1%} | {(pred - queued) / queued:+.1%} |")
     md = "\n".join([
         "## Whole-model fidelity (`python -m bench.bench_fidelity_model`)", "",
-        f"Built-in `{args.model}` (random weights, real shapes, bf16, transformers' default experts implementation) "
-        f"on {machine()}; forward passes with no hooks, median of 7 after 3 warm-ups. Predicted: replay of the "
-        f"recorded routing (expert time: {src}) plus non-expert time ({ne_src}). Decode steps run over a "
-        f"{args.cache}-token cache. GPU (queued) is the forward pass queued behind a sleep kernel: its GPU work "
-        "without launch gaps, what a CUDA-graph replay would take. Target: within 15%.", "", *lines, "",
-        "Where decode misses, it is the non-expert side: transformers' eager decode step is host-bound (wall well "
-        "above GPU time), and its GPU time holds work the non-expert tables do not time yet (rotary embedding, "
-        "q/k norms, the growing cache's concatenation, mask building: dozens of small kernels per layer). Serving "
-        "engines run decode under CUDA graphs with fused kernels."])
+        f"Built-in `{args.model}` (random weights, real shapes, bf16, transformers' default experts "
+        f"implementation) on {machine()}; forward passes with no hooks, median of 7 after 3 warm-ups. "
+        f"Predicted: replay of the recorded routing (expert time: {src}) plus non-expert time ({ne_src}). "
+        f"Decode steps run over a {args.cache}-token cache. GPU (queued) is the forward pass queued behind a "
+        "sleep kernel: its GPU work without launch gaps, what a CUDA-graph replay would take. Target: within "
+        "15%.", "", *lines, "",
+        "Where decode misses, it is the non-expert side: transformers' eager decode step is host-bound (wall "
+        "well above GPU time), and its GPU time holds work the non-expert tables do not time yet (rotary "
+        "embedding, q/k norms, the growing cache's concatenation, mask building: dozens of small kernels per "
+        "layer). Serving engines run decode under CUDA graphs with fused kernels."])
     print(md)
     if args.write_docs and args.device == "cuda":
         update_section("fidelity-model", md)

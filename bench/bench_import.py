@@ -2,11 +2,12 @@
 
 Dumps are written in each tool's layout (tests/import_fixtures.py's builders at scale): SGLang per_token with
 OLMoE's shapes (16 layers, 64 experts, top-8 padded to 8 columns, 2 redundant physical experts), passes of
-`--pass-tokens` tokens, one rank file; JSONL with one row per (request, layer, token), 512-token requests, expert
-lists and gating probabilities. Each import runs in a fresh process; throughput counts import_dump alone (not the
-interpreter's start or torch's import), peak memory is that process's maximum RSS.
+`--pass-tokens` tokens, one rank file; JSONL with one row per (request, layer, token), 512-token requests,
+expert lists and gating probabilities. Each import runs in a fresh process; throughput counts import_dump
+alone (not the interpreter's start or torch's import), peak memory is that process's maximum RSS.
 
-    python -m bench.bench_import --write-docs                     # 2M and 4M SGLang tokens, 25k and 50k JSONL tokens
+    # 2M and 4M SGLang tokens, 25k and 50k JSONL tokens:
+    python -m bench.bench_import --write-docs
     python -m bench.bench_import --sglang-tokens 1000000,10000000 --jsonl-tokens 100000,10000000
 """
 
@@ -62,7 +63,8 @@ def write_jsonl(path: Path, tokens: int, seed: int = 1) -> None:
             for layer in range(L):
                 for t in range(n):
                     fh.write(json.dumps({"request_id": start // 512, "layer": layer, "token_idx": t,
-                                         "topk_ids": ids[t, layer].tolist(), "topk_weights": w[t, layer].tolist()})
+                                         "topk_ids": ids[t, layer].tolist(),
+                                         "topk_weights": w[t, layer].tolist()})
                              + "\n")
 
 
@@ -84,13 +86,15 @@ print(json.dumps({"tokens": r.num_tokens, "seconds": dt, "peak_rss": hwm * 1024}
 
 def run_import(src: Path, out: Path, fmt: str) -> dict:
     root = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, "-c", RUNNER, str(src), str(out), fmt], capture_output=True, text=True,
-                            cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, check=True)
+    result = subprocess.run([sys.executable, "-c", RUNNER, str(src), str(out), fmt], capture_output=True,
+                            text=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+                            check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sglang-tokens", default="2000000,4000000")
     parser.add_argument("--jsonl-tokens", default="25000,50000")
     parser.add_argument("--pass-tokens", type=int, default=8192, help="Tokens per SGLang forward pass.")
@@ -105,31 +109,34 @@ def main() -> None:
         for fmt, sizes in (("sglang-per-token", args.sglang_tokens), ("tabular", args.jsonl_tokens)):
             for tokens in (int(x) for x in sizes.split(",")):
                 src = folder / ("dump.pt" if fmt != "tabular" else "dump.jsonl")
-                (write_sglang(src, tokens, args.pass_tokens) if fmt != "tabular" else write_jsonl(src, tokens))
+                (write_sglang(src, tokens, args.pass_tokens) if fmt != "tabular"
+                 else write_jsonl(src, tokens))
                 res = run_import(src, folder / "out.h5", fmt)
                 rows.append((fmt, tokens, src.stat().st_size, res))
                 print(fmt, tokens, f"{res['tokens'] / res['seconds']:,.0f} tokens/s",
                       f"peak {res['peak_rss'] / 2**20:.0f} MiB", flush=True)
                 src.unlink()
-    load = f"{start_load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (cores shared with other jobs)"
+    load = (f"{start_load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (cores shared with other "
+            "jobs)")
     table = ["| source | tokens | dump size | import tokens/s | peak RSS |", "|---|---:|---:|---:|---:|"]
     for fmt, tokens, size, res in rows:
-        table.append(f"| {fmt} | {tokens:,} | {size / 2**20:,.0f} MiB | {res['tokens'] / res['seconds']:,.0f} "
-                     f"| {res['peak_rss'] / 2**20:,.0f} MiB |")
+        table.append(f"| {fmt} | {tokens:,} | {size / 2**20:,.0f} MiB | "
+                     f"{res['tokens'] / res['seconds']:,.0f} | {res['peak_rss'] / 2**20:,.0f} MiB |")
     text = "\n".join([
         "## Import (`python -m bench.bench_import`)", "",
-        f"Machine: {machine()}. OLMoE shapes (16 layers x 64 experts, top-8). SGLang per_token: one rank file, "
-        f"passes of {args.pass_tokens} tokens, ids mapped physical -> logical, token ids kept. JSONL: one row per "
-        "(request, layer, token) with expert list and gating probabilities (--from tabular). Fresh process per "
-        "import; throughput is import_dump's own time to a finished HDF5 trace; peak RSS of that process.", "",
-        *table, "",
-        "Targets: 1 M tokens/s or more for the binary formats, memory flat as the input grows. Neither is met by "
-        "SGLang per_token: its dump is one pickle per rank, and torch's weights-only unpickler (the only loader "
-        "moe-trace allows for .pt files) decodes the per-token input_ids and positions lists in Python, more "
-        "than half of the import's time; the pickle is loaded whole, so memory follows one rank file (its "
-        "tensors are memory-mapped, and the pages touched count in RSS). JSONL streams line by line and holds one "
-        "request: its memory stays flat; its rate is Python's json parsing of 16 rows per token. Load average "
-        f"{load}.",
+        f"Machine: {machine()}. OLMoE shapes (16 layers x 64 experts, top-8). SGLang per_token: one rank "
+        f"file, passes of {args.pass_tokens} tokens, ids mapped physical -> logical, token ids kept. JSONL: "
+        "one row per (request, layer, token) with expert list and gating probabilities (--from tabular). "
+        "Fresh process per import; throughput is import_dump's own time to a finished HDF5 trace; peak RSS "
+        "of that process.",
+        "", *table, "",
+        "Targets: 1 M tokens/s or more for the binary formats, memory flat as the input grows. Neither is "
+        "met by SGLang per_token: its dump is one pickle per rank, and torch's weights-only unpickler (the "
+        "only loader moe-trace allows for .pt files) decodes the per-token input_ids and positions lists in "
+        "Python, more than half of the import's time; the pickle is loaded whole, so memory follows one rank "
+        "file (its tensors are memory-mapped, and the pages touched count in RSS). JSONL streams line by "
+        "line and holds one request: its memory stays flat; its rate is Python's json parsing of 16 rows per "
+        f"token. Load average {load}.",
     ])
     if args.write_docs:
         update_section("import", text)

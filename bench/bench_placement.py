@@ -3,9 +3,10 @@
     python -m bench.bench_placement
 
 Compares the replicated policy (flat and hierarchical) with a plain-Python greedy written here, EPLB-style:
-replicas to the expert with the largest load per replica, then replicas heaviest first into the lightest GPU with
-room. Balance is max/mean GPU load averaged over layers; loads are Zipf-like (exponent 0.8 over a random
-permutation per layer, as the synthetic traces use) scaled to 1M assignments per layer. Also the real OLMoE counts.
+replicas to the expert with the largest load per replica, then replicas heaviest first into the lightest GPU
+with room. Balance is max/mean GPU load averaged over layers; loads are Zipf-like (exponent 0.8 over a random
+permutation per layer, as the synthetic traces use) scaled to 1M assignments per layer. Also the real OLMoE
+counts.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def zipf_loads(layers: int, experts: int, seed: int = 0) -> np.ndarray:
 
 
 def coselection_counts(load: np.ndarray, top_k: int = 8, seed: int = 1) -> np.ndarray:
-    """[L, E, E] co-selection counts for `load`: independent choices (load_e x load_f x (K-1) / (K x total)), plus
-    clusters of K experts chosen together twice as often, as the synthetic traces make them."""
+    """[L, E, E] co-selection counts for `load`: independent choices (load_e x load_f x (K-1) / (K x total)),
+    plus clusters of K experts chosen together twice as often, as the synthetic traces make them."""
     rng = np.random.default_rng(seed)
     layers, experts = load.shape
     out = np.empty((layers, experts, experts))
@@ -88,7 +89,8 @@ def main() -> None:
     args = parser.parse_args()
     layers, experts, redundant, gpus, gpn = 58, 256, 32, 32, 8
     load = zipf_loads(layers, experts)
-    fit_placement("replicated", load[:1], num_gpus=gpus, gpus_per_node=gpn, redundant_experts=redundant)  # compile
+    # compile
+    fit_placement("replicated", load[:1], num_gpus=gpus, gpus_per_node=gpn, redundant_experts=redundant)
     rows = []
     t_greedy = median_time(lambda: greedy_python(load.tolist(), gpus, redundant), repeats=3, warmup=0)
     greedy = np.array(greedy_python(load.tolist(), gpus, redundant), dtype=np.int32)
@@ -133,16 +135,17 @@ def main() -> None:
         "## Placement fitting (`python -m bench.bench_placement`)",
         "",
         f"Machine: {machine()}. DeepSeek-V3-sized loads: {layers} layers x {experts} experts (Zipf 0.8), "
-        f"{redundant} redundant slots, {gpus} GPUs in {gpus // gpn} nodes (9 slots per GPU). Median of 3 after a "
-        "compile warm-up; balance = max/mean GPU load averaged over layers (1.0 is perfect).",
+        f"{redundant} redundant slots, {gpus} GPUs in {gpus // gpn} nodes (9 slots per GPU). Median of 3 "
+        "after a compile warm-up; balance = max/mean GPU load averaged over layers (1.0 is perfect).",
         "",
         "| fitter | ms (58 layers) | max/mean | speed-up |",
         "|---|---:|---:|---:|",
         *rows,
         "",
         "Real OLMoE counts (layers 0, 7, 15; `data/olmoe_expert_counts.json`): greedy reference vs "
-        "`replicated`; the target is an excess (max/mean - 1) of at most 0.25 of the greedy's (DeepSeek's EPLB, "
-        "github.com/deepseek-ai/EPLB, global policy, on the same counts: arxiv 1.007 at 8+8, 1.083 at 32+32).",
+        "`replicated`; the target is an excess (max/mean - 1) of at most 0.25 of the greedy's (DeepSeek's "
+        "EPLB, github.com/deepseek-ai/EPLB, global policy, on the same counts: arxiv 1.007 at 8+8, 1.083 at "
+        "32+32).",
         "",
         "| domain | GPUs + redundant | greedy | replicated | excess ratio | ms |",
         "|---|---|---:|---:|---:|---:|",

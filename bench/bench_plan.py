@@ -2,12 +2,13 @@
 
     python -m bench.bench_plan [--tokens 10000000]
 
-Grid: 5 GPU types (h100, h200, b200, a100, mi300x) x 2 GPU counts (8, 16; 8 per node) x 2 placements (balanced,
-replicated + 16) = 20 points, 512 tokens per GPU per step (4096-token steps on 8 GPUs, 8192 on 16), prefill tokens.
-The sweep routes each (GPU count, placement) once (4 kernel variants) and prices every finished step on all 5 GPU
-types; the separate runs call `replay` once per point (--phase prefill --tokens-per-step 512 x G), each fitting and
-reading the trace again. Same trace (bench_replay's synthetic OLMoE) and fit fraction for both. A third timing runs
-the same sweep with --phase all, where each point replays prefill and decode steps apart (8 kernel variants).
+Grid: 5 GPU types (h100, h200, b200, a100, mi300x) x 2 GPU counts (8, 16; 8 per node) x 2 placements
+(balanced, replicated + 16) = 20 points, 512 tokens per GPU per step (4096-token steps on 8 GPUs, 8192 on 16),
+prefill tokens. The sweep routes each (GPU count, placement) once (4 kernel variants) and prices every
+finished step on all 5 GPU types; the separate runs call `replay` once per point (--phase prefill
+--tokens-per-step 512 x G), each fitting and reading the trace again. Same trace (bench_replay's synthetic
+OLMoE) and fit fraction for both. A third timing runs the same sweep with --phase all, where each point
+replays prefill and decode steps apart (8 kernel variants).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ GPUS = (8, 16)
 PLACEMENTS = ("balanced", "replicated")
 REDUNDANT = 16
 TOKENS_PER_GPU = 512
-PHASE = "prefill"  # one kernel variant per point, so the separate `replay` runs predict exactly the same steps
+# one kernel variant per point, so the separate `replay` runs predict exactly the same steps
+PHASE = "prefill"
 
 
 def main() -> None:
@@ -46,7 +48,8 @@ def main() -> None:
             replay(tr, ReplayConfig(num_gpus=8, placements=PLACEMENTS, redundant_experts=REDUNDANT,
                                     tokens_per_step=TOKENS_PER_GPU * 8, fit_fraction=0.99))
             grid = dict(target_tokens_per_s=1e6, hardware=gpus, gpus=list(GPUS), gpus_per_node=8,
-                        placements=list(PLACEMENTS), redundant_experts=[REDUNDANT], tokens_per_gpu=[TOKENS_PER_GPU])
+                        placements=list(PLACEMENTS), redundant_experts=[REDUNDANT],
+                        tokens_per_gpu=[TOKENS_PER_GPU])
             plans: dict[str, PlanResult] = {}
 
             def sweep(phase: str) -> None:
@@ -65,8 +68,8 @@ def main() -> None:
                     for g in GPUS:
                         for policy in PLACEMENTS:
                             cfg = ReplayConfig(num_gpus=g, gpus_per_node=8, hardware=hw, placements=(policy,),
-                                               redundant_experts=REDUNDANT, tokens_per_step=TOKENS_PER_GPU * g,
-                                               phase=PHASE)
+                                               redundant_experts=REDUNDANT,
+                                               tokens_per_step=TOKENS_PER_GPU * g, phase=PHASE)
                             separate.append(replay(tr, cfg).placements[0])
 
             separate_s = median_time(separate_runs, repeats=args.repeats, warmup=0)
@@ -76,26 +79,31 @@ def main() -> None:
     worst = 0.0
     for s in separate:
         c = by_key[(s.timings[0].hardware, s.num_gpus, s.policy)]
-        worst = max(worst, abs(c.moe_ms / 1e3 - s.timings[0].step_time["mean"]) / s.timings[0].step_time["mean"])
+        worst = max(worst, abs(c.moe_ms / 1e3 - s.timings[0].step_time["mean"])
+                    / s.timings[0].step_time["mean"])
     rec = result.recommendation
     rec_both = both.recommendation
     text = "\n".join([
         "## Plan sweep (`python -m bench.bench_plan`)",
         "",
-        f"Machine: {machine()}. Synthetic OLMoE-1B-7B trace of {tokens:,} tokens (fit on the first quarter, scored "
-        f"on the rest), {PHASE} tokens in steps of {TOKENS_PER_GPU} tokens per GPU ({TOKENS_PER_GPU * GPUS[0]} on "
-        f"{GPUS[0]} GPUs, {TOKENS_PER_GPU * GPUS[1]} on {GPUS[1]}). Grid: {' / '.join(HARDWARE)} x {GPUS[0]} or "
-        f"{GPUS[1]} GPUs x balanced or replicated+{REDUNDANT} = 20 points.",
+        f"Machine: {machine()}. Synthetic OLMoE-1B-7B trace of {tokens:,} tokens (fit on the first quarter, "
+        f"scored on the rest), {PHASE} tokens in steps of {TOKENS_PER_GPU} tokens per GPU "
+        f"({TOKENS_PER_GPU * GPUS[0]} on {GPUS[0]} GPUs, {TOKENS_PER_GPU * GPUS[1]} on {GPUS[1]}). Grid: "
+        f"{' / '.join(HARDWARE)} x {GPUS[0]} or {GPUS[1]} GPUs x balanced or replicated+{REDUNDANT} = 20 "
+        "points.",
         "",
         f"| run | seconds (median of {args.repeats}) |",
         "|---|---:|",
-        f"| `plan`: 20 points in one pass (4 kernel variants, each step priced on 5 GPU types) | {sweep_s:.1f} |",
+        "| `plan`: 20 points in one pass (4 kernel variants, each step priced on 5 GPU types) | "
+        f"{sweep_s:.1f} |",
         f"| 20 separate `replay` runs, one point each | {separate_s:.1f} |",
         f"| `plan --phase all`: the same 20 points, prefill and decode steps apart (8 kernel variants) | "
         f"{both_s:.1f} |",
         "",
-        f"- The sweep is **{separate_s / sweep_s:.1f}x** faster than the separate runs (target: several times).",
-        f"- Largest difference between the sweep's and the separate runs' MoE step time: {worst:.1e} (relative).",
+        f"- The sweep is **{separate_s / sweep_s:.1f}x** faster than the separate runs (target: several "
+        "times).",
+        f"- Largest difference between the sweep's and the separate runs' MoE step time: {worst:.1e} "
+        "(relative).",
         f"- Recommendation at 1M tokens/s: {rec.describe() if rec else 'none'} (prefill); "
         f"{rec_both.describe() if rec_both else 'none'} (all tokens).",
     ])

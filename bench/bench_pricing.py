@@ -2,9 +2,9 @@
 
     python -m bench.bench_pricing --tokens 2000000 --write-docs
 
-Replays one synthetic OLMoE-1B-7B trace on 8 x H200 (contiguous and balanced in one pass) at several step sizes,
-alternating the two cost models, and reports medians and their ratio. Small steps are the worst case: pricing runs
-once per step, per layer and per GPU.
+Replays one synthetic OLMoE-1B-7B trace on 8 x H200 (contiguous and balanced in one pass) at several step
+sizes, alternating the two cost models, and reports medians and their ratio. Small steps are the worst case:
+pricing runs once per step, per layer and per GPU.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def main() -> None:
     models = {"roofline": dataclasses.replace(profiled, profile=None), "profile": profiled}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_synthetic(Path(tmp) / "t.h5", SynthConfig(model="olmoe-1b-7b", tokens=args.tokens, seed=3))
+        path = write_synthetic(Path(tmp) / "t.h5",
+                               SynthConfig(model="olmoe-1b-7b", tokens=args.tokens, seed=3))
         for tps in (int(s) for s in args.steps.split(",")):
             times: dict[str, list[float]] = {k: [] for k in models}
             for r in range(args.repeats + 1):  # the first round compiles and warms the page cache
@@ -54,8 +55,8 @@ def main() -> None:
     lines = ["| tokens per step | roofline s | profile s | profile / roofline |", "|---:|---:|---:|---:|"]
     lines += [f"| {t} | {a:.2f} | {b:.2f} | {c:.2f} |" for t, a, b, c in rows]
     md = "\n".join(["## Replay speed with the measured expert model (`python -m bench.bench_pricing`)", "",
-                    f"{args.tokens:,}-token synthetic OLMoE-1B-7B trace, 8 x H200, two placements in one pass, "
-                    f"medians of {args.repeats} alternating runs on {machine()}.", "", *lines])
+                    f"{args.tokens:,}-token synthetic OLMoE-1B-7B trace, 8 x H200, two placements in one "
+                    f"pass, medians of {args.repeats} alternating runs on {machine()}.", "", *lines])
     print(md)
     if args.write_docs:
         update_section("pricing", md)

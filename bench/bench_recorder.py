@@ -1,16 +1,17 @@
-"""Recorder overhead on a GPU: forward tokens/s with and without recording, side by side, plus end-to-end record.
+"""Recorder overhead on a GPU: forward tokens/s with and without recording, side by side, plus end-to-end
+record.
 
-    python -m bench.bench_recorder --json results.json        # on a CUDA machine; writes figures as JSON
-    python -m bench.bench_recorder --from-json results.json   # here: put those figures into docs/benchmarks.md
+    python -m bench.bench_recorder --json results.json       # on a CUDA machine; writes figures as JSON
+    python -m bench.bench_recorder --from-json results.json  # here: put those figures into docs/benchmarks.md
 
-Regimes (full-size olmoe-1b-7b-random, bf16): prefill = one forward of 16 x 512 tokens; decode = one forward of
-256 sequences x 1 token. Modes, interleaved in every repeat so clocks and heat affect all alike:
+Regimes (full-size olmoe-1b-7b-random, bf16): prefill = one forward of 16 x 512 tokens; decode = one forward
+of 256 sequences x 1 token. Modes, interleaved in every repeat so clocks and heat affect all alike:
   baseline  - the model alone
   moe-trace - RoutingCapture hooks + end_pass (filing passes into a window), every 64 passes the writer thread
               gathers the window into a device buffer and copies it to pinned memory; TraceSink writes HDF5
   naive     - a forward hook that calls .cpu() on ids and weights in every layer (the common approach)
---diagnose adds hooks-only, capture-only (windows copied by the main thread, no writer), copy-main (the same with
-the writer) and window-1 (one copy per pass, by the main thread).
+--diagnose adds hooks-only, capture-only (windows copied by the main thread, no writer), copy-main (the same
+with the writer) and window-1 (one copy per pass, by the main thread).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import numpy as np
 import torch
 
 MODES = ("baseline", "moe-trace", "naive")
-DIAGNOSTIC_MODES = ("hooks-only", "capture-only", "copy-main", "window-1")  # where the overhead goes (--diagnose)
+# where the overhead goes (--diagnose)
+DIAGNOSTIC_MODES = ("hooks-only", "capture-only", "copy-main", "window-1")
 
 
 def _regimes() -> dict[str, tuple[int, int]]:
@@ -53,10 +55,10 @@ def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, t
                   modes: tuple[str, ...] = MODES) -> dict[str, Any]:
     """Time the modes on one input shape; the device is the model's.
 
-    Hooks are attached once per timing (as `moe-rec record` attaches them once per run), outside the timed region.
-    The capture's window (64 passes per device->host copy) carries over from one timing to the next, so the
-    occasional collect and the writer's appends land in some timings and not others: the total-time ratio counts
-    all of them, the paired median shows the typical timing.
+    Hooks are attached once per timing (as `moe-rec record` attaches them once per run), outside the timed
+    region. The capture's window (64 passes per device->host copy) carries over from one timing to the next,
+    so the occasional collect and the writer's appends land in some timings and not others: the total-time
+    ratio counts all of them, the paired median shows the typical timing.
     """
     from recorder.capture import PassTokens, RoutingCapture
     from recorder.metadata import build_metadata
@@ -83,8 +85,8 @@ def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, t
     meta = build_metadata(model, layout, model_id="olmoe-1b-7b-random")
     writer = open_writer(path, meta, force=True)
     sink = TraceSink(writer, with_token_ids=True, id_dtype=meta.id_dtype, weights_dtype=np.dtype("float16"))
-    # window-1 mode: the full recorder copying every pass on its own (the design before windows); copy-main: windows
-    # gathered and copied by the main thread. Each writes its own file.
+    # window-1 mode: the full recorder copying every pass on its own (the design before windows); copy-main:
+    # windows gathered and copied by the main thread. Each writes its own file.
     single = RoutingCapture(layout, window_passes=1)
     single.remove()
     main_copy = RoutingCapture(layout)
@@ -182,7 +184,8 @@ def bench_forward(model: Any, batch: int, seq: int, repeats: int, passes: int, t
         w.close(True)
     tokens = batch * seq * passes
     med = {m: statistics.median(t) for m, t in times.items()}
-    ratios = {m: [a / b for a, b in zip(times[m], times["baseline"], strict=True)] for m in modes if m != "baseline"}
+    ratios = {m: [a / b for a, b in zip(times[m], times["baseline"], strict=True)] for m in modes
+              if m != "baseline"}
     return {
         "slowdown_paired_pct": {m: 100.0 * (statistics.median(r) - 1.0) for m, r in ratios.items()},
         "slowdown_paired_iqr_pct": {m: [100.0 * (q - 1.0) for q in statistics.quantiles(r, n=4)[::2]]
@@ -220,8 +223,10 @@ def bench_end_to_end(tmp: Path, prompts: int, chars: int, batch: int, new_tokens
         lines.append(text[:chars])
     path = tmp / "prompts.txt"
     path.write_text("\n".join(lines) + "\n")
-    cfg = RecordConfig(prompts=path, model="olmoe-1b-7b-random", output=tmp / f"e2e-{new_tokens}.h5", force=True,
-                       batch_size=batch, max_length=chars, max_new_tokens=new_tokens, dtype="bf16", progress=False)
+    cfg = RecordConfig(prompts=path, model="olmoe-1b-7b-random", output=tmp / f"e2e-{new_tokens}.h5",
+                       force=True, batch_size=batch, max_length=chars, max_new_tokens=new_tokens,
+                       dtype="bf16",
+                       progress=False)
     result = record(cfg, Console(stderr=True))
     size = result.path.stat().st_size
     return {"prompts": prompts, "prompt_tokens": chars, "batch": batch, "max_new_tokens": new_tokens,
@@ -244,8 +249,9 @@ def run(repeats: int, passes: int, modes: tuple[str, ...] = MODES, end_to_end: b
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for name, (b, s) in _regimes().items():
-            # Decode passes are short and bound by kernel launches on the host, and their timings drift by several
-            # percent within seconds: many short timings, modes interleaved, so drifts cancel in the pairs.
+            # Decode passes are short and bound by kernel launches on the host, and their timings drift by
+            # several percent within seconds: many short timings, modes interleaved, so drifts cancel in the
+            # pairs.
             decode = s == 1
             results["regimes"][name] = bench_forward(model, b, s, repeats * 8 if decode else repeats,
                                                      passes if decode else 2, tmp, modes)
@@ -267,14 +273,14 @@ def to_markdown(r: dict[str, Any]) -> str:
         "## Recorder overhead on a GPU (`python -m bench.bench_recorder`)",
         "",
         "Machine: " + r["machine"] + f"; transformers {r['transformers']}, "
-        f"experts implementation {r['experts_implementation']}. Model: olmoe-1b-7b-random (OLMoE-1B-7B shapes, "
-        "bf16, random weights). Each timing is a block of forward passes with hooks attached once, outside the "
-        "timed region; the modes run back to back in every repeat (rotating order). Slowdown over all time = total "
-        "time of the mode / total time of the baseline (counts every window copy and writer append); paired median "
-        "= median of the per-repeat ratios to the baseline, with quartiles.",
+        f"experts implementation {r['experts_implementation']}. Model: olmoe-1b-7b-random (OLMoE-1B-7B "
+        "shapes, bf16, random weights). Each timing is a block of forward passes with hooks attached once, "
+        "outside the timed region; the modes run back to back in every repeat (rotating order). Slowdown "
+        "over all time = total time of the mode / total time of the baseline (counts every window copy and "
+        "writer append); paired median = median of the per-repeat ratios to the baseline, with quartiles.",
         "",
-        "| regime | tokens per pass | timings | baseline tok/s | moe-trace tok/s | moe-trace slowdown, all time | "
-        "paired median [quartiles] | naive .cpu() hook tok/s | naive slowdown, all time |",
+        "| regime | tokens per pass | timings | baseline tok/s | moe-trace tok/s | moe-trace slowdown, all "
+        "time | paired median [quartiles] | naive .cpu() hook tok/s | naive slowdown, all time |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, g in r["regimes"].items():
@@ -295,32 +301,35 @@ def to_markdown(r: dict[str, Any]) -> str:
             def both(mode: str, total: dict = total, med: dict = med) -> str:
                 return f"{total[mode]:+.2f}% / {med[mode]:+.2f}%"
 
-            parts.append(f"{name}: hooks only {both('hooks-only')}, hooks + end_pass/collect {both('capture-only')}, "
-                         f"the same + writer thread {both('copy-main')} (windows gathered and copied by the main "
-                         f"thread); windows copied by the writer thread (moe-trace) {both('moe-trace')}; one copy per "
-                         f"pass (window of 1, the design before windows) {both('window-1')}")
-        lines += ["", "Where the overhead goes (`--diagnose`, all time / paired median): " + "; ".join(parts) + "."]
+            parts.append(f"{name}: hooks only {both('hooks-only')}, hooks + end_pass/collect "
+                         f"{both('capture-only')}, the same + writer thread {both('copy-main')} (windows "
+                         "gathered and copied by the main thread); windows copied by the writer thread "
+                         f"(moe-trace) {both('moe-trace')}; one copy per pass (window of 1, the design "
+                         f"before windows) {both('window-1')}")
+        lines += ["", "Where the overhead goes (`--diagnose`, all time / paired median): " + "; ".join(parts)
+                  + "."]
         dec = r["regimes"]["decode"]
         q = dec["slowdown_paired_iqr_pct"]["moe-trace"]
         # Standard error of a median: 1.253 sigma / sqrt(n), sigma estimated from the quartiles (IQR / 1.349).
         se = 1.253 * (q[1] - q[0]) / 1.349 / dec["repeats"] ** 0.5
-        lines += ["", f"Resolution: decode timings scatter by a few percent (quartiles above), so a paired median "
-                      f"carries about +/-{se:.2f}% of standard error; differences between modes smaller than about "
-                      f"{2 * se:.1f}% are noise."]
+        lines += ["", "Resolution: decode timings scatter by a few percent (quartiles above), so a paired "
+                      f"median carries about +/-{se:.2f}% of standard error; differences between modes "
+                      f"smaller than about {2 * se:.1f}% are noise."]
     if "end_pass_host_us" in r["regimes"]["decode"]:
-        host = [f"{name}: a pass takes {g['pass_ms']:.1f} ms, `end_pass` {g['end_pass_host_us']:.0f} us of host "
-                f"time (mean {g.get('end_pass_mean_host_us', g['end_pass_host_us']):.0f} us, window hand-offs "
-                f"amortised), the writer thread {g['writer_cpu_us_per_pass']:.0f} us of CPU per pass"
+        host = [f"{name}: a pass takes {g['pass_ms']:.1f} ms, `end_pass` {g['end_pass_host_us']:.0f} us of "
+                f"host time (mean {g.get('end_pass_mean_host_us', g['end_pass_host_us']):.0f} us, window "
+                f"hand-offs amortised), the writer thread {g['writer_cpu_us_per_pass']:.0f} us of CPU per "
+                "pass"
                 for name, g in r["regimes"].items()]
         lines += ["", "Host time (medians): " + "; ".join(host) + "."]
     lines += [
         "",
         "moe-trace = router hooks keeping references; `end_pass` files them into a window of up to "
-        f"{r['regimes']['decode'].get('window_passes', 1)} passes (no kernel); per window, the background thread launches two kernels per "
-        "field into one preallocated device byte buffer and one non-blocking copy to pinned memory, then writes the "
-        "HDF5 trace. Target: 1% or less in both regimes (simpler hooks measured on the same H200 set-up with "
-        "transformers 5.17 and torch 2.11: one copying into pinned buffers with non_blocking 0.5% / 6%, one calling "
-        ".cpu() per layer 9% / 12.5%).",
+        f"{r['regimes']['decode'].get('window_passes', 1)} passes (no kernel); per window, the background "
+        "thread launches two kernels per field into one preallocated device byte buffer and one non-blocking "
+        "copy to pinned memory, then writes the HDF5 trace. Target: 1% or less in both regimes (simpler "
+        "hooks measured on the same H200 set-up with transformers 5.17 and torch 2.11: one copying into "
+        "pinned buffers with non_blocking 0.5% / 6%, one calling .cpu() per layer 9% / 12.5%).",
         "",
         "End to end (`moe-rec record`, greedy loop, writing the trace; model loading excluded):",
         "",
@@ -334,13 +343,17 @@ def to_markdown(r: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="write the figures here (on the GPU machine)")
-    parser.add_argument("--from-json", type=Path, help="update docs/benchmarks.md from figures measured elsewhere")
+    parser.add_argument("--from-json", type=Path,
+                        help="update docs/benchmarks.md from figures measured elsewhere")
     parser.add_argument("--repeats", type=int, default=15, help="paired timings for prefill (x8 for decode)")
     parser.add_argument("--passes", type=int, default=4, help="decode forward passes per timing (prefill: 2)")
-    parser.add_argument("--diagnose", action="store_true", help="also time hooks-only, capture-only, copy-main and window-1 modes")
-    parser.add_argument("--no-end-to-end", action="store_true", help="skip the end-to-end moe-rec record runs")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="also time hooks-only, capture-only, copy-main and window-1 modes")
+    parser.add_argument("--no-end-to-end", action="store_true",
+                        help="skip the end-to-end moe-rec record runs")
     args = parser.parse_args()
     from bench.common import update_section
 

@@ -1,12 +1,13 @@
-"""Replay throughput: one placement and six at once over a large synthetic OLMoE trace, against the NumPy reference.
+"""Replay throughput: one placement and six at once over a large synthetic OLMoE trace, against the NumPy
+reference.
 
     python -m bench.bench_replay [--tokens 10000000] [--numpy-tokens 1000000]
 
-The trace: a synthetic OLMoE-1B-7B slice (traces.synthetic, 1M tokens, ids only) written 10 times end to end with
-shifted step numbers, so a 10M-token trace costs seconds to build. Steps are regrouped to 4096 tokens. The Numba
-kernels and the NumPy reference are timed on the same in-memory slice (--numpy-tokens) for the ratio; the
-streaming runs read the file chunk by chunk. Peak memory is the process's resident set sampled during the streaming
-runs (it must not grow with the trace's length).
+The trace: a synthetic OLMoE-1B-7B slice (traces.synthetic, 1M tokens, ids only) written 10 times end to end
+with shifted step numbers, so a 10M-token trace costs seconds to build. Steps are regrouped to 4096 tokens.
+The Numba kernels and the NumPy reference are timed on the same in-memory slice (--numpy-tokens) for the
+ratio; the streaming runs read the file chunk by chunk. Peak memory is the process's resident set sampled
+during the streaming runs (it must not grow with the trace's length).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class PeakRss:
 
 def compare_in_memory(data: TraceChunk, one: list[Variant], meta: TraceMetadata, model: np.ndarray,
                       cost: np.ndarray, repeats: int) -> tuple[float, float, float]:
-    """Median seconds of the Numba kernels and of the NumPy reference on the same slice, and the compile time."""
+    """Median seconds of the Numba kernels and of the NumPy reference on the same slice, and the compile
+    time."""
     assert data.expert_ids is not None and data.step is not None and data.phase is not None
     ids, steps, phases = data.expert_ids, data.step, data.phase
     n = data.num_tokens
@@ -149,8 +151,8 @@ def main() -> None:
             peaks = {}
             for name, variants in (("one placement", one), ("six placements", six)):
                 with PeakRss() as rss:  # the peak over the repeats: each run streams the same way
-                    one_pass = functools.partial(run_variants, tr, variants, [gpu], phase="all", score_start=0,
-                                                 capacity_factor=None)
+                    one_pass = functools.partial(run_variants, tr, variants, [gpu], phase="all",
+                                                 score_start=0, capacity_factor=None)
                     timings[name] = median_time(one_pass, repeats=args.repeats, warmup=0)
                 peaks[name] = rss.peak
             tokens = tr.num_tokens
@@ -159,8 +161,10 @@ def main() -> None:
     rows = [
         f"| run | tokens | placements | seconds (median of {args.repeats}) | assignments x placements / s |",
         "|---|---:|---:|---:|---:|",
-        f"| Numba kernels, in memory | {n_slice:,} | 1 | {kernel_s:.2f} | {slice_assign / kernel_s / 1e6:.1f} M |",
-        f"| NumPy reference, in memory | {n_slice:,} | 1 | {numpy_s:.2f} | {slice_assign / numpy_s / 1e6:.1f} M |",
+        f"| Numba kernels, in memory | {n_slice:,} | 1 | {kernel_s:.2f} | "
+        f"{slice_assign / kernel_s / 1e6:.1f} M |",
+        f"| NumPy reference, in memory | {n_slice:,} | 1 | {numpy_s:.2f} | "
+        f"{slice_assign / numpy_s / 1e6:.1f} M |",
         f"| streamed from HDF5 | {tokens:,} | 1 | {timings['one placement']:.1f} | "
         f"{assign / timings['one placement'] / 1e6:.1f} M |",
         f"| streamed from HDF5 | {tokens:,} | 6 | {timings['six placements']:.1f} | "
@@ -169,10 +173,10 @@ def main() -> None:
     text = "\n".join([
         "## Replay (`python -m bench.bench_replay`)",
         "",
-        f"Machine: {machine()}. Synthetic OLMoE-1B-7B trace (16 layers, 64 experts, top-8: {per_token} assignments "
-        f"per token), {tokens:,} tokens = {assign / 1e9:.2f} billion assignments, steps of {TOKENS_PER_STEP} tokens, "
-        "8 x H100 in one node; six placements = " + ", ".join(SIX) + " (+8 redundant where they replicate).",
-        "",
+        f"Machine: {machine()}. Synthetic OLMoE-1B-7B trace (16 layers, 64 experts, top-8: {per_token} "
+        f"assignments per token), {tokens:,} tokens = {assign / 1e9:.2f} billion assignments, steps of "
+        f"{TOKENS_PER_STEP} tokens, 8 x H100 in one node; six placements = " + ", ".join(SIX)
+        + " (+8 redundant where they replicate).", "",
         *rows,
         "",
         f"- Kernels vs NumPy reference on the same {n_slice:,}-token slice: **{numpy_s / kernel_s:.1f}x** "
@@ -183,7 +187,8 @@ def main() -> None:
         f"{peaks['six placements'] / 2**20:.0f} MiB (six) (target under 1 GB; bounded by the chunk size and "
         "O(steps) per-step series).",
         f"- Apart: Numba compile/cache load {compile_s:.1f} s; load and co-selection over the trace "
-        f"{fit_stats_s:.1f} s; fitting six placements {fit_s * 1e3:.0f} ms; building the trace {build_s:.0f} s.",
+        f"{fit_stats_s:.1f} s; fitting six placements {fit_s * 1e3:.0f} ms; building the trace {build_s:.0f} "
+        "s.",
     ])
     print(text)
     if not args.no_write:

@@ -3,9 +3,9 @@
     python -m bench.bench_report [--tokens 1000000]
 
 Routing analysis: tokens/s of the Numba kernels against the plain NumPy reference (routing_analysis.py's
-layer_expert_counts / coselection_counts / shared_experts) on the same chunks, in this run. Rebalance: tokens/s of
-the replay of five refit intervals at once (10 to 10000 steps). Peak memory of each pass (tracemalloc). Writes the `report`
-section of docs/benchmarks.md.
+layer_expert_counts / coselection_counts / shared_experts) on the same chunks, in this run. Rebalance:
+tokens/s of the replay of five refit intervals at once (10 to 10000 steps). Peak memory of each pass
+(tracemalloc). Writes the `report` section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def peak_traced(fn: Callable[[], object]) -> tuple[float, float]:
 
 
 def numpy_reference_pass(path: Path) -> None:
-    """The same counts as analyze_routing, with the plain NumPy functions (consecutive pairs within a chunk only)."""
+    """The same counts as analyze_routing, with the plain NumPy functions (consecutive pairs within a chunk
+    only)."""
     with open_trace(path) as trace:
         E = trace.metadata.num_experts
         for chunk in trace.iter_chunks(("expert_ids", "phase", "seq_id", "position")):
@@ -86,7 +87,8 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    update_section("report", "## Report: routing analysis and rebalance (`python -m bench.bench_report`)\n\n" + text)
+    update_section("report",
+                   "## Report: routing analysis and rebalance (`python -m bench.bench_report`)\n\n" + text)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
     python -m bench.bench_startup [--tokens 100000] [--repeats 3]
 
-Each cold run gets a fresh cache directory (XDG_CACHE_HOME, where moe-trace keeps Numba's cache), so every kernel the
-command uses is compiled; each warm run reuses the cache the cold run left. Wall time of the whole command,
-medians, runs alternating cold and warm.
+Each cold run gets a fresh cache directory (XDG_CACHE_HOME, where moe-trace keeps Numba's cache), so every
+kernel the command uses is compiled; each warm run reuses the cache the cold run left. Wall time of the whole
+command, medians, runs alternating cold and warm.
 """
 
 from __future__ import annotations
@@ -42,15 +42,16 @@ def main() -> None:
     cold, warm = [], []
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "t.h5"
-        _moe_sim(["synth", "--model", "olmoe-1b-7b", "--tokens", str(args.tokens), "-o", str(trace)], Path(tmp) / "s")
+        _moe_sim(["synth", "--model", "olmoe-1b-7b", "--tokens", str(args.tokens), "-o", str(trace)],
+                 Path(tmp) / "s")
         for r in range(args.repeats):
             cache = Path(tmp) / f"cache{r}"
             cold.append(_moe_sim(["replay", str(trace), "--quiet"], cache))
             warm.append(_moe_sim(["replay", str(trace), "--quiet"], cache))
     md = "\n".join([
         "## Start-up (`python -m bench.bench_startup`)", "",
-        f"`moe-sim replay` of a {args.tokens:,}-token synthetic OLMoE-1B-7B trace (default placements, 8 x h100), "
-        f"whole command wall time, medians of {args.repeats} on {machine()} (load average "
+        f"`moe-sim replay` of a {args.tokens:,}-token synthetic OLMoE-1B-7B trace (default placements, 8 x "
+        f"h100), whole command wall time, medians of {args.repeats} on {machine()} (load average "
         f"{load:.1f} at the start). Cold: an empty Numba cache, so every "
         "kernel the command uses compiles; warm: the cache the cold run left.", "",
         "| run | seconds | target |", "|---|---:|---:|",

@@ -1,12 +1,13 @@
-"""Trace storage benchmark: write/read throughput per encoding, ids-only reads, bytes per token, streaming memory.
+"""Trace storage benchmark: write/read throughput per encoding, ids-only reads, bytes per token, streaming
+memory.
 
     python -m bench.bench_traces --tokens 10000000
 
-One pass synthesises an OLMoE-1B-7B trace (16 layers x 64 experts, top-8) chunk by chunk and appends every chunk
-to four writers: HDF5 and Arrow, with weights and without (ids-only files give bytes/token without weights);
-append time is measured per writer. Reads run in fresh subprocesses (median of --repeats runs after a warm-up
-that also fills the page cache), which report their peak RSS. A second, smaller run compares the compression
-choices for ids side by side. Figures go to docs/benchmarks.md (section "traces").
+One pass synthesises an OLMoE-1B-7B trace (16 layers x 64 experts, top-8) chunk by chunk and appends every
+chunk to four writers: HDF5 and Arrow, with weights and without (ids-only files give bytes/token without
+weights); append time is measured per writer. Reads run in fresh subprocesses (median of --repeats runs after
+a warm-up that also fills the page cache), which report their peak RSS. A second, smaller run compares the
+compression choices for ids side by side. Figures go to docs/benchmarks.md (section "traces").
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def read_in_subprocess(path: Path, fields: list[str], repeats: int) -> dict:
     return json.loads(out.stdout)
 
 
-def compare_compressions(folder: Path, tokens: int, seed: int, repeats: int) -> list[tuple[str, str, float, float]]:
+def compare_compressions(folder: Path, tokens: int, seed: int,
+                         repeats: int) -> list[tuple[str, str, float, float]]:
     """(encoding, compression, ids bytes/token, ids-only read tokens/s) for every compression, same chunks."""
     from traces import open_trace, open_writer
     from traces.arrow_format import COMPRESSIONS as ARROW
@@ -116,13 +118,15 @@ def compare_compressions(folder: Path, tokens: int, seed: int, repeats: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=10_000_000)
     parser.add_argument("--compare-tokens", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None, help="Scratch folder (default: a temporary one).")
-    parser.add_argument("--no-update", action="store_true", help="Print only; leave docs/benchmarks.md alone.")
+    parser.add_argument("--no-update", action="store_true",
+                        help="Print only; leave docs/benchmarks.md alone.")
     args = parser.parse_args()
 
     from bench.common import machine, update_section
@@ -144,8 +148,8 @@ def main() -> None:
                 "write": n / written["append_s"][(name, True)],
                 "bytes": full.stat().st_size / n,
                 "bytes_ids": ids_only.stat().st_size / n,
-                "all": read_in_subprocess(full, ["seq_id", "position", "token_id", "phase", "step", "expert_ids",
-                                                 "expert_weights"], args.repeats),
+                "all": read_in_subprocess(full, ["seq_id", "position", "token_id", "phase", "step",
+                                                 "expert_ids", "expert_weights"], args.repeats),
                 "ids": read_in_subprocess(full, ["expert_ids"], args.repeats),
             }
         print("comparing compressions ...", flush=True)
@@ -158,13 +162,13 @@ def main() -> None:
     lines = [
         "## Trace storage (`python -m bench.bench_traces`)",
         "",
-        f"Machine: {machine()}. Synthetic OLMoE-1B-7B trace (`moe-sim synth` defaults: 16 layers x 64 experts, "
-        f"top-8, float16 weights, token ids), {n:,} tokens; default compression (HDF5: Blosc LZ4 + bit-shuffle, "
-        "8192-token chunks; Arrow: Zstd level 1, ~8 MiB record batches). Reads stream 65,536-token chunks in a fresh "
-        f"process, median of {args.repeats} after a warm-up run (page cache warm); peak memory is that process's "
-        "maximum RSS (Python, NumPy, h5py, pyarrow included). Write throughput counts appends only "
-        f"(synthesis ran at {synth_rate / 1e6:.2f} M tokens/s on top). Load average {load} (the cores are shared "
-        "with other jobs, so absolute rates vary run to run).",
+        f"Machine: {machine()}. Synthetic OLMoE-1B-7B trace (`moe-sim synth` defaults: 16 layers x 64 "
+        f"experts, top-8, float16 weights, token ids), {n:,} tokens; default compression (HDF5: Blosc LZ4 + "
+        "bit-shuffle, 8192-token chunks; Arrow: Zstd level 1, ~8 MiB record batches). Reads stream "
+        f"65,536-token chunks in a fresh process, median of {args.repeats} after a warm-up run (page cache "
+        "warm); peak memory is that process's maximum RSS (Python, NumPy, h5py, pyarrow included). Write "
+        f"throughput counts appends only (synthesis ran at {synth_rate / 1e6:.2f} M tokens/s on top). Load "
+        f"average {load} (the cores are shared with other jobs, so absolute rates vary run to run).",
         "",
         "| encoding | write tokens/s | read all columns tokens/s | ids-only read tokens/s | bytes/token | "
         "bytes/token without weights | peak RSS, all columns | peak RSS, ids only |",
@@ -181,11 +185,11 @@ def main() -> None:
     raw = 16 * 8
     lines += [
         "",
-        f"Targets: ids-only streaming read >= 10 M tokens/s; peak memory < 500 MB whatever the trace's size. Raw "
-        f"sizes: ids {raw} B/token, float16 weights {2 * raw} B/token, other columns 17 B/token.",
+        "Targets: ids-only streaming read >= 10 M tokens/s; peak memory < 500 MB whatever the trace's size. "
+        f"Raw sizes: ids {raw} B/token, float16 weights {2 * raw} B/token, other columns 17 B/token.",
         "",
-        f"Compression choices for an ids-only trace ({args.compare_tokens:,} tokens, same chunks, in-process reads, "
-        f"median of {args.repeats}):",
+        f"Compression choices for an ids-only trace ({args.compare_tokens:,} tokens, same chunks, in-process "
+        f"reads, median of {args.repeats}):",
         "",
         "| encoding | compression | bytes/token (ids + 17 B of other columns) | ids-only read tokens/s |",
         "|---|---|---:|---:|",

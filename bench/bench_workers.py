@@ -3,9 +3,9 @@
     python -m bench.bench_workers [--tokens 2000000] [--repeats 3]
 
 The trace is bench_replay's synthetic OLMoE-1B-7B (ids only), replayed from the file by run_variants: one
-placement and six at once, 8 GPUs, steps of 4096 tokens. Shards of the trace (replay.segment.SHARD_TOKENS) run on
-the worker threads. Runs alternate between the worker counts and each figure is a median; the results of every
-run are checked to be identical.
+placement and six at once, 8 GPUs, steps of 4096 tokens. Shards of the trace (replay.segment.SHARD_TOKENS) run
+on the worker threads. Runs alternate between the worker counts and each figure is a median; the results of
+every run are checked to be identical.
 """
 
 from __future__ import annotations

@@ -46,10 +46,12 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
 
 
 def update_section(name: str, markdown: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace the text between `<!-- bench:name -->` and `<!-- /bench:name -->`, appending the section if new."""
+    """Replace the text between `<!-- bench:name -->` and `<!-- /bench:name -->`, appending the section if
+    new."""
     begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     block = f"{begin}\n{markdown.strip()}\n{end}"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    text = pattern.sub(lambda _: block,
+                       text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)

@@ -1,10 +1,11 @@
-"""Blocks of passes on their way from the device to the trace: one byte buffer per block, fields at fixed offsets.
+"""Blocks of passes on their way from the device to the trace: one byte buffer per block, fields at fixed
+offsets.
 
 `RoutingCapture` (capture.py) fills a `HostBlock`; `TraceSink` (sink.py) copies it out of pinned memory as a
 `RawBlock` and converts blocks into trace rows with `blocks_to_chunk`.
 
-Shape legend: N passes in a block, B batch rows, S tokens per row in a pass, T = B * S rows (padding included),
-L MoE layers, X the last axis of a field (K top-k for ids and weights, E experts for logits).
+Shape legend: N passes in a block, B batch rows, S tokens per row in a pass, T = B * S rows (padding
+included), L MoE layers, X the last axis of a field (K top-k for ids and weights, E experts for logits).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 
 from traces.chunk import TraceChunk
 
-# One block of passes travels as one byte buffer: fields at 8-byte aligned offsets. name -> (offset, dtype, shape)
+# One block of passes travels as one byte buffer: fields at 8-byte aligned offsets. name -> (offset, dtype,
+# shape)
 Packing = dict[str, tuple[int, torch.dtype, tuple[int, ...]]]
 
 
@@ -50,16 +52,17 @@ class BlockInfo:
 class HostBlock:
     """N passes of one shape in one host byte buffer (pinned on CUDA).
 
-    Until `start()` runs (at once, or in the writer thread when the capture has `copy_in_writer`) the block holds
-    `launch`, which keeps the window's device tensors referenced, and no data. After it, the copy into `data` may still be in flight
-    until `event` completes; only the writer thread waits for it.
+    Until `start()` runs (at once, or in the writer thread when the capture has `copy_in_writer`) the block
+    holds `launch`, which keeps the window's device tensors referenced, and no data. After it, the copy into
+    `data` may still be in flight until `event` completes; only the writer thread waits for it.
     Fields: tokens [N, 2, B, S] (position, token id), valid [N, B, S], ids, weights, logits [N, T, L, X].
     """
 
     packing: Packing
     info: BlockInfo
     nbytes: int
-    launch: Callable[[], tuple[torch.Tensor, Any]] | None = None  # starts the copy: (host bytes, event); until started
+    # starts the copy: (host bytes, event); until started
+    launch: Callable[[], tuple[torch.Tensor, Any]] | None = None
     data: torch.Tensor | None = None  # uint8 [nbytes]
     event: Any = None  # torch.cuda.Event or None
 
@@ -79,7 +82,8 @@ class HostBlock:
         return self.event is None or bool(self.event.query())
 
     def release(self) -> RawBlock:
-        """A plain copy of the bytes, so the pinned buffer goes back to the allocator now (waits for the copy)."""
+        """A plain copy of the bytes, so the pinned buffer goes back to the allocator now (waits for the
+        copy)."""
         self.start()
         assert self.data is not None
         if self.event is not None:
@@ -115,7 +119,8 @@ def blocks_to_chunk(blocks: list[RawBlock], with_token_ids: bool, id_dtype: np.d
     return TraceChunk.concat([_convert(b, with_token_ids, id_dtype, weights_dtype) for b in blocks])
 
 
-def _convert(block: RawBlock, with_token_ids: bool, id_dtype: np.dtype, weights_dtype: np.dtype) -> TraceChunk:
+def _convert(block: RawBlock, with_token_ids: bool, id_dtype: np.dtype,
+             weights_dtype: np.dtype) -> TraceChunk:
     """One block's rows, vectorised over its N passes (one NumPy call per column, not per pass)."""
     info = block.info
     tokens = block.field("tokens")  # [N, 2, B, S]

@@ -1,7 +1,8 @@
 """Built-in models that need no download: real transformers MoE architectures with random weights.
 
-`olmoe-tiny` is the default model (seconds on a CPU); `olmoe-1b-7b-random` has the real OLMoE-1B-7B shapes for GPU
-benchmarks. The tokenizer is byte-level, built locally with the `tokenizers` library, so nothing reaches the hub.
+`olmoe-tiny` is the default model (seconds on a CPU); `olmoe-1b-7b-random` has the real OLMoE-1B-7B shapes for
+GPU benchmarks. The tokenizer is byte-level, built locally with the `tokenizers` library, so nothing reaches
+the hub.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def _olmoe_tiny() -> Any:
     from transformers import OlmoeConfig
 
     return OlmoeConfig(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=4, num_experts=16, num_experts_per_tok=4, norm_topk_prob=False,
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=4,
+        norm_topk_prob=False,
         max_position_embeddings=1024, pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID,
     )
 
@@ -40,8 +42,9 @@ def _olmoe_1b_7b() -> Any:
 
     # allenai/OLMoE-1B-7B-0924 config.json: expert FFN 1024 (OlmoeConfig's default 2048 is wrong for it).
     return OlmoeConfig(
-        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
-        num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False,
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+        num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+        norm_topk_prob=False,
         max_position_embeddings=4096, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
         bos_token_id=BOS_ID,
     )
@@ -51,8 +54,9 @@ def _mixtral_tiny() -> Any:
     from transformers import MixtralConfig
 
     return MixtralConfig(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024,
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=1024,
         pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID,
     )
 
@@ -74,8 +78,9 @@ def _deepseek_tiny() -> Any:
 
     # First layer dense (first_k_dense_replace=1), sigmoid group-limited routing, scaled weights.
     return DeepseekV3Config(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16, n_shared_experts=1,
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16,
+        n_shared_experts=1,
         num_experts_per_tok=4, first_k_dense_replace=1, n_group=4, topk_group=2, q_lora_rank=None,
         kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, max_position_embeddings=1024,
         pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID,
@@ -97,16 +102,17 @@ def builtin_config(name: str) -> Any:
 
 # The built-in models with a real model's full size (recorded in bf16 on a CPU by default, see resolve_dtype).
 FULL_SIZE_BUILTINS = frozenset({"olmoe-1b-7b-random"})
-# Built on the target device in the target dtype: a 28 GB fp32 copy on the host would be slow. Its random weights
-# therefore depend on the device's random generator; every other built-in model is the same on every machine.
+# Built on the target device in the target dtype: a 28 GB fp32 copy on the host would be slow. Its random
+# weights therefore depend on the device's random generator; every other built-in model is the same on every
+# machine.
 BUILT_ON_DEVICE = FULL_SIZE_BUILTINS
 
 
 def build_builtin_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = BUILTIN_SEED) -> Any:
     """The named built-in model with seeded random weights, on `device` in `dtype`.
 
-    Small models are drawn on the CPU in float32 and then moved and cast, so the same name gives the same weights
-    on a CPU and on a GPU (the two random generators differ).
+    Small models are drawn on the CPU in float32 and then moved and cast, so the same name gives the same
+    weights on a CPU and on a GPU (the two random generators differ).
     """
     from transformers import AutoModelForCausalLM
 
@@ -128,7 +134,8 @@ def build_builtin_model(name: str, device: torch.device, dtype: torch.dtype, see
 
 
 def build_builtin_tokenizer() -> Any:
-    """A byte-level tokenizer (one token per UTF-8 byte) with pad/eos/bos tokens and a simple chat template."""
+    """A byte-level tokenizer (one token per UTF-8 byte) with pad/eos/bos tokens and a simple chat
+    template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -139,7 +146,8 @@ def build_builtin_tokenizer() -> Any:
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens([PAD_TOKEN, EOS_TOKEN, BOS_TOKEN])
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN, bos_token=BOS_TOKEN, padding_side="left",
+        tokenizer_object=core, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN, bos_token=BOS_TOKEN,
+        padding_side="left",
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok

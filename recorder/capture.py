@@ -1,28 +1,28 @@
 """Capture router outputs with no host synchronisation inside the forward pass, and few host steps per pass.
 
 During a forward pass each router's forward hook only keeps a reference to its output (no kernel, no copy).
-`end_pass` files those references, with the pass's token columns, into a window of passes of one shape: a few list
-appends, no kernel. Every `window_passes` passes (or when the shape changes, the window's tensors pass
-`window_bytes`, or the caller calls `collect()` at a batch's end), `collect` stacks the whole window into views of one
-preallocated device byte buffer, laid out [N, T, L, X] (N passes, the trace's own row order), with two kernels per
-field whatever N is, starts one non-blocking copy into pinned host memory and records a CUDA event. So the host cost
-of moving routing off the device is paid once per window rather than once per pass: in HF decode, which is bound by
-how fast the main thread launches kernels, that is what counts. A background thread (`TraceSink`, sink.py) copies
-finished blocks (blocks.py) out of pinned memory, drops padding rows and appends whole batches to the trace; a byte
-budget on the work in flight gives back-pressure, and the window's own limits bound what it keeps alive on the
-device.
+`end_pass` files those references, with the pass's token columns, into a window of passes of one shape: a few
+list appends, no kernel. Every `window_passes` passes (or when the shape changes, the window's tensors pass
+`window_bytes`, or the caller calls `collect()` at a batch's end), `collect` stacks the whole window into
+views of one preallocated device byte buffer, laid out [N, T, L, X] (N passes, the trace's own row order),
+with two kernels per field whatever N is, starts one non-blocking copy into pinned host memory and records a
+CUDA event. So the host cost of moving routing off the device is paid once per window rather than once per
+pass: in HF decode, which is bound by how fast the main thread launches kernels, that is what counts. A
+background thread (`TraceSink`, sink.py) copies finished blocks (blocks.py) out of pinned memory, drops
+padding rows and appends whole batches to the trace; a byte budget on the work in flight gives back-pressure,
+and the window's own limits bound what it keeps alive on the device.
 
-Holding router outputs across passes is exact because eager PyTorch allocates fresh outputs every pass and never
-writes into a tensor that is still referenced. Under CUDA graphs (outputs in static memory, overwritten by the next
-replay) use `window_passes=1`, which copies every pass before the next one runs. Three checks make sure a trace never
-holds missing or stale passes silently: a router that runs inside CUDA graph capture (its hook would not run on
-replay) raises GraphRecordingError at once; a pass whose held router outputs reuse the memory of outputs the window
-still holds (static buffers overwritten in place) raises it too; and MoEProfiler raises when the model ran but its
-routers' hooks did not. Under torch.compile the hooks are traced into the compiled code (a list store, no graph
-break) and record as in eager mode.
+Holding router outputs across passes is exact because eager PyTorch allocates fresh outputs every pass and
+never writes into a tensor that is still referenced. Under CUDA graphs (outputs in static memory, overwritten
+by the next replay) use `window_passes=1`, which copies every pass before the next one runs. Three checks make
+sure a trace never holds missing or stale passes silently: a router that runs inside CUDA graph capture (its
+hook would not run on replay) raises GraphRecordingError at once; a pass whose held router outputs reuse the
+memory of outputs the window still holds (static buffers overwritten in place) raises it too; and MoEProfiler
+raises when the model ran but its routers' hooks did not. Under torch.compile the hooks are traced into the
+compiled code (a list store, no graph break) and record as in eager mode.
 
-Shape legend: N passes in a window, B batch rows, S tokens per row in a pass, T = B * S rows (padding included),
-L MoE layers, K top-k, E experts.
+Shape legend: N passes in a window, B batch rows, S tokens per row in a pass, T = B * S rows (padding
+included), L MoE layers, K top-k, E experts.
 """
 
 from __future__ import annotations
@@ -41,18 +41,20 @@ import torch.nn.functional as F
 from recorder.blocks import BlockInfo, HostBlock, Packing, packing_of
 from recorder.routers import RouterLayout, topk_from_logits
 
-RouterRead = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids [T, K], weights [T, K], first output [T, E]
+# ids [T, K], weights [T, K], first output [T, E]
+RouterRead = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
-GRAPH_CAPTURE = ("a router ran inside CUDA graph capture: its hook does not run when the graph is replayed, so the "
-                 "trace would miss those passes; record without CUDA graphs (eager, or torch.compile without "
-                 "mode='reduce-overhead' and without a static cache)")
-STATIC_OUTPUTS = ("router outputs were overwritten in place by the next pass (static buffers, as CUDA graph replays "
-                  "write them), so the passes held for copying are stale; record with window_passes=1 (MoEProfiler's "
-                  "default), which copies every pass before the next one runs")
+GRAPH_CAPTURE = ("a router ran inside CUDA graph capture: its hook does not run when the graph is replayed, "
+                 "so the trace would miss those passes; record without CUDA graphs (eager, or torch.compile "
+                 "without mode='reduce-overhead' and without a static cache)")
+STATIC_OUTPUTS = ("router outputs were overwritten in place by the next pass (static buffers, as CUDA graph "
+                  "replays write them), so the passes held for copying are stale; record with "
+                  "window_passes=1 (MoEProfiler's default), which copies every pass before the next one runs")
 
 
 class GraphRecordingError(RuntimeError):
-    """Routing cannot be recorded correctly in the way the model runs (CUDA graphs); one line says why and what to do."""
+    """Routing cannot be recorded correctly in the way the model runs (CUDA graphs); one line says why and
+    what to do."""
 
 
 @dataclass
@@ -85,9 +87,11 @@ class PassWindow:
 
 
 class RoutingCapture:
-    """Forward hooks on every router of `layout`; `end_pass` files a pass, `collect` moves a window to the host.
+    """Forward hooks on every router of `layout`; `end_pass` files a pass, `collect` moves a window to the
+    host.
 
-    `window_passes` passes (or `window_bytes` of referenced outputs) make one window; 1 copies every pass at once.
+    `window_passes` passes (or `window_bytes` of referenced outputs) make one window; 1 copies every pass at
+    once.
     """
 
     def __init__(
@@ -110,8 +114,8 @@ class RoutingCapture:
         self.window_passes = window_passes
         self.window_bytes = window_bytes
         # Launch a window's gather kernels and copy from TraceSink's thread (with the GIL released inside the
-        # kernels' C++), so the main thread only files references. Only for eager code: the window's tensors stay
-        # referenced until the writer gets to them.
+        # kernels' C++), so the main thread only files references. Only for eager code: the window's tensors
+        # stay referenced until the writer gets to them.
         self.copy_in_writer = copy_in_writer
         self._copy_lock = threading.Lock()  # the device buffer is shared by every block's copy
         # uint8 ids on the device when they fit; int32 otherwise (torch has few uint16 kernels).
@@ -126,14 +130,16 @@ class RoutingCapture:
         """Register the router hooks (done by the constructor; again after remove())."""
         if not self._handles:
             self._handles = [
-                site.module.register_forward_hook(self._make_hook(slot)) for slot, site in enumerate(self.layout.sites)
+                site.module.register_forward_hook(self._make_hook(slot))
+                for slot, site in enumerate(self.layout.sites)
             ]
 
-    # -- inside the forward pass: one list store per router, nothing else ----------------------------------------
+    # -- inside the forward pass: one list store per router, nothing else ------------------------------------
     def _make_hook(self, slot: int) -> Callable[..., None]:
         pending = self._pending
-        # Only the first router checks for graph capture (one C++ call per pass, not per layer): a captured forward
-        # runs it too. Under torch.compile the check is skipped while tracing (capture happens below the hooks).
+        # Only the first router checks for graph capture (one C++ call per pass, not per layer): a captured
+        # forward runs it too. Under torch.compile the check is skipped while tracing (capture happens below
+        # the hooks).
         check = slot == 0 and torch.cuda.is_available()
 
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -160,7 +166,8 @@ class RoutingCapture:
             weights, ids = topk_from_logits(first, k, norm_topk_prob=lay.norm_topk_prob)
             weights = weights.to(first.dtype)
         if ids.dim() != 2:
-            ids, weights, first = ids.reshape(-1, k), weights.reshape(-1, k), first.reshape(-1, first.shape[-1])
+            ids, weights, first = ids.reshape(-1, k), weights.reshape(-1, k), first.reshape(-1,
+                                                                                            first.shape[-1])
         return ids, weights, first
 
     # -- after the forward pass ------------------------------------------------------------------------------
@@ -185,8 +192,8 @@ class RoutingCapture:
     def end_pass(self, tokens: PassTokens) -> list[HostBlock]:
         """File the pass just run: list appends only, no kernel (none at all in steady decode), never waits.
 
-        Returns the blocks whose copies this call started: usually none; one when the window filled up or the pass
-        shape changed.
+        Returns the blocks whose copies this call started: usually none; one when the window filled up or the
+        pass shape changed.
         """
         pending = self._pending
         if any(p is None for p in pending):
@@ -229,7 +236,8 @@ class RoutingCapture:
             w.logits += firsts
             nbytes += t * len(ids) * firsts[0].shape[-1] * firsts[0].element_size()
         w.tokens += [self._on(tokens.position, device, torch.int64),
-                     self._on(tokens.token_id if tokens.token_id is not None else tokens.position, device, torch.int64)]
+                     self._on(tokens.token_id if tokens.token_id is not None else tokens.position, device,
+                              torch.int64)]
         w.valid.append(self._on(tokens.valid, device, torch.bool))
         w.info.seq_ids.append(tokens.seq_id)
         w.info.phases.append(tokens.phase)
@@ -247,7 +255,8 @@ class RoutingCapture:
         return x if x.dtype == dtype else x.to(dtype)
 
     def collect(self) -> list[HostBlock]:
-        """Start copying every filed pass to the host (at a batch's end, before stopping): zero or one block."""
+        """Start copying every filed pass to the host (at a batch's end, before stopping): zero or one
+        block."""
         return self._collect_window()
 
     def _collect_window(self) -> list[HostBlock]:
@@ -273,7 +282,8 @@ class RoutingCapture:
             block.start()
         return [block]
 
-    def copy_window(self, w: PassWindow, packing: Packing, total: int, stream: Any) -> tuple[torch.Tensor, Any]:
+    def copy_window(self, w: PassWindow, packing: Packing, total: int,
+                    stream: Any) -> tuple[torch.Tensor, Any]:
         """Gather window `w` into the device byte buffer and start one copy to (pinned) host memory."""
         device = w.key[4]
         n, b, s = len(w.info.steps), w.key[1], w.key[2]
@@ -283,7 +293,8 @@ class RoutingCapture:
         with self._copy_lock, torch.inference_mode(), streamed:
             buf = self._device_bytes
             if buf is None or buf.numel() < total or buf.device != device:
-                # Grow with headroom; a copy still reading the old buffer is ordered before any reuse on the stream.
+                # Grow with headroom; a copy still reading the old buffer is ordered before any reuse on the
+                # stream.
                 size = max(total, 2 * (buf.numel() if buf is not None and buf.device == device else 0))
                 buf = self._device_bytes = torch.empty(size, dtype=torch.uint8, device=device)
             views = {name: buf[off: off + int(np.prod(shape)) * torch.empty((), dtype=dt).element_size()]
@@ -307,16 +318,16 @@ class RoutingCapture:
 
     @staticmethod
     def _gather(view: torch.Tensor, parts: list[torch.Tensor]) -> None:
-        """N * L tensors [T, X] (pass-major) -> view [N, T, L, X]: one stack kernel in the parts' dtype (a stack
-        into another dtype would launch one copy per part), then one converting, transposing copy."""
+        """N * L tensors [T, X] (pass-major) -> view [N, T, L, X]: one stack kernel in the parts' dtype (a
+        stack into another dtype would launch one copy per part), then one converting, transposing copy."""
         n, t, layers, x = view.shape
         stage = torch.empty((n * layers, t, x), dtype=parts[0].dtype, device=view.device)
         torch.stack(parts, out=stage)
         view.copy_(stage.view(n, layers, t, x).transpose(1, 2))
 
     def remove(self) -> None:
-        """Detach every hook. Passes already filed stay in the window for collect() (or clear()); the device buffer
-        is kept for a later attach()."""
+        """Detach every hook. Passes already filed stay in the window for collect() (or clear()); the device
+        buffer is kept for a later attach()."""
         for handle in self._handles:
             handle.remove()
         self._handles = []

@@ -13,8 +13,8 @@ from recorder.config import DEFAULT_MODEL, DEFAULT_OUTPUT, RecordConfig
 
 @click.command("record")
 @click.option("--prompts", "prompts", type=click.Path(path_type=Path), required=True,
-              help="Prompts file: .txt (one prompt per line, blank lines skipped) or .jsonl (a text field or chat "
-                   "'messages').")
+              help="Prompts file: .txt (one prompt per line, blank lines skipped) or .jsonl (a text field or "
+                   "chat 'messages').")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Hugging Face model id or local path, or a built-in random model: olmoe-tiny, "
                    "olmoe-1b-7b-random, mixtral-tiny, qwen-moe-tiny, deepseek-tiny.")
@@ -23,20 +23,24 @@ from recorder.config import DEFAULT_MODEL, DEFAULT_OUTPUT, RecordConfig
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Prompts per forward pass (halved automatically on CUDA out-of-memory).")
 @click.option("--max-length", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Prompt tokens kept per prompt; longer prompts are truncated (with one warning counting them).")
+              help="Prompt tokens kept per prompt; longer prompts are truncated (with one warning counting "
+                   "them).")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=0, show_default=True,
               help="Greedy decode steps recorded after the prefill (0: prefill only).")
 @click.option("--device", default="auto", show_default=True, help="auto, cuda, cuda:N or cpu.")
-@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
-              help="Model dtype (auto: bf16 on a GPU, fp32 on CPU).")
-@click.option("--save-logits", is_flag=True, help="Also store the full router logits [E] per layer (float16).")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
+              show_default=True, help="Model dtype (auto: bf16 on a GPU, fp32 on CPU).")
+@click.option("--save-logits", is_flag=True,
+              help="Also store the full router logits [E] per layer (float16).")
 @click.option("--no-token-ids", "no_token_ids", is_flag=True,
               help="Store no token ids (no prompt text can be recovered from the trace).")
 @click.option("--revision", default=None, help="Model revision (branch, tag or commit) for hub models.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own Python code to run.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow the model repository's own Python code to run.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted trace (<output>.partial) with the next "
                                               "unrecorded prompt.")
-@click.option("--force", is_flag=True, help="Overwrite an existing trace (or leftover .partial) at the output name.")
+@click.option("--force", is_flag=True,
+              help="Overwrite an existing trace (or leftover .partial) at the output name.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Random seed for torch and numpy (built-in weights always use their own fixed seed).")
 @click.option("--prompt-field", default="text", show_default=True, help="JSONL key holding the prompt text.")
@@ -78,5 +82,5 @@ def record(prompts: Path, model: str, output: Path, batch_size: int, max_length:
     if ranks.distributed and ranks.rank == 0:
         pattern = str(output.with_name(f"{output.stem}-rank*{output.suffix}"))
         click.echo(f"all {ranks.world_size} ranks: {sum(r[0] for r in everyone):,} tokens from "
-                   f"{sum(r[1] for r in everyone):,} prompts in {len(everyone)} shards; moe-sim reads them as one "
-                   f"trace: moe-sim info '{pattern}'")
+                   f"{sum(r[1] for r in everyone):,} prompts in {len(everyone)} shards; moe-sim reads them "
+                   f"as one trace: moe-sim info '{pattern}'")

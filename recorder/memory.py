@@ -1,6 +1,6 @@
-"""Will the model fit? Its memory, estimated from its config and dtype before any weight exists, against the free
-memory of the device it will load on. A model too large for the host would otherwise be killed by the OS minutes
-into loading, with no message at all.
+"""Will the model fit? Its memory, estimated from its config and dtype before any weight exists, against the
+free memory of the device it will load on. A model too large for the host would otherwise be killed by the OS
+minutes into loading, with no message at all.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """What a model needs in one dtype: parameters (and buffers) x bytes per element, plus RUNTIME_OVERHEAD."""
+    """What a model needs in one dtype: parameters (and buffers) x bytes per element, plus
+    RUNTIME_OVERHEAD."""
 
     parameters: int  # parameters and buffers, each shared tensor counted once
     dtype: torch.dtype
@@ -40,7 +41,8 @@ class MemoryEstimate:
 
 
 def count_parameters(config: Any, *, trust_remote_code: bool = False) -> int:
-    """Parameters and buffers of the model `config` describes, built on the meta device (no memory, no weights)."""
+    """Parameters and buffers of the model `config` describes, built on the meta device (no memory, no
+    weights)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -49,8 +51,8 @@ def count_parameters(config: Any, *, trust_remote_code: bool = False) -> int:
 
 
 def free_bytes(device: torch.device) -> int | None:
-    """Memory a new allocation can use on `device`: free GPU memory, or the host's MemAvailable (page cache that
-    can be dropped counts as free). None where it cannot be told."""
+    """Memory a new allocation can use on `device`: free GPU memory, or the host's MemAvailable (page cache
+    that can be dropped counts as free). None where it cannot be told."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
@@ -78,7 +80,8 @@ def check_fits(model_id: str, estimate: MemoryEstimate, device: torch.device, fr
         ways.append("--device cuda")
     ways += ["a machine with more memory", "a smaller model (e.g. olmoe-tiny)"]
     raise InputError(
-        f"--model {model_id}: needs about {nbytes(estimate.needed_bytes)} in {name} ({estimate.parameters / 1e9:.2f} "
-        f"B parameters, {nbytes(estimate.weight_bytes)} of weights + {RUNTIME_OVERHEAD:.0%}) but {device} has "
-        f"{nbytes(free)} free; use {', '.join(ways[:-1])} or {ways[-1]}"
+        f"--model {model_id}: needs about {nbytes(estimate.needed_bytes)} in {name} "
+        f"({estimate.parameters / 1e9:.2f} B parameters, {nbytes(estimate.weight_bytes)} of weights + "
+        f"{RUNTIME_OVERHEAD:.0%}) but {device} has {nbytes(free)} free; use {', '.join(ways[:-1])} or "
+        f"{ways[-1]}"
     )

@@ -1,4 +1,5 @@
-"""Trace metadata for a recorded model: shapes and router semantics from the model, provenance from the run."""
+"""Trace metadata for a recorded model: shapes and router semantics from the model, provenance from the
+run."""
 
 from __future__ import annotations
 

@@ -34,8 +34,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device, model_id: str | None = None) -> torch.dtype:
-    """auto: bf16 on a GPU that supports it; on a CPU fp32 (CPU half precision is slow and imprecise), except for
-    the full-size built-in models, whose random weights need no precision and whose fp32 copy (28 GB for
+    """auto: bf16 on a GPU that supports it; on a CPU fp32 (CPU half precision is slow and imprecise), except
+    for the full-size built-in models, whose random weights need no precision and whose fp32 copy (28 GB for
     olmoe-1b-7b-random) would not fit most hosts."""
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -50,7 +50,8 @@ def resolve_dtype(name: str, device: torch.device, model_id: str | None = None) 
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a non-built-in model loads from: `name` (a folder or a hub id) and whether the hub may be asked."""
+    """Where a non-built-in model loads from: `name` (a folder or a hub id) and whether the hub may be
+    asked."""
 
     name: str
     kind: str  # "folder", "hub cache" (loaded without any network request) or "hub"
@@ -63,13 +64,14 @@ def looks_like_path(model_id: str) -> bool:
             or Path(model_id).expanduser().exists())
 
 
-def resolve_model_source(model_id: str, revision: str | None = None, *, probe_timeout: float = 10.0) -> ModelSource:
+def resolve_model_source(model_id: str, revision: str | None = None, *,
+                         probe_timeout: float = 10.0) -> ModelSource:
     """Decide where `model_id` loads from before transformers tries, so that a bad --model fails at once.
 
-    A folder must exist and hold config.json. A hub id already in the local cache loads from it with no network
-    request (transformers would otherwise ask the hub first and, offline, retry for about a minute). Otherwise one
-    request with a short timeout and no retries tells "no network" from "no such model" (or gated, or no such
-    revision) before any download starts.
+    A folder must exist and hold config.json. A hub id already in the local cache loads from it with no
+    network request (transformers would otherwise ask the hub first and, offline, retry for about a minute).
+    Otherwise one request with a short timeout and no retries tells "no network" from "no such model" (or
+    gated, or no such revision) before any download starts.
     """
     if looks_like_path(model_id):
         folder = Path(model_id).expanduser()
@@ -92,28 +94,30 @@ def resolve_model_source(model_id: str, revision: str | None = None, *, probe_ti
     try:
         cached = try_to_load_from_cache(model_id, "config.json", revision=revision)
     except HFValidationError as exc:
-        raise InputError(f"--model {model_id}: neither a folder nor a hub model id ({_first_line(exc)})") from None
+        raise InputError(f"--model {model_id}: neither a folder nor a hub model id "
+                         f"({_first_line(exc)})") from None
     if isinstance(cached, str):
         return ModelSource(model_id, "hub cache", local_files_only=True)
     not_cached = f"not in the local cache ({constants.HF_HUB_CACHE})"
     if constants.HF_HUB_OFFLINE:
-        raise InputError(f"--model {model_id}: {not_cached} and HF_HUB_OFFLINE is set; download it where there "
-                         "is network (huggingface-cli download) or pass a local folder")
+        raise InputError(f"--model {model_id}: {not_cached} and HF_HUB_OFFLINE is set; download it where "
+                         "there is network (huggingface-cli download) or pass a local folder")
     try:
         HfApi().model_info(model_id, revision=revision, timeout=probe_timeout)
     except GatedRepoError:
-        raise InputError(f"--model {model_id}: gated on the hub; accept its terms on huggingface.co and log in "
-                         "(huggingface-cli login)") from None
+        raise InputError(f"--model {model_id}: gated on the hub; accept its terms on huggingface.co and log "
+                         "in (huggingface-cli login)") from None
     except RepositoryNotFoundError:
-        raise InputError(f"--model {model_id}: no such model on the Hugging Face hub (or it is private: log in "
-                         "with huggingface-cli login)") from None
+        raise InputError(f"--model {model_id}: no such model on the Hugging Face hub (or it is private: log "
+                         "in with huggingface-cli login)") from None
     except RevisionNotFoundError:
         raise InputError(f"--model {model_id}: no revision {revision!r} on the hub") from None
     except HfHubHTTPError as exc:
         raise InputError(f"--model {model_id}: the hub answered with an error ({_first_line(exc)})") from None
     except Exception as exc:  # connection refused, DNS failure, timeout: the transport's own exception types
-        raise InputError(f"--model {model_id}: cannot reach the Hugging Face hub ({_first_line(exc)}) and the model "
-                         f"is {not_cached}; download it where there is network or pass a local folder") from None
+        raise InputError(f"--model {model_id}: cannot reach the Hugging Face hub ({_first_line(exc)}) and "
+                         f"the model is {not_cached}; download it where there is network or pass a local "
+                         "folder") from None
     return ModelSource(model_id, "hub", local_files_only=False)
 
 
@@ -139,7 +143,8 @@ def load_model(
 
     source = resolve_model_source(model_id, revision)
     try:
-        config = AutoConfig.from_pretrained(source.name, revision=revision, trust_remote_code=trust_remote_code,
+        config = AutoConfig.from_pretrained(source.name, revision=revision,
+                                            trust_remote_code=trust_remote_code,
                                             local_files_only=source.local_files_only)
     except (OSError, ValueError) as exc:
         raise InputError(f"--model {model_id}: cannot read its config ({_first_line(exc)})") from None
@@ -147,7 +152,8 @@ def load_model(
     estimate = MemoryEstimate(count_parameters(config, trust_remote_code=trust_remote_code), dtype)
     check_fits(model_id, estimate, device, free_bytes(device))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.name, revision=revision, trust_remote_code=trust_remote_code,
+        tokenizer = AutoTokenizer.from_pretrained(source.name, revision=revision,
+                                                  trust_remote_code=trust_remote_code,
                                                   local_files_only=source.local_files_only)
         model = AutoModelForCausalLM.from_pretrained(
             source.name, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,

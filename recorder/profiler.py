@@ -7,10 +7,10 @@
 >>> prof.save("trace.h5")
 >>> prof.remove()
 
-Each forward pass of the model is one step. A pass whose KV cache is empty (or that has none) is a prefill of new
-sequences (seq_ids continue from the last pass); a pass that extends a non-empty cache is decode of the sequences
-of the last prefill. Padding is excluded where an attention mask is given; positions come from `position_ids`,
-else from the attention mask, else from the cache length.
+Each forward pass of the model is one step. A pass whose KV cache is empty (or that has none) is a prefill of
+new sequences (seq_ids continue from the last pass); a pass that extends a non-empty cache is decode of the
+sequences of the last prefill. Padding is excluded where an attention mask is given; positions come from
+`position_ids`, else from the attention mask, else from the cache length.
 """
 
 from __future__ import annotations
@@ -36,13 +36,14 @@ from traces.writer import write_trace
 class MoEProfiler:
     """Finds every MoE router of `model`; start()/stop() (or `with`) record the routing of the passes run."""
 
-    def __init__(self, model: Any, *, save_logits: bool = False, token_ids: bool = True, model_id: str | None = None,
-                 window_passes: int = 1):
+    def __init__(self, model: Any, *, save_logits: bool = False, token_ids: bool = True,
+                 model_id: str | None = None, window_passes: int = 1):
         self.model = model
         self.layout = discover_routers(model)
         self.save_logits = save_logits
         self.token_ids = token_ids
-        self.window_passes = window_passes  # passes per device->host copy; >1 only for eager code (see capture.py)
+        # passes per device->host copy; >1 only for eager code (see capture.py)
+        self.window_passes = window_passes
         self.model_id = model_id or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
         self.chunks: list[TraceChunk] = []
         self._capture: RoutingCapture | None = None
@@ -54,7 +55,7 @@ class MoEProfiler:
         self._batch_rows = 0
         self._tokens: PassTokens | None = None
 
-    # -- recording ---------------------------------------------------------------------------------------------
+    # -- recording -------------------------------------------------------------------------------------------
     @property
     def recording(self) -> bool:
         return self._capture is not None
@@ -63,9 +64,11 @@ class MoEProfiler:
         if self.recording:
             return self
         meta = self.metadata()
-        # One pass per window: the user's code may reuse input buffers or run under CUDA graphs, so every pass is
-        # copied before the next one runs (record() batches the copies of its own eager decode loop instead).
-        self._capture = RoutingCapture(self.layout, save_logits=self.save_logits, window_passes=self.window_passes)
+        # One pass per window: the user's code may reuse input buffers or run under CUDA graphs, so every pass
+        # is copied before the next one runs (record() batches the copies of its own eager decode loop
+        # instead).
+        self._capture = RoutingCapture(self.layout, save_logits=self.save_logits,
+                                       window_passes=self.window_passes)
         self._sink = TraceSink(None, with_token_ids=self.token_ids, id_dtype=meta.id_dtype,
                                weights_dtype=np.dtype(meta.weights_dtype))
         self._hooks = [
@@ -122,7 +125,8 @@ class MoEProfiler:
             self._next_seq += b
         dev = shape_src.device
         mask = kwargs.get("attention_mask")
-        valid = mask[:, -s:].bool() if mask is not None and mask.dim() == 2 else torch.ones((b, s), dtype=torch.bool,
+        valid = mask[:, -s:].bool() if mask is not None and mask.dim() == 2 else torch.ones((b, s),
+                                                                                            dtype=torch.bool,
                                                                                                  device=dev)
         position = kwargs.get("position_ids")
         if position is None and mask is not None and mask.dim() == 2:
@@ -142,18 +146,21 @@ class MoEProfiler:
         assert self._capture is not None and self._sink is not None
         if self._tokens is None:
             return
-        if not self._capture.has_pending:  # the model ran, its routers' hooks did not: never lose passes silently
+        # the model ran, its routers' hooks did not: never lose passes silently
+        if not self._capture.has_pending:
             self._tokens = None
-            raise GraphRecordingError("the model ran but none of its routers' hooks did (a compiled or captured "
-                                      "region that skips forward hooks?); refusing to record a trace with missing "
-                                      "passes: run the model eagerly or with torch.compile's default mode")
+            raise GraphRecordingError("the model ran but none of its routers' hooks did (a compiled or "
+                                      "captured region that skips forward hooks?); refusing to record a "
+                                      "trace with missing passes: run the model eagerly or with "
+                                      "torch.compile's default mode")
         blocks = self._capture.end_pass(self._tokens)
         self._step += 1
         if blocks:
-            self._sink.submit(blocks, self._tokens.valid.shape[0] if self._tokens.phase == PHASE_PREFILL else 0)
+            self._sink.submit(blocks,
+                              self._tokens.valid.shape[0] if self._tokens.phase == PHASE_PREFILL else 0)
         self._tokens = None
 
-    # -- results -----------------------------------------------------------------------------------------------
+    # -- results ---------------------------------------------------------------------------------------------
     def metadata(self) -> TraceMetadata:
         return build_metadata(self.model, self.layout, model_id=self.model_id, token_ids=self.token_ids,
                               save_logits=self.save_logits, notes={"recorded_with": "MoEProfiler"})
@@ -186,13 +193,15 @@ class MoEProfiler:
         tokens = sum(c.num_tokens for c in self.chunks)
         table = Table(title=f"MoE routing: {self.model_id} ({tokens:,} tokens, top-{meta.top_k} of "
                             f"{meta.num_experts} experts)")
-        for col in ("layer", "module", "busiest expert", "max share", "max/mean", "idle experts", "expert GFLOPs"):
+        for col in ("layer", "module", "busiest expert", "max share", "max/mean", "idle experts",
+                    "expert GFLOPs"):
             table.add_column(col, justify="left" if col == "module" else "right")
         counts = self.expert_counts()
-        for layer, name, row in zip(meta.moe_layers, meta.moe_module_names, layer_loads(counts, meta.moe_layers), strict=True):
+        for layer, name, row in zip(meta.moe_layers, meta.moe_module_names,
+                                    layer_loads(counts, meta.moe_layers), strict=True):
             gflops = row.assignments * meta.flops_per_assignment / 1e9
-            table.add_row(str(layer), name, str(row.top_expert), f"{row.top_share:.1%}", f"{row.max_over_mean:.2f}",
-                          str(row.idle), f"{gflops:,.3f}")
+            table.add_row(str(layer), name, str(row.top_expert), f"{row.top_share:.1%}",
+                          f"{row.max_over_mean:.2f}", str(row.idle), f"{gflops:,.3f}")
         console.print(table)
 
     def save(self, path: str | Path, *, force: bool = False) -> Path:

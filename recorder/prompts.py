@@ -30,7 +30,8 @@ class PromptSet:
 
 
 def load_prompts(path: str | Path, prompt_field: str = "text") -> PromptSet:
-    """Parse and check the whole prompts file up front, so a malformed line fails before anything is recorded."""
+    """Parse and check the whole prompts file up front, so a malformed line fails before anything is
+    recorded."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -81,7 +82,8 @@ def _parse_jsonl(path: Path, lines: list[str], prompt_field: str) -> tuple[list[
                 for m in msgs
             )
             if not ok:
-                raise InputError(f"{path}:{i}: 'messages' must be a non-empty list of {{role, content}} strings")
+                raise InputError(f"{path}:{i}: 'messages' must be a non-empty list of {{role, content}} "
+                                 "strings")
             prompts.append(Prompt(messages=msgs, line=i))
         else:
             raise InputError(f"{path}:{i}: no {prompt_field!r} field and no 'messages' (see --prompt-field)")
@@ -89,11 +91,13 @@ def _parse_jsonl(path: Path, lines: list[str], prompt_field: str) -> tuple[list[
 
 
 def render(prompt: Prompt, tokenizer: Any, source: Path) -> tuple[str, bool]:
-    """(text, add_special_tokens): chat messages through the chat template, which adds its own special tokens."""
+    """(text, add_special_tokens): chat messages through the chat template, which adds its own special
+    tokens."""
     if prompt.messages is None:
         return prompt.text or "", True
     if not getattr(tokenizer, "chat_template", None):
-        raise InputError(f"{source}:{prompt.line}: chat messages given but the tokenizer has no chat template")
+        raise InputError(f"{source}:{prompt.line}: chat messages given but the tokenizer has no chat "
+                         "template")
     try:
         text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # template errors come from jinja with many types

@@ -1,10 +1,11 @@
-"""Recording across ranks: `torchrun --nproc-per-node N moe-rec record ...` splits the prompts over N processes.
+"""Recording across ranks: `torchrun --nproc-per-node N moe-rec record ...` splits the prompts over N
+processes.
 
 Each rank records the prompts i with i mod N == rank into its own shard `<name>-rank<r><ext>` (crash-safe and
 resumable like any trace). Sequence ids stay the global prompt indices, and step r + N x (the rank's own pass
 count) numbers every forward pass of every rank uniquely, so `moe-sim` opens the shards (a glob such as
-`trace-rank*.h5`) as one trace whose per-token routing is what one process records. The ranks meet once, at the
-end (gloo, CPU tensors only), so that rank 0 can print the whole run's summary.
+`trace-rank*.h5`) as one trace whose per-token routing is what one process records. The ranks meet once, at
+the end (gloo, CPU tensors only), so that rank 0 can print the whole run's summary.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class RankInfo:
 def rank_from_env(env: Mapping[str, str] = os.environ) -> RankInfo:
     """RankInfo from torchrun's RANK, WORLD_SIZE and LOCAL_RANK (one plain process without them)."""
     world = int(env.get("WORLD_SIZE", "1"))
-    return RankInfo(int(env.get("RANK", "0")), world, int(env.get("LOCAL_RANK", "0"))) if world > 1 else RankInfo()
+    return RankInfo(int(env.get("RANK", "0")), world,
+                    int(env.get("LOCAL_RANK", "0"))) if world > 1 else RankInfo()
 
 
 def shard_path(output: Path, rank: int) -> Path:
@@ -40,7 +42,8 @@ def shard_path(output: Path, rank: int) -> Path:
 
 
 def rank_prompts(num_prompts: int, info: RankInfo) -> list[int]:
-    """The prompt indices this rank records: every world_size-th, so lengths in a sorted file spread evenly."""
+    """The prompt indices this rank records: every world_size-th, so lengths in a sorted file spread
+    evenly."""
     return list(range(info.rank, num_prompts, info.world_size))
 
 

@@ -1,9 +1,10 @@
-"""record(): run a model over a prompts file (prefill, then optional greedy decode) and write its routing trace.
+"""record(): run a model over a prompts file (prefill, then optional greedy decode) and write its routing
+trace.
 
-Crash safety: the trace is written under `<output>.partial` one whole prompt batch at a time and renamed only when
-the run completes. Ctrl-C, SIGTERM, a bad prompt or an error leave the `.partial` file with every completed batch;
-`--resume` reads which prompts it holds and continues with the rest. On CUDA out-of-memory a batch is split in two
-and retried, and later batches keep the smaller size.
+Crash safety: the trace is written under `<output>.partial` one whole prompt batch at a time and renamed only
+when the run completes. Ctrl-C, SIGTERM, a bad prompt or an error leave the `.partial` file with every
+completed batch; `--resume` reads which prompts it holds and continues with the rest. On CUDA out-of-memory a
+batch is split in two and retried, and later batches keep the smaller size.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def read_resume_state(partial: Path, meta: TraceMetadata) -> ResumeState:
         mine, theirs = meta.contract(), old.contract()
         diff = sorted(k for k in mine if k not in ("created_at",) and mine.get(k) != theirs.get(k))
         if diff:
-            raise InputError(f"{partial}: was recorded with other settings ({', '.join(diff[:4])}); cannot --resume")
+            raise InputError(f"{partial}: was recorded with other settings ({', '.join(diff[:4])}); cannot "
+                             "--resume")
         done: set[int] = set()
         last_step = -1
         for chunk in trace.iter_chunks(("seq_id", "step")):
@@ -101,8 +103,9 @@ def read_resume_state(partial: Path, meta: TraceMetadata) -> ResumeState:
 class BatchRunner:
     """Runs one batch of prompts (prefill + greedy decode) and returns its passes, splitting on CUDA OOM."""
 
-    def __init__(self, model: Any, tokenizer: Any, capture: RoutingCapture, prompts: PromptSet, cfg: RecordConfig,
-                 device: torch.device, console: Console, first_step: int = 0, step_stride: int = 1):
+    def __init__(self, model: Any, tokenizer: Any, capture: RoutingCapture, prompts: PromptSet,
+                 cfg: RecordConfig, device: torch.device, console: Console, first_step: int = 0,
+                 step_stride: int = 1):
         self.model, self.tokenizer, self.capture = model, tokenizer, capture
         self.prompts, self.cfg, self.device, self.console = prompts, cfg, device, console
         self.step = first_step
@@ -130,12 +133,14 @@ class BatchRunner:
         return rows
 
     def run(self, seq_ids: list[int]) -> list[tuple[list[HostBlock], int]]:
-        """[(blocks of a sub-batch, its number of prompts)]: one entry, or several after out-of-memory splits."""
+        """[(blocks of a sub-batch, its number of prompts)]: one entry, or several after out-of-memory
+        splits."""
         start_step, truncated = self.step, self.truncated
         try:
             return [(self._run(seq_ids), len(seq_ids))]
         except torch.OutOfMemoryError:
-            pass  # handled below, out of the except block, so the traceback's tensors are freed before retrying
+            # handled below, out of the except block, so the traceback's tensors are freed before retrying
+            pass
         self.capture.clear()
         self.step, self.truncated = start_step, truncated
         if self.device.type == "cuda":
@@ -178,9 +183,11 @@ class BatchRunner:
         self.capture.clear()
         out = self._forward(input_ids=ids_dev, attention_mask=mask_dev, position_ids=position_dev,
                             use_cache=new_tokens > 0)
-        # Passes are filed into the capture's window; a block's copy to the host starts when a window fills, the
-        # pass shape changes (prefill -> decode) or the batch ends, so a batch's blocks hold exactly its passes.
-        blocks = self.capture.end_pass(PassTokens(seq, position_dev, ids_dev, mask_dev, PHASE_PREFILL, self.step))
+        # Passes are filed into the capture's window; a block's copy to the host starts when a window fills,
+        # the pass shape changes (prefill -> decode) or the batch ends, so a batch's blocks hold exactly its
+        # passes.
+        blocks = self.capture.end_pass(PassTokens(seq, position_dev, ids_dev, mask_dev, PHASE_PREFILL,
+                                                  self.step))
         self.step += self.step_stride
         if new_tokens == 0:
             return blocks + self.capture.collect()
@@ -239,7 +246,8 @@ def _progress(console: Console, enabled: bool) -> Progress:
 
 
 def record(cfg: RecordConfig, console: Console | None = None) -> RecordResult:
-    """Record the routing of cfg.model over cfg.prompts into cfg.output. See the module docstring for safety."""
+    """Record the routing of cfg.model over cfg.prompts into cfg.output. See the module docstring for
+    safety."""
     console = console or Console(stderr=True)
     ranks = RankInfo(cfg.rank, cfg.world_size, cfg.local_rank)
     if not 0 <= ranks.rank < ranks.world_size:
@@ -250,7 +258,8 @@ def record(cfg: RecordConfig, console: Console | None = None) -> RecordResult:
     if out.exists() and not cfg.force:
         raise InputError(f"{out}: already exists (pass --force to overwrite)")
     if partial.exists() and not (cfg.resume or cfg.force):
-        raise InputError(f"{partial}: an interrupted trace is here (pass --resume to continue it or --force to start over)")
+        raise InputError(f"{partial}: an interrupted trace is here (pass --resume to continue it or --force "
+                         "to start over)")
     if cfg.batch_size < 1 or cfg.max_length < 1 or cfg.max_new_tokens < 0:
         raise InputError("--batch-size and --max-length must be at least 1, --max-new-tokens at least 0")
     prompts = load_prompts(cfg.prompts, cfg.prompt_field)
@@ -276,7 +285,8 @@ def record(cfg: RecordConfig, console: Console | None = None) -> RecordResult:
     # steps: rank r numbers its passes r, r + N, r + 2N, ... (N ranks), so passes of all shards stay distinct
     first_step = resume.next_step - 1 + ranks.world_size if resume.tokens else ranks.rank
     writer = open_writer(out, meta, force=cfg.force, resume=cfg.resume and not cfg.force)
-    capture = RoutingCapture(layout, save_logits=cfg.save_logits, window_passes=WINDOW_PASSES, copy_in_writer=True)
+    capture = RoutingCapture(layout, save_logits=cfg.save_logits, window_passes=WINDOW_PASSES,
+                             copy_in_writer=True)
     runner = BatchRunner(model, tokenizer, capture, prompts, cfg, device, console, first_step=first_step,
                          step_stride=ranks.world_size)
     progress = _progress(console, cfg.progress)
@@ -328,8 +338,8 @@ def print_summary(result: RecordResult, max_length: int, console: Console) -> No
     """The closing summary: tokens, file, size, bytes per token, time."""
     size = result.path.stat().st_size
     if result.truncated:
-        console.print(f"[yellow]warning:[/] {result.truncated} prompt(s) longer than --max-length {max_length} "
-                      "were truncated")
+        console.print(f"[yellow]warning:[/] {result.truncated} prompt(s) longer than --max-length "
+                      f"{max_length} were truncated")
     if result.blank_lines:
         console.print(f"skipped {result.blank_lines} blank line(s) in the prompts file")
     per_token = size / result.total_tokens if result.total_tokens else 0.0

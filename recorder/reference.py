@@ -1,7 +1,7 @@
 """Plain NumPy routing, written from the model papers' definitions, to check recorded routing against.
 
-It shares no code with the models or the recorder: tests feed it the hidden states that reached each router and
-the router's weights, and compare its top-k ids and weights with what the recorder wrote.
+It shares no code with the models or the recorder: tests feed it the hidden states that reached each router
+and the router's weights, and compare its top-k ids and weights with what the recorder wrote.
 """
 
 from __future__ import annotations
@@ -33,11 +33,14 @@ def reference_routing(
     scaling: float = 1.0,
     softmax_over_top_k: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k expert ids and the weights the experts are scaled by. hidden [T, H], weight [E, H] -> [T, K] each.
+    """Top-k expert ids and the weights the experts are scaled by. hidden [T, H], weight [E, H] -> [T, K]
+    each.
 
-    softmax: probabilities over all experts, the k largest, optionally renormalised (OLMoE, Mixtral, Qwen-MoE).
-    sigmoid: DeepSeek-V3: choose with sigmoid + correction bias inside the best `topk_group` of `n_group` groups
-             (group score = sum of its two best), weigh with the plain sigmoid, optionally renormalise, then scale.
+    softmax: probabilities over all experts, the k largest, optionally renormalised (OLMoE, Mixtral,
+    Qwen-MoE). sigmoid: DeepSeek-V3: choose with sigmoid + correction bias inside the best `topk_group` of
+    `n_group` groups
+             (group score = sum of its two best), weigh with the plain sigmoid, optionally renormalise, then
+             scale.
     softmax_over_top_k: GPT-OSS: the k largest logits, then a softmax over those k.
     """
     logits = hidden.astype(np.float64) @ weight.astype(np.float64).T

@@ -1,8 +1,9 @@
 """Find a model's MoE routers and learn their conventions.
 
 Routers are found by model type (an adapter names the router's attribute and the routing semantics) with a
-structural fallback for unknown models: a child named `gate` or `router` of a block that also has `experts`, inside
-`layers.<i>`. A probe call on random input tells which output convention the installed transformers uses:
+structural fallback for unknown models: a child named `gate` or `router` of a block that also has `experts`,
+inside `layers.<i>`. A probe call on random input tells which output convention the installed transformers
+uses:
 
 - "3-tuple": (logits [T, E], top-k weights [T, K], ids [T, K])  -- transformers 5.x
 - "2-tuple": (dense scores [T, E], ids [T, K])                   -- early transformers 5.0 releases
@@ -122,8 +123,8 @@ def topk_from_logits(logits: torch.Tensor, top_k: int, *, norm_topk_prob: bool,
                      softmax_over_top_k: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """A softmax router's choice from its raw logits [T, E]: (weights [T, K] float32, ids [T, K]).
 
-    softmax over all experts, the k most probable, renormalised when norm_topk_prob; or (GPT-OSS) the k largest
-    logits and a softmax over those k. Ties go to the lower expert id, as torch.topk breaks them.
+    softmax over all experts, the k most probable, renormalised when norm_topk_prob; or (GPT-OSS) the k
+    largest logits and a softmax over those k. Ties go to the lower expert id, as torch.topk breaks them.
     """
     if softmax_over_top_k:
         top, ids = torch.topk(logits.float(), top_k, dim=-1)
@@ -136,7 +137,8 @@ def topk_from_logits(logits: torch.Tensor, top_k: int, *, norm_topk_prob: bool,
 
 
 def find_router_sites(model: nn.Module, model_type: str) -> tuple[list[RouterSite], str]:
-    """Routers by the model type's adapter, else by structure. Returns (sites sorted by layer, adapter name)."""
+    """Routers by the model type's adapter, else by structure. Returns (sites sorted by layer, adapter
+    name)."""
     modules = dict(model.named_modules())
     adapter = ADAPTERS.get(model_type)
     if adapter is not None:
@@ -169,7 +171,8 @@ def _expert_intermediate_size(model: nn.Module, site: RouterSite, config: Any) -
         hidden = int(_cfg(config, "hidden_size"))
         a, b = int(down.shape[1]), int(down.shape[2])
         return b if a == hidden else a
-    return int(_cfg(config, "moe_intermediate_size", "expert_intermediate_size", "intermediate_size", default=0))
+    return int(_cfg(config, "moe_intermediate_size", "expert_intermediate_size", "intermediate_size",
+                    default=0))
 
 
 def _router_param(module: nn.Module) -> torch.Tensor:
@@ -188,13 +191,15 @@ def probe_router(module: nn.Module, hidden_size: int, top_k: int) -> tuple[str, 
     if isinstance(out, torch.Tensor):
         return "logits", "logits", False
     if not isinstance(out, tuple | list) or len(out) not in (2, 3):
-        raise InputError(f"router {type(module).__name__} returned {type(out).__name__}; cannot read its routing")
+        raise InputError(f"router {type(module).__name__} returned {type(out).__name__}; cannot read its "
+                         "routing")
     first = out[0].float().reshape(-1, out[0].shape[-1])
     ids = out[-1]
     if ids.dtype.is_floating_point:
         raise InputError(f"router {type(module).__name__}: last output is not integer expert ids")
     in_unit = bool(((first >= 0) & (first <= 1)).all())
-    sums_to_one = bool(torch.allclose(first.sum(-1), torch.ones(first.shape[0], device=first.device), atol=1e-2))
+    sums_to_one = bool(torch.allclose(first.sum(-1), torch.ones(first.shape[0], device=first.device),
+                                      atol=1e-2))
     nonzero = int((first != 0).sum(-1).max())
     scattered = in_unit and nonzero <= top_k
     kind = "probabilities" if in_unit and (sums_to_one or scattered) else "logits"
@@ -210,15 +215,17 @@ def discover_routers(model: nn.Module) -> RouterLayout:
     sites, adapter_name = find_router_sites(model, model_type)
     if not sites:
         raise InputError(
-            f"model {getattr(model.config, 'name_or_path', '') or type(model).__name__} ({model_type}) has no MoE "
-            "router (no 'gate' or 'router' module beside 'experts' in its decoder layers)"
+            f"model {getattr(model.config, 'name_or_path', '') or type(model).__name__} ({model_type}) has "
+            "no MoE router (no 'gate' or 'router' module beside 'experts' in its decoder layers)"
         )
     first = sites[0].module
     param = _router_param(first)
     num_experts = int(getattr(first, "num_experts", 0) or param.shape[0])
-    top_k = int(getattr(first, "top_k", 0) or _cfg(config, "num_experts_per_tok", "moe_top_k", "top_k", default=0))
+    top_k = int(getattr(first, "top_k", 0) or _cfg(config, "num_experts_per_tok", "moe_top_k", "top_k",
+                                                   default=0))
     if top_k <= 0:
-        raise InputError(f"model type {model_type}: cannot tell the router's top-k from the model or its config")
+        raise InputError(f"model type {model_type}: cannot tell the router's top-k from the model or its "
+                         "config")
     hidden = int(_cfg(config, "hidden_size"))
     convention, first_output, dense_scores = probe_router(first, hidden, top_k)
     scoring, norm = routing_semantics(adapter_name, config)

@@ -22,13 +22,14 @@ _STOP = object()  # queue marker: write everything and end the thread
 class TraceSink:
     """Background writer: turns batches of HostBlock into trace chunks, in order, with bounded memory.
 
-    Every time the thread takes Python's GIL it stalls the main thread, whose decode loop is bound by how fast it
-    launches kernels; so the thread sleeps on its queue (no GIL, no periodic wake-ups) until a batch arrives, wakes
-    at most once per `poll_seconds`, waits for the block's copy with the GIL released, and appends to the file only
-    once `flush_bytes` have gathered or `flush_seconds` have passed (few, large appends). Appends happen only at
-    batch boundaries, so an interrupted trace holds whole batches; close() writes whatever is pending. `submit`
-    blocks while more than `max_bytes` of pinned buffers wait (back-pressure; converted data waiting for an append
-    is bounded by `flush_bytes`). With `writer=None` the chunks are kept in `self.chunks`.
+    Every time the thread takes Python's GIL it stalls the main thread, whose decode loop is bound by how fast
+    it launches kernels; so the thread sleeps on its queue (no GIL, no periodic wake-ups) until a batch
+    arrives, wakes at most once per `poll_seconds`, waits for the block's copy with the GIL released, and
+    appends to the file only once `flush_bytes` have gathered or `flush_seconds` have passed (few, large
+    appends). Appends happen only at batch boundaries, so an interrupted trace holds whole batches; close()
+    writes whatever is pending. `submit` blocks while more than `max_bytes` of pinned buffers wait
+    (back-pressure; converted data waiting for an append is bounded by `flush_bytes`). With `writer=None` the
+    chunks are kept in `self.chunks`.
     """
 
     def __init__(
@@ -70,7 +71,8 @@ class TraceSink:
         with self._cond:
             if self._in_flight > 0 and self._in_flight + nbytes > self.max_bytes:
                 self._queue.put(_FLUSH)
-                while self._in_flight > 0 and self._in_flight + nbytes > self.max_bytes and self._error is None:
+                while (self._in_flight > 0 and self._in_flight + nbytes > self.max_bytes
+                       and self._error is None):
                     self._cond.wait()
             self._raise_if_failed()
             self._in_flight += nbytes
@@ -107,8 +109,8 @@ class TraceSink:
                 nbytes = sum(b.nbytes for b in blocks)
                 try:
                     if self._error is None:
-                        # Waits for the copy with the GIL released; copying out frees the pinned buffers at once,
-                        # so the pinned allocator keeps reusing a few blocks.
+                        # Waits for the copy with the GIL released; copying out frees the pinned buffers at
+                        # once, so the pinned allocator keeps reusing a few blocks.
                         for b in blocks:
                             b.start()  # launches the copy of a block filed with copy_in_writer
                         pending.extend(b.release() for b in blocks)
@@ -123,7 +125,8 @@ class TraceSink:
                         self._in_flight -= nbytes
                         self._cond.notify_all()
             del items
-            due = urgent or pending_bytes >= self.flush_bytes or time.monotonic() - last_flush >= self.flush_seconds
+            due = (urgent or pending_bytes >= self.flush_bytes
+                   or time.monotonic() - last_flush >= self.flush_seconds)
             if due and pending:
                 try:
                     if self._error is None:

@@ -1,5 +1,6 @@
-"""The simulator's Python API: replay a trace on a GPU layout, plan the cheapest layout for a throughput target,
-replay periodic rebalancing, and load hardware; each result has a `render_*` text form and `to_dict()` for JSON.
+"""The simulator's Python API: replay a trace on a GPU layout, plan the cheapest layout for a throughput
+target, replay periodic rebalancing, and load hardware; each result has a `render_*` text form and `to_dict()`
+for JSON.
 
     from traces import open_trace
     import simulator
@@ -23,7 +24,8 @@ import traces as _traces  # noqa: F401  (sets Numba's cache directory before any
 # public name -> (module, name there). The entry points are replay_trace / plan_trace / rebalance_trace: the
 # subpackages simulator.replay and simulator.plan take the bare names.
 _API = {
-    "ReplayConfig": ("simulator.replay", "ReplayConfig"), "ReplayResult": ("simulator.replay", "ReplayResult"),
+    "ReplayConfig": ("simulator.replay", "ReplayConfig"),
+    "ReplayResult": ("simulator.replay", "ReplayResult"),
     "VariantSummary": ("simulator.replay", "VariantSummary"), "replay_trace": ("simulator.replay", "replay"),
     "render_replay": ("simulator.replay.render", "render_replay"),
     "PlanConfig": ("simulator.plan", "PlanConfig"), "PlanResult": ("simulator.plan", "PlanResult"),
@@ -32,16 +34,18 @@ _API = {
     "RebalanceConfig": ("simulator.rebalance", "RebalanceConfig"),
     "RebalanceResult": ("simulator.rebalance", "RebalanceResult"),
     "RebalanceAdvice": ("simulator.rebalance", "RebalanceAdvice"),
-    "rebalance_trace": ("simulator.rebalance", "rebalance_trace"), "advise": ("simulator.rebalance", "advise"),
+    "rebalance_trace": ("simulator.rebalance", "rebalance_trace"),
+    "advise": ("simulator.rebalance", "advise"),
     "render_rebalance": ("simulator.rebalance.render", "render_rebalance"),
     "GpuSpec": ("simulator.hardware", "GpuSpec"), "load_hardware": ("simulator.hardware", "load_hardware"),
     "parse_hardware_list": ("simulator.hardware", "parse_hardware_list"),
 }
 
 __all__ = [
-    "Candidate", "GpuSpec", "PlanConfig", "PlanResult", "RebalanceAdvice", "RebalanceConfig", "RebalanceResult",
-    "ReplayConfig", "ReplayResult", "VariantSummary", "advise", "load_hardware", "parse_hardware_list", "plan_trace",
-    "rebalance_trace", "render_plan", "render_rebalance", "render_replay", "replay_trace",
+    "Candidate", "GpuSpec", "PlanConfig", "PlanResult", "RebalanceAdvice", "RebalanceConfig",
+    "RebalanceResult", "ReplayConfig", "ReplayResult", "VariantSummary", "advise", "load_hardware",
+    "parse_hardware_list",
+    "plan_trace", "rebalance_trace", "render_plan", "render_rebalance", "render_replay", "replay_trace",
 ]
 
 if TYPE_CHECKING:

@@ -23,8 +23,8 @@ def _set_workers(_ctx: click.Context, _param: click.Parameter, value: int | None
 
 workers_option = click.option(
     "--workers", type=int, default=None, expose_value=False, callback=_set_workers, metavar="N",
-    help="Threads the replay kernel spreads its placements and layouts over (default: every core). Results are "
-         "identical for any N.")
+    help="Threads the replay kernel spreads its placements and layouts over (default: every core). Results "
+         "are identical for any N.")
 
 
 def int_list(text: str, option: str) -> list[int]:

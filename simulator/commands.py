@@ -1,5 +1,6 @@
-"""`moe-sim replay` and `moe-sim plan`: parse options into a config, call the library, print its render_*() text or
-JSON. Tables are at the terminal's width, 120 columns when stdout is a pipe or a file and COLUMNS is not set."""
+"""`moe-sim replay` and `moe-sim plan`: parse options into a config, call the library, print its render_*()
+text or JSON. Tables are at the terminal's width, 120 columns when stdout is a pipe or a file and COLUMNS is
+not set."""
 
 from __future__ import annotations
 
@@ -26,28 +27,31 @@ from traces.reader import open_trace
 @click.command()
 @click.argument("trace", nargs=-1, required=True)
 @click.option("--gpus", type=int, default=8, show_default=True, help="Number of GPUs serving the experts.")
-@click.option("--gpus-per-node", type=int, default=8, show_default=True, help="GPUs per node (NVLink domain).")
+@click.option("--gpus-per-node", type=int, default=8, show_default=True,
+              help="GPUs per node (NVLink domain).")
 @click.option("--hardware", default="h100", show_default=True,
-              help="GPU preset (h100, h200, b200, a100, mi300x), a profile from `moe-sim calibrate`, or a YAML/JSON "
-                   "file with the GpuSpec fields.")
+              help="GPU preset (h100, h200, b200, a100, mi300x), a profile from `moe-sim calibrate`, or a "
+                   "YAML/JSON file with the GpuSpec fields.")
 @click.option("--cost-model", type=click.Choice(list(COST_MODELS)), default="profile", show_default=True,
-              help="profile: expert time from measured GPU kernels (a preset without its own profile is derived "
-                   "from the nearest measured one); roofline: peak figures x efficiencies (uncalibrated).")
+              help="profile: expert time from measured GPU kernels (a preset without its own profile is "
+                   "derived from the nearest measured one); roofline: peak figures x efficiencies "
+                   "(uncalibrated).")
 @click.option("--placements", default=",".join(DEFAULT_PLACEMENTS), show_default=True,
               help="Comma-separated policies to compare: contiguous, round-robin, balanced, replicated, "
                    "replicated-hier, coactivation, file:PATH.")
 @click.option("--redundant-experts", type=int, default=None,
-              help="Extra expert slots for replicated / coactivation (default: one per GPU, rounded so that the "
-                   "slots divide over the GPUs).")
+              help="Extra expert slots for replicated / coactivation (default: one per GPU, rounded so that "
+                   "the slots divide over the GPUs).")
 @click.option("--tokens-per-step", type=int, default=0, show_default=True,
               help="Regroup scored tokens into steps of this many (0: the recorded forward passes).")
 @click.option("--phase", type=click.Choice(list(PHASES)), default="all", show_default=True,
               help="Replay prefill tokens, decode tokens, or both.")
 @click.option("--fit-fraction", type=float, default=DEFAULT_FIT_FRACTION, show_default=True,
-              help="Fit placements on this leading share of the trace and score on the rest (0: fit and score on "
-                   "everything, which flatters fitted policies).")
+              help="Fit placements on this leading share of the trace and score on the rest (0: fit and "
+                   "score on everything, which flatters fitted policies).")
 @click.option("--capacity-factor", type=float, default=None,
-              help="Drop assignments over this factor x the even share per expert slot per step (default: none).")
+              help="Drop assignments over this factor x the even share per expert slot per step (default: "
+                   "none).")
 @click.option("--hbm-reserve", type=float, default=DEFAULT_HBM_RESERVE, show_default=True,
               help="Share of HBM kept for KV cache and activations.")
 @click.option("--per-layer", is_flag=True, help="Also print a per-layer breakdown.")
@@ -72,8 +76,8 @@ def replay_cmd(trace: tuple[str, ...], gpus: int, gpus_per_node: int, hardware: 
         num_gpus=gpus, gpus_per_node=gpus_per_node, hardware=load_hardware(hardware, cost_model),
         placements=tuple(names(placements)),
         redundant_experts=redundancy.redundant_experts,
-        tokens_per_step=tokens_per_step, phase=phase, fit_fraction=fit_fraction, capacity_factor=capacity_factor,
-        hbm_reserve=hbm_reserve,
+        tokens_per_step=tokens_per_step, phase=phase, fit_fraction=fit_fraction,
+        capacity_factor=capacity_factor, hbm_reserve=hbm_reserve,
     )
     with open_trace(list(trace)) as tr, progress_bar(tr.num_tokens, "replay", quiet or as_json) as progress:
         result = run_replay(tr, config, progress=progress)
@@ -85,7 +89,8 @@ def replay_cmd(trace: tuple[str, ...], gpus: int, gpus_per_node: int, hardware: 
         return
     if redundancy.note:
         sys.stdout.write(f"Note: {redundancy.note}.\n")
-    sys.stdout.write(render_replay(result, per_layer=per_layer, width=output_width(), color=sys.stdout.isatty()))
+    sys.stdout.write(render_replay(result, per_layer=per_layer, width=output_width(),
+                                   color=sys.stdout.isatty()))
 
 
 replay_cmd.name = "replay"
@@ -99,7 +104,8 @@ replay = replay_cmd  # (cli.py looks the command up as simulator.commands:replay
 @click.option("--hardware", default="h100", show_default=True,
               help="Comma-separated GPU presets or YAML/JSON files to compare.")
 @click.option("--cost-model", type=click.Choice(list(COST_MODELS)), default="profile", show_default=True,
-              help="profile: measured GPU kernels (see `moe-sim replay --help`); roofline: uncalibrated peaks.")
+              help="profile: measured GPU kernels (see `moe-sim replay --help`); roofline: uncalibrated "
+                   "peaks.")
 @click.option("--gpus", default="8,16,32,64", show_default=True, help="Comma-separated GPU counts.")
 @click.option("--gpus-per-node", type=int, default=8, show_default=True, help="GPUs per node.")
 @click.option("--placements", default="contiguous,balanced,replicated", show_default=True,
@@ -107,27 +113,29 @@ replay = replay_cmd  # (cli.py looks the command up as simulator.commands:replay
 @click.option("--redundant-experts", default="0,8,16", show_default=True,
               help="Comma-separated redundant slot counts for replicating policies.")
 @click.option("--tokens-per-gpu", default=None, metavar="B[,B...]",
-              help="Comma-separated per-GPU batches: a step on G GPUs holds B x G tokens of one phase (attention is "
-                   "data-parallel, so each GPU brings its own batch). Default by --phase: "
+              help="Comma-separated per-GPU batches: a step on G GPUs holds B x G tokens of one phase "
+                   "(attention is data-parallel, so each GPU brings its own batch). Default by --phase: "
                    + "; ".join(f"{k} {','.join(map(str, v))}" for k, v in DEFAULT_TOKENS_PER_GPU.items())
                    + " (docs/cost-model.md says why).")
 @click.option("--tokens-per-step", default=None, metavar="N[,N...]",
-              help="Comma-separated absolute step sizes in tokens, whatever the GPU count (0: the recorded forward "
-                   "passes). Not with --tokens-per-gpu.")
-@click.option("--max-step-ms", type=float, default=None, help="Latency bound on the p95 whole-model step time.")
+              help="Comma-separated absolute step sizes in tokens, whatever the GPU count (0: the recorded "
+                   "forward passes). Not with --tokens-per-gpu.")
+@click.option("--max-step-ms", type=float, default=None,
+              help="Latency bound on the p95 whole-model step time.")
 @click.option("--phase", type=click.Choice(list(PHASES)), default="all", show_default=True,
               help="Plan for prefill tokens, decode tokens, or both.")
 @click.option("--fit-fraction", type=float, default=DEFAULT_FIT_FRACTION, show_default=True,
               help="Leading share of the trace placements are fitted on; the rest is scored.")
-@click.option("--capacity-factor", type=float, default=None, help="Drop assignments over this factor (default: none).")
+@click.option("--capacity-factor", type=float, default=None,
+              help="Drop assignments over this factor (default: none).")
 @click.option("--hbm-reserve", type=float, default=DEFAULT_HBM_RESERVE, show_default=True,
               help="Share of HBM kept for KV cache and activations.")
 @click.option("--context-tokens", type=int, default=DEFAULT_CONTEXT_TOKENS, show_default=True,
               help="Attention context assumed when estimating non-expert FLOPs.")
 @click.option("--gpu-hour-cost", default=None, metavar="GPU=PRICE[,...]",
               help="Price per GPU-hour, e.g. h100=2.5,b200=6 (your prices; none are built in; also "
-                   "price_per_gpu_hour in a hardware file). With a price for every GPU type, layouts are ranked by "
-                   "cost per hour and cost per million tokens is shown.")
+                   "price_per_gpu_hour in a hardware file). With a price for every GPU type, layouts are "
+                   "ranked by cost per hour and cost per million tokens is shown.")
 @click.option("--all", "show_all", is_flag=True, help="Print every grid point, not only the frontier.")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout instead of tables.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -136,14 +144,15 @@ def plan_cmd(trace: tuple[str, ...], target_tokens_per_s: float, hardware: str, 
              gpus_per_node: int,
              placements: str, redundant_experts: str, tokens_per_gpu: str | None, tokens_per_step: str | None,
              max_step_ms: float | None, phase: str, fit_fraction: float, capacity_factor: float | None,
-             hbm_reserve: float, context_tokens: int, gpu_hour_cost: str | None, show_all: bool, as_json: bool,
-             quiet: bool, load_file: str | None = None, load_model: str | None = None,
+             hbm_reserve: float, context_tokens: int, gpu_hour_cost: str | None, show_all: bool,
+             as_json: bool, quiet: bool, load_file: str | None = None, load_model: str | None = None,
              load_tokens: int = DEFAULT_LOAD_TOKENS) -> None:
     """Sweep hardware x GPUs x placement x redundancy x batch over TRACE in one pass and recommend a layout.
 
     The recommendation meets the throughput target and the latency bound with its weights in HBM next to the
-    reserve, and is the cheapest per hour when every GPU type has a price (--gpu-hour-cost), else the one with the
-    fewest GPUs; then the lowest step time. Batches are per GPU by default, so more GPUs mean larger steps.
+    reserve, and is the cheapest per hour when every GPU type has a price (--gpu-hour-cost), else the one with
+    the fewest GPUs; then the lowest step time. Batches are per GPU by default, so more GPUs mean larger
+    steps.
     """
     gpu_specs = parse_hardware_list(hardware, cost_model)
     if gpu_hour_cost is not None:

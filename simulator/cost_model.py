@@ -1,7 +1,7 @@
 """The cost model's constants and small formulas (docs/cost-model.md explains each, with sources).
 
-Peak hardware figures live in hardware.py; this module turns them into the effective rates the kernels use, and
-estimates the model's non-expert work and memory from the trace metadata. No I/O.
+Peak hardware figures live in hardware.py; this module turns them into the effective rates the kernels use,
+and estimates the model's non-expert work and memory from the trace metadata. No I/O.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from traces.schema import TraceMetadata
 MATMUL_EFFICIENCY = 790 / 989
 # Also measured here: device-to-device copy about 3.0 TB/s on H100 (peak 3.35 TB/s).
 HBM_EFFICIENCY = 3.0 / 3.35
-# DeepEP normal kernels (deepseek-ai/DeepEP README), intranode EP8 on H800: dispatch 153 GB/s, combine 158 GB/s,
-# against H800 NVLink's 200 GB/s per direction (400 GB/s bidirectional). The H100 NCCL all-reduce bus bandwidth
-# measured here, 355 of 450 GB/s (0.79), agrees.
+# DeepEP normal kernels (deepseek-ai/DeepEP README), intranode EP8 on H800: dispatch 153 GB/s, combine 158
+# GB/s, against H800 NVLink's 200 GB/s per direction (400 GB/s bidirectional). The H100 NCCL all-reduce bus
+# bandwidth measured here, 355 of 450 GB/s (0.79), agrees.
 H800_NVLINK_PER_DIRECTION = 200e9
 SCALE_UP_DISPATCH_EFFICIENCY = 153e9 / H800_NVLINK_PER_DIRECTION
 SCALE_UP_COMBINE_EFFICIENCY = 158e9 / H800_NVLINK_PER_DIRECTION
@@ -38,9 +38,10 @@ SCALE_OUT_COMBINE_EFFICIENCY = 43e9 / CX7_PER_DIRECTION
 BF16_BYTES = 2  # serving precision of weights and of dispatched / combined activations
 DEFAULT_HBM_RESERVE = 0.30  # share of HBM kept for KV cache, activations and the runtime (stated assumption)
 DEFAULT_CONTEXT_TOKENS = 2048  # attention context assumed for the non-expert estimate (stated assumption)
-# Default per-GPU batches swept by `plan` (tokens per GPU per step; docs/cost-model.md "Batch per GPU" says why):
-# decode-sized around DeepEP's low-latency setting of 128 tokens per GPU, prefill-sized around its normal-kernel
-# setting of 4096, and for mixed traffic a decode-sized, a middle and a chunked-prefill-sized batch.
+# Default per-GPU batches swept by `plan` (tokens per GPU per step; docs/cost-model.md "Batch per GPU" says
+# why): decode-sized around DeepEP's low-latency setting of 128 tokens per GPU, prefill-sized around its
+# normal-kernel setting of 4096, and for mixed traffic a decode-sized, a middle and a chunked-prefill-sized
+# batch.
 DEFAULT_TOKENS_PER_GPU = {"decode": (32, 128, 512), "prefill": (1024, 4096, 16384), "all": (128, 1024, 4096)}
 
 
@@ -81,7 +82,8 @@ def _source(prof: CostProfile, same_gpu: bool, shape_note: str | None) -> str:
     """The one wording of what priced expert time, for tables, JSON, reports and `moe-sim hardware`."""
     if same_gpu and shape_note is None:
         return f"measured profile {prof.label}"
-    parts = ([] if same_gpu else [f"from {prof.hardware} by datasheet ratios"]) + ([shape_note] if shape_note else [])
+    parts = ([] if same_gpu
+             else [f"from {prof.hardware} by datasheet ratios"]) + ([shape_note] if shape_note else [])
     return f"extrapolated ({'; '.join(parts)}) of profile {prof.label}"
 
 
@@ -106,7 +108,8 @@ def pricing_for(gpu: GpuSpec, meta: TraceMetadata) -> Pricing:
 
 
 def non_expert_key(meta: TraceMetadata) -> tuple[tuple[str, int], ...]:
-    return tuple(sorted({"hidden_size": meta.hidden_size, "num_attention_heads": meta.num_attention_heads or 0,
+    return tuple(sorted({"hidden_size": meta.hidden_size,
+                         "num_attention_heads": meta.num_attention_heads or 0,
                          "num_key_value_heads": meta.num_key_value_heads or 0, "head_dim": meta.head_dim or 0,
                          "vocab_size": meta.vocab_size or 0, "num_experts": meta.num_experts,
                          "num_shared_experts": meta.num_shared_experts,
@@ -126,13 +129,16 @@ def _pricing(gpu: GpuSpec, hidden: int, ffn: int, activation: str, flops_per_row
     if not exact or not same:
         rf = rt = None
         if not same:
-            rf = X.roofline_table(expert_bytes, flops_per_row, measured_on.bf16_flops, measured_on.hbm_bandwidth)
+            rf = X.roofline_table(expert_bytes, flops_per_row, measured_on.bf16_flops,
+                                  measured_on.hbm_bandwidth)
             rt = X.roofline_table(expert_bytes, flops_per_row, gpu.bf16_flops, gpu.hbm_bandwidth)
-        work = X.scale_expert_work(work, shape_ratio=hidden * ffn / (shape.hidden_size * shape.expert_intermediate_size),
+        work = X.scale_expert_work(work, shape_ratio=hidden * ffn
+                                   / (shape.hidden_size * shape.expert_intermediate_size),
                                    hidden_ratio=hidden / shape.hidden_size, roofline_from=rf, roofline_to=rt,
                                    hbm_ratio=measured_on.hbm_bandwidth / gpu.hbm_bandwidth)
     source = _source(prof, same, None if exact else f"from the measured shape {shape.shape_label}")
-    ne = shape.non_expert if exact and shape.non_expert is not None and _key_matches(shape, dict(ne_key)) else None
+    ne = shape.non_expert if exact and shape.non_expert is not None and _key_matches(shape,
+                                                                                     dict(ne_key)) else None
     comm = DEEPEP_COMMUNICATION
     if prof.communication.source == "measured":
         comm = f"measured all-to-all of profile {prof.label}" + ("" if same else f" (on {prof.hardware})")
@@ -145,8 +151,8 @@ def _key_matches(shape: ShapeProfile, key: dict[str, int]) -> bool:
 
 
 def cost_row(gpu: GpuSpec, meta: TraceMetadata | None = None) -> np.ndarray:
-    """[NUM_COST_COLUMNS] effective rates of one GPU in the kernels' C_* column order, with the measured expert
-    model of its profile for the trace's shapes (meta) when it has one."""
+    """[NUM_COST_COLUMNS] effective rates of one GPU in the kernels' C_* column order, with the measured
+    expert model of its profile for the trace's shapes (meta) when it has one."""
     row = np.zeros(K.NUM_COST_COLUMNS)
     row[K.C_FLOPS] = gpu.bf16_flops * MATMUL_EFFICIENCY
     row[K.C_HBM] = gpu.hbm_bandwidth * HBM_EFFICIENCY
@@ -214,9 +220,11 @@ def model_vector(meta: TraceMetadata, capacity_factor: float | None, weight_byte
 
 @dataclass(frozen=True)
 class NonExpertWork:
-    """Work outside the routed experts, per token and per GPU (data-parallel attention: each GPU holds a copy)."""
+    """Work outside the routed experts, per token and per GPU (data-parallel attention: each GPU holds a
+    copy)."""
 
-    flops_per_token: float  # attention projections and scores, dense FFN layers, shared experts, routers, LM head
+    # attention projections and scores, dense FFN layers, shared experts, routers, LM head
+    flops_per_token: float
     weight_bytes: float  # all non-expert weights (embeddings included), read once per step by every GPU
     assumptions: tuple[str, ...]
     meta: TraceMetadata | None = None  # for a profile's measured non-expert tables
@@ -242,8 +250,9 @@ class NonExpertWork:
             return self.roofline_seconds(gpu, tokens_per_gpu)
         meta = self.meta
         assert meta is not None
-        t = X.non_expert_seconds(pricing.non_expert, tokens_per_gpu, self.context_tokens, meta.num_hidden_layers,
-                                 meta.num_hidden_layers - meta.num_moe_layers, prefill)
+        t = X.non_expert_seconds(pricing.non_expert, tokens_per_gpu, self.context_tokens,
+                                 meta.num_hidden_layers, meta.num_hidden_layers - meta.num_moe_layers,
+                                 prefill)
         if not pricing.on_measured_gpu:
             t = t * self.roofline_seconds(gpu, tokens_per_gpu) / self.roofline_seconds(pricing.measured_on,
                                                                                        tokens_per_gpu)
@@ -252,7 +261,8 @@ class NonExpertWork:
 
 def non_expert_work(meta: TraceMetadata, context_tokens: int = DEFAULT_CONTEXT_TOKENS,
                     weight_bytes: int = BF16_BYTES) -> NonExpertWork:
-    """Estimate non-expert FLOPs per token and weight bytes from the trace metadata (2 FLOPs per weight per token)."""
+    """Estimate non-expert FLOPs per token and weight bytes from the trace metadata (2 FLOPs per weight per
+    token)."""
     notes = []
     h = meta.hidden_size
     layers = meta.num_hidden_layers
@@ -263,14 +273,16 @@ def non_expert_work(meta: TraceMetadata, context_tokens: int = DEFAULT_CONTEXT_T
     else:
         q_dim = h
         attn_params = 4 * h * h
-        notes.append("attention heads missing from metadata: assumed 4 x hidden^2 projection weights per layer")
+        notes.append("attention heads missing from metadata: assumed 4 x hidden^2 projection weights per "
+                     "layer")
     # scores and weighted sum: 2 matmuls of q_dim x context per token per layer, 2 FLOPs per multiply-add
     attn_score_flops = 4 * q_dim * context_tokens * layers
     notes.append(f"attention over a context of {context_tokens} tokens per token")
     dense_layers = layers - meta.num_moe_layers
     ffn_mats = expert_matrices(meta)
     dense_params = dense_layers * ffn_mats * h * meta.dense_intermediate_size
-    shared_params = meta.num_moe_layers * meta.num_shared_experts * ffn_mats * h * meta.shared_expert_intermediate_size
+    shared_params = (meta.num_moe_layers * meta.num_shared_experts * ffn_mats * h
+                     * meta.shared_expert_intermediate_size)
     router_params = meta.num_moe_layers * h * meta.num_experts
     lm_head = h * meta.vocab_size
     if not meta.vocab_size:

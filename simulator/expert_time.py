@@ -1,19 +1,22 @@
-"""The calibrated expert-time model: pure formulas over a profile's tables (docs/cost-model.md, "Measured expert time").
+"""The calibrated expert-time model: pure formulas over a profile's tables (docs/cost-model.md, "Measured
+expert time").
 
-One GPU's routed-expert time in one layer, from its per-expert assignment counts c_e (after capacity dropping):
+One GPU's routed-expert time in one layer, from its per-expert assignment counts c_e (after capacity
+dropping):
 
     T = R(a) + G(x, W),   a = sum c_e,  x = #{e : c_e > 0},
     W = sum over e with c_e > 0 of ceil(c_e / tile) x tile
 
-G is the measured grouped-GEMM table, bilinear in (log2 x, log2 W) on log2 seconds, proportional in x or W past the
-grid's last point. R is the measured non-GEMM work (sort, gather, activation, weighting, scatter-add), linear in
-log-log between its grid points and proportional past the last; profiles written before R was measured carry a
-fitted line fixed + per_assignment x a instead. The kernel (kernels.profiled_expert_seconds) and the NumPy
-reference below compute the same thing.
+G is the measured grouped-GEMM table, bilinear in (log2 x, log2 W) on log2 seconds, proportional in x or W
+past the grid's last point. R is the measured non-GEMM work (sort, gather, activation, weighting,
+scatter-add), linear in log-log between its grid points and proportional past the last; profiles written
+before R was measured carry a fitted line fixed + per_assignment x a instead. The kernel
+(kernels.profiled_expert_seconds) and the NumPy reference below compute the same thing.
 
-Shapes and GPUs that were not measured are derived, never silently: a table measured for hidden h0 x FFN f0 scales
-by (h f) / (h0 f0) (both the weight bytes and the FLOPs per row scale so); a table measured on one GPU moves to
-another by the ratio of the two GPUs' rooflines at each grid point, which keeps the measured efficiency.
+Shapes and GPUs that were not measured are derived, never silently: a table measured for hidden h0 x FFN f0
+scales by (h f) / (h0 f0) (both the weight bytes and the FLOPs per row scale so); a table measured on one GPU
+moves to another by the ratio of the two GPUs' rooflines at each grid point, which keeps the measured
+efficiency.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from simulator.profiles import (
 )
 
 NX, NW, NA = len(GRID_LOG2_EXPERTS), len(GRID_ROWS), len(GRID_LOG2_ASSIGNMENTS)
-LOG2_ROWS = np.log2(np.asarray(GRID_ROWS, dtype=np.float64))  # [NW] positions of the rows grid, not evenly spaced
+# [NW] positions of the rows grid, not evenly spaced
+LOG2_ROWS = np.log2(np.asarray(GRID_ROWS, dtype=np.float64))
 TILE_CANDIDATES = (1, 16, 32, 64, 128, 256)
 
 
@@ -68,12 +72,13 @@ def grid_rows() -> np.ndarray:
 def fill_table(measured: np.ndarray) -> np.ndarray:
     """A complete, monotone [NX, NW] table from measurements (NaN where not measured).
 
-    Each row's measurements are first made non-decreasing by isotonic regression on log2 seconds (noise averaged,
-    not kept). Rows left of their first measurement (fewer rows than experts: impossible in practice) take that first value;
-    right of their last, time grows in proportion to rows, capped by what more experts measured at the same rows
-    (so a guess never overrides a measurement in the running maximum below); an unmeasured x between measured ones is interpolated in
-    log-log, and above the largest measured x time grows in proportion to x. Then a running maximum along rows and along experts makes the table monotone in both, so the model is
-    monotone in the counts.
+    Each row's measurements are first made non-decreasing by isotonic regression on log2 seconds (noise
+    averaged, not kept). Rows left of their first measurement (fewer rows than experts: impossible in
+    practice) take that first value; right of their last, time grows in proportion to rows, capped by what
+    more experts measured at the same rows (so a guess never overrides a measurement in the running maximum
+    below); an unmeasured x between measured ones is interpolated in log-log, and above the largest measured x
+    time grows in proportion to x. Then a running maximum along rows and along experts makes the table
+    monotone in both, so the model is monotone in the counts.
     """
     t = np.array(measured, dtype=np.float64)
     if t.shape != (NX, NW):
@@ -96,8 +101,8 @@ def fill_table(measured: np.ndarray) -> np.ndarray:
             gap = np.flatnonzero(inner)
             t[i, gap] = 2 ** np.interp(LOG2_ROWS[gap], LOG2_ROWS[ok], np.log2(t[i, ok]))
         for j in range(ok[-1] + 1, NW):
-            # past the row's last point: in proportion to rows, but never above what more experts measured at the
-            # same rows (the same work spread over fewer experts reads fewer weights)
+            # past the row's last point: in proportion to rows, but never above what more experts measured at
+            # the same rows (the same work spread over fewer experts reads fewer weights)
             grown = t[i, j - 1] * w[j] / w[j - 1]
             more = raw[i + 1:, j]
             more = more[np.isfinite(more)]
@@ -172,8 +177,8 @@ def expert_seconds(counts: np.ndarray, work: ExpertWork) -> float:
 
 @dataclass(frozen=True)
 class Sample:
-    """One measured count vector: its counts, the measured time of the whole local expert work and, where timed,
-    of its two GEMMs alone."""
+    """One measured count vector: its counts, the measured time of the whole local expert work and, where
+    timed, of its two GEMMs alone."""
 
     counts: np.ndarray
     seconds: float
@@ -201,9 +206,9 @@ def overhead_curve(points: list[tuple[int, float]]) -> np.ndarray:
 
 def fit_measured_work(measured_table: np.ndarray, samples: list[Sample],
                       overhead_points: list[tuple[int, float]]) -> ExpertWork:
-    """The model from measurements alone: G from the grid, R from its own points, and the tile that best explains
-    the skewed vectors' GEMM times. The vectors' whole-work times then check the model (residuals); nothing is
-    fitted to them."""
+    """The model from measurements alone: G from the grid, R from its own points, and the tile that best
+    explains the skewed vectors' GEMM times. The vectors' whole-work times then check the model (residuals);
+    nothing is fitted to them."""
     if not samples:
         raise ValueError("no samples to check")
     gemm_table = fill_table(measured_table)
@@ -224,18 +229,19 @@ def fit_measured_work(measured_table: np.ndarray, samples: list[Sample],
                             for s in samples), curve, tuple((int(a), float(t)) for a, t in overhead_points))
     rel = np.array([expert_seconds(s.counts, work) / s.seconds - 1 for s in samples])
     work.residuals.update({"vectors": float(len(samples)), "mean_abs": float(np.abs(rel).mean()),
-                           "p95_abs": float(np.percentile(np.abs(rel), 95)), "max_abs": float(np.abs(rel).max()),
-                           "mean_signed": float(rel.mean()), "gemm_mean_abs": gemm_error(tile)})
+                           "p95_abs": float(np.percentile(np.abs(rel), 95)),
+                           "max_abs": float(np.abs(rel).max()), "mean_signed": float(rel.mean()),
+                           "gemm_mean_abs": gemm_error(tile)})
     return work
 
 
 def fit_expert_work(gemm_table: np.ndarray, samples: list[Sample]) -> ExpertWork:
-    """Choose the tile and the fixed and per-assignment terms that best explain whole-work times of skewed counts
-    (the model of profiles without a measured R).
+    """Choose the tile and the fixed and per-assignment terms that best explain whole-work times of skewed
+    counts (the model of profiles without a measured R).
 
-    For each tile, the non-GEMM remainder (measured - G) is fitted as fixed + per_assignment x a by least squares
-    weighted by 1 / measured (relative error), both terms kept non-negative; the tile with the smallest mean
-    absolute relative error wins. Residuals are relative: (predicted - measured) / measured.
+    For each tile, the non-GEMM remainder (measured - G) is fitted as fixed + per_assignment x a by least
+    squares weighted by 1 / measured (relative error), both terms kept non-negative; the tile with the
+    smallest mean absolute relative error wins. Residuals are relative: (predicted - measured) / measured.
     """
     if not samples:
         raise ValueError("no samples to fit")
@@ -244,7 +250,8 @@ def fit_expert_work(gemm_table: np.ndarray, samples: list[Sample]) -> ExpertWork
     best: tuple[float, ExpertWork] | None = None
     for tile in TILE_CANDIDATES:
         x = [float((s.counts > 0).sum()) for s in samples]
-        g = np.array([gemm_lookup(gemm_table, xi, padded_rows(s.counts, tile)) for xi, s in zip(x, samples, strict=True)])
+        g = np.array([gemm_lookup(gemm_table, xi, padded_rows(s.counts, tile))
+                      for xi, s in zip(x, samples, strict=True)])
         fixed, per = _nonneg_fit(a, meas - g, 1.0 / meas)
         rel = (fixed + per * a + g - meas) / meas
         err = float(np.abs(rel).mean())
@@ -260,7 +267,8 @@ def fit_expert_work(gemm_table: np.ndarray, samples: list[Sample]) -> ExpertWork
 
 
 def _nonneg_fit(a: np.ndarray, y: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
-    """min sum (weight (f + p a - y))^2 over f, p >= 0 (two unknowns: try the unconstrained and both edges)."""
+    """min sum (weight (f + p a - y))^2 over f, p >= 0 (two unknowns: try the unconstrained and both
+    edges)."""
     cands = []
     design = np.stack([np.ones_like(a), a], axis=1) * weight[:, None]
     sol, *_ = np.linalg.lstsq(design, y * weight, rcond=None)
@@ -275,7 +283,8 @@ def _nonneg_fit(a: np.ndarray, y: np.ndarray, weight: np.ndarray) -> tuple[float
 
 
 def roofline_table(expert_bytes: float, flops_per_row: float, flops: float, hbm: float) -> np.ndarray:
-    """[NX, NW] roofline of the grouped GEMMs at the grid points: max(x weight bytes / HBM, W FLOPs / FLOP/s)."""
+    """[NX, NW] roofline of the grouped GEMMs at the grid points: max(x weight bytes / HBM, W FLOPs /
+    FLOP/s)."""
     x = grid_experts()[:, None]
     w = grid_rows()[None, :]
     return np.maximum(x * expert_bytes / hbm, w * flops_per_row / flops)
@@ -284,31 +293,34 @@ def roofline_table(expert_bytes: float, flops_per_row: float, flops: float, hbm:
 def scale_expert_work(work: ExpertWork, *, shape_ratio: float, hidden_ratio: float,
                       roofline_from: np.ndarray | None = None, roofline_to: np.ndarray | None = None,
                       hbm_ratio: float = 1.0) -> ExpertWork:
-    """A measured expert model moved to another shape (shape_ratio = h f / h0 f0, hidden_ratio = h / h0) and, when
-    rooflines are given, to another GPU (table x roofline_to / roofline_from; the per-assignment work, which is
-    memory-bound, x hbm_ratio = HBM bandwidth measured on / HBM bandwidth of the target). R keeps its value at one
-    assignment (launch latency, which neither ratio moves) and scales what grows beyond it."""
+    """A measured expert model moved to another shape (shape_ratio = h f / h0 f0, hidden_ratio = h / h0) and,
+    when rooflines are given, to another GPU (table x roofline_to / roofline_from; the per-assignment work,
+    which is memory-bound, x hbm_ratio = HBM bandwidth measured on / HBM bandwidth of the target). R keeps its
+    value at one assignment (launch latency, which neither ratio moves) and scales what grows beyond it."""
     table = work.gemm_seconds * shape_ratio
     if roofline_from is not None and roofline_to is not None:
         table = table * roofline_to / roofline_from
     table = np.maximum.accumulate(np.maximum.accumulate(table, axis=1), axis=0)
     rest = hidden_ratio * hbm_ratio
-    return ExpertWork(table, work.tile_rows, work.fixed_seconds, work.per_assignment_seconds * rest, work.residuals,
-                      overhead_seconds=None if work.overhead_seconds is None
-                      else work.overhead_seconds[0] + (work.overhead_seconds - work.overhead_seconds[0]) * rest)
+    overhead = work.overhead_seconds
+    if overhead is not None:
+        overhead = overhead[0] + (overhead - overhead[0]) * rest
+    return ExpertWork(table, work.tile_rows, work.fixed_seconds, work.per_assignment_seconds * rest,
+                      work.residuals, overhead_seconds=overhead)
 
 
 def non_expert_seconds(ne: NonExpertWork, tokens: np.ndarray, context: int, layers: int,
                        dense_layers: int, prefill: np.ndarray | bool = False) -> np.ndarray:
     """Measured non-expert time of a step for each per-GPU batch in tokens [n]: layers x per-layer work at the
-    context (linear in context between measured ones, extended past the last) + dense FFN layers + the LM head.
-    prefill [n] (or one flag for all) picks the prefill table (causal attention over sequences of `context`
-    tokens) over the decode one (each token over `context` cached keys)."""
+    context (linear in context between measured ones, extended past the last) + dense FFN layers + the LM
+    head. prefill [n] (or one flag for all) picks the prefill table (causal attention over sequences of
+    `context` tokens) over the decode one (each token over `context` cached keys)."""
     pre = np.broadcast_to(np.asarray(prefill, dtype=bool), np.shape(tokens))
     decode_s = _non_expert(ne, ne.layer_seconds, tokens, context, layers, dense_layers)
     if not pre.any():
         return decode_s
-    return np.where(pre, _non_expert(ne, ne.prefill_layer_seconds, tokens, context, layers, dense_layers), decode_s)
+    return np.where(pre, _non_expert(ne, ne.prefill_layer_seconds, tokens, context, layers, dense_layers),
+                    decode_s)
 
 
 def _non_expert(ne: NonExpertWork, table: np.ndarray, tokens: np.ndarray, context: int, layers: int,

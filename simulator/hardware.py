@@ -1,8 +1,8 @@
 """Hardware the simulator prices a replay on: one GPU spec and a cluster layout (GPUs, GPUs per node).
 
 Every constant below is quoted once, with its source; docs/cost-model.md explains how each is used.
-Bandwidths are per GPU and per direction. Custom hardware comes from a YAML or JSON file with the same field names
-(`load_hardware`).
+Bandwidths are per GPU and per direction. Custom hardware comes from a YAML or JSON file with the same field
+names (`load_hardware`).
 """
 
 from __future__ import annotations
@@ -20,18 +20,19 @@ TB = 1e12
 US = 1e-6
 
 # Latencies are not in the datasheets: these are stated assumptions (typical one-hop NVLink and
-# InfiniBand/RoCE message latencies), applied once per dispatch and once per combine per layer. Override them in a
-# hardware file.
+# InfiniBand/RoCE message latencies), applied once per dispatch and once per combine per layer. Override them
+# in a hardware file.
 ASSUMED_SCALE_UP_LATENCY = 3 * US
 ASSUMED_SCALE_OUT_LATENCY = 10 * US
-# One 400 Gb/s NIC per GPU is about 50 GB/s per direction (ConnectX-7; 8 per 8-GPU node in MLPerf Inference v6.0
-# B200 system descriptions).
+# One 400 Gb/s NIC per GPU is about 50 GB/s per direction (ConnectX-7; 8 per 8-GPU node in MLPerf Inference
+# v6.0 B200 system descriptions).
 NIC_400G_BANDWIDTH = 50 * GB
 
 
 @dataclass(frozen=True)
 class GpuSpec:
-    """One accelerator. Peak figures; the cost model applies measured efficiencies on top (docs/cost-model.md)."""
+    """One accelerator. Peak figures; the cost model applies measured efficiencies on top
+    (docs/cost-model.md)."""
 
     name: str
     bf16_flops: float  # dense BF16 FLOP/s (no sparsity)
@@ -42,8 +43,8 @@ class GpuSpec:
     scale_up_latency: float = ASSUMED_SCALE_UP_LATENCY  # seconds per all-to-all phase inside a node
     scale_out_latency: float = ASSUMED_SCALE_OUT_LATENCY  # seconds per all-to-all phase across nodes
     price_per_gpu_hour: float | None = None  # optional, for cost-aware comparisons
-    # Measured cost profile (simulator/profiles.py) that prices expert and non-expert work; None: roofline only.
-    # A profile measured on another GPU is moved to this one by datasheet ratios (expert_time.py).
+    # Measured cost profile (simulator/profiles.py) that prices expert and non-expert work; None: roofline
+    # only. A profile measured on another GPU is moved to this one by datasheet ratios (expert_time.py).
     profile: str | None = None
 
     def __post_init__(self) -> None:
@@ -58,7 +59,8 @@ class GpuSpec:
     def from_name(cls, name: str) -> GpuSpec:
         key = name.strip().lower()
         if key not in PRESETS:
-            raise InputError(f"--hardware: unknown GPU {name!r}; presets are {', '.join(PRESETS)} (or give a YAML/JSON file)")
+            raise InputError(f"--hardware: unknown GPU {name!r}; presets are {', '.join(PRESETS)} (or give a "
+                             "YAML/JSON file)")
         return PRESETS[key]
 
     @classmethod
@@ -97,7 +99,8 @@ class GpuSpec:
 # 400 Gb/s NIC per GPU for every preset.
 PRESETS: dict[str, GpuSpec] = {
     "a100": GpuSpec("a100", bf16_flops=312 * TB, hbm_bytes=80 * GB, hbm_bandwidth=2.0 * TB,
-                    scale_up_bandwidth=300 * GB, scale_out_bandwidth=NIC_400G_BANDWIDTH),  # A100 SXM 80 GB, NVLink3
+                    # A100 SXM 80 GB, NVLink3
+                    scale_up_bandwidth=300 * GB, scale_out_bandwidth=NIC_400G_BANDWIDTH),
     "h100": GpuSpec("h100", bf16_flops=989 * TB, hbm_bytes=80 * GB, hbm_bandwidth=3.35 * TB,
                     scale_up_bandwidth=450 * GB, scale_out_bandwidth=NIC_400G_BANDWIDTH),  # H100 SXM, NVLink4
     "h200": GpuSpec("h200", bf16_flops=989 * TB, hbm_bytes=141 * GB, hbm_bandwidth=4.8 * TB,
@@ -114,7 +117,8 @@ PRESETS: dict[str, GpuSpec] = {
 
 @dataclass(frozen=True)
 class ClusterLayout:
-    """G GPUs in nodes of gpus_per_node; the all-to-all is NVLink-class inside a node and NIC-class across nodes."""
+    """G GPUs in nodes of gpus_per_node; the all-to-all is NVLink-class inside a node and NIC-class across
+    nodes."""
 
     num_gpus: int
     gpus_per_node: int
@@ -141,8 +145,8 @@ COST_MODELS = ("profile", "roofline")
 
 
 def load_hardware(name_or_path: str, cost_model: str = "profile") -> GpuSpec:
-    """A preset name (h100, h200, b200, a100, mi300x), a cost profile written by `moe-sim calibrate`, or a YAML/JSON
-    file with GpuSpec's fields.
+    """A preset name (h100, h200, b200, a100, mi300x), a cost profile written by `moe-sim calibrate`, or a
+    YAML/JSON file with GpuSpec's fields.
 
     cost_model "profile" (the default) prices a preset with its shipped measured profile, or with the nearest
     measured one moved by datasheet ratios; "roofline" prices with peak figures and efficiencies only.
@@ -189,7 +193,8 @@ def _load_spec(key: str) -> GpuSpec:
     if not isinstance(data, dict):
         raise InputError(f"{path}: hardware file must hold a mapping of field names to values")
     data.setdefault("name", path.stem)
-    if "profile" not in data:  # a hypothetical GPU is derived from the nearest measured one; `profile: null` opts out
+    # a hypothetical GPU is derived from the nearest measured one; `profile: null` opts out
+    if "profile" not in data:
         measured = nearest_shipped_profile()
         data["profile"] = str(measured) if measured else None
     elif data["profile"] is not None:

@@ -1,4 +1,5 @@
-"""`moe-sim hardware`: the GPU presets, their figures and sources, what prices each, and a hardware file's fields."""
+"""`moe-sim hardware`: the GPU presets, their figures and sources, what prices each, and a hardware file's
+fields."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def hardware(as_json: bool) -> None:
     specs = [load_hardware(name) for name in PRESETS]
     fields = [f.name for f in dataclasses.fields(GpuSpec)]
     if as_json:
-        json.dump({"presets": [s.to_dict() | {"source": SOURCES.get(s.name, ""), "priced_by": gpu_pricing_source(s)}
+        json.dump({"presets": [s.to_dict() | {"source": SOURCES.get(s.name, ""),
+                                              "priced_by": gpu_pricing_source(s)}
                                for s in specs], "fields": fields}, sys.stdout)
         sys.stdout.write("\n")
         return
@@ -42,5 +44,5 @@ def hardware(as_json: bool) -> None:
                    f"scale-out {units.si(s.scale_out_bandwidth, 'B/s')}")
         click.echo(f"        source: {SOURCES.get(s.name, '-')}; expert time: {gpu_pricing_source(s)}")
     click.echo("Latencies: 3 us per all-to-all phase inside a node, 10 us across (stated assumptions).")
-    click.echo(f"Hardware file fields: {', '.join(fields)} (required: "
-               f"{', '.join(f.name for f in dataclasses.fields(GpuSpec) if f.default is dataclasses.MISSING)}).")
+    required = [f.name for f in dataclasses.fields(GpuSpec) if f.default is dataclasses.MISSING]
+    click.echo(f"Hardware file fields: {', '.join(fields)} (required: {', '.join(required)}).")

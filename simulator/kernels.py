@@ -1,18 +1,19 @@
-"""Numba replay kernels over plain arrays (no I/O): route each token's top-k experts to physical slots of several
-placements at once, count per step, and price each finished step on several GPU types.
+"""Numba replay kernels over plain arrays (no I/O): route each token's top-k experts to physical slots of
+several placements at once, count per step, and price each finished step on several GPU types.
 
-Shape legend: T tokens in a chunk, L MoE layers, K top-k, E experts, V placements ("variants"), H hardware specs,
-G GPUs (padded to the largest variant's), S slots per GPU, M = G*S slots, N nodes.
+Shape legend: T tokens in a chunk, L MoE layers, K top-k, E experts, V placements ("variants"), H hardware
+specs, G GPUs (padded to the largest variant's), S slots per GPU, M = G*S slots, N nodes.
 
 Per-step accumulator of one variant: acc [L, W] int64 with W = M + 2G + 2N columns:
   [0, M)            assignments per physical slot (slot = gpu * S + s)
   [M, M+G)          scale-up sends per GPU: unique (token, destination GPU) pairs inside the source's node
   [M+G, M+2G)       scale-up receives per GPU
-  [M+2G, M+2G+N)    scale-out sends per node: unique (token, destination node) pairs, destination != source node
+  [M+2G, M+2G+N)    scale-out sends per node: unique (token, destination node) pairs, destination is not
+                    the source node
   [M+2G+N, W)       scale-out receives per node
-Replica rule: a token's source GPU is (global token index) mod G. If the source GPU holds a replica of the expert,
-that replica serves it; otherwise replica number ((token index) div G) mod (replica count), which spreads every
-source GPU's tokens evenly over the replicas.
+Replica rule: a token's source GPU is (global token index) mod G. If the source GPU holds a replica of the
+expert, that replica serves it; otherwise replica number ((token index) div G) mod (replica count), which
+spreads every source GPU's tokens evenly over the replicas.
 """
 
 from __future__ import annotations
@@ -24,29 +25,32 @@ from numba import njit
 
 from traces.errors import InputError
 
-# Columns of the cost array, one row per hardware spec: effective FLOP/s, effective HBM bytes/s, effective scale-up
-# bytes/s for dispatch and combine, effective scale-out bytes/s per NIC for dispatch and combine, latencies (s).
+# Columns of the cost array, one row per hardware spec: effective FLOP/s, effective HBM bytes/s, effective
+# scale-up bytes/s for dispatch and combine, effective scale-out bytes/s per NIC for dispatch and combine,
+# latencies (s).
 C_FLOPS, C_HBM, C_SU_DISPATCH, C_SU_COMBINE, C_SO_DISPATCH, C_SO_COMBINE, C_SU_LAT, C_SO_LAT = range(8)
-# A measured profile (expert_time.py) adds: a flag (1: price expert work from the profile, 0: roofline), the tile of
-# rows, the fixed and per-assignment seconds, then the grouped-GEMM table as log2 seconds, row-major
-# [PROFILE_NX (log2 experts 0..8), PROFILE_NW (rows 1, 2, 3, 4, 6, 8, 12, ... 98304, 131072: profiles.GRID_ROWS)].
+# A measured profile (expert_time.py) adds: a flag (1: price expert work from the profile, 0: roofline), the
+# tile of rows, the fixed and per-assignment seconds, then the grouped-GEMM table as log2 seconds, row-major
+# [PROFILE_NX (log2 experts 0..8), PROFILE_NW (rows 1, 2, 3, 4, 6, 8, 12, ... 98304, 131072:
+# profiles.GRID_ROWS)].
 C_PROFILED, C_TILE, C_FIXED, C_PER_ASSIGN, C_TABLE = 8, 9, 10, 11, 12
 PROFILE_NX, PROFILE_NW = 9, 34
 LOG2_3_HALVES = np.log2(1.5)  # 3 x 2^(k-1) sits log2(1.5) above 2^k on the rows grid
-PROFILE_LOG2_ROWS = np.log2(np.array([1.0] + [f * 2.0**k for k in range(1, 17) for f in (1.0, 1.5)] + [2.0**17]))
-# Then G(x, x tile) for x = 0 .. SMALL_MAX: the GEMM time when every local expert has at most one tile of rows (all
-# decode-sized steps), looked up instead of interpolated, which keeps replay's speed.
+PROFILE_LOG2_ROWS = np.log2(np.array([1.0] + [f * 2.0**k for k in range(1, 17) for f in (1.0, 1.5)]
+                                     + [2.0**17]))
+# Then G(x, x tile) for x = 0 .. SMALL_MAX: the GEMM time when every local expert has at most one tile of rows
+# (all decode-sized steps), looked up instead of interpolated, which keeps replay's speed.
 C_SMALL = C_TABLE + PROFILE_NX * PROFILE_NW
 SMALL_MAX = 256
 # Then the measured non-GEMM work R(a): a flag (1: present) and log2 seconds at a = 2^0 .. 2^(PROFILE_NA - 1).
 C_OVERHEAD = C_SMALL + SMALL_MAX + 1
 PROFILE_NA = 17
-# Then R(a) in seconds for a = 0 .. SMALL_MAX, the kernel's own interpolation tabulated (decode-sized steps look it
-# up instead of taking a log and a power for every GPU, layer and step).
+# Then R(a) in seconds for a = 0 .. SMALL_MAX, the kernel's own interpolation tabulated (decode-sized steps
+# look it up instead of taking a log and a power for every GPU, layer and step).
 C_OVERHEAD_SMALL = C_OVERHEAD + 1 + PROFILE_NA
 NUM_COST_COLUMNS = C_OVERHEAD_SMALL + SMALL_MAX + 1
-# Entries of the model array: FLOPs per assignment, bytes of one expert's weights, bytes sent per token copy in
-# dispatch and in combine, capacity factor (<= 0: no capacity limit), top-k.
+# Entries of the model array: FLOPs per assignment, bytes of one expert's weights, bytes sent per token copy
+# in dispatch and in combine, capacity factor (<= 0: no capacity limit), top-k.
 M_FLOPS, M_EXPERT_BYTES, M_DISPATCH_BYTES, M_COMBINE_BYTES, M_CAPACITY_FACTOR, M_TOP_K = range(6)
 NUM_MODEL_ENTRIES = 6
 # Time components, in this order everywhere: expert compute, expert weight reads, dispatch, combine.
@@ -67,8 +71,9 @@ def available_cores() -> int:
 
 
 def set_workers(workers: int | None) -> int:
-    """Threads replay spreads its shards of the trace over: `workers`, or every core when None or 0. Returns the
-    number in use. Results do not depend on it (the shards are fixed by the trace, not by the thread count)."""
+    """Threads replay spreads its shards of the trace over: `workers`, or every core when None or 0. Returns
+    the number in use. Results do not depend on it (the shards are fixed by the trace, not by the thread
+    count)."""
     limit = available_cores()
     n = limit if not workers else int(workers)
     if n < 1 or n > limit:
@@ -95,7 +100,8 @@ def step_key(phase: int, sel_in_phase: int, recorded_step: int, tokens_per_step:
 @njit(cache=True, inline="always")
 def profiled_expert_seconds(row: np.ndarray, experts: int, rows: float, assignments: float) -> float:
     """One GPU's expert time in one layer from a profile row (expert_time.expert_seconds is the NumPy twin):
-    fixed + per-assignment x a + R(a) + G(x, W), G bilinear on log2 seconds in (log2 x, log2 W), proportional past the grid.
+    fixed + per-assignment x a + R(a) + G(x, W), G bilinear on log2 seconds in (log2 x, log2 W), proportional
+    past the grid.
     """
     t = row[C_FIXED] + row[C_PER_ASSIGN] * assignments
     if row[C_OVERHEAD] > 0:
@@ -137,7 +143,8 @@ def profiled_gemm_seconds(row: np.ndarray, experts: int, rows: float) -> float:
         scale *= rows / 2.0**top
         lw = top
     i = min(int(lx), PROFILE_NX - 2)
-    k = int(lw)  # W in [2^k, 2^(k+1)): columns 2k-1 (2^k), 2k (1.5 x 2^k), 2k+1 (2^(k+1)); W < 2 is column 0's
+    # W in [2^k, 2^(k+1)): columns 2k-1 (2^k), 2k (1.5 x 2^k), 2k+1 (2^(k+1)); W < 2 is column 0's
+    k = int(lw)
     if k == 0:
         j = 0
     elif lw - k < LOG2_3_HALVES:
@@ -157,15 +164,17 @@ def profiled_gemm_seconds(row: np.ndarray, experts: int, rows: float) -> float:
 def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gpus_per_node: int,
                used_slots: int, model: np.ndarray, cost: np.ndarray, comp: np.ndarray, tot_int: np.ndarray,
                tot_gpu: np.ndarray, step_time: np.ndarray) -> float:
-    """Price one finished step of one variant; return its load imbalance (sum of layer max / sum of layer mean).
+    """Price one finished step of one variant; return its load imbalance (sum of layer max / sum of layer
+    mean).
 
     acc [L, W] counts as in the module docstring; model [6]; cost [H, NUM_COST_COLUMNS].
     Adds seconds into comp [H, L, 4], dropped / active slots / busiest-GPU assignments / steps into
     tot_int [L, 8] and assignments per GPU into tot_gpu [L, G]; writes step_time [H] seconds.
-    Per layer: the slowest GPU's expert time, plus dispatch and combine, each the slower tier's max(send, receive)
-    bytes over its effective bandwidth plus that tier's latency. Expert time is the measured profile's
-    (profiled_expert_seconds) where the cost row has one, else the roofline max(FLOPs / FLOP/s, weight bytes / HBM
-    B/s); either way it is booked as compute or weights by which roofline term is the larger.
+    Per layer: the slowest GPU's expert time, plus dispatch and combine, each the slower tier's max(send,
+    receive) bytes over its effective bandwidth plus that tier's latency. Expert time is the measured
+    profile's (profiled_expert_seconds) where the cost row has one, else the roofline max(FLOPs / FLOP/s,
+    weight bytes / HBM B/s); either way it is booked as compute or weights by which roofline term is the
+    larger.
     """
     layers = acc.shape[0]
     m = num_gpus * slots_per_gpu
@@ -244,9 +253,11 @@ def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gp
                 disp = su_max * model[M_DISPATCH_BYTES] / cost[h, C_SU_DISPATCH] + cost[h, C_SU_LAT]
                 comb = su_max * model[M_COMBINE_BYTES] / cost[h, C_SU_COMBINE] + cost[h, C_SU_LAT]
             if so_max > 0:
-                # A node's scale-out traffic is spread over its gpus_per_node NICs (rail-optimised, as in DeepEP).
+                # A node's scale-out traffic is spread over its gpus_per_node NICs (rail-optimised, as in
+                # DeepEP).
                 per_nic = so_max / gpus_per_node
-                disp = max(disp, per_nic * model[M_DISPATCH_BYTES] / cost[h, C_SO_DISPATCH] + cost[h, C_SO_LAT])
+                disp = max(disp, per_nic * model[M_DISPATCH_BYTES] / cost[h, C_SO_DISPATCH]
+                           + cost[h, C_SO_LAT])
                 comb = max(comb, per_nic * model[M_COMBINE_BYTES] / cost[h, C_SO_COMBINE] + cost[h, C_SO_LAT])
             comp[h, layer, 0 if compute_bound[h] else 1] += t_expert[h]
             comp[h, layer, 2] += disp
@@ -261,8 +272,9 @@ def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gp
 def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int, phase_filter: int,
                  score_start: int, var_gpus: np.ndarray, var_slots: np.ndarray, var_gpn: np.ndarray,
                  var_tps: np.ndarray, var_used: np.ndarray, var_phase: np.ndarray, rep_count: np.ndarray,
-                 rep_slot: np.ndarray, local_slot: np.ndarray, slot_gpu: np.ndarray, model: np.ndarray, cost: np.ndarray,
-                 sel_count: np.ndarray, cur_key: np.ndarray, cur_ntok: np.ndarray, acc: np.ndarray,
+                 rep_slot: np.ndarray, local_slot: np.ndarray, slot_gpu: np.ndarray, model: np.ndarray,
+                 cost: np.ndarray, sel_count: np.ndarray, cur_key: np.ndarray, cur_ntok: np.ndarray,
+                 acc: np.ndarray,
                  fresh: np.ndarray, head_key: np.ndarray, head_ntok: np.ndarray, head_acc: np.ndarray,
                  tot_gpu: np.ndarray, tot_int: np.ndarray, comp: np.ndarray,
                  out_imb: np.ndarray, out_time: np.ndarray, out_ntok: np.ndarray, out_n: np.ndarray) -> None:
@@ -270,33 +282,34 @@ def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int
 
     ids [T, L, K]; steps, phases [T]; t0: global index of the chunk's first token. A token is scored when its
     phase matches phase_filter (-1: both) and its global index >= score_start.
-    Variant v: var_gpus, var_slots, var_gpn, var_tps (tokens per step, 0 = recorded steps), var_used (slots holding
-    an expert), var_phase (-1: every scored token; else only that phase's, so one pass can replay prefill and decode
-    apart) [V]; rep_count [V, L, E]; rep_slot [V, L, E, R] slot index of each replica; local_slot [V, L, E, G]
-    the slot of expert e on GPU g (-1: none there); slot_gpu [V, M] the GPU of each slot (lookups, not divisions,
-    in the inner loop). model [6], cost [H, 8].
+    Variant v: var_gpus, var_slots, var_gpn, var_tps (tokens per step, 0 = recorded steps), var_used (slots
+    holding an expert), var_phase (-1: every scored token; else only that phase's, so one pass can replay
+    prefill and decode apart) [V]; rep_count [V, L, E]; rep_slot [V, L, E, R] slot index of each replica;
+    local_slot [V, L, E, G] the slot of expert e on GPU g (-1: none there); slot_gpu [V, M] the GPU of each
+    slot (lookups, not divisions, in the inner loop). model [6], cost [H, 8].
     State carried from chunk to chunk: sel_count [2] scored tokens per phase; cur_key, cur_ntok [V] and
-    acc [V, L, W] (the open step); fresh [V] (1 until the segment's first step closes) and head_key, head_ntok [V],
-    head_acc [V, L, W]: a segment's first step is kept unpriced, because it may continue a step from the segment
-    before it (replay.Segment.merge).
-    Totals: tot_gpu [V, L, G] assignments per GPU (added when a step is priced); tot_int [V, L, 8] (I_* columns);
-    comp [V, H, L, 4] seconds.
+    acc [V, L, W] (the open step); fresh [V] (1 until the segment's first step closes) and head_key, head_ntok
+    [V], head_acc [V, L, W]: a segment's first step is kept unpriced, because it may continue a step from the
+    segment before it (replay.Segment.merge).
+    Totals: tot_gpu [V, L, G] assignments per GPU (added when a step is priced); tot_int [V, L, 8] (I_*
+    columns); comp [V, H, L, 4] seconds.
     Per closed step: out_imb [V, T + 1], out_time [V, H, T + 1], out_ntok [V, T + 1]; out_n [V] counts them.
     """
     n_tok, layers, top_k = ids.shape
     n_var = var_gpus.shape[0]
     g_max = tot_gpu.shape[2]
-    # Per-variant scratch: each variant writes only its own rows. The kernel holds no GIL, so run_variants replays
-    # shards of the trace on several threads at once.
+    # Per-variant scratch: each variant writes only its own rows. The kernel holds no GIL, so run_variants
+    # replays shards of the trace on several threads at once.
     mark_gpu = -np.ones((n_var, g_max), dtype=np.int64)  # stamp of the last (token, layer) sent to each GPU
     mark_node = -np.ones((n_var, g_max), dtype=np.int64)  # ... and to each node (nodes <= GPUs)
     step_times = np.zeros((n_var, cost.shape[0]))
     sel_start = sel_count.copy()
     # Variant-outer: each variant's counters stay in one core's cache while it walks the chunk.
     for v in range(n_var):
-        _replay_variant(v, ids, steps, phases, t0, phase_filter, score_start, var_gpus, var_slots, var_gpn, var_tps,
-                        var_used, var_phase, rep_count, rep_slot, local_slot, slot_gpu, model, cost, sel_start.copy(),
-                        cur_key, cur_ntok, acc, fresh, head_key, head_ntok, head_acc, tot_gpu, tot_int, comp,
+        _replay_variant(v, ids, steps, phases, t0, phase_filter, score_start, var_gpus, var_slots, var_gpn,
+                        var_tps, var_used, var_phase, rep_count, rep_slot, local_slot, slot_gpu, model, cost,
+                        sel_start.copy(), cur_key, cur_ntok, acc, fresh, head_key, head_ntok, head_acc,
+                        tot_gpu, tot_int, comp,
                         out_imb, out_time, out_ntok, out_n, mark_gpu[v], mark_node[v], step_times[v])
     for i in range(n_tok):  # scored tokens per phase, as every variant counted them
         if (phase_filter < 0 or phases[i] == phase_filter) and t0 + i >= score_start:
@@ -304,8 +317,9 @@ def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int
 
 
 @njit(cache=True, nogil=True)
-def _replay_variant(v: int, ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int, phase_filter: int,
-                    score_start: int, var_gpus: np.ndarray, var_slots: np.ndarray, var_gpn: np.ndarray,
+def _replay_variant(v: int, ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int,
+                    phase_filter: int, score_start: int, var_gpus: np.ndarray, var_slots: np.ndarray,
+                    var_gpn: np.ndarray,
                     var_tps: np.ndarray, var_used: np.ndarray, var_phase: np.ndarray, rep_count: np.ndarray,
                     rep_slot: np.ndarray, local_slot: np.ndarray, slot_gpu: np.ndarray, model: np.ndarray,
                     cost: np.ndarray, sel_count: np.ndarray, cur_key: np.ndarray, cur_ntok: np.ndarray,

@@ -2,12 +2,13 @@
 
 A GPU's load in a layer is the assignments it serves (an expert's load split evenly over its replicas).
 
-- step imbalance (the headline): per step, the busiest GPU's load summed over layers; summed over the steps and
-  divided by the same sum of the mean GPU's load. Step time is set by the busiest GPU within each step, so this is
-  the figure that tracks step time; it is token-weighted (a step counts by its load) and changes with the step size.
-- aggregate imbalance: the same ratio with the whole scored part taken as one step (per layer, the busiest GPU's
-  total load). It is blind to how load moves between steps, so it does not change with the step size and is never
-  above the step imbalance.
+- step imbalance (the headline): per step, the busiest GPU's load summed over layers; summed over the steps
+  and divided by the same sum of the mean GPU's load. Step time is set by the busiest GPU within each step, so
+  this is the figure that tracks step time; it is token-weighted (a step counts by its load) and changes with
+  the step size.
+- aggregate imbalance: the same ratio with the whole scored part taken as one step (per layer, the busiest
+  GPU's total load). It is blind to how load moves between steps, so it does not change with the step size and
+  is never above the step imbalance.
 - per-step percentiles (p50 / p95 / p99): of each step's own ratio, unweighted.
 """
 
@@ -15,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-STEP_IMBALANCE = ("step imbalance: per step, the busiest GPU's load summed over layers, summed over steps, over the "
-                  "same sum of the mean GPU's load (what sets step time)")
+STEP_IMBALANCE = ("step imbalance: per step, the busiest GPU's load summed over layers, summed over steps, "
+                  "over the same sum of the mean GPU's load (what sets step time)")
 AGGREGATE_IMBALANCE = ("aggregate imbalance: the same with the whole scored part as one step (per layer, the "
                        "busiest GPU's total load; blind to the step size)")
 STEP_PERCENTILE = "step p95: 95th percentile of each step's own imbalance"
@@ -28,7 +29,8 @@ def ratio(peaks: float, means: float) -> float:
 
 
 def step_imbalance(step_peaks: np.ndarray, step_means: np.ndarray) -> float:
-    """Step imbalance from per-step figures. step_peaks, step_means: [steps] layer-summed busiest / mean GPU load."""
+    """Step imbalance from per-step figures. step_peaks, step_means: [steps] layer-summed busiest / mean GPU
+    load."""
     return ratio(float(np.sum(step_peaks)), float(np.sum(step_means)))
 
 

@@ -14,15 +14,17 @@ from traces.errors import InputError
 from traces.reader import DEFAULT_CHUNK_TOKENS
 from traces.schema import PHASE_DECODE, PHASE_PREFILL
 
-PHASES = {"all": -1, "prefill": PHASE_PREFILL, "decode": PHASE_DECODE}  # --phase name -> phase code (-1: both)
-# Fit on the first quarter of the (phase-selected) tokens, score on the other three quarters: placements are never
-# scored on the tokens they were fitted to, and the scored part stays the larger one.
+# --phase name -> phase code (-1: both)
+PHASES = {"all": -1, "prefill": PHASE_PREFILL, "decode": PHASE_DECODE}
+# Fit on the first quarter of the (phase-selected) tokens, score on the other three quarters: placements are
+# never scored on the tokens they were fitted to, and the scored part stays the larger one.
 DEFAULT_FIT_FRACTION = 0.25
 
 
 @dataclass(kw_only=True)
 class ScoringOptions:
-    """Cluster and scoring options common to replay, plan and the report. Constructors never touch the disk."""
+    """Cluster and scoring options common to replay, plan and the report. Constructors never touch the
+    disk."""
 
     gpus_per_node: int = 8  # GPUs per node (NVLink domain)
     phase: str = "all"  # all, prefill or decode

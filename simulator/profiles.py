@@ -1,9 +1,10 @@
 """Measured cost profiles: what `moe-sim calibrate` writes and what `--hardware` prices with.
 
-A profile holds, for one GPU and one expert backend, the measured time of one GPU's local expert work as a function
-of its per-expert assignment counts (a grouped-GEMM table plus a fitted fixed and per-assignment term), optionally
-the non-expert layer work by per-GPU batch and context, and the all-to-all figures. docs/cost-model.md gives the
-formulas; simulator/expert_time.py evaluates them. This module only reads, checks and writes the files.
+A profile holds, for one GPU and one expert backend, the measured time of one GPU's local expert work as a
+function of its per-expert assignment counts (a grouped-GEMM table plus a fitted fixed and per-assignment
+term), optionally the non-expert layer work by per-GPU batch and context, and the all-to-all figures.
+docs/cost-model.md gives the formulas; simulator/expert_time.py evaluates them. This module only reads, checks
+and writes the files.
 
 Every table uses the same fixed grids (GRID_LOG2_EXPERTS x GRID_ROWS), so the Numba pricing kernel can index
 them without searching.
@@ -30,12 +31,13 @@ PROFILE_FORMAT = "moe-trace-profile"
 PROFILE_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 # Expert-work grid: experts with work on the GPU (x = 1 .. 256) by padded rows of work W: the powers of two
-# 1 .. 131072 and, inside each octave, 3 x 2^k (3 .. 98304). Grouped GEMMs step with their row tiles, and one point
-# per octave cannot see a step inside it (version 1 had only the powers of two).
+# 1 .. 131072 and, inside each octave, 3 x 2^k (3 .. 98304). Grouped GEMMs step with their row tiles, and one
+# point per octave cannot see a step inside it (version 1 had only the powers of two).
 GRID_LOG2_EXPERTS = tuple(range(9))
 GRID_ROWS = tuple(sorted({2**k for k in range(18)} | {3 * 2**k for k in range(16)}))
 V1_GRID_LOG2_ROWS = tuple(range(18))
-# Non-GEMM expert work (sort, gather, activation, weighting, scatter-add) by assignments on the GPU (a = 1 .. 65536).
+# Non-GEMM expert work (sort, gather, activation, weighting, scatter-add) by assignments on the GPU (a = 1 ..
+# 65536).
 GRID_LOG2_ASSIGNMENTS = tuple(range(17))
 # Non-expert grid: tokens per GPU per step (1 .. 16384) by attention context.
 GRID_LOG2_TOKENS = tuple(range(15))
@@ -54,10 +56,11 @@ class ExpertWork:
     per_assignment_seconds: float  # permute, activation, weighting and scatter-add, per (token, expert) pair
     residuals: dict[str, float] = field(default_factory=dict)  # on skewed count vectors: relative errors
     measured: np.ndarray | None = None  # the grid as measured, NaN where not (gemm_seconds is filled from it)
-    # (counts, seconds of the whole work, seconds of the two GEMMs alone or NaN): skewed vectors, the check's data
+    # (counts, seconds of the whole work, seconds of the two GEMMs alone or NaN): skewed vectors, the check's
+    # data
     samples: tuple[tuple[tuple[int, ...], float, float], ...] = ()
-    # [len(GRID_LOG2_ASSIGNMENTS)] measured non-GEMM work R(a), monotone; when present it is the whole remainder
-    # (fixed_seconds and per_assignment_seconds are then 0)
+    # [len(GRID_LOG2_ASSIGNMENTS)] measured non-GEMM work R(a), monotone; when present it is the whole
+    # remainder (fixed_seconds and per_assignment_seconds are then 0)
     overhead_seconds: np.ndarray | None = None
     overhead_measured: tuple[tuple[int, float], ...] = ()  # (assignments, seconds) as measured
 
@@ -67,11 +70,15 @@ class NonExpertWork:
     """Per-layer work outside the routed experts, measured by tokens per GPU (seconds)."""
 
     context_tokens: tuple[int, ...]  # attention contexts measured
-    layer_seconds: np.ndarray  # [contexts, len(GRID_LOG2_TOKENS)] decode steps: norms, attention, router, shared
-    prefill_layer_seconds: np.ndarray  # [contexts, tokens] the same with causal attention over sequences of context
+    # [contexts, len(GRID_LOG2_TOKENS)] decode steps: norms, attention, router, shared
+    layer_seconds: np.ndarray
+    # [contexts, tokens] the same with causal attention over sequences of context
+    prefill_layer_seconds: np.ndarray
     head_seconds: np.ndarray  # [len(GRID_LOG2_TOKENS)]: final norm and LM head, once per step
-    dense_ffn_seconds: np.ndarray | None  # [len(GRID_LOG2_TOKENS)] one dense FFN layer, when the model has them
-    key: dict[str, int]  # the shapes it was measured for (heads, head_dim, vocab, shared and dense FFN sizes...)
+    # [len(GRID_LOG2_TOKENS)] one dense FFN layer, when the model has them
+    dense_ffn_seconds: np.ndarray | None
+    # the shapes it was measured for (heads, head_dim, vocab, shared and dense FFN sizes...)
+    key: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -117,14 +124,15 @@ class CostProfile:
         return Path(self.path).stem if self.path else f"{self.hardware}-{self.backend}"
 
     def shape_for(self, hidden: int, ffn: int, activation: str) -> tuple[ShapeProfile, bool]:
-        """The measured shape for these expert sizes, and whether it is an exact match (else the nearest one by
-        work per row, which expert_time scales)."""
+        """The measured shape for these expert sizes, and whether it is an exact match (else the nearest one
+        by work per row, which expert_time scales)."""
         for s in self.shapes:
             if (s.hidden_size, s.expert_intermediate_size, s.activation) == (hidden, ffn, activation):
                 return s, True
         target = math.log(hidden * ffn)
         nearest = min(self.shapes, key=lambda s: (s.activation != activation,
-                                                   abs(math.log(s.hidden_size * s.expert_intermediate_size) - target)))
+                                                   abs(math.log(s.hidden_size * s.expert_intermediate_size)
+                                                       - target)))
         return nearest, False
 
 
@@ -139,8 +147,8 @@ def _num(data: dict[str, Any], key: str, where: str, *, positive: bool = False) 
     except (TypeError, ValueError):
         raise InputError(f"{where}: {key} must be a number, got {data[key]!r}") from None
     if not math.isfinite(v) or v < 0 or (positive and v == 0):
-        raise InputError(f"{where}: {key} must be a finite {'positive' if positive else 'non-negative'} number, "
-                         f"got {data[key]!r}")
+        raise InputError(f"{where}: {key} must be a finite {'positive' if positive else 'non-negative'} "
+                         f"number, got {data[key]!r}")
     return v
 
 
@@ -240,7 +248,8 @@ def _non_expert(data: Any, where: str) -> NonExpertWork | None:
     dense = data.get("dense_ffn_seconds")
     key = _require(data, "key", where, dict)
     return NonExpertWork(
-        context_tokens=tuple(contexts), layer_seconds=_table(data, "layer_seconds", (len(contexts), n), where),
+        context_tokens=tuple(contexts),
+        layer_seconds=_table(data, "layer_seconds", (len(contexts), n), where),
         prefill_layer_seconds=_table(data, "prefill_layer_seconds", (len(contexts), n), where),
         head_seconds=_table(data, "head_seconds", (n,), where),
         dense_ffn_seconds=None if dense is None else _table(data, "dense_ffn_seconds", (n,), where),
@@ -288,7 +297,8 @@ def profile_from_dict(data: Any, source: str) -> CostProfile:
     return CostProfile(
         hardware=data["hardware"].lower(), backend=data["backend"], gpu=dict(data.get("gpu") or {}),
         software={str(k): str(v) for k, v in (data.get("software") or {}).items()},
-        created_at=data["created_at"], tool_version=data["tool_version"], quick=bool(data.get("quick", False)),
+        created_at=data["created_at"], tool_version=data["tool_version"],
+        quick=bool(data.get("quick", False)),
         shapes=tuple(_shape(s, f"{source} shape {i}", data["version"]) for i, s in enumerate(shapes)),
         communication=communication, path=source,
     )
@@ -353,7 +363,8 @@ def _expert_dict(e: ExpertWork) -> dict[str, Any]:
          "tile_rows": e.tile_rows, "fixed_seconds": float(f"{e.fixed_seconds:.5g}"),
          "per_assignment_seconds": float(f"{e.per_assignment_seconds:.5g}")}
     if e.overhead_seconds is not None:
-        d |= {"grid_log2_assignments": list(GRID_LOG2_ASSIGNMENTS), "overhead_seconds": _round(e.overhead_seconds),
+        d |= {"grid_log2_assignments": list(GRID_LOG2_ASSIGNMENTS),
+              "overhead_seconds": _round(e.overhead_seconds),
               "overhead_measured": [[a, float(f"{t:.5g}")] for a, t in e.overhead_measured]}
     return d | {
         "residuals": {k: float(f"{v:.4g}") for k, v in e.residuals.items()},
@@ -370,11 +381,13 @@ def profile_to_dict(p: CostProfile) -> dict[str, Any]:
     shapes = []
     for s in p.shapes:
         d: dict[str, Any] = {"name": s.name, "hidden_size": s.hidden_size,
-                             "expert_intermediate_size": s.expert_intermediate_size, "activation": s.activation,
-                             "dtype": "bfloat16", "expert": _expert_dict(s.expert)}
+                             "expert_intermediate_size": s.expert_intermediate_size,
+                             "activation": s.activation, "dtype": "bfloat16",
+                             "expert": _expert_dict(s.expert)}
         if s.non_expert is not None:
             ne = s.non_expert
-            d["non_expert"] = {"grid_log2_tokens": list(GRID_LOG2_TOKENS), "context_tokens": list(ne.context_tokens),
+            d["non_expert"] = {"grid_log2_tokens": list(GRID_LOG2_TOKENS),
+                               "context_tokens": list(ne.context_tokens),
                                "layer_seconds": _round(ne.layer_seconds),
                                "prefill_layer_seconds": _round(ne.prefill_layer_seconds),
                                "head_seconds": _round(ne.head_seconds),
@@ -383,10 +396,12 @@ def profile_to_dict(p: CostProfile) -> dict[str, Any]:
         shapes.append(d)
     comm = dataclasses.asdict(p.communication)
     if p.communication.source == "deepep":
-        comm = {"source": "deepep", "note": "one GPU: all-to-all priced with DeepEP's published intranode figures"}
-    return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "hardware": p.hardware, "backend": p.backend,
-            "gpu": p.gpu, "software": {k: str(v) for k, v in p.software.items()}, "created_at": p.created_at, "tool_version": p.tool_version,
-            "quick": p.quick, "shapes": shapes, "communication": comm}
+        comm = {"source": "deepep",
+                "note": "one GPU: all-to-all priced with DeepEP's published intranode figures"}
+    return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "hardware": p.hardware,
+            "backend": p.backend, "gpu": p.gpu, "software": {k: str(v) for k, v in p.software.items()},
+            "created_at": p.created_at,
+            "tool_version": p.tool_version, "quick": p.quick, "shapes": shapes, "communication": comm}
 
 
 def write_profile(p: CostProfile, path: Path) -> None:

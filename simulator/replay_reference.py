@@ -128,7 +128,8 @@ def reference_replay(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, pla
     out["peak"] = per_gpu.max(axis=2).sum(axis=0) if n_steps else np.zeros(layers, dtype=np.int64)
     step_imb = per_gpu.max(axis=2).sum(axis=1) / (per_gpu.sum(axis=2) / g).sum(axis=1)
     flops = kept.reshape(n_steps, layers, g, s).sum(axis=3) * model[K.M_FLOPS]
-    t_exp = np.maximum(flops / cost_row[K.C_FLOPS], act * model[K.M_EXPERT_BYTES] / cost_row[K.C_HBM]).max(axis=2)
+    t_exp = np.maximum(flops / cost_row[K.C_FLOPS],
+                       act * model[K.M_EXPERT_BYTES] / cost_row[K.C_HBM]).max(axis=2)
     su_max = np.maximum(su_send, su_recv).max(axis=2)  # [P, L]
     so_max = np.maximum(so_send, so_recv).max(axis=2)
     times = t_exp.copy()

@@ -1,13 +1,14 @@
 """Routing analysis in the style of the OLMoE paper, computed by streaming a trace's chunks.
 
-What it measures, per MoE layer: how skewed the expert load is (entropy, Gini), which experts are hottest, which
-experts are chosen together by the same token (co-selection), how prefill and decode tokens differ, and how stable
-routing is across the trace (load correlation between consecutive trace segments, and how many experts a token
-shares with the previous token of its own sequence).
+What it measures, per MoE layer: how skewed the expert load is (entropy, Gini), which experts are hottest,
+which experts are chosen together by the same token (co-selection), how prefill and decode tokens differ, and
+how stable routing is across the trace (load correlation between consecutive trace segments, and how many
+experts a token shares with the previous token of its own sequence).
 
-Counting runs in two Numba kernels (routing_kernels.py) over each chunk, checked against the plain NumPy functions
-below; memory depends on L, E and the number of sequences, never on the number of tokens. Shape legend: T tokens in a chunk, L MoE layers, E experts per layer, K top-k, S trace segments,
-P consecutive-token pairs.
+Counting runs in two Numba kernels (routing_kernels.py) over each chunk, checked against the plain NumPy
+functions below; memory depends on L, E and the number of sequences, never on the number of tokens. Shape
+legend: T tokens in a chunk, L MoE layers, E experts per layer, K top-k, S trace segments, P consecutive-token
+pairs.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ DEFAULT_SEGMENTS = 8
 _OVERLAP_BLOCK = 8192  # pairs compared at once: bounds the [P, L, K, K] comparison to a few MB
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Metrics on load vectors (pure functions, last axis = experts)
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def load_entropy(load: np.ndarray) -> np.ndarray:
@@ -47,8 +48,8 @@ def load_entropy(load: np.ndarray) -> np.ndarray:
 
 
 def gini(load: np.ndarray) -> np.ndarray:
-    """Gini coefficient of the load over the last axis: 0 when every expert gets the same load, (E-1)/E when one
-    expert gets everything. load: [..., E]. Returns [...] (0 for an all-zero row)."""
+    """Gini coefficient of the load over the last axis: 0 when every expert gets the same load, (E-1)/E when
+    one expert gets everything. load: [..., E]. Returns [...] (0 for an all-zero row)."""
     x = np.sort(np.asarray(load, dtype=np.float64), axis=-1)
     n = x.shape[-1]
     rank = np.arange(1, n + 1, dtype=np.float64)
@@ -79,9 +80,9 @@ def total_variation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return 0.5 * np.abs(pa - pb).sum(axis=-1)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Per-chunk counting kernels (pure NumPy)
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def layer_expert_counts(expert_ids: np.ndarray, num_experts: int) -> np.ndarray:
@@ -93,7 +94,8 @@ def layer_expert_counts(expert_ids: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 def coselection_counts(expert_ids: np.ndarray, num_experts: int) -> np.ndarray:
-    """Tokens that chose both experts i and j in a layer (i != j), symmetric; the diagonal holds each expert's load.
+    """Tokens that chose both experts i and j in a layer (i != j), symmetric; the diagonal holds each expert's
+    load.
 
     expert_ids: [T, L, K] (no repeated expert within a row) -> [L, E, E] int64.
     """
@@ -127,14 +129,15 @@ def shared_experts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Streaming accumulator
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class _LastTokens:
-    """The latest token seen of each sequence, so consecutive tokens pair up across chunk boundaries. [M] / [M, L, K]"""
+    """The latest token seen of each sequence, so consecutive tokens pair up across chunk boundaries. [M] /
+    [M, L, K]"""
 
     seq_id: np.ndarray
     position: np.ndarray
@@ -142,9 +145,11 @@ class _LastTokens:
 
 
 class RoutingAccumulator:
-    """Feed chunks (with expert_ids, phase, seq_id, position) in trace order; `result()` gives a RoutingAnalysis.
+    """Feed chunks (with expert_ids, phase, seq_id, position) in trace order; `result()` gives a
+    RoutingAnalysis.
 
-    num_tokens: the trace's length, used to cut it into `segments` equal token ranges for the stability metrics.
+    num_tokens: the trace's length, used to cut it into `segments` equal token ranges for the stability
+    metrics.
     """
 
     FIELDS = ("expert_ids", "phase", "seq_id", "position")
@@ -160,8 +165,10 @@ class RoutingAccumulator:
         self.phase_tokens = np.zeros(2, dtype=np.int64)
         self.phase_load = np.zeros((2, L, E), dtype=np.int64)  # [phase, L, E]
         self.segment_load = np.zeros((self.segments, L, E), dtype=np.int64)  # [S, L, E]
-        self.coselection = np.zeros((L, E, E), dtype=np.int64)  # off-diagonal pairs; result() adds the diagonal
-        self.overlap_sum = np.zeros(L, dtype=np.int64)  # experts shared with the previous token, summed over pairs
+        # off-diagonal pairs; result() adds the diagonal
+        self.coselection = np.zeros((L, E, E), dtype=np.int64)
+        # experts shared with the previous token, summed over pairs
+        self.overlap_sum = np.zeros(L, dtype=np.int64)
         self.overlap_pairs = 0
         K = metadata.top_k
         self._last = _LastTokens(np.zeros(0, np.int64), np.zeros(0, np.int64),
@@ -188,7 +195,8 @@ class RoutingAccumulator:
         self.seen += T
 
     def _add_consecutive(self, seq_id: np.ndarray, position: np.ndarray, ids: np.ndarray) -> None:
-        """Pair each token with the token at position - 1 of its sequence (from this chunk or an earlier one)."""
+        """Pair each token with the token at position - 1 of its sequence (from this chunk or an earlier
+        one)."""
         last = self._last
         all_seq = np.concatenate([last.seq_id, seq_id.astype(np.int64)])
         all_pos = np.concatenate([last.position, position.astype(np.int64)])
@@ -226,7 +234,8 @@ def analyze_routing(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: Callable[[int], None] | None = None,
 ) -> RoutingAnalysis:
-    """Stream the trace once and return its routing analysis. progress(n) is called with each chunk's token count."""
+    """Stream the trace once and return its routing analysis. progress(n) is called with each chunk's token
+    count."""
     if trace.num_tokens == 0:
         raise InputError(f"{trace.paths[0]}: the trace has no tokens to analyse")
     acc = RoutingAccumulator(trace.metadata, trace.num_tokens, segments)
@@ -237,9 +246,9 @@ def analyze_routing(
     return acc.result()
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Result with derived metrics
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -249,7 +258,8 @@ class RoutingAnalysis:
     phase_load: [2, L, E] assignments per phase (index PHASE_PREFILL / PHASE_DECODE)
     segment_load: [S, L, E] assignments per equal token range of the trace, in order
     coselection: [L, E, E] tokens choosing both i and j (diagonal: tokens choosing i)
-    overlap_sum: [L] experts shared with the previous token of the same sequence, summed over overlap_pairs pairs
+    overlap_sum: [L] experts shared with the previous token of the same sequence, summed over overlap_pairs
+    pairs
     """
 
     num_tokens: int
@@ -281,7 +291,8 @@ class RoutingAnalysis:
 
     def normalized_entropy(self) -> np.ndarray:
         """[L] entropy / log2(E): 1 for perfectly even load."""
-        return self.entropy() / np.log2(self.num_experts) if self.num_experts > 1 else np.ones(self.num_layers)
+        return (self.entropy() / np.log2(self.num_experts) if self.num_experts > 1
+                else np.ones(self.num_layers))
 
     def gini(self) -> np.ndarray:
         """[L] Gini coefficient of the expert load."""
@@ -294,7 +305,8 @@ class RoutingAnalysis:
         return np.divide(load.max(axis=1), mean, out=np.zeros_like(mean), where=mean > 0)
 
     def top_experts(self, n: int = 5) -> list[list[tuple[int, float]]]:
-        """Per layer, the n most-chosen experts as (expert id, share of the layer's assignments), hottest first."""
+        """Per layer, the n most-chosen experts as (expert id, share of the layer's assignments), hottest
+        first."""
         load = self.load
         out = []
         for row in load:
@@ -304,7 +316,8 @@ class RoutingAnalysis:
         return out
 
     def coselection_conditional(self, layer: int) -> np.ndarray:
-        """[E, E] P(token also chose j | it chose i) in one layer; rows of unused experts are 0; diagonal set to 0."""
+        """[E, E] P(token also chose j | it chose i) in one layer; rows of unused experts are 0; diagonal set
+        to 0."""
         co = self.coselection[layer].astype(np.float64)
         chosen = np.diag(co).copy()
         out = np.divide(co, chosen[:, None], out=np.zeros_like(co), where=chosen[:, None] > 0)
@@ -323,8 +336,9 @@ class RoutingAnalysis:
 
     def top_pairs(self, layer: int, n: int = 5, by: str = "count",
                   min_share: float = 0.0) -> list[tuple[int, int, int, float]]:
-        """The n expert pairs of a layer chosen together most often (by="count") or most above chance (by="lift"),
-        among pairs chosen together by at least min_share of the tokens: (i, j, tokens, lift), i < j."""
+        """The n expert pairs of a layer chosen together most often (by="count") or most above chance
+        (by="lift"), among pairs chosen together by at least min_share of the tokens: (i, j, tokens, lift), i
+        < j."""
         co = self.coselection[layer]
         lift = self.coselection_lift(layer)
         iu, ju = np.triu_indices(self.num_experts, 1)
@@ -335,7 +349,8 @@ class RoutingAnalysis:
         return [(int(iu[o]), int(ju[o]), int(counts[o]), float(lift[iu[o], ju[o]])) for o in order]
 
     def phase_comparison(self) -> dict[str, Any]:
-        """Prefill against decode per layer: entropy of each, total variation distance and load correlation."""
+        """Prefill against decode per layer: entropy of each, total variation distance and load
+        correlation."""
         prefill, decode = self.phase_load[PHASE_PREFILL], self.phase_load[PHASE_DECODE]
         both = bool(self.phase_tokens[PHASE_PREFILL] and self.phase_tokens[PHASE_DECODE])
         nan = np.full(self.num_layers, np.nan)
@@ -355,7 +370,8 @@ class RoutingAnalysis:
         whole_correlation: [S, L] each segment's load against the whole trace's;
         top_retained: [L] share of the first segment's top-K experts still top-K in the last segment;
         consecutive_overlap: [L] mean experts a token shares with the previous token of its sequence, over K;
-        independent_overlap: [L] the same expected if tokens chose independently with the trace's per-expert rates.
+        independent_overlap: [L] the same expected if tokens chose independently with the trace's per-expert
+        rates.
         """
         seg = self.segment_load
         k = self.top_k
@@ -368,12 +384,13 @@ class RoutingAnalysis:
         pairs = self.overlap_pairs
         return {
             "segments": int(seg.shape[0]),
-            "segment_correlation": pearson_rows(seg[1:], seg[:-1]) if seg.shape[0] > 1 else np.zeros((0, self.num_layers)),
+            "segment_correlation": pearson_rows(seg[1:], seg[:-1]) if seg.shape[0] > 1
+            else np.zeros((0, self.num_layers)),
             "whole_correlation": pearson_rows(seg, np.broadcast_to(self.load, seg.shape)),
             "top_retained": retained,
             "consecutive_pairs": pairs,
-            "consecutive_overlap": self.overlap_sum / (pairs * k) if pairs else np.full(self.num_layers, np.nan),
-            "independent_overlap": (rate * rate).sum(axis=1) / k,
+            "consecutive_overlap": self.overlap_sum / (pairs * k) if pairs
+            else np.full(self.num_layers, np.nan), "independent_overlap": (rate * rate).sum(axis=1) / k,
         }
 
     def summary(self) -> dict[str, Any]:

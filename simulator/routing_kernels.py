@@ -1,7 +1,7 @@
 """Numba kernels of the routing analysis: one pass over a chunk's expert ids, no I/O.
 
-The plain NumPy functions in routing_analysis.py (layer_expert_counts, coselection_counts, shared_experts) are the
-reference these must match exactly (tests/test_routing_analysis.py). Shape legend: T tokens, L MoE layers,
+The plain NumPy functions in routing_analysis.py (layer_expert_counts, coselection_counts, shared_experts) are
+the reference these must match exactly (tests/test_routing_analysis.py). Shape legend: T tokens, L MoE layers,
 K top-k, E experts, S trace segments, P token pairs.
 """
 
@@ -38,10 +38,11 @@ def count_chunk(ids: np.ndarray, phase: np.ndarray, segment: np.ndarray, phase_l
 @njit(cache=True)
 def shared_sum(ids_a: np.ndarray, ids_b: np.ndarray, prev: np.ndarray, cur: np.ndarray, num_experts: int,
                out: np.ndarray) -> None:
-    """out[l] += experts that rows prev[p] of ids_a and cur[p] of ids_b have in common in layer l, over pairs p.
+    """out[l] += experts that rows prev[p] of ids_a and cur[p] of ids_b have in common in layer l, over pairs
+    p.
 
-    ids_a, ids_b: [*, L, K]; prev, cur: [P] row indices; out: [L]. Marks row a's experts with a stamp unique to
-    (pair, layer), then counts row b's marked experts: 2K steps instead of K^2 comparisons, no clearing.
+    ids_a, ids_b: [*, L, K]; prev, cur: [P] row indices; out: [L]. Marks row a's experts with a stamp unique
+    to (pair, layer), then counts row b's marked experts: 2K steps instead of K^2 comparisons, no clearing.
     """
     _, l_count, k_count = ids_a.shape
     stamp = np.zeros(num_experts, dtype=np.int64)

@@ -1,6 +1,8 @@
-"""Plain-text tables for the command lines: one compact style, rendered to a string (`render_*(result) -> str`).
+"""Plain-text tables for the command lines: one compact style, rendered to a string (`render_*(result) ->
+str`).
 
-Rich markup in cells ([red]...[/red]) shows as colour only when `color` is set (a terminal); otherwise it is dropped.
+Rich markup in cells ([red]...[/red]) shows as colour only when `color` is set (a terminal); otherwise it is
+dropped.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ DEFAULT_WIDTH = 120  # columns when stdout is not a terminal and COLUMNS is not 
 
 
 def table(title: str, columns: list[tuple[str, str]], legend: str | None = None) -> Table:
-    """A compact table: (header, justify) columns, no outer edge, one space of padding, the legend under it."""
+    """A compact table: (header, justify) columns, no outer edge, one space of padding, the legend under
+    it."""
     out = Table(title=title, title_style="bold", caption=legend, caption_justify="left", box=box.SIMPLE_HEAD,
                 show_edge=False, padding=(0, 1))
     for header, justify in columns:

@@ -1,4 +1,5 @@
-"""The simulator's tables format numbers with the project's one formatter, `traces.units` (conventions there)."""
+"""The simulator's tables format numbers with the project's one formatter, `traces.units` (conventions
+there)."""
 
 from traces.units import nbytes, seconds, share, si, sig
 

@@ -1,8 +1,9 @@
-"""Small dumps in each engine's own layout (written as the engine writes them), with the rows a trace should hold.
+"""Small dumps in each engine's own layout (written as the engine writes them), with the rows a trace should
+hold.
 
-Each builder returns the files it wrote and `Expected`: per token the sequence, position, phase, step, token id and
-logical expert ids [T, L, K] the import must reproduce exactly. The model is the olmoe-1b-7b preset (16 MoE layers,
-64 experts, top-8) unless a test says otherwise.
+Each builder returns the files it wrote and `Expected`: per token the sequence, position, phase, step, token
+id and logical expert ids [T, L, K] the import must reproduce exactly. The model is the olmoe-1b-7b preset (16
+MoE layers, 64 experts, top-8) unless a test says otherwise.
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ def sglang_per_token(directory: Path, *, ranks: int = 2, data_parallel: bool = T
                      seed: int = 0) -> tuple[list[Path], Expected]:
     """Per-rank `expert_distribution_recorder_*_{rank}.pt` files of the per_token mode.
 
-    Physical experts: E logical ones then `redundant` replicas of experts 3 and 5; the recorder's ids are physical
-    (a token sent to expert 3 may name physical slot 64). Each rank: one extend pass of two prompts (5 and 3 tokens),
-    a mixed pass (a 2-token chunk of a new prompt beside one decode token) and a decode pass. With
-    data_parallel=False every rank records the same batches (plain tensor parallelism), which the import keeps once.
+    Physical experts: E logical ones then `redundant` replicas of experts 3 and 5; the recorder's ids are
+    physical (a token sent to expert 3 may name physical slot 64). Each rank: one extend pass of two prompts
+    (5 and 3 tokens), a mixed pass (a 2-token chunk of a new prompt beside one decode token) and a decode
+    pass. With data_parallel=False every rank records the same batches (plain tensor parallelism), which the
+    import keeps once.
     """
     import torch
 
@@ -92,8 +94,9 @@ def sglang_per_token(directory: Path, *, ranks: int = 2, data_parallel: bool = T
                         rows["step"].append(step)
                         rows["token_id"].append(tok)
                 rows["ids"].append(logical)
-                records.append(dict(forward_pass_id=step, rank=rank, gatherer_key="primary", input_ids=input_ids,
-                                    positions=positions, extend_seq_lens=lens, forward_mode=mode,
+                records.append(dict(forward_pass_id=step, rank=rank, gatherer_key="primary",
+                                    input_ids=input_ids, positions=positions, extend_seq_lens=lens,
+                                    forward_mode=mode,
                                     topk_ids_of_layer=torch.tensor(topk), misc_objects=[],
                                     global_physical_count=torch.zeros((L, p2l.shape[1]), dtype=torch.int32)))
             same = records
@@ -104,15 +107,17 @@ def sglang_per_token(directory: Path, *, ranks: int = 2, data_parallel: bool = T
     # rows come out rank by rank, pass by pass; a merged trace orders them by pass
     order = np.argsort(np.asarray(rows["step"]), kind="stable")
     ids = np.concatenate(rows["ids"])
-    exp = Expected(seq_id=first_seen(np.asarray(rows["seq_id"])[order]), position=np.asarray(rows["position"])[order],
-                   phase=np.asarray(rows["phase"])[order], step=np.asarray(rows["step"])[order],
+    exp = Expected(seq_id=first_seen(np.asarray(rows["seq_id"])[order]),
+                   position=np.asarray(rows["position"])[order], phase=np.asarray(rows["phase"])[order],
+                   step=np.asarray(rows["step"])[order],
                    expert_ids=ids[order], token_id=np.asarray(rows["token_id"])[order])
     return paths, exp
 
 
 def megatron_trace(directory: Path, *, ranks: int = 2, steps: int = 3, tokens: int = 4, seed: int = 1,
                    with_mtp: bool = True) -> tuple[list[Path], Expected]:
-    """router_trace_rank{N}.jsonl files as Megatron-Core's RouterTracer writes them (one line per step and layer)."""
+    """router_trace_rank{N}.jsonl files as Megatron-Core's RouterTracer writes them (one line per step and
+    layer)."""
     rng = np.random.default_rng(seed)
     rows: dict[str, list] = {k: [] for k in ("seq_id", "position", "step", "ids", "rank")}
     paths = []
@@ -123,7 +128,8 @@ def megatron_trace(directory: Path, *, ranks: int = 2, steps: int = 3, tokens: i
             ids = choose(rng, tokens)
             for layer in range(L):
                 lines.append({"step": step, "stage": "pre_dispatch", "block": "decoder", "layer": layer,
-                              "rank": rank, "num_tokens": tokens, "topk": K, "top_indices": ids[:, layer].tolist()})
+                              "rank": rank, "num_tokens": tokens, "topk": K,
+                              "top_indices": ids[:, layer].tolist()})
             if with_mtp:
                 lines.append({"step": step, "stage": "pre_dispatch", "block": "mtp", "mtp_idx": 0, "layer": 0,
                               "rank": rank, "num_tokens": tokens, "topk": K,
@@ -152,7 +158,8 @@ def npy_b64(arr: np.ndarray) -> str:
 
 def vllm_responses(path: Path, *, requests: tuple[tuple[int, int], ...] = ((5, 3), (2, 4)),
                    seed: int = 2) -> tuple[list[Path], Expected]:
-    """OpenAI completions responses with routed experts (base64 .npy [prompt + completion - 1, L, K]), one per line.
+    """OpenAI completions responses with routed experts (base64 .npy [prompt + completion - 1, L, K]), one per
+    line.
 
     requests: (prompt tokens, completion tokens) of each. The last generated token is never forwarded.
     """
@@ -196,7 +203,8 @@ def tabular_rows(*, seed: int = 3, sequences: int = 3, tokens: int = 4) -> tuple
                 rows.append({"request_id": f"req-{s}", "layer": layer, "token_idx": t,
                              "topk_ids": ids[i, layer].tolist(), "topk_weights": weights[i, layer].tolist()})
     n = sequences * tokens
-    exp = Expected(seq_id=np.repeat(np.arange(sequences), tokens), position=np.tile(np.arange(tokens), sequences),
-                   phase=np.zeros(n, dtype=np.int64), step=np.repeat(np.arange(sequences), tokens),
+    exp = Expected(seq_id=np.repeat(np.arange(sequences), tokens),
+                   position=np.tile(np.arange(tokens), sequences), phase=np.zeros(n, dtype=np.int64),
+                   step=np.repeat(np.arange(sequences), tokens),
                    expert_ids=ids, expert_weights=weights)
     return rows, exp

@@ -41,7 +41,8 @@ def write_ids_trace(
     step: np.ndarray | None = None,
     **extra: object,
 ) -> Path:
-    """Write expert_ids [T, L, K] as a trace; missing columns default to one prefill sequence, one token a step."""
+    """Write expert_ids [T, L, K] as a trace; missing columns default to one prefill sequence, one token a
+    step."""
     ids = np.asarray(expert_ids)
     T, L, K = ids.shape
     meta = tiny_metadata(L, num_experts, K, **extra)
@@ -83,10 +84,12 @@ def small_report_inputs(directory: Path, tokens: int = 6000):
     from traces import open_trace
     from traces.synthetic import SynthConfig, write_synthetic
 
-    path = write_synthetic(directory / "synthetic.h5", SynthConfig(tokens=tokens, seed=3, batch_size=4), force=True)
+    path = write_synthetic(directory / "synthetic.h5", SynthConfig(tokens=tokens, seed=3, batch_size=4),
+                           force=True)
     options = ReportOptions(
-        hardware=[GpuSpec.from_name("h100"), GpuSpec.from_name("h200")], gpus=[8, 16], target_tokens_per_s=1000.0,
-        redundant_experts=[0, 16], rebalance_every=(5, 20), window=10, segments=4, plan_tokens_per_gpu=[16],
+        hardware=[GpuSpec.from_name("h100"), GpuSpec.from_name("h200")], gpus=[8, 16],
+        target_tokens_per_s=1000.0, redundant_experts=[0, 16], rebalance_every=(5, 20), window=10, segments=4,
+        plan_tokens_per_gpu=[16],
     )
     with open_trace(path) as trace:
         inputs = collect_inputs(trace, options, settings={"command line": "test"})

@@ -12,13 +12,14 @@ from traces import TraceChunk, TraceMetadata, write_trace
 def tiny_meta(layers: int, experts: int, top_k: int, hidden: int = 8, ffn: int = 4) -> TraceMetadata:
     return TraceMetadata(
         model_id="tiny-test", model_type="olmoe", num_hidden_layers=layers, moe_layers=list(range(layers)),
-        moe_module_names=[f"model.layers.{i}.mlp.gate" for i in range(layers)], num_experts=experts, top_k=top_k,
-        hidden_size=hidden, expert_intermediate_size=ffn, has_weights=False, has_token_ids=False,
+        moe_module_names=[f"model.layers.{i}.mlp.gate" for i in range(layers)], num_experts=experts,
+        top_k=top_k, hidden_size=hidden, expert_intermediate_size=ffn, has_weights=False, has_token_ids=False,
         num_attention_heads=2, num_key_value_heads=2, head_dim=hidden // 2, vocab_size=32, source="synthetic",
     )
 
 
-def write_ids(path: Path, meta: TraceMetadata, ids: np.ndarray, steps: np.ndarray, phases: np.ndarray) -> Path:
+def write_ids(path: Path, meta: TraceMetadata, ids: np.ndarray, steps: np.ndarray,
+              phases: np.ndarray) -> Path:
     t = ids.shape[0]
     chunk = TraceChunk(seq_id=np.zeros(t, np.int32), position=np.arange(t, dtype=np.int32),
                        phase=phases.astype(np.uint8), step=steps.astype(np.int32),

@@ -1,5 +1,5 @@
-"""`moe-sim calibrate`: the expert-work backends against a plain loop, the grids, the CPU pipeline end to end into
-a profile that replay prices with, and the refusals (no CUDA, interrupted runs)."""
+"""`moe-sim calibrate`: the expert-work backends against a plain loop, the grids, the CPU pipeline end to end
+into a profile that replay prices with, and the refusals (no CUDA, interrupted runs)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ CPU = torch.device("cpu")
 
 
 def _moe_sim(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "import cli; cli.moe_sim()", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    return subprocess.run([sys.executable, "-c", "import cli; cli.moe_sim()", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
 
 
 @pytest.mark.parametrize("backend,activation", [("torch-grouped-mm", "swiglu"), ("torch-grouped-mm", "mlp"),
@@ -37,7 +38,8 @@ def _moe_sim(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_backends_compute_the_expert_layer(backend: str, activation: str) -> None:
     shape = ExpertShape("t", 64, 32, activation)
     b = make_backend(backend, shape, 8, CPU)
-    work = assignments_from_counts(np.array([3, 0, 5, 1, 0, 0, 7, 2]), 64, CPU, np.random.default_rng(0), top_k=2)
+    work = assignments_from_counts(np.array([3, 0, 5, 1, 0, 0, 7, 2]), 64, CPU, np.random.default_rng(0),
+                                   top_k=2)
     out = b.run(work).float()
     ref = reference_output(b, work)
     assert out.shape == ref.shape
@@ -106,8 +108,8 @@ def test_interrupted_calibration_leaves_no_profile(tmp_path: Path, monkeypatch: 
 
     monkeypatch.setattr(run, "measure_non_expert", interrupt)
     target = tmp_path / "out" / "p.yaml"
-    res = CliRunner().invoke(cli.moe_sim, ["calibrate", "--trace", str(trace), "--device", "cpu", "--hardware",
-                                           "h200", "--quick", "--quiet", "-o", str(target)])
+    res = CliRunner().invoke(cli.moe_sim, ["calibrate", "--trace", str(trace), "--device", "cpu",
+                                           "--hardware", "h200", "--quick", "--quiet", "-o", str(target)])
     assert res.exit_code == 130
     assert not target.exists() and not (target.parent.exists() and list(target.parent.iterdir()))
 
@@ -118,8 +120,8 @@ def test_profile_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
     with open_trace([trace]) as tr:
         meta = tr.metadata
-    p = run.calibrate([("t", meta)], backend="torch-grouped-mm", quick=True, hardware="h200", communication=None,
-                      tick=lambda n: None, device="cpu")
+    p = run.calibrate([("t", meta)], backend="torch-grouped-mm", quick=True, hardware="h200",
+                      communication=None, tick=lambda n: None, device="cpu")
     target = tmp_path / "p.yaml"
 
     def broken(*_a: object) -> None:

@@ -1,4 +1,5 @@
-"""simulator/calibrate/comm.py on CPU: pair counts, the link fit, and the all-to-all over a 2-rank gloo group."""
+"""simulator/calibrate/comm.py on CPU: pair counts, the link fit, and the all-to-all over a 2-rank gloo
+group."""
 
 from __future__ import annotations
 

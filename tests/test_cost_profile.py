@@ -1,5 +1,6 @@
-"""Measured cost profiles: the expert-time model at its grid points, monotone in the counts, kernel == NumPy twin,
-the fit recovering a known model, replay priced by a profile as a hand calculation says, validation, round trip."""
+"""Measured cost profiles: the expert-time model at its grid points, monotone in the counts, kernel == NumPy
+twin, the fit recovering a known model, replay priced by a profile as a hand calculation says, validation,
+round trip."""
 
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def profile_dict() -> dict:
         "shapes": [{"name": "olmoe-1b-7b", "hidden_size": 2048, "expert_intermediate_size": 1024,
                     "activation": "swiglu",
                     "expert": {"grid_log2_experts": list(range(9)), "grid_rows": list(GRID_ROWS),
-                               "gemm_seconds": hand_table().tolist(), "tile_rows": TILE, "fixed_seconds": FIXED,
-                               "per_assignment_seconds": PER}}],
+                               "gemm_seconds": hand_table().tolist(), "tile_rows": TILE,
+                               "fixed_seconds": FIXED, "per_assignment_seconds": PER}}],
         "communication": {"source": "deepep"},
     }
 
@@ -72,7 +73,8 @@ def test_model_reproduces_profile_at_grid_points(profile_path):
             assert X.gemm_lookup(table, 2**i, rows) == pytest.approx(table[i, j], rel=1e-9)
             if rows % 2**i == 0 and (rows // 2**i) % TILE == 0:  # x experts, rows / x each, tile multiples
                 counts = np.full(2**i, rows // 2**i)
-                assert X.expert_seconds(counts, work) == pytest.approx(FIXED + PER * rows + table[i, j], rel=1e-9)
+                assert X.expert_seconds(counts, work) == pytest.approx(FIXED + PER * rows + table[i, j],
+                                                                       rel=1e-9)
     assert X.expert_seconds(np.zeros(64), work) == FIXED
 
 
@@ -106,7 +108,8 @@ def test_fit_recovers_tile_fixed_and_per_assignment():
     samples = []
     for _ in range(60):
         n = int(rng.integers(4, 129))
-        counts = np.floor(rng.pareto(1.2, n) * rng.integers(5, 400)).astype(np.int64)  # skewed, many not tiled
+        # skewed, many not tiled
+        counts = np.floor(rng.pareto(1.2, n) * rng.integers(5, 400)).astype(np.int64)
         counts[0] += 1
         sec = FIXED + PER * counts.sum() + X.gemm_lookup(table, float((counts > 0).sum()),
                                                          X.padded_rows(counts, TILE))
@@ -121,14 +124,15 @@ def test_fit_recovers_tile_fixed_and_per_assignment():
 def _trace(tmp_path, tokens=600):
     meta = preset_metadata("olmoe-1b-7b", source="synthetic", has_token_ids=False, has_weights=False,
                            created_at="2026-01-01T00:00:00+00:00", tool_version="test")
-    ids = random_ids(np.random.default_rng(2), tokens, meta.num_moe_layers, meta.num_experts, meta.top_k, skew=1.2)
+    ids = random_ids(np.random.default_rng(2), tokens, meta.num_moe_layers, meta.num_experts, meta.top_k,
+                     skew=1.2)
     path = write_ids(tmp_path / "olmoe.h5", meta, ids, np.zeros(tokens), np.zeros(tokens))  # all prefill
     return path, ids
 
 
 def _replay(path, gpu, tps):
-    config = ReplayConfig(num_gpus=1, gpus_per_node=1, hardware=gpu, placements=("contiguous",), fit_fraction=0.0,
-                          tokens_per_step=tps)
+    config = ReplayConfig(num_gpus=1, gpus_per_node=1, hardware=gpu, placements=("contiguous",),
+                          fit_fraction=0.0, tokens_per_step=tps)
     with open_trace(path) as tr:
         return replay(tr, config).placements[0]
 
@@ -150,7 +154,8 @@ def test_profile_prices_replay_as_hand_calculation(tmp_path, profile_path):
     assert summary.timings[0].priced_by["expert_time"] == "measured profile hand"
     # a profile file given as hardware: the h200 preset named after the file
     spec = load_hardware(str(profile_path))
-    assert (spec.name, spec.profile, spec.hbm_bandwidth) == ("hand", str(profile_path), PRESETS["h200"].hbm_bandwidth)
+    assert (spec.name, spec.profile, spec.hbm_bandwidth) == ("hand", str(profile_path),
+                                                             PRESETS["h200"].hbm_bandwidth)
     assert pricing_for(spec, META).source == "measured profile hand"
     assert load_hardware(str(profile_path), cost_model="roofline").profile is None
     # the same profile moved to an H100 (less HBM bandwidth, same FLOP/s): derived, never faster
@@ -228,8 +233,8 @@ def test_cli_bad_profile_is_one_line_error(tmp_path, profile_path):
     assert "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "unknown profile version 99" in lines[0]
-    good = moe_sim("replay", str(trace), "--hardware", str(profile_path), "--gpus", "1", "--gpus-per-node", "1",
-                   "--placements", "contiguous", "--fit-fraction", "0", "--json")
+    good = moe_sim("replay", str(trace), "--hardware", str(profile_path), "--gpus", "1",
+                   "--gpus-per-node", "1", "--placements", "contiguous", "--fit-fraction", "0", "--json")
     assert good.returncode == 0, good.stderr
     timing = json.loads(good.stdout)["placements"][0]["timings"][0]
     assert timing["hardware"] == "hand" and timing["priced_by"]["expert_time"] == "measured profile hand"
@@ -248,7 +253,8 @@ def test_write_profile_round_trips(tmp_path, profile_path):
         a, b = first.shapes[0], p.shapes[0]
         assert (a.hidden_size, a.expert_intermediate_size, a.activation, a.non_expert) == (
             b.hidden_size, b.expert_intermediate_size, b.activation, b.non_expert)
-        assert (b.expert.tile_rows, b.expert.fixed_seconds, b.expert.per_assignment_seconds) == (TILE, FIXED, PER)
+        assert (b.expert.tile_rows, b.expert.fixed_seconds,
+                b.expert.per_assignment_seconds) == (TILE, FIXED, PER)
         # written to 5 significant digits
         np.testing.assert_allclose(b.expert.gemm_seconds, a.expert.gemm_seconds, rtol=5e-5)
     np.testing.assert_array_equal(third.shapes[0].expert.gemm_seconds, second.shapes[0].expert.gemm_seconds)

@@ -1,5 +1,6 @@
-"""The measured non-GEMM work R(a): isotonic smoothing of noisy grids, the curve from measured points, the model
-built from measurements alone (tile chosen from GEMM-only times), kernel == NumPy twin, profile round trip."""
+"""The measured non-GEMM work R(a): isotonic smoothing of noisy grids, the curve from measured points, the
+model built from measurements alone (tile chosen from GEMM-only times), kernel == NumPy twin, profile round
+trip."""
 
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def test_measured_model_picks_the_tile_from_gemm_times_and_checks_the_whole():
         samples.append(X.Sample(counts, g + X.overhead_lookup(curve, float(counts.sum())), g))
     work = X.fit_measured_work(table, samples, points)
     assert work.tile_rows == tile and work.fixed_seconds == 0 and work.per_assignment_seconds == 0
+    assert work.overhead_seconds is not None
     np.testing.assert_allclose(work.overhead_seconds, curve, rtol=1e-12)
     assert work.residuals["mean_abs"] < 1e-9 and work.residuals["gemm_mean_abs"] < 1e-9
     bumped = samples[0].counts.copy()
@@ -73,7 +75,8 @@ def test_measured_model_picks_the_tile_from_gemm_times_and_checks_the_whole():
 def test_kernel_prices_the_overhead_as_numpy_and_profile_round_trips(tmp_path):
     data = profile_dict()
     expert = data["shapes"][0]["expert"]
-    expert |= {"fixed_seconds": 0.0, "per_assignment_seconds": 0.0, "grid_log2_assignments": list(GRID_LOG2_ASSIGNMENTS),
+    expert |= {"fixed_seconds": 0.0, "per_assignment_seconds": 0.0,
+               "grid_log2_assignments": list(GRID_LOG2_ASSIGNMENTS),
                "overhead_seconds": truth_curve().tolist(), "overhead_measured": [[1, 3e-5], [2, 3.3e-5]]}
     path = write_dict(tmp_path / "r.yaml", data)
     work = load_profile(path).shapes[0].expert
@@ -85,10 +88,12 @@ def test_kernel_prices_the_overhead_as_numpy_and_profile_round_trips(tmp_path):
         counts = rng.integers(0, scale, n)
         x, a = int((counts > 0).sum()), float(counts.sum())
         w = X.padded_rows(counts, work.tile_rows)
-        assert K.profiled_expert_seconds(row, x, w, a) == pytest.approx(X.expert_seconds(counts, work), rel=1e-12)
+        assert K.profiled_expert_seconds(row, x, w, a) == pytest.approx(X.expert_seconds(counts, work),
+                                                                        rel=1e-12)
     out = tmp_path / "copy.yaml"
     write_profile(load_profile(path), out)
     again = load_profile(out).shapes[0].expert
+    assert again.overhead_seconds is not None and work.overhead_seconds is not None
     np.testing.assert_allclose(again.overhead_seconds, work.overhead_seconds, rtol=1e-4)
 
 
@@ -126,6 +131,7 @@ def test_version_1_profile_prices_as_before(tmp_path):
         i, j = min(int(lx), 7), min(int(lw), 16)
         u, v = lx - i, lw - j
         lt = np.log2(old[i:i + 2, j:j + 2])
-        expect = 2 ** ((1 - u) * (1 - v) * lt[0, 0] + u * (1 - v) * lt[1, 0] + (1 - u) * v * lt[0, 1] + u * v * lt[1, 1])
+        expect = 2 ** ((1 - u) * (1 - v) * lt[0, 0] + u * (1 - v) * lt[1, 0] + (1 - u) * v * lt[0, 1]
+                       + u * v * lt[1, 1])
         expect *= max(wi / 2.0**17, 1.0)
         assert X.gemm_lookup(work.gemm_seconds, xi, wi) == pytest.approx(expect, rel=1e-9)

@@ -1,4 +1,5 @@
-"""moe-sim import: SGLang, Megatron-Core and vLLM dumps built in the engines' layouts, checked token for token."""
+"""moe-sim import: SGLang, Megatron-Core and vLLM dumps built in the engines' layouts, checked token for
+token."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def moe_sim(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
 
 
 def assert_matches(path: Path, exp: Expected) -> None:
@@ -36,6 +37,7 @@ def assert_matches(path: Path, exp: Expected) -> None:
         assert meta.has_token_ids
         np.testing.assert_array_equal(chunk.token_id, exp.token_id)
     if exp.expert_weights is not None:
+        assert chunk.expert_weights is not None
         np.testing.assert_allclose(chunk.expert_weights, exp.expert_weights, rtol=1e-3, atol=1e-3)
 
 
@@ -77,7 +79,8 @@ def test_sglang_bad_inputs(tmp_path: Path) -> None:
     def run(name: str, payload: object, *fragments: str) -> None:
         path = tmp_path / name
         torch.save(payload, path)
-        result = moe_sim("import", paths[0], path, "-o", out, "--from", "sglang-per-token", "--model", "olmoe")
+        result = moe_sim("import", paths[0], path, "-o", out, "--from", "sglang-per-token",
+                         "--model", "olmoe")
         assert_one_line_error(result, str(path), *fragments)
         assert not out.exists() and not (tmp_path / "bad.h5.partial").exists()
 
@@ -92,17 +95,20 @@ def test_sglang_bad_inputs(tmp_path: Path) -> None:
     topk[0, 0, 7] = -1  # this token chose 7 experts: the top-k changed
     run("topk.pt", {**data, "records": [{**rec, "topk_ids_of_layer": topk}]}, "chose 7 experts")
     run("shape.pt", {**data, "records": [{**rec, "positions": [0, 1]}]}, "disagree on the number of tokens")
-    run("missing.pt", {**data, "records": [{k: v for k, v in rec.items() if k != "positions"}]}, "'positions'")
+    run("missing.pt", {**data, "records": [{k: v for k, v in rec.items() if k != "positions"}]},
+        "'positions'")
     run("dtype.pt", {**data, "last_physical_to_logical_map": data["last_physical_to_logical_map"].float()},
         "float32")
     (tmp_path / "corrupt.pt").write_bytes(paths[1].read_bytes()[:200])
-    result = moe_sim("import", tmp_path / "corrupt.pt", "-o", out, "--from", "sglang-per-token", "--model", "olmoe")
+    result = moe_sim("import", tmp_path / "corrupt.pt", "-o", out, "--from", "sglang-per-token",
+                     "--model", "olmoe")
     assert_one_line_error(result, "corrupt.pt", "not a readable torch file")
     result = moe_sim("import", paths[0], "-o", out, "--from", "megatron", "--model", "olmoe")
     assert_one_line_error(result, str(paths[0]), "not valid JSON")
     empty = {"records": [], "last_physical_to_logical_map": data["last_physical_to_logical_map"]}
     torch.save(empty, tmp_path / "empty.pt")
-    result = moe_sim("import", tmp_path / "empty.pt", "-o", out, "--from", "sglang-per-token", "--model", "olmoe")
+    result = moe_sim("import", tmp_path / "empty.pt", "-o", out, "--from", "sglang-per-token",
+                     "--model", "olmoe")
     assert_one_line_error(result, "empty.pt", "no routed tokens")
     assert not out.exists()
 
@@ -120,7 +126,8 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path: Path) -> None:
     path = tmp_path / "hostile.pt"
     with open(path, "wb") as fh:
         pickle.dump({"records": [_RunsCode()], "last_physical_to_logical_map": [[0]]}, fh)
-    result = moe_sim("import", path, "-o", tmp_path / "x.h5", "--from", "sglang-per-token", "--model", "olmoe")
+    result = moe_sim("import", path, "-o", tmp_path / "x.h5", "--from", "sglang-per-token",
+                     "--model", "olmoe")
     assert_one_line_error(result, "hostile.pt", "refused")
     assert not MARKER.exists()
     assert not (tmp_path / "x.h5").exists()
@@ -154,7 +161,8 @@ def test_megatron_bad_inputs(tmp_path: Path) -> None:
     rec2 = {**rec, "top_indices": [[99] * 8] * rec["num_tokens"]}
     run("\n".join(lines[:3] + [json.dumps(rec2)] + lines[4:]), "expert id 99")
     run("\n".join(lines[:3] + lines[4:]), "no record for MoE layer 3")
-    run("\n".join(lines[:3] + [json.dumps({k: v for k, v in rec.items() if k != "num_tokens"})]), "'num_tokens'")
+    run("\n".join(lines[:3] + [json.dumps({k: v for k, v in rec.items() if k != "num_tokens"})]),
+        "'num_tokens'")
     run("\n".join(lines[:5]) + "\n{\"step\": 1, trunc", "not valid JSON")
     run("", "no routed tokens")
 
@@ -182,7 +190,8 @@ def test_vllm_offline_outputs_and_bad_inputs(tmp_path: Path) -> None:
     np.testing.assert_array_equal(chunk.token_id, [1, 2, 3, 7])
     bad = tmp_path / "bad.json"
     for payload, fragment in (
-        ({"choices": [{"routed_experts": npy_b64(ids[:, :, :4])}], "usage": {"prompt_tokens": 3}}, "top-k is 8"),
+        ({"choices": [{"routed_experts": npy_b64(ids[:, :, :4])}], "usage": {"prompt_tokens": 3}},
+         "top-k is 8"),
         ({"choices": [{"routed_experts": "@@@"}], "usage": {"prompt_tokens": 3}}, "base64"),
         ({"choices": [{"routed_experts": npy_b64(ids + 60)}], "usage": {"prompt_tokens": 3}}, "out of range"),
         ({"choices": [{"routed_experts": ids.tolist()}]}, "no prompt length"),

@@ -1,6 +1,6 @@
 """Mutated dumps of every import format: each case imports cleanly or fails with one InputError line, never a
-crash, and leaves no partial output. 200 mutants per format (bit flips, truncations, zeroed and duplicated ranges,
-a huge declared size)."""
+crash, and leaves no partial output. 200 mutants per format (bit flips, truncations, zeroed and duplicated
+ranges, a huge declared size)."""
 
 from __future__ import annotations
 
@@ -32,10 +32,11 @@ def sources(tmp: Path) -> list[tuple[str, Path, ImportOptions]]:
     table = tmp / "t.jsonl"
     table.write_text("".join(json.dumps(r) + "\n" for r in rows))
     hf = tmp / "h.safetensors"
-    save_file({f"router_logits.{i}": torch.randn(4, 64) for i in range(16)} | {"input_ids": torch.arange(4)[None]},
-              str(hf))
+    save_file({f"router_logits.{i}": torch.randn(4, 64) for i in range(16)}
+              | {"input_ids": torch.arange(4)[None]}, str(hf))
     return [("sglang-per-token", sglang[0], ImportOptions()), ("megatron", megatron[0], ImportOptions()),
-            ("vllm", vllm[0], ImportOptions()), ("tabular", table, ImportOptions(columns=Columns(weights="topk_weights"))),
+            ("vllm", vllm[0], ImportOptions()), ("tabular", table,
+                                                 ImportOptions(columns=Columns(weights="topk_weights"))),
             ("hf-router-logits", hf, ImportOptions())]
 
 

@@ -1,4 +1,5 @@
-"""moe-sim import --from tabular (JSONL, CSV, Parquet) and --from hf-router-logits (safetensors, top-k recomputed)."""
+"""moe-sim import --from tabular (JSONL, CSV, Parquet) and --from hf-router-logits (safetensors, top-k
+recomputed)."""
 
 from __future__ import annotations
 
@@ -104,12 +105,15 @@ def test_hf_router_logits_recomputes_top_k(tmp_path: Path, model: str) -> None:
     keep = mask.ravel().astype(bool)
     want_ids = np.empty((int(keep.sum()), p.num_hidden_layers, p.top_k), dtype=np.int64)
     want_w = np.empty(want_ids.shape)
-    for i in range(p.num_hidden_layers):  # the plain NumPy reference router, fed the logits through an identity gate
-        ids, w = reference_routing(logits[i][keep], np.eye(p.num_experts), p.top_k, norm_topk_prob=p.norm_topk_prob)
+    # the plain NumPy reference router, fed the logits through an identity gate
+    for i in range(p.num_hidden_layers):
+        ids, w = reference_routing(logits[i][keep], np.eye(p.num_experts), p.top_k,
+                                   norm_topk_prob=p.norm_topk_prob)
         want_ids[:, i], want_w[:, i] = ids, w
     with open_trace(out) as trace:
         chunk = trace.read_all()
     np.testing.assert_array_equal(chunk.expert_ids, want_ids)
+    assert chunk.expert_weights is not None
     np.testing.assert_allclose(chunk.expert_weights.astype(np.float64), want_w, rtol=2e-3, atol=1e-3)
     np.testing.assert_array_equal(chunk.seq_id, [0] * 5 + [1] * 3)
     np.testing.assert_array_equal(chunk.position, [0, 1, 2, 3, 4, 0, 1, 2])
@@ -143,10 +147,12 @@ def test_sglang_stat_and_per_pass_become_load_files(tmp_path: Path) -> None:
 
     rng = np.random.default_rng(6)
     counts = rng.integers(0, 50, size=(5, 16, 64)).astype(np.int32)  # [steps, layers, logical experts]
-    torch.save({"rank": 0, "logical_count": torch.from_numpy(counts), "average_utilization_rate_over_window": None},
+    torch.save({"rank": 0, "logical_count": torch.from_numpy(counts),
+                "average_utilization_rate_over_window": None},
                tmp_path / "expert_distribution_recorder_1.0.pt")
     out = tmp_path / "stat.json"
-    result = import_dump([str(tmp_path / "expert_distribution_recorder_1.0.pt")], out, "sglang-stat", model="olmoe")
+    result = import_dump([str(tmp_path / "expert_distribution_recorder_1.0.pt")], out, "sglang-stat",
+                         model="olmoe")
     assert result.kind == "load file" and result.details["steps"] == 5
     assert result.num_tokens == int(counts.sum(axis=(0, 2)).max()) // 8  # one layer's selections / top-k
     load = read_load_file(out)
@@ -157,8 +163,10 @@ def test_sglang_stat_and_per_pass_become_load_files(tmp_path: Path) -> None:
     phys = rng.integers(0, 9, size=(2, 16, 66)).astype(np.int32)
     records = [{"forward_pass_id": i, "rank": 0, "gatherer_key": "primary",
                 "global_physical_count": torch.from_numpy(phys[i])} for i in range(2)]
-    torch.save({"records": records, "last_physical_to_logical_map": torch.from_numpy(p2l)}, tmp_path / "pp0.pt")
-    torch.save({"records": records, "last_physical_to_logical_map": torch.from_numpy(p2l)}, tmp_path / "pp1.pt")
+    torch.save({"records": records, "last_physical_to_logical_map": torch.from_numpy(p2l)},
+               tmp_path / "pp0.pt")
+    torch.save({"records": records, "last_physical_to_logical_map": torch.from_numpy(p2l)},
+               tmp_path / "pp1.pt")
     out2 = tmp_path / "pass.json"
     import_dump([str(tmp_path / "pp0.pt"), str(tmp_path / "pp1.pt")], out2, "sglang-per-pass", model="olmoe")
     want = phys.sum(axis=0)[:, :64].astype(np.int64)
@@ -170,7 +178,8 @@ def test_sglang_stat_and_per_pass_become_load_files(tmp_path: Path) -> None:
 
 
 def test_writer_api_example_validates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The writer example of docs/trace-format.md runs, and its file passes validation with provenance filled."""
+    """The writer example of docs/trace-format.md runs, and its file passes validation with provenance
+    filled."""
     import re
 
     from traces.validate import validate
@@ -193,9 +202,10 @@ def test_shapes_from_a_config_json(tmp_path: Path) -> None:
     config.write_text(json.dumps({
         "model_type": "deepseek_v3", "_name_or_path": "org/tiny-dsv3", "num_hidden_layers": 5,
         "first_k_dense_replace": 1, "n_routed_experts": 64, "num_experts_per_tok": 8, "hidden_size": 256,
-        "moe_intermediate_size": 128, "intermediate_size": 512, "n_shared_experts": 1, "scoring_func": "sigmoid",
-        "norm_topk_prob": True, "routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4, "vocab_size": 1000,
-        "num_attention_heads": 4, "torch_dtype": "bfloat16"}))
+        "moe_intermediate_size": 128, "intermediate_size": 512, "n_shared_experts": 1,
+        "scoring_func": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 2.5, "n_group": 8,
+        "topk_group": 4,
+        "vocab_size": 1000, "num_attention_heads": 4, "torch_dtype": "bfloat16"}))
     meta = metadata_from_config(config, source="megatron")
     assert meta.moe_layers == [1, 2, 3, 4] and meta.num_experts == 64 and meta.top_k == 8
     assert meta.router_scoring == "sigmoid" and meta.norm_topk_prob and meta.routed_scaling_factor == 2.5

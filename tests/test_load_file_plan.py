@@ -1,4 +1,5 @@
-"""Load files: read in every accepted form, and plan / report from one (--load-file), saying what they model."""
+"""Load files: read in every accepted form, and plan / report from one (--load-file), saying what they
+model."""
 
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ COUNTS = ROOT / "data" / "olmoe_expert_counts.json"
 
 
 def moe_sim(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
 
 
 def test_load_file_forms(tmp_path: Path) -> None:
     olmoe = read_load_file(COUNTS)
-    assert olmoe.layers == [0, 7, 15] and olmoe.num_experts == 64 and olmoe.model_id == "allenai/OLMoE-1B-7B-0924"
+    assert olmoe.layers == [0, 7,
+                            15] and olmoe.num_experts == 64 and olmoe.model_id == "allenai/OLMoE-1B-7B-0924"
     path = write_load_file(tmp_path / "l.json", olmoe)
     again = read_load_file(path)
     np.testing.assert_array_equal(again.load, olmoe.load)
@@ -62,9 +64,11 @@ def test_load_file_forms(tmp_path: Path) -> None:
 
 def test_load_file_becomes_steps_with_its_expert_shares() -> None:
     with trace_or_load_file((), str(COUNTS), tokens=40_000) as (paths, note):
-        assert note is not None and "cannot show per-step imbalance, co-selection and all-to-all bytes" in note
+        assert (note is not None
+                and "cannot show per-step imbalance, co-selection and all-to-all bytes" in note)
         with open_trace(paths) as trace:
             ids = trace.read_all(["expert_ids"]).expert_ids
+            assert ids is not None
             assert trace.metadata.model_id == "allenai/OLMoE-1B-7B-0924"
     counts = read_load_file(COUNTS).load
     for row, layer in enumerate([0, 7, 15]):  # the counted layers keep their experts' shares
@@ -79,14 +83,15 @@ def test_load_file_becomes_steps_with_its_expert_shares() -> None:
 
 def test_plan_and_report_from_load_file(tmp_path: Path) -> None:
     result = moe_sim("plan", "--load-file", COUNTS, "--load-tokens", "30000", "--target-tokens-per-s", "1000",
-                     "--gpus", "8", "--tokens-per-gpu", "64", "--placements", "balanced", "--redundant-experts", "0",
-                     "--json")
+                     "--gpus", "8", "--tokens-per-gpu", "64", "--placements", "balanced",
+                     "--redundant-experts", "0", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert "modelled, not measured" in data["load_file_note"]
     assert data["recommendation"] is not None
     out = tmp_path / "r.md"
-    result = moe_sim("report", "--load-file", COUNTS, "--load-tokens", "20000", "-o", out, "--gpus", "8", "--quiet")
+    result = moe_sim("report", "--load-file", COUNTS, "--load-tokens", "20000", "-o", out, "--gpus", "8",
+                     "--quiet")
     assert result.returncode == 0, result.stderr
     assert "cannot show per-step imbalance, co-selection and all-to-all bytes" in out.read_text()
     result = moe_sim("plan", "--target-tokens-per-s", "1000")

@@ -9,14 +9,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SNIPPET = "import os; from simulator import kernels as K; K.step_key(0, 1, 2, 3); print(os.environ['NUMBA_CACHE_DIR'])"
+SNIPPET = ("import os; from simulator import kernels as K; K.step_key(0, 1, 2, 3); "
+           "print(os.environ['NUMBA_CACHE_DIR'])")
 
 
 def _run(env_extra: dict[str, str]) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME")}
     env |= {"PYTHONPATH": str(ROOT)} | env_extra
-    out = subprocess.run([sys.executable, "-c", SNIPPET], capture_output=True, text=True, timeout=300, env=env,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", SNIPPET], capture_output=True, text=True, timeout=300,
+                         env=env, check=True)
     return out.stdout.strip()
 
 

@@ -1,5 +1,5 @@
-"""moe-sim place: one placement from a trace or a load file, exported for SGLang, TensorRT-LLM, DeepSeek EPLB and
-vLLM; every export reads back to the same slots, and so does the file: placement."""
+"""moe-sim place: one placement from a trace or a load file, exported for SGLang, TensorRT-LLM, DeepSeek EPLB
+and vLLM; every export reads back to the same slots, and so does the file: placement."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def moe_sim(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,8 @@ def test_place_bad_inputs(trace: Path, tmp_path: Path) -> None:
     cases = [
         (("place", counts, "--gpus", "4", "--policy", "coactivation", "-o", out), "needs co-selection"),
         (("place", counts, "--gpus", "4", "--model", "olmoe", "-o", out), "no row for MoE layer 1"),
-        (("place", trace, "--gpus", "6", "--policy", "contiguous", "-o", out, "--export", "sglang"), "empty slot"),
+        (("place", trace, "--gpus", "6", "--policy", "contiguous", "-o", out, "--export", "sglang"),
+         "empty slot"),
         (("place", tmp_path / "missing.json", "--gpus", "4", "-o", out), "no such file"),
     ]
     for args, fragment in cases:

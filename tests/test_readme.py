@@ -1,4 +1,5 @@
-"""The README's two entry commands are the product's front door: run the first verbatim, check CI runs the second."""
+"""The README's two entry commands are the product's front door: run the first verbatim, check CI runs the
+second."""
 
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ def test_readme_main_command_runs_end_to_end() -> None:
     with open_trace(trace) as t:
         assert t.complete
         assert t.num_tokens > 0
-        phases = set(t.read_all(["phase"]).phase.tolist())
+        phase = t.read_all(["phase"]).phase
+        assert phase is not None
+        phases = set(phase.tolist())
     assert phases == {0, 1}  # prefill and decode both recorded
     assert "contiguous" in result.stdout  # the replay table compares placements
 

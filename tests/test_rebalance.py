@@ -28,7 +28,8 @@ from traces import InputError, open_trace
 
 
 def pair_hot_with_cold(load: np.ndarray) -> np.ndarray:
-    """Hand-checkable fit for 4 experts on 2 GPUs: GPU 0 gets the hottest and coldest, GPU 1 the middle two."""
+    """Hand-checkable fit for 4 experts on 2 GPUs: GPU 0 gets the hottest and coldest, GPU 1 the middle
+    two."""
     order = np.argsort(-load[0], kind="stable")
     return np.array([[[order[0], order[3]], [order[1], order[2]]]], dtype=np.int32)
 
@@ -48,13 +49,17 @@ def test_hand_worked_rebalance(buffer_steps):
 
     (result,) = replay_rebalance(stream, pair_hot_with_cold, every=[2], window=2, num_experts=4,
                                  expert_bytes=384, buffer_steps=buffer_steps)
-    assert len(passes) == (1 if buffer_steps is None else 2)  # intervals of 2 steps held unless the buffer is 1
-    # Warm-up window (steps 0-1) load (6,4,2,0): GPU0 {0,3}, GPU1 {1,2}; this is the fixed placement and the first fit.
-    # Steps 2-3 (0,2,2,0): fixed and rebalanced put 4 on GPU1, 0 on GPU0 -> 4/2 = 2. Oracle fitted on (0,4,4,0):
+    # intervals of 2 steps held unless the buffer is 1
+    assert len(passes) == (1 if buffer_steps is None else 2)
+    # Warm-up window (steps 0-1) load (6,4,2,0): GPU0 {0,3}, GPU1 {1,2}; this is the fixed placement and the
+    # first fit. Steps 2-3 (0,2,2,0): fixed and rebalanced put 4 on GPU1, 0 on GPU0 -> 4/2 = 2. Oracle fitted
+    # on (0,4,4,0):
     #   GPU0 {1,3}, GPU1 {2,0} -> 2 and 2 -> 1.
-    # Refit at step 4 from steps 2-3 (0,4,4,0): GPU0 {1,3}, GPU1 {2,0}: GPU0 gains expert 1, GPU1 gains expert 0
+    # Refit at step 4 from steps 2-3 (0,4,4,0): GPU0 {1,3}, GPU1 {2,0}: GPU0 gains expert 1, GPU1 gains expert
+    # 0
     #   -> 2 copies moved, 2 x 384 bytes.
-    # Steps 4-5 (0,3,0,1): rebalanced GPU0 {1,3} = 4, GPU1 = 0 -> 2; fixed GPU0 {0,3} = 1, GPU1 {1,2} = 3 -> 1.5;
+    # Steps 4-5 (0,3,0,1): rebalanced GPU0 {1,3} = 4, GPU1 = 0 -> 2; fixed GPU0 {0,3} = 1, GPU1 {1,2} = 3 ->
+    # 1.5;
     #   oracle on (0,6,0,2): order 1,3,0,2 -> GPU0 {1,2} = 3, GPU1 {3,0} = 1 -> 1.5.
     assert result.per_step["fixed"].tolist() == [2.0, 2.0, 1.5, 1.5]
     assert result.per_step["rebalanced"].tolist() == [2.0, 2.0, 2.0, 2.0]
@@ -66,8 +71,9 @@ def test_hand_worked_rebalance(buffer_steps):
     assert result.step_imbalance("fixed") == pytest.approx((4 + 4 + 3 + 3) / 8)
     assert result.step_imbalance("rebalanced") == pytest.approx((4 + 4 + 4 + 4) / 8)
     assert result.step_imbalance("oracle") == pytest.approx((2 + 2 + 3 + 3) / 8)
-    # aggregate: GPU totals over the scored steps. fixed GPU0 0+0+1+1 = 2, GPU1 4+4+3+3 = 14 -> 14/8; rebalanced
-    # GPU0 0+0+4+4 = 8, GPU1 4+4+0+0 = 8 -> 1.0 (balanced on the whole, never within a step); oracle 4+6 vs 4+2
+    # aggregate: GPU totals over the scored steps. fixed GPU0 0+0+1+1 = 2, GPU1 4+4+3+3 = 14 -> 14/8;
+    # rebalanced GPU0 0+0+4+4 = 8, GPU1 4+4+0+0 = 8 -> 1.0 (balanced on the whole, never within a step);
+    # oracle 4+6 vs 4+2
     assert result.aggregate_imbalance("fixed") == pytest.approx(14 / 8)
     assert result.aggregate_imbalance("rebalanced") == pytest.approx(1.0)
     assert result.aggregate_imbalance("oracle") == pytest.approx(10 / 8)
@@ -78,9 +84,10 @@ def test_hand_worked_rebalance(buffer_steps):
 
 def test_weight_moves_cost_time_and_the_advice_can_say_dont():
     loads = [np.array([row], dtype=np.int32) for row in HAND_STEPS]
-    # 1 s per assignment, 0.5 s per expert with work; 384-byte experts over 384 B/s: the refit sends one copy to
-    # each GPU, so the busiest receiver takes 1 s
-    prices = RefitPrices("slow", scale_up_bandwidth=384.0, seconds_per_assignment=1.0, seconds_per_expert_read=0.5)
+    # 1 s per assignment, 0.5 s per expert with work; 384-byte experts over 384 B/s: the refit sends one copy
+    # to each GPU, so the busiest receiver takes 1 s
+    prices = RefitPrices("slow", scale_up_bandwidth=384.0, seconds_per_assignment=1.0,
+                         seconds_per_expert_read=0.5)
     (result,) = replay_rebalance(lambda: iter(loads), pair_hot_with_cold, every=[2], window=2, num_experts=4,
                                  expert_bytes=384, prices=prices)
     assert result.busiest_copies.tolist() == [1] and result.move_seconds.tolist() == [1.0]
@@ -92,7 +99,8 @@ def test_weight_moves_cost_time_and_the_advice_can_say_dont():
     assert result.seconds_with_moves() == pytest.approx(4.25)
     assert result.gain() == pytest.approx(1 - 4.25 / 3.5)
     advice = advise([result])
-    assert advice.every is None and advice.reason.startswith("keep the fixed placement: no interval is shorter")
+    assert advice.every is None and advice.reason.startswith("keep the fixed placement: no interval is "
+                                                             "shorter")
     assert result.to_dict()["seconds_per_step_with_moves"] == pytest.approx(4.25)
 
 
@@ -105,8 +113,8 @@ def test_weight_reads_can_set_the_step_time():
 
 
 def _scored(every: int, rebalanced: float, seconds_per_refit: float, fixed: float = 2.0) -> RebalanceResult:
-    """A result over 100 scored steps: expert seconds per step as given, one copy per refit to the busiest GPU at
-    1000 B/s."""
+    """A result over 100 scored steps: expert seconds per step as given, one copy per refit to the busiest GPU
+    at 1000 B/s."""
     seconds = {"fixed": 100 * fixed, "rebalanced": 100 * rebalanced, "oracle": 100.0}
     return RebalanceResult(
         every=every, window=10, steps=110, scored_steps=100, rebalances=100 // every,
@@ -124,7 +132,8 @@ def test_advice_needs_the_margin_with_moves_counted():
     results = [_scored(10, 1.90, 1.0), _scored(50, 1.95, 1.0)]
     assert results[0].seconds_with_moves() == pytest.approx(2.0)
     assert results[1].seconds_with_moves() == pytest.approx(1.97)
-    assert advise(results).every is None and "only 1.5% shorter, under the 2% margin" in advise(results).reason
+    assert (advise(results).every is None
+            and "only 1.5% shorter, under the 2% margin" in advise(results).reason)
     advice = advise(results, margin=0.01)  # 1.5% clears a 1% margin
     assert advice.every == 50 and advice.reason.startswith("refit every 50 steps: 1.5% shorter steps")
     assert advise([_scored(10, 1.5, 0.0)]).every == 10  # free moves and a large gain
@@ -148,7 +157,8 @@ def test_refit_renumbers_gpus_to_move_less():
     new = np.array([[[2, 3], [1, 0]]], dtype=np.int32)
     assert copies_moved(old, new, 4) == 4
     assert copies_moved(old, align_gpus(old, new, 4, gpus_per_node=2), 4) == 0
-    # two nodes of two GPUs: node groups {0,1,2,3} | {4,5,6,7} come back on swapped nodes, GPUs inside swapped too
+    # two nodes of two GPUs: node groups {0,1,2,3} | {4,5,6,7} come back on swapped nodes, GPUs inside swapped
+    # too
     old = np.array([[[0, 1], [2, 3], [4, 5], [6, 7]]], dtype=np.int32)
     new = np.array([[[6, 7], [4, 5], [2, 3], [1, 0]]], dtype=np.int32)
     aligned = align_gpus(old, new, 8, gpus_per_node=2)
@@ -162,7 +172,8 @@ def test_refit_renumbers_gpus_to_move_less():
 
     (result,) = replay_rebalance(lambda: iter(loads), swap_fit, every=[2], window=2, num_experts=4,
                                  expert_bytes=1)
-    # window (6,4,2,0): {0,3} | {1,2} (reversed); refit at 4 from (4,6,0,2): {1,2} | {0,3} -> same groups, renumbered
+    # window (6,4,2,0): {0,3} | {1,2} (reversed); refit at 4 from (4,6,0,2): {1,2} | {0,3} -> same groups,
+    # renumbered
     assert result.moved_copies.tolist() == [0]
 
 
@@ -183,7 +194,8 @@ def test_scoring_helpers_match_placement_module():
     assert np.allclose(np.einsum("le,leg->lg", load, share), expected_gpu_load(placement, load))
     peaks, means = step_peaks_means(load[None], share)
     gpu = expected_gpu_load(placement, load)
-    assert peaks[0] == pytest.approx(gpu.max(axis=1).sum()) and means[0] == pytest.approx(gpu.mean(axis=1).sum())
+    assert (peaks[0] == pytest.approx(gpu.max(axis=1).sum())
+            and means[0] == pytest.approx(gpu.mean(axis=1).sum()))
     # moving: identical placements move nothing; swapping two experts between GPUs moves two copies per layer
     assert copies_moved(placement.slots, placement.slots, 16) == 0
     swapped = Placement("x", np.array([[[0, 1], [2, 3]]]), 4, 2).slots
@@ -221,7 +233,8 @@ def test_step_loads_stream_across_chunks(tmp_path):
 def test_rebalance_trace_with_real_policy(tmp_path):
     rng = np.random.default_rng(11)
     # popularity drifts: the first half favours one set of experts, the second half another
-    ids = np.concatenate([random_ids(rng, 2000, 2, 16, 2, skew=1.5), random_ids(rng, 2000, 2, 16, 2, skew=1.5)])
+    ids = np.concatenate([random_ids(rng, 2000, 2, 16, 2, skew=1.5),
+                          random_ids(rng, 2000, 2, 16, 2, skew=1.5)])
     step = np.arange(4000) // 100
     path = write_ids_trace(tmp_path / "d.h5", ids, num_experts=16, step=step)
     config = RebalanceConfig(every=(2, 30), window=4, policy="balanced", num_gpus=4, gpus_per_node=4)
@@ -229,9 +242,9 @@ def test_rebalance_trace_with_real_policy(tmp_path):
         fast, slow = rebalance_trace(trace, config, chunk_tokens=512)
         loads = list(iter_step_loads(trace))
     # the same replay with the oracle's intervals scored in a second pass gives the same numbers
-    fit = config.fit_function(16)
-    again = replay_rebalance(lambda: iter(loads), fit, every=[2, 30], window=4, num_experts=16, expert_bytes=1,
-                             gpus_per_node=4, buffer_steps=1)
+    fit_function = config.fit_function(16)
+    again = replay_rebalance(lambda: iter(loads), fit_function, every=[2, 30], window=4, num_experts=16,
+                             expert_bytes=1, gpus_per_node=4, buffer_steps=1)
     for one, two in zip((fast, slow), again, strict=True):
         for name in ("fixed", "rebalanced", "oracle"):
             assert np.array_equal(one.per_step[name], two.per_step[name]), name
@@ -286,7 +299,8 @@ def test_count_steps_matches_stream(tmp_path):
     phase = np.tile(np.r_[np.zeros(6), np.ones(4)], 50)  # prefill and decode tokens in every step
     path = write_ids_trace(tmp_path / "c.h5", ids, num_experts=8, step=step, phase=phase)
     with open_trace(path) as trace:
-        for kwargs in ({}, {"phase": "decode"}, {"tokens_per_step": 7}, {"tokens_per_step": 7, "phase": "all"}):
+        for kwargs in ({}, {"phase": "decode"}, {"tokens_per_step": 7},
+                       {"tokens_per_step": 7, "phase": "all"}):
             want = len(list(iter_step_loads(trace, chunk_tokens=64, **kwargs)))
             assert count_steps(trace, chunk_tokens=33, **kwargs) == want, kwargs
         assert count_steps(trace) == 50
@@ -294,8 +308,9 @@ def test_count_steps_matches_stream(tmp_path):
 
 @pytest.mark.parametrize("policy", ["replicated", "replicated-hier"])
 def test_refits_on_sparse_windows_give_valid_placements(policy):
-    # Refits skip Placement's validation, so they rely on every policy giving legal slots; a short window often
-    # sees only a few experts (once: "GPU 5 holds the same expert twice" from replicated on such a load).
+    # Refits skip Placement's validation, so they rely on every policy giving legal slots; a short window
+    # often sees only a few experts (once: "GPU 5 holds the same expert twice" from replicated on such a
+    # load).
     from simulator.placement import check_slots
 
     config = RebalanceConfig(every=(1,), window=1, policy=policy, num_gpus=8, gpus_per_node=4,
@@ -318,7 +333,8 @@ def test_refits_on_sparse_windows_give_valid_placements(policy):
 
 
 def test_replay_and_rebalance_mean_the_same_step_imbalance(tmp_path):
-    """One definition everywhere: a load-blind placement scored on the same steps gives the same figure in both."""
+    """One definition everywhere: a load-blind placement scored on the same steps gives the same figure in
+    both."""
     from simulator.replay import ReplayConfig, replay
 
     rng = np.random.default_rng(3)
@@ -328,9 +344,10 @@ def test_replay_and_rebalance_mean_the_same_step_imbalance(tmp_path):
     with open_trace(path) as trace:
         replayed = replay(trace, ReplayConfig(num_gpus=4, gpus_per_node=4, placements=("contiguous",),
                                               fit_fraction=0.25)).placements[0]
-        (refits,) = rebalance_trace(trace, RebalanceConfig(every=(45,), window=15, policy="contiguous", num_gpus=4,
-                                                           gpus_per_node=4))
+        (refits,) = rebalance_trace(trace, RebalanceConfig(every=(45,), window=15, policy="contiguous",
+                                                           num_gpus=4, gpus_per_node=4))
     assert replayed.steps == refits.scored_steps == 45
     assert replayed.step_imbalance == pytest.approx(refits.step_imbalance("fixed"), rel=1e-12)
     assert replayed.aggregate_imbalance == pytest.approx(refits.aggregate_imbalance("fixed"), rel=1e-12)
-    assert replayed.step_imbalance_percentiles["p95"] == pytest.approx(refits.percentile("fixed", 95), rel=1e-12)
+    assert replayed.step_imbalance_percentiles["p95"] == pytest.approx(refits.percentile("fixed", 95),
+                                                                       rel=1e-12)

@@ -1,4 +1,5 @@
-"""Router output conventions: 5.x 3-tuple (logits or probabilities first), older 2-tuple, 4.x nn.Linear gates."""
+"""Router output conventions: 5.x 3-tuple (logits or probabilities first), older 2-tuple, 4.x nn.Linear
+gates."""
 
 from __future__ import annotations
 

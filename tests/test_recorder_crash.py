@@ -27,13 +27,14 @@ def _cfg(tmp_path: Path, name: str, **kw) -> RecordConfig:
     prompts = tmp_path / "p.txt"
     if not prompts.exists():
         prompts.write_text("\n".join(PROMPTS) + "\n")
-    return RecordConfig(prompts=prompts, output=tmp_path / name, batch_size=3, max_new_tokens=2, progress=False,
-                        device="cpu", **kw)
+    return RecordConfig(prompts=prompts, output=tmp_path / name, batch_size=3, max_new_tokens=2,
+                        progress=False, device="cpu", **kw)
 
 
 def _rows(path: Path) -> dict[str, np.ndarray]:
     with open_trace(path) as t:
         c = t.read_all()
+    assert c.position is not None and c.seq_id is not None
     order = np.lexsort((c.position, c.seq_id))
     return {k: v[order] for k, v in c.present().items()}
 
@@ -74,7 +75,8 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path: Path, monkeypatch:
     assert not out.exists() and "--resume" in log.getvalue()
     with open_trace(partial_path(out)) as t:
         assert t.metadata.status == "partial"
-        assert sorted(set(t.read_all(["seq_id"]).seq_id.tolist())) == list(range(6))  # two whole batches
+        seq = t.read_all(["seq_id"]).seq_id
+        assert seq is not None and sorted(set(seq.tolist())) == list(range(6))  # two whole batches
     monkeypatch.undo()
     result = record(_cfg(tmp_path, name, resume=True), Console(file=io.StringIO()))
     assert result.complete and result.path == out and result.sequences == 4
@@ -92,7 +94,8 @@ def test_bad_prompt_mid_run_keeps_completed_batches(tmp_path: Path) -> None:
         record(cfg, Console(file=io.StringIO()))
     with open_trace(partial_path(tmp_path / "t.h5")) as t:
         assert t.metadata.status == "partial"
-        assert sorted(set(t.read_all(["seq_id"]).seq_id.tolist())) == list(range(6))
+        seq = t.read_all(["seq_id"]).seq_id
+        assert seq is not None and sorted(set(seq.tolist())) == list(range(6))
 
 
 def test_out_of_memory_splits_the_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -143,11 +146,12 @@ cli.moe_rec()
 def test_sigterm_leaves_partial_and_cli_resume_completes(tmp_path: Path) -> None:
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
     root = Path(__file__).resolve().parent.parent
-    env = {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     args = ["record", "--prompts", "p.txt", "-o", "t.h5", "--batch-size", "2", "--max-new-tokens", "2",
             "--device", "cpu"]
-    child = subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert child.stdout is not None
     for _ in range(2):
         assert child.stdout.readline().strip() == "batch"
@@ -157,11 +161,14 @@ def test_sigterm_leaves_partial_and_cli_resume_completes(tmp_path: Path) -> None
     assert "interrupted" in err and "Traceback" not in err
     with open_trace(tmp_path / "t.h5.partial") as t:
         assert t.metadata.status == "partial"
-        done = set(t.read_all(["seq_id"]).seq_id.tolist())
+        seq = t.read_all(["seq_id"]).seq_id
+        assert seq is not None
+        done = set(seq.tolist())
     assert len(done) in (2, 4) and done == set(range(len(done)))  # whole batches only
     resumed = subprocess.run([sys.executable, "-c", "import sys, cli; cli.moe_rec()", *args, "--resume"],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     reference = record(RecordConfig(prompts=tmp_path / "p.txt", output=tmp_path / "ref.h5", batch_size=2,
-                                    max_new_tokens=2, progress=False, device="cpu"), Console(file=io.StringIO())).path
+                                    max_new_tokens=2, progress=False, device="cpu"),
+                       Console(file=io.StringIO())).path
     _assert_same(_rows(tmp_path / "t.h5"), _rows(reference))

@@ -1,6 +1,9 @@
-"""Recorded ids and weights equal routing computed independently (NumPy, from each router's inputs and weights)."""
+"""Recorded ids and weights equal routing computed independently (NumPy, from each router's inputs and
+weights)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,16 +15,18 @@ from recorder.reference import reference_routing
 
 
 def _tiny_extra(name: str):
-    from transformers import AutoModelForCausalLM, GptOssConfig, Qwen3MoeConfig
+    from transformers import AutoModelForCausalLM, GptOssConfig, PretrainedConfig, Qwen3MoeConfig
 
-    common = dict(vocab_size=320, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-                  max_position_embeddings=256)
+    common: dict[str, Any] = dict(vocab_size=320, hidden_size=64, num_attention_heads=4,
+                                  num_key_value_heads=4, max_position_embeddings=256)
+    cfg: PretrainedConfig
     if name == "qwen3_moe":
-        cfg = Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, num_experts=8,
-                             num_experts_per_tok=2, norm_topk_prob=True, head_dim=16, **common)
+        cfg = Qwen3MoeConfig(  # type: ignore[call-arg]
+            intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, num_experts=8,
+            num_experts_per_tok=2, norm_topk_prob=True, head_dim=16, **common)
     else:
-        cfg = GptOssConfig(intermediate_size=32, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2,
-                           head_dim=16, layer_types=["full_attention"] * 2, **common)
+        cfg = GptOssConfig(intermediate_size=32, num_hidden_layers=2, num_local_experts=8,
+                           num_experts_per_tok=2, head_dim=16, layer_types=["full_attention"] * 2, **common)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     if name == "gpt_oss":
@@ -35,7 +40,8 @@ def _model(name: str):
     if name in ("qwen3_moe", "gpt_oss"):
         return _tiny_extra(name)
     model = build_builtin_model(name, torch.device("cpu"), torch.float32)
-    if name == "deepseek-tiny":  # a non-zero correction bias, so choosing and weighing differ as in DeepSeek-V3
+    # a non-zero correction bias, so choosing and weighing differ as in DeepSeek-V3
+    if name == "deepseek-tiny":
         torch.manual_seed(1)
         with torch.no_grad():
             for layer in model.model.layers[1:]:
@@ -43,16 +49,19 @@ def _model(name: str):
     return model
 
 
-def _reference(name: str, module: torch.nn.Module, hidden: np.ndarray, model) -> tuple[np.ndarray, np.ndarray]:
+def _reference(name: str, module: Any, hidden: np.ndarray,
+               model) -> tuple[np.ndarray, np.ndarray]:
     cfg = model.config
     w = module.weight.detach().double().numpy()
     k = cfg.num_experts_per_tok
     if name == "deepseek-tiny":
         return reference_routing(hidden, w, k, scoring="sigmoid", norm_topk_prob=cfg.norm_topk_prob,
                                  correction_bias=module.e_score_correction_bias.double().numpy(),
-                                 n_group=cfg.n_group, topk_group=cfg.topk_group, scaling=cfg.routed_scaling_factor)
+                                 n_group=cfg.n_group, topk_group=cfg.topk_group,
+                                 scaling=cfg.routed_scaling_factor)
     if name == "gpt_oss":
-        return reference_routing(hidden, w, k, bias=module.bias.detach().double().numpy(), softmax_over_top_k=True)
+        return reference_routing(hidden, w, k, bias=module.bias.detach().double().numpy(),
+                                 softmax_over_top_k=True)
     norm = name in ("mixtral-tiny",) or bool(getattr(cfg, "norm_topk_prob", False))
     return reference_routing(hidden, w, k, norm_topk_prob=norm)
 

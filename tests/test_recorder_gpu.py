@@ -1,4 +1,5 @@
-"""The GPU path: device buffers, pinned non-blocking copies, events, writer thread, no host sync, OOM split."""
+"""The GPU path: device buffers, pinned non-blocking copies, events, writer thread, no host sync, OOM
+split."""
 
 from __future__ import annotations
 
@@ -72,19 +73,24 @@ def test_end_pass_and_collect_use_pinned_buffers_and_never_synchronise() -> None
                 blocks += capture.end_pass(tokens)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-            assert len(blocks) == (1 if step == 2 else 0) and capture.window_size == (0 if step == 2 else step + 1)
+            assert len(blocks) == (1 if step == 2 else 0) and capture.window_size == (0 if step == 2
+                                                                                      else step + 1)
     for t in taps:
         t.remove()
     host = blocks[0]
-    assert host.event is not None and host.data.is_pinned() and host.num_passes == 3
+    assert host.event is not None and host.data is not None and host.data.is_pinned() and host.num_passes == 3
     chunk = host.to_chunk(True, np.dtype(np.uint8), np.dtype(np.float16))  # waits for the copy
-    assert host.field("ids").shape == (3, 8 * 64, 4, 4) and host.field("ids").dtype == np.uint8  # [N, T, L, K]
+    # [N, T, L, K]
+    assert host.field("ids").shape == (3, 8 * 64, 4, 4) and host.field("ids").dtype == np.uint8
     np.testing.assert_array_equal(chunk.token_id, np.concatenate(all_ids))
     np.testing.assert_array_equal(chunk.step, np.repeat([0, 1, 2], 512))
+    assert chunk.expert_ids is not None and chunk.expert_weights is not None
     for i in range(prof.layout.num_layers):
         np.testing.assert_array_equal(chunk.expert_ids[:, i], np.concatenate([s[0] for s in seen[i]]))
-        np.testing.assert_allclose(chunk.expert_weights[:, i], np.concatenate([s[1] for s in seen[i]]), atol=1e-3)
-    assert chunk.num_tokens == 1536 and chunk.router_logits is not None and chunk.router_logits.shape == (1536, 4, 16)
+        np.testing.assert_allclose(chunk.expert_weights[:, i], np.concatenate([s[1] for s in seen[i]]),
+                                   atol=1e-3)
+    assert (chunk.num_tokens == 1536 and chunk.router_logits is not None
+            and chunk.router_logits.shape == (1536, 4, 16))
     assert capture.collect() == []
     capture.remove()
 
@@ -93,7 +99,8 @@ def test_writer_back_pressure_keeps_everything(tmp_path: Path) -> None:
     model = build_builtin_model("olmoe-tiny", CUDA, torch.bfloat16)
     prof = MoEProfiler(model)
     capture = RoutingCapture(prof.layout)
-    sink = TraceSink(None, with_token_ids=True, id_dtype=np.dtype(np.uint8), weights_dtype=np.dtype(np.float16),
+    sink = TraceSink(None, with_token_ids=True, id_dtype=np.dtype(np.uint8),
+                     weights_dtype=np.dtype(np.float16),
                      max_bytes=1)  # at most one batch in flight
     expected = []
     with torch.no_grad():
@@ -135,6 +142,8 @@ def test_cuda_record_end_to_end_with_oom_split(tmp_path: Path, monkeypatch: pyte
     def rows(path: Path):
         with open_trace(path) as t:
             c = t.read_all()
+        assert c.position is not None and c.seq_id is not None
+        assert c.expert_ids is not None and c.token_id is not None
         order = np.lexsort((c.position, c.seq_id))
         return c.expert_ids[order], c.token_id[order]
 

@@ -1,10 +1,11 @@
-"""Recording under torch.compile and CUDA graphs: the same routing as eager, or a one-line refusal, never a trace
-with missing or stale passes.
+"""Recording under torch.compile and CUDA graphs: the same routing as eager, or a one-line refusal, never a
+trace with missing or stale passes.
 
-CPU: torch.compile (eager backend) records what eager records; router outputs written into static buffers (what a
-CUDA graph replay does) are refused when a window holds passes, and recorded exactly one pass per window; a model
-whose routers' hooks did not run is refused. GPU (skipped without CUDA): a forward captured into a CUDA graph is
-refused at capture; torch.compile with mode="reduce-overhead" (CUDA graphs) records the eager routing or refuses.
+CPU: torch.compile (eager backend) records what eager records; router outputs written into static buffers
+(what a CUDA graph replay does) are refused when a window holds passes, and recorded exactly one pass per
+window; a model whose routers' hooks did not run is refused. GPU (skipped without CUDA): a forward captured
+into a CUDA graph is refused at capture; torch.compile with mode="reduce-overhead" (CUDA graphs) records the
+eager routing or refuses.
 """
 
 from __future__ import annotations
@@ -77,13 +78,15 @@ def _decode_with_static_outputs(window_passes: int):
                 seen.append(np.stack(layer_ids, axis=1))  # [T, L, K]
                 layer_ids.clear()
                 position = torch.arange(3).expand(2, 3)
-                blocks += capture.end_pass(PassTokens(np.array([0, 1]), position, ids, torch.ones((2, 3)), 0, step))
+                blocks += capture.end_pass(PassTokens(np.array([0, 1]), position, ids, torch.ones((2, 3)), 0,
+                                                      step))
         blocks += capture.collect()
     finally:
         for h in handles:
             h.remove()
         capture.remove()
-    return blocks_to_chunk([b.release() for b in blocks], True, np.dtype(np.uint8), np.dtype(np.float16)), seen
+    return blocks_to_chunk([b.release() for b in blocks], True, np.dtype(np.uint8),
+                           np.dtype(np.float16)), seen
 
 
 def test_static_outputs_are_refused_when_a_window_holds_passes() -> None:
@@ -102,7 +105,8 @@ def test_profiler_refuses_when_the_routers_hooks_did_not_run() -> None:
     model = build_builtin_model("olmoe-tiny", torch.device("cpu"), torch.float32)
     prof = MoEProfiler(model).start()
     assert prof._capture is not None
-    prof._capture.remove()  # what a region that skips submodule hooks does: the model runs, the routers' hooks not
+    # what a region that skips submodule hooks does: the model runs, the routers' hooks not
+    prof._capture.remove()
     with pytest.raises(GraphRecordingError, match="none of its routers' hooks did"), torch.no_grad():
         model(input_ids=torch.zeros((1, 4), dtype=torch.long))
     prof.stop()

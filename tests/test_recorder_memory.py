@@ -1,4 +1,5 @@
-"""Memory is checked before loading: the estimate from the config, the refusal line, and the CPU default dtype."""
+"""Memory is checked before loading: the estimate from the config, the refusal line, and the CPU default
+dtype."""
 
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ def test_parameter_count_from_the_config_alone() -> None:
     built = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     assert count_parameters(builtin_config("olmoe-tiny")) == built
     # OLMoE-1B-7B by hand: per layer 64 SwiGLU experts (3 x 2048 x 1024), the router (2048 x 64), q/k/v/o
-    # (4 x 2048^2), q/k norms and two layer norms (4 x 2048); untied embeddings and LM head (2 x 50304 x 2048) and
-    # the final norm. Buffers (rotary frequencies) add a few hundred.
+    # (4 x 2048^2), q/k norms and two layer norms (4 x 2048); untied embeddings and LM head (2 x 50304 x 2048)
+    # and the final norm. Buffers (rotary frequencies) add a few hundred.
     per_layer = 64 * 3 * 2048 * 1024 + 2048 * 64 + 4 * 2048 * 2048 + 4 * 2048
     by_hand = 16 * per_layer + 2 * 50304 * 2048 + 2048
     assert by_hand == 6_919_161_856
@@ -79,14 +80,16 @@ def test_full_size_builtin_defaults_to_bf16_on_a_cpu() -> None:
 
 
 def test_cli_refuses_fp32_full_size_model_on_this_host(tmp_path: Path) -> None:
-    """The reported failure for real: fp32 olmoe-1b-7b-random on a host with less free memory than it needs."""
+    """The reported failure for real: fp32 olmoe-1b-7b-random on a host with less free memory than it
+    needs."""
     need = MemoryEstimate(count_parameters(builtin_config("olmoe-1b-7b-random")), torch.float32).needed_bytes
     free = free_bytes(torch.device("cpu"))
     if free is None or free >= need:
         pytest.skip("this host has room for the fp32 model, so there is nothing to refuse")
     code = "import sys, cli; sys.argv[0] = 'moe-rec'; cli.moe_rec()"
     out = subprocess.run([sys.executable, "-c", code, "record", "--prompts", str(PROMPTS), "--model",
-                          "olmoe-1b-7b-random", "--device", "cpu", "--dtype", "fp32", "-o", str(tmp_path / "t.h5")],
+                          "olmoe-1b-7b-random", "--device", "cpu", "--dtype", "fp32",
+                          "-o", str(tmp_path / "t.h5")],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 2
     assert out.stderr.startswith("error: --model olmoe-1b-7b-random: needs about 28.4 GiB in fp32")

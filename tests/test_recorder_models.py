@@ -1,7 +1,7 @@
 """Where --model loads from, decided before transformers tries: folders, the hub cache, and the hub's answers.
 
-The hub is never reached: HF_ENDPOINT points at a closed port (no network) or at a local server that answers like
-the hub does for a missing repository, and HF_HUB_CACHE at a folder the test fills.
+The hub is never reached: HF_ENDPOINT points at a closed port (no network) or at a local server that answers
+like the hub does for a missing repository, and HF_HUB_CACHE at a folder the test fills.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def moe_rec(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    inherited = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}  # the case decides offline mode
+    # the case decides offline mode
+    inherited = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     full_env = {**inherited, "PYTHONPATH": str(ROOT), **env}
     code = "import sys, cli; sys.argv[0] = 'moe-rec'; cli.moe_rec()"
-    return subprocess.run([sys.executable, "-c", code, "record", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=full_env, timeout=600)
+    return subprocess.run([sys.executable, "-c", code, "record", *args], cwd=ROOT, capture_output=True,
+                          text=True, env=full_env, timeout=600)
 
 
 def closed_port() -> int:
@@ -99,7 +100,8 @@ def test_cli_errors_are_one_line_and_tell_the_causes_apart(tmp_path: Path, missi
         out = moe_rec("--prompts", str(PROMPTS), "--model", model, "-o", str(tmp_path / "t.h5"), env=env)
         assert out.returncode == 2, (model, out.stderr)
         lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"error: --model {model}: ") and message in lines[0], lines
+        assert (len(lines) == 1 and lines[0].startswith(f"error: --model {model}: ")
+                and message in lines[0]), lines
         assert not (tmp_path / "t.h5").exists()
     # the offline error names the cause, the unreachable one does not claim the model is missing
     offline = moe_rec("--prompts", str(PROMPTS), "--model", "acme/x", "-o", str(tmp_path / "t.h5"),

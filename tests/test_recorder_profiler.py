@@ -40,7 +40,8 @@ def test_profiler_records_generate_and_saves(tmp_path: Path) -> None:
     assert "model.layers.2.mlp.gate" in text and "max/mean" in text
     path = prof.save(tmp_path / "p.h5")
     with open_trace(path) as t:
-        assert t.metadata.model_type == "mixtral" and t.metadata.norm_topk_prob and t.num_tokens == chunk.num_tokens
+        assert (t.metadata.model_type == "mixtral" and t.metadata.norm_topk_prob
+                and t.num_tokens == chunk.num_tokens)
         np.testing.assert_array_equal(t.read_all(["expert_ids"]).expert_ids, chunk.expert_ids)
 
 

@@ -1,5 +1,5 @@
-"""Recording across torchrun ranks: shards with global sequence ids and distinct steps that moe-sim reads as one
-trace, with the same routing, token for token, as one process (CPU, 2 gloo ranks)."""
+"""Recording across torchrun ranks: shards with global sequence ids and distinct steps that moe-sim reads as
+one trace, with the same routing, token for token, as one process (CPU, 2 gloo ranks)."""
 
 from __future__ import annotations
 
@@ -38,16 +38,18 @@ def _by_token(chunk) -> tuple[np.ndarray, ...]:
 @pytest.mark.timeout(900)
 def test_two_gloo_ranks_record_what_one_process_records(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    args = ["record", "--prompts", str(PROMPTS), "--max-new-tokens", "3", "--device", "cpu", "--batch-size", "4"]
+    args = ["record", "--prompts", str(PROMPTS), "--max-new-tokens", "3", "--device", "cpu",
+            "--batch-size", "4"]
     script = tmp_path / "moe_rec.py"
     script.write_text(MAIN + "\n")
-    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            str(script), *args, "-o", str(tmp_path / "t.h5")], cwd=ROOT, env=env,
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc-per-node", "2", str(script), *args, "-o",
+                            str(tmp_path / "t.h5")], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
     assert ranks.returncode == 0, ranks.stderr[-3000:]
     assert "all 2 ranks: " in ranks.stdout and "moe-sim info" in ranks.stdout
-    single = subprocess.run([sys.executable, "-c", MAIN, *args, "-o", str(tmp_path / "one.h5")], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    single = subprocess.run([sys.executable, "-c", MAIN, *args, "-o", str(tmp_path / "one.h5")], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     shards = [tmp_path / "t-rank0.h5", tmp_path / "t-rank1.h5"]
     assert all(p.exists() for p in shards) and not (tmp_path / "t.h5").exists()
@@ -60,12 +62,16 @@ def test_two_gloo_ranks_record_what_one_process_records(tmp_path: Path) -> None:
     with open_trace(shards[0]) as r0, open_trace(shards[1]) as r1:
         c0, c1 = r0.read_all(), r1.read_all()
         assert c0.seq_id is not None and c1.seq_id is not None and c0.step is not None and c1.step is not None
-        assert set(np.unique(c0.seq_id) % 2) == {0} and set(np.unique(c1.seq_id) % 2) == {1}  # global prompt ids
-        assert set(np.unique(c0.step) % 2) == {0} and set(np.unique(c1.step) % 2) == {1}  # passes numbered apart
+        # global prompt ids
+        assert set(np.unique(c0.seq_id) % 2) == {0} and set(np.unique(c1.seq_id) % 2) == {1}
+        # passes numbered apart
+        assert set(np.unique(c0.step) % 2) == {0} and set(np.unique(c1.step) % 2) == {1}
         assert np.all(np.diff(c0.step) >= 0) and np.all(np.diff(c1.step) >= 0)
-        assert (r0.metadata.notes["rank"], r1.metadata.notes["rank"], r1.metadata.notes["world_size"]) == (0, 1, 2)
-    info = subprocess.run([sys.executable, "-c", "import sys, cli; sys.argv[0] = 'moe-sim'; cli.moe_sim()", "info",
-                           "--json", str(tmp_path / "t-rank*.h5")], cwd=ROOT, env=env, capture_output=True,
+        assert (r0.metadata.notes["rank"], r1.metadata.notes["rank"],
+                r1.metadata.notes["world_size"]) == (0, 1, 2)
+    info = subprocess.run([sys.executable, "-c", "import sys, cli; sys.argv[0] = 'moe-sim'; cli.moe_sim()",
+                           "info", "--json",
+                           str(tmp_path / "t-rank*.h5")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert info.returncode == 0, info.stderr
     assert b.seq_id is not None and json.loads(info.stdout)["num_sequences"] == len(np.unique(b.seq_id))

@@ -47,6 +47,7 @@ def _record(tmp_path: Path, name: str = "t.h5", console: Console | None = None, 
 def _by_token(path: Path):
     with open_trace(path) as t:
         c = t.read_all()
+    assert c.position is not None and c.seq_id is not None
     order = np.lexsort((c.position, c.seq_id))
     return {k: v[order] for k, v in c.present().items()}, t.metadata
 
@@ -115,7 +116,8 @@ def test_metadata_describes_model_and_run(tmp_path: Path) -> None:
     assert meta.moe_layers == [1, 2] and meta.num_hidden_layers == 3 and meta.dense_intermediate_size == 96
     assert meta.moe_module_names == ["model.layers.1.mlp.gate", "model.layers.2.mlp.gate"]
     assert (meta.router_scoring, meta.routed_scaling_factor, meta.norm_topk_prob) == ("sigmoid", 2.5, True)
-    assert (meta.num_shared_experts, meta.shared_expert_intermediate_size, meta.expert_intermediate_size) == (1, 32, 32)
+    assert (meta.num_shared_experts, meta.shared_expert_intermediate_size,
+            meta.expert_intermediate_size) == (1, 32, 32)
     assert meta.prompts_sha256 and meta.transformers_version and meta.torch_version and meta.created_at
     assert meta.model_dtype == "float32" and meta.notes["router_convention"] == "3-tuple"
 
@@ -123,7 +125,8 @@ def test_metadata_describes_model_and_run(tmp_path: Path) -> None:
 def test_arrow_output_and_qwen_dense_layers(tmp_path: Path) -> None:
     path = _record(tmp_path, "t.arrow", model="qwen-moe-tiny")
     cols, meta = _by_token(path)
-    assert meta.moe_layers == [1, 3] and meta.num_shared_experts == 1 and meta.shared_expert_intermediate_size == 48
+    assert (meta.moe_layers == [1, 3] and meta.num_shared_experts == 1
+            and meta.shared_expert_intermediate_size == 48)
     assert cols["expert_ids"].shape[1:] == (2, 3)
 
 
@@ -139,7 +142,8 @@ def test_jsonl_text_messages_field_blank_and_truncation(tmp_path: Path) -> None:
     assert result.truncated == 2 and result.blank_lines == 1
     cols, _ = _by_token(result.path)
     tok = build_builtin_tokenizer()
-    chat = tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True)
+    chat = tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False,
+                                   add_generation_prompt=True)
     assert bytes(cols["token_id"][cols["seq_id"] == 1][:20].astype(np.uint8)) == chat.encode()[:20]
     assert (np.bincount(cols["seq_id"]) == [17, 20, 20]).all()
 
@@ -199,7 +203,8 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     code = "import sys, cli; sys.argv[0] = 'moe-rec'; cli.moe_rec()"
     root = Path(__file__).resolve().parent.parent
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True,
-                          env={"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), "PATH": "/usr/bin:/bin", "HOME": str(cwd)}, timeout=300)
+                          env={"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+                               "PATH": "/usr/bin:/bin", "HOME": str(cwd)}, timeout=300)
 
 
 def test_cli_record_and_errors(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Windows of passes: one device->host copy for many passes must record exactly what one copy per pass records."""
+"""Windows of passes: one device->host copy for many passes must record exactly what one copy per pass
+records."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from traces import open_trace
 
 
 def _decode_run(window_passes: int, window_bytes: int = 64 << 20):
-    """A prefill of 3 left-padded rows, then 7 single-token passes with a finished row; blocks and router outputs."""
+    """A prefill of 3 left-padded rows, then 7 single-token passes with a finished row; blocks and router
+    outputs."""
     model = build_builtin_model("olmoe-tiny", torch.device("cpu"), torch.float32)
     layout = discover_routers(model)
     capture = RoutingCapture(layout, save_logits=True, window_passes=window_passes, window_bytes=window_bytes)
@@ -93,7 +95,8 @@ def test_clear_drops_uncollected_passes() -> None:
     ids = torch.randint(0, 256, (2, 3))
     with torch.no_grad():
         model(input_ids=ids)
-    tokens = PassTokens(np.arange(2), torch.arange(3).expand(2, 3), ids, torch.ones((2, 3), dtype=torch.bool), 0, 0)
+    tokens = PassTokens(np.arange(2), torch.arange(3).expand(2, 3), ids, torch.ones((2, 3), dtype=torch.bool),
+                        0, 0)
     assert capture.end_pass(tokens) == [] and capture.window_size == 1
     capture.clear()
     assert capture.window_size == 0 and capture.collect() == []
@@ -102,7 +105,8 @@ def test_clear_drops_uncollected_passes() -> None:
     capture.remove()
 
 
-def test_record_with_small_windows_equals_one_copy_per_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_record_with_small_windows_equals_one_copy_per_pass(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(f"prompt {i} " + "y" * (i * 5 % 17) for i in range(7)) + "\n")
 

@@ -1,5 +1,5 @@
-"""Replay on several threads gives bit-identical results to one thread (shards of the trace replayed at once and
-absorbed in order), and a worker count the machine cannot give is refused."""
+"""Replay on several threads gives bit-identical results to one thread (shards of the trace replayed at once
+and absorbed in order), and a worker count the machine cannot give is refused."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def _exact(result) -> str:
 def test_two_workers_match_one_bit_for_bit(tmp_path, monkeypatch):
     monkeypatch.setattr(segment, "SHARD_TOKENS", 300)  # many shards, and steps that cross their edges
     path = random_trace(tmp_path / "t.h5", tokens=4000, layers=3, experts=16, top_k=4)
-    config = ReplayConfig(num_gpus=4, gpus_per_node=2, hardware=GpuSpec.from_name("h200"), redundant_experts=4,
+    config = ReplayConfig(num_gpus=4, gpus_per_node=2, hardware=GpuSpec.from_name("h200"),
+                          redundant_experts=4,
                           placements=("contiguous", "round-robin", "balanced", "replicated", "coactivation"),
                           tokens_per_step=64, fit_fraction=0.25, chunk_tokens=100)
     out = []
@@ -39,10 +40,13 @@ def test_two_workers_match_one_bit_for_bit(tmp_path, monkeypatch):
 
 
 def test_sharded_replay_matches_one_shard(tmp_path, monkeypatch):
-    """Shards absorbed in order give the single pass's integer totals and steps exactly, its seconds to rounding."""
+    """Shards absorbed in order give the single pass's integer totals and steps exactly, its seconds to
+    rounding."""
     path = random_trace(tmp_path / "t.h5", tokens=3000, layers=2, experts=8, top_k=2)
-    config = ReplayConfig(num_gpus=4, gpus_per_node=4, hardware=GpuSpec.from_name("h100"), redundant_experts=4,
-                          placements=("balanced", "replicated"), tokens_per_step=50, fit_fraction=0.2, chunk_tokens=64)
+    config = ReplayConfig(num_gpus=4, gpus_per_node=4, hardware=GpuSpec.from_name("h100"),
+                          redundant_experts=4, placements=("balanced", "replicated"), tokens_per_step=50,
+                          fit_fraction=0.2,
+                          chunk_tokens=64)
     runs = []
     for shard in (1 << 20, 128):
         monkeypatch.setattr(segment, "SHARD_TOKENS", shard)

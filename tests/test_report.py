@@ -1,5 +1,5 @@
-"""The report: every section and plot present, numbers that match the results it was built from, renderers, the
-atomic write with its --force rules, and the commands through a subprocess."""
+"""The report: every section and plot present, numbers that match the results it was built from, renderers,
+the atomic write with its --force rules, and the commands through a subprocess."""
 
 from __future__ import annotations
 
@@ -82,7 +82,8 @@ def test_recommendation_matches_plan(built):
     (per_layout,) = section.tables
     if plan.skipped:
         (folded,) = section.details
-        assert folded.summary.startswith(f"Skipped {len(plan.skipped)} grid point") and folded.items == plan.skipped
+        assert (folded.summary.startswith(f"Skipped {len(plan.skipped)} grid point")
+                and folded.items == plan.skipped)
     else:
         assert not section.details
     assert len(frontier.rows) == len(plan.frontier)
@@ -103,12 +104,13 @@ def test_recommendation_leads_and_skipped_points_fold(built):
     _, _, report = built
     page = render_html(report)
     rec = page[page.index('<section id="recommendation">'):page.index('<section id="layouts">')]
-    assert rec.index("<caption>Frontier") < rec.index('<ul class="bullets">') < rec.index("<caption>Best placement")
+    assert (rec.index("<caption>Frontier") < rec.index('<ul class="bullets">')
+            < rec.index("<caption>Best placement"))
     # a folded list renders as one summary line with its items under it
     section = Section("x", "X", ["p"], details=[Details("Skipped 2 grid points", ["a: why", "b: why"])])
     one = dataclasses.replace(report, sections=[section])
-    assert "<details><summary>Skipped 2 grid points</summary><ul><li>a: why</li><li>b: why</li></ul></details>" \
-        in render_html(one)
+    assert ("<details><summary>Skipped 2 grid points</summary><ul><li>a: why</li><li>b: why</li></ul>"
+            "</details>" in render_html(one))
     md = render_markdown(one)
     assert "<details><summary>Skipped 2 grid points</summary>\n\n- a: why\n- b: why\n\n</details>" in md
 
@@ -130,7 +132,8 @@ def test_layouts_match_replay(built):
 def test_replay_and_rebalance_step_at_recommended_batch(built):
     trace, inputs, report = built
     rec = inputs.plan.recommendation
-    # the fixture plans a 16-token per-GPU batch: a step is 16 x the recommended GPU count, not a recorded pass
+    # the fixture plans a 16-token per-GPU batch: a step is 16 x the recommended GPU count, not a recorded
+    # pass
     assert rec.tokens_per_gpu == 16 and rec.tokens_per_step == 16 * rec.num_gpus
     basis = inputs.step_basis
     assert (basis.source, basis.tokens_per_step, basis.tokens_per_gpu, basis.num_gpus) == (
@@ -165,7 +168,8 @@ def test_unmet_target_replays_best_frontier_point(built):
     unmet = dataclasses.replace(plan, recommendation=None)
     point, source = replayed_point(unmet)
     assert source == "frontier" and point is max(plan.frontier, key=lambda c: c.tokens_per_s)
-    text = StepBasis(source, point.tokens_per_step, point.tokens_per_gpu, point.num_gpus, point.describe()).sentence()
+    text = StepBasis(source, point.tokens_per_step, point.tokens_per_gpu, point.num_gpus,
+                     point.describe()).sentence()
     assert text.startswith("No layout meets the goal") and point.describe() in text
     assert f"{fmt_int(point.tokens_per_step)} tokens per step" in text
     assert replayed_point(dataclasses.replace(unmet, frontier=[])) == (None, "fallback")
@@ -286,7 +290,8 @@ def test_cli_report_and_rebalance(built, tmp_path):
     assert [r["every"] for r in results] == [5, 50]
     assert {"fixed", "rebalanced", "oracle", "moved_bytes_per_rebalance"} <= results[0].keys()
     advice = json.loads(reb.stdout)["advice"]
-    assert advice["margin"] == 0.02 and advice["reason"].startswith(("refit every", "keep the fixed placement"))
+    assert advice["margin"] == 0.02 and advice["reason"].startswith(("refit every",
+                                                                     "keep the fixed placement"))
     assert advice["every"] in (None, 5, 50)
     assert {"step_imbalance", "aggregate_imbalance", "seconds_per_step"} <= results[0]["fixed"].keys()
     table = _moe_sim("rebalance", str(trace), "--window", "10", "--quiet")
@@ -304,11 +309,12 @@ def test_without_target_replays_first_layout_and_lists_unbuildable(built):
 
     trace, _, _ = built
     options = ReportOptions(hardware=[GpuSpec.from_name("a100")], gpus=[6], redundant_experts=[0, 8],
-                            placements=("contiguous", "balanced", "replicated"), window=10, rebalance_every=(50,))
+                            placements=("contiguous", "balanced", "replicated"), window=10,
+                            rebalance_every=(50,))
     with open_trace(trace) as tr:
         inputs = collect_inputs(tr, options)
-    # 64 experts do not divide over 6 GPUs: contiguous and balanced lay them out unevenly (11 and 10 per GPU), and
-    # replicated fits with the 8 redundant slots that make 72
+    # 64 experts do not divide over 6 GPUs: contiguous and balanced lay them out unevenly (11 and 10 per GPU),
+    # and replicated fits with the 8 redundant slots that make 72
     assert inputs.plan is None
     assert [p.label for p in inputs.replay.placements] == ["contiguous", "balanced", "replicated+8"]
     assert inputs.replay.config["num_gpus"] == 6 and inputs.replay.config["hardware"]["name"] == "a100"
@@ -325,6 +331,7 @@ def test_without_target_replays_first_layout_and_lists_unbuildable(built):
     fastest = min(inputs.replay.placements, key=lambda p: p.timings[0].step_time["mean"]).label
     assert f"the {fastest} placement has the" in report.section("recommendation").paragraphs[0]
     # no plan: the recorded forward passes are the steps, and both sections say so
+    assert inputs.step_basis is not None
     assert inputs.step_basis.source == "recorded" and inputs.replay.config["tokens_per_step"] == 0
     for key in ("layouts", "rebalance"):
         assert any("Steps are the trace's recorded forward passes: no throughput target was given" in t
@@ -333,7 +340,8 @@ def test_without_target_replays_first_layout_and_lists_unbuildable(built):
 
 def test_plan_and_report_recommend_the_same_layout_by_default(built, tmp_path):
     trace, _, _ = built
-    target = ["--target-tokens-per-s", "2000", "--tokens-per-gpu", "16", "--quiet"]  # batches the small trace fills
+    # batches the small trace fills
+    target = ["--target-tokens-per-s", "2000", "--tokens-per-gpu", "16", "--quiet"]
     planned = _moe_sim("plan", str(trace), *target, "--json")
     assert planned.returncode == 0, planned.stderr
     reported = _moe_sim("report", str(trace), "-o", str(tmp_path / "same.html"), *target, "--json")

@@ -1,8 +1,9 @@
-"""The HTML report in a real headless browser (Debian's chromium through selenium): it loads from a file:// URL
-with no console errors, every plot decodes and has a size, and a screenshot of it is a real, non-blank picture.
+"""The HTML report in a real headless browser (Debian's chromium through selenium): it loads from a file://
+URL with no console errors, every plot decodes and has a size, and a screenshot of it is a real, non-blank
+picture.
 
-Skipped only where chromium (and its driver) are not installed; scripts/setup.sh installs them when it can (not
-with --no-browser).
+Skipped only where chromium (and its driver) are not installed; scripts/setup.sh installs them when it can
+(not with --no-browser).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
-    reason="chromium and chromedriver not installed (scripts/setup.sh installs them as root with apt-get unless "
-           "given --no-browser; or apt-get install chromium chromium-driver)")
+    reason="chromium and chromedriver not installed (scripts/setup.sh installs them as root with apt-get "
+           "unless given --no-browser; or apt-get install chromium chromium-driver)")
 
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -43,6 +44,7 @@ def browser(tmp_path_factory):
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
+    assert CHROMIUM is not None
     options.binary_location = CHROMIUM
     for flag in FLAGS:
         options.add_argument(flag)
@@ -67,7 +69,8 @@ def test_page_loads_without_console_errors_and_plots_render(page, browser):
         assert complete, alt
         assert (natural_w, natural_h) == (fig.width, fig.height), alt  # decoded: a broken image has 0 x 0
         assert shown_w > 100, alt
-    sections = browser.execute_script("return Array.from(document.querySelectorAll('section')).map(s => s.id)")
+    sections = (browser.execute_script("return Array.from(document.querySelectorAll('section')).map(s => "
+                                       "s.id)"))
     assert sections == [s.key for s in report.sections]
     errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
     assert errors == []

@@ -1,7 +1,10 @@
-"""Regrouped steps, as the report replays them at a plan point's batch: prefill and decode tokens fill steps of their
-own however the trace interleaves them, in the rebalance stream and in the replay alike (checked by hand)."""
+"""Regrouped steps, as the report replays them at a plan point's batch: prefill and decode tokens fill steps
+of their own however the trace interleaves them, in the rebalance stream and in the replay alike (checked by
+hand)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 from report_fixtures import DECODE, PREFILL, random_ids, write_ids_trace
@@ -21,7 +24,8 @@ def test_rebalance_steps_fill_per_phase(tmp_path):
     ids = random_ids(rng, PHASES.size, 2, 8, 2)
     path = write_ids_trace(tmp_path / "p.h5", ids, num_experts=8, phase=PHASES)
     B = 4
-    # by hand: each phase's tokens in order, cut into runs of 4; a step comes out when its phase's next one opens
+    # by hand: each phase's tokens in order, cut into runs of 4; a step comes out when its phase's next one
+    # opens
     want = []
     for code in (PREFILL, DECODE):
         where = np.flatnonzero(np.equal(PHASES, code))  # prefill 13 tokens -> 4 steps, decode 10 -> 3 steps
@@ -48,7 +52,8 @@ def test_replay_regroups_phases_apart(tmp_path):
     path = write_ids_trace(tmp_path / "r.h5", ids, num_experts=8, phase=phases)
     gpu = GpuSpec.from_name("h100")
     B = 16
-    config = dict(num_gpus=4, gpus_per_node=2, hardware=gpu, placements=("contiguous", "round-robin"))
+    config: dict[str, Any] = dict(num_gpus=4, gpus_per_node=2, hardware=gpu,
+                                  placements=("contiguous", "round-robin"))
     with open_trace(path) as trace:
         regrouped = replay(trace, ReplayConfig(tokens_per_step=B, **config))
         recorded = replay(trace, ReplayConfig(tokens_per_step=0, **config))
@@ -66,5 +71,6 @@ def test_replay_regroups_phases_apart(tmp_path):
     for s, r, series in zip(regrouped.placements, recorded.placements, apart, strict=True):
         assert s.tokens == r.tokens == phases.size - start
         assert s.steps == sum(-(-int(n) // B) for n in scored)  # full steps of one phase, one short per phase
-        assert s.aggregate_imbalance == r.aggregate_imbalance and s.leave_gpu_share == r.leave_gpu_share  # totals: grouping-free
+        # totals: grouping-free
+        assert s.aggregate_imbalance == r.aggregate_imbalance and s.leave_gpu_share == r.leave_gpu_share
         np.testing.assert_allclose(s.step_imbalance_series, series, rtol=1e-12)

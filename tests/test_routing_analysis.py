@@ -35,8 +35,8 @@ HAND_PHASE = [PREFILL, PREFILL, PREFILL, DECODE, DECODE]
 
 @pytest.fixture(params=[1, 2, 5], ids=lambda n: f"chunk{n}")
 def hand(tmp_path, request):
-    path = write_ids_trace(tmp_path / "hand.h5", HAND_IDS, num_experts=4, seq_id=HAND_SEQ, position=HAND_POS,
-                           phase=HAND_PHASE)
+    path = write_ids_trace(tmp_path / "hand.h5", HAND_IDS, num_experts=4, seq_id=np.asarray(HAND_SEQ),
+                           position=np.asarray(HAND_POS), phase=np.asarray(HAND_PHASE))
     with open_trace(path) as trace:
         return analyze_routing(trace, segments=2, chunk_tokens=request.param)
 
@@ -47,7 +47,8 @@ def test_loads_entropy_gini_by_hand(hand):
     expected_h0 = -sum(p * math.log2(p) for p in (0.4, 0.3, 0.2, 0.1))
     assert hand.entropy()[0] == pytest.approx(expected_h0)
     assert hand.normalized_entropy()[0] == pytest.approx(expected_h0 / 2)
-    # Gini as mean absolute difference / (2 * mean): ordered pairs of (1,2,3,4) differ by 20 in total; 20 / (2*16*2.5)
+    # Gini as mean absolute difference / (2 * mean): ordered pairs of (1,2,3,4) differ by 20 in total; 20 /
+    # (2*16*2.5)
     assert hand.gini()[0] == pytest.approx(0.25)
     assert hand.max_over_mean().tolist() == pytest.approx([4 / 2.5, 5 / 2.5])
     assert hand.top_experts(2)[0] == [(0, pytest.approx(0.4)), (1, pytest.approx(0.3))]
@@ -60,12 +61,15 @@ def test_coselection_by_hand(hand):
     assert co[0, 2] == 1 and co[1, 2] == 1 and co[0, 3] == 1
     assert co[2, 3] == 0 and co[1, 3] == 0
     assert np.diag(co).tolist() == [4, 3, 2, 1]
-    assert hand.coselection_conditional(0)[1, 0] == pytest.approx(2 / 3)  # 2 of expert 1's 3 tokens also chose 0
+    # 2 of expert 1's 3 tokens also chose 0
+    assert hand.coselection_conditional(0)[1, 0] == pytest.approx(2 / 3)
     assert hand.coselection_lift(0)[0, 1] == pytest.approx(2 * 5 / (4 * 3))
     assert hand.top_pairs(0, 1) == [(0, 1, 2, pytest.approx(10 / 12))]
-    # by lift: (1,2) 1*5/(3*2) = 0.83, (0,2) 1*5/(4*2) = 0.625, (0,3) 1*5/(4*1) = 1.25 is the most above chance
+    # by lift: (1,2) 1*5/(3*2) = 0.83, (0,2) 1*5/(4*2) = 0.625, (0,3) 1*5/(4*1) = 1.25 is the most above
+    # chance
     assert hand.top_pairs(0, 1, by="lift") == [(0, 3, 1, pytest.approx(1.25))]
-    assert [p[:2] for p in hand.top_pairs(0, 3, by="lift", min_share=0.3)] == [(0, 1)]  # only (0,1) has 2/5 tokens
+    # only (0,1) has 2/5 tokens
+    assert [p[:2] for p in hand.top_pairs(0, 3, by="lift", min_share=0.3)] == [(0, 1)]
 
 
 def test_phases_by_hand(hand):
@@ -156,7 +160,8 @@ def test_kernels_match_numpy_reference(dtype):
 
 def test_corrupt_ids_are_input_error():
     acc = RoutingAccumulator(tiny_metadata(1, 4, 2), 2)
-    with pytest.raises(InputError, match="out of range"):  # expert 9 of 4: refused before the kernel indexes it
+    # expert 9 of 4: refused before the kernel indexes it
+    with pytest.raises(InputError, match="out of range"):
         acc.add(TraceChunk(expert_ids=np.array([[[0, 9]]], np.uint8), phase=np.zeros(1, np.uint8)))
 
 

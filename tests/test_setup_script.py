@@ -1,7 +1,9 @@
-"""scripts/setup.sh talks: a line per step, the system packages named before apt-get runs, --no-browser skips them.
+"""scripts/setup.sh talks: a line per step, the system packages named before apt-get runs, --no-browser skips
+them.
 
-Run against stubs: a copy of the script in a scratch repository whose .venv holds the real Python, with pip, apt-get
-and id replaced by scripts that log their arguments, and a PATH holding nothing else (so no real chromium is found).
+Run against stubs: a copy of the script in a scratch repository whose .venv holds the real Python, with pip,
+apt-get and id replaced by scripts that log their arguments, and a PATH holding nothing else (so no real
+chromium is found).
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def test_steps_are_announced_and_chromium_named_before_apt_get(tmp_path: Path) -
     out, calls = run_setup(tmp_path)
     assert out.returncode == 0, out.stderr
     steps = [line for line in out.stdout.splitlines() if line.startswith("==> ")]
-    assert steps[0] == "==> using the existing .venv" and steps[1].startswith("==> keeping the installed torch")
+    assert steps[0] == "==> using the existing .venv" and steps[1].startswith("==> keeping the installed "
+                                                                              "torch")
     assert any("pip install -e '.[dev]'" in s for s in steps)
     assert "installing system packages chromium and chromium-driver with apt-get" in steps[-1]
     assert "--no-browser skips this" in steps[-1]

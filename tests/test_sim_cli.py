@@ -1,4 +1,5 @@
-"""`moe-sim replay` and `moe-sim plan` through a subprocess: tables, JSON, one-line errors with exit code 2."""
+"""`moe-sim replay` and `moe-sim plan` through a subprocess: tables, JSON, one-line errors with exit code
+2."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ def moe_sim(*args: str, columns: int | None = None) -> subprocess.CompletedProce
     env.pop("COLUMNS", None)
     if columns is not None:
         env["COLUMNS"] = str(columns)
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300, env=env)
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, env=env)
 
 
 def test_replay_table_and_json(tmp_path):
@@ -49,7 +50,8 @@ def test_replay_table_fits_120_columns(tmp_path):
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
         assert max(len(line) for line in lines) <= 120, out.stdout
-        assert not any("\u2026" in line for line in lines), out.stdout  # no header or cell cut short with an ellipsis
+        # no header or cell cut short with an ellipsis
+        assert not any("\u2026" in line for line in lines), out.stdout
     data = json.loads(moe_sim("replay", str(path), "--gpus", "4", "--gpus-per-node", "2", "--json").stdout)
     # one line per placement in each table; its cells are the JSON numbers through the shared formatter
     rows = [line.split() for line in lines if line.split() and line.split()[0] == "replicated+4"]
@@ -58,12 +60,13 @@ def test_replay_table_fits_120_columns(tmp_path):
     headline, breakdown = rows
     assert headline[1:5] == [units.sig(summary["step_imbalance"]),
                              units.sig(summary["step_imbalance_percentiles"]["p95"]),
-                             units.share(summary["leave_gpu_share"]), units.share(summary["leave_node_share"])]
+                             units.share(summary["leave_gpu_share"]),
+                             units.share(summary["leave_node_share"])]
     compute = summary["timings"][0]["breakdown"]["compute"]
     assert " ".join(breakdown[1:3]) == units.seconds(compute)
     out = moe_sim("plan", str(path), "--target-tokens-per-s", "1e3", "--gpus", "2,4", "--gpus-per-node", "2",
-                  "--hardware", "h100,b200", "--redundant-experts", "0,4", "--tokens-per-step", "0", "--all", "--quiet",
-                  columns=120)
+                  "--hardware", "h100,b200", "--redundant-experts", "0,4", "--tokens-per-step", "0", "--all",
+                  "--quiet", columns=120)
     assert out.returncode == 0, out.stderr
     assert max(len(line) for line in out.stdout.splitlines()) <= 120, out.stdout
     assert "\u2026" not in out.stdout
@@ -110,9 +113,11 @@ def test_plan_json(tmp_path):
     first = data["reasons"][0]
     assert first.startswith(f"2 x {rec['hardware']}, {rec['placement']}, recorded steps: ")
     assert f"{rec['tokens_per_s']:,.0f} tokens/s meets the target 1,000 tokens/s" in first
-    assert data["reasons"][1].startswith(f"step time mean {rec['step_ms']:.3g} ms, p95 {rec['step_ms_p95']:.3g} ms")
+    assert data["reasons"][1].startswith(f"step time mean {rec['step_ms']:.3g} ms, p95 "
+                                         f"{rec['step_ms_p95']:.3g} ms")
     assert data["reasons"][2].startswith("memory fits with")
-    assert any(r.startswith("ranked by fewest GPUs, then mean step time: prices were not given for b200, h100")
+    assert any(r.startswith("ranked by fewest GPUs, then mean step time: prices were not given for "
+                            "b200, h100")
                for r in data["reasons"])
 
 
@@ -123,7 +128,8 @@ def test_hardware_lists_presets_sources_and_fields(tmp_path):
     by_name = {p["name"]: p for p in data["presets"]}
     assert set(by_name) == {"a100", "h100", "h200", "b200", "mi300x"}
     assert by_name["h200"]["priced_by"] == "measured profile h200-torch-grouped-mm"
-    assert by_name["h100"]["priced_by"] == "extrapolated (from h200 by datasheet ratios) of profile h200-torch-grouped-mm"
+    assert (by_name["h100"]["priced_by"]
+            == "extrapolated (from h200 by datasheet ratios) of profile h200-torch-grouped-mm")
     assert all(p["source"] for p in data["presets"]) and "scale_up_latency" in data["fields"]
     bad = tmp_path / "gpu.json"
     bad.write_text(json.dumps({"name": "x", "bf16_flop": 1e15}))
@@ -147,14 +153,16 @@ def test_replay_states_the_step_size_and_warns_on_steps_it_cannot_fill(tmp_path)
     out = moe_sim(*args)
     assert out.returncode == 0, out.stderr
     first = out.stdout.splitlines()[0]
-    assert first == "Steps: the recorded forward passes; 3 scored steps of 4.0 tokens on average (min 2, max 6)."
+    assert (first == "Steps: the recorded forward passes; 3 scored steps of 4.0 tokens on average (min 2, "
+                     "max 6).")
     assert "note: olmoe-tiny is a built-in tiny model" in out.stdout and "warning" not in out.stdout
     data = json.loads(moe_sim(*args, "--json").stdout)
     assert data["placements"][0]["step_tokens"] == {"mean": 4.0, "min": 2.0, "max": 6.0}
     big = moe_sim(*args, "--tokens-per-step", "64")
     assert big.returncode == 0, big.stderr
     assert "Steps: 64 tokens of one phase (--tokens-per-step); 1 scored steps of 12.0 tokens" in big.stdout
-    assert "warning: --tokens-per-step 64 is more than the 12 scored tokens: every step is partial" in big.stdout
+    assert ("warning: --tokens-per-step 64 is more than the 12 scored tokens: every step is partial"
+            in big.stdout)
     fits = moe_sim(*args, "--tokens-per-step", "6")
     assert "warning" not in fits.stdout and "2 scored steps of 6.0 tokens" in fits.stdout
 
@@ -171,12 +179,13 @@ def test_tiny_model_rule_matches_the_built_in_models():
 
 
 def test_replay_uneven_layout_and_rounded_default_redundancy(tmp_path):
-    """16 experts on 7 GPUs: every default policy replays (uneven slots), and the default redundancy (one per GPU,
-    7) is rounded to 5 so that 21 slots divide over the 7 GPUs, which the output says."""
+    """16 experts on 7 GPUs: every default policy replays (uneven slots), and the default redundancy (one per
+    GPU, 7) is rounded to 5 so that 21 slots divide over the 7 GPUs, which the output says."""
     path = random_trace(tmp_path / "t.h5", tokens=400, experts=16)
     out = moe_sim("replay", str(path), "--gpus", "7", "--quiet")
     assert out.returncode == 0, out.stderr
-    assert "default redundancy rounded from 7 (one per GPU) to 5: 16 experts + 5 = 21 slots, 3 per GPU" in out.stdout
+    assert ("default redundancy rounded from 7 (one per GPU) to 5: 16 experts + 5 = 21 slots, 3 per GPU"
+            in out.stdout)
     assert "replicated+5" in out.stdout and "balanced" in out.stdout
     data = moe_sim("replay", str(path), "--gpus", "7", "--quiet", "--json")
     assert data.returncode == 0 and json.loads(data.stdout)["config"]["redundant_experts"] == 5

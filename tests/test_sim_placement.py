@@ -1,4 +1,5 @@
-"""Placement policies: invariants, balance against a plain greedy reference on real OLMoE counts, bad input."""
+"""Placement policies: invariants, balance against a plain greedy reference on real OLMoE counts, bad
+input."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def olmoe_counts(domain: str) -> np.ndarray:
 
 
 def greedy_reference(load: np.ndarray, num_gpus: int, redundant: int) -> float:
-    """EPLB-style greedy in plain Python: replicas to the largest load per replica, heaviest into lightest GPU."""
+    """EPLB-style greedy in plain Python: replicas to the largest load per replica, heaviest into lightest
+    GPU."""
     out = []
     for w in load:
         cnt = [1] * len(w)
@@ -85,8 +87,8 @@ def test_replicated_sparse_load_regression():
 
 
 def test_packing_exchanges_when_greedy_reaches_an_impasse():
-    # Greedy alone puts experts 0 and 1 in bin 0 (ties go to the first bin) and expert 2 in bin 1; its second replica
-    # then finds room only in bin 1, which already holds it. An exchange with bin 0 must make room.
+    # Greedy alone puts experts 0 and 1 in bin 0 (ties go to the first bin) and expert 2 in bin 1; its second
+    # replica then finds room only in bin 1, which already holds it. An exchange with bin 0 must make room.
     bins = pack_items(np.zeros(4), np.array([0, 1, 2, 2]), 2, 2, 100, 1)
     experts = np.array([0, 1, 2, 2])[bins]
     assert sorted(experts.ravel().tolist()) == [0, 1, 2, 2]
@@ -116,13 +118,16 @@ def _random_load(rng: np.random.Generator, layers: int, experts: int, kind: str)
 
 @pytest.mark.parametrize("seed", range(6))
 def test_no_policy_puts_an_expert_twice_on_a_gpu(seed):
-    """Property: every policy gives a valid placement (each expert held, no GPU holding one twice) on random sparse,
-    skewed, one-hot and all-zero loads, for many layers and layouts. The refits of simulator/rebalance.py call the
-    POLICIES functions directly, so the raw slots are checked too, not only fit_placement's validated result."""
+    """Property: every policy gives a valid placement (each expert held, no GPU holding one twice) on random
+    sparse, skewed, one-hot and all-zero loads, for many layers and layouts. The refits of
+    simulator/rebalance.py call the POLICIES functions directly, so the raw slots are checked too, not only
+    fit_placement's validated result."""
     rng = np.random.default_rng(seed)
     for kind in ("zero", "sparse", "one-hot", "skewed"):
-        for gpus, per_node, experts, redundant in ((2, 2, 8, 2), (4, 2, 16, 8), (8, 4, 64, 16), (8, 8, 32, 24),
-                                                   (16, 4, 64, 32), (4, 4, 12, 4), (7, 8, 16, 3), (3, 3, 10, 5)):
+        for gpus, per_node, experts, redundant in ((2, 2, 8, 2), (4, 2, 16, 8), (8, 4, 64, 16),
+                                                   (8, 8, 32, 24), (16, 4, 64, 32), (4, 4, 12, 4),
+                                                   (7, 8, 16, 3),
+                                                   (3, 3, 10, 5)):
             load = _random_load(rng, 5, experts, kind)
             cosel = rng.integers(0, 20, size=(5, experts, experts)) * (load[:, :, None] > 0)
             for policy in POLICIES:
@@ -150,7 +155,8 @@ def test_replicated_beats_greedy_on_real_counts(domain, gpus, redundant):
     ours = imbalance(expected_gpu_load(p, load)).mean()
     greedy = greedy_reference(load, gpus, redundant)
     assert ours <= greedy + 1e-12
-    if redundant == 32:  # target (docs/benchmarks.md): excess at most a quarter of the greedy's (8.3% on arxiv)
+    # target (docs/benchmarks.md): excess at most a quarter of the greedy's (8.3% on arxiv)
+    if redundant == 32:
         assert ours - 1 <= (greedy - 1) / 4
 
 
@@ -185,7 +191,8 @@ def test_hardware_presets_and_files(tmp_path):
     assert GpuSpec.from_name("H100").bf16_flops == 989e12
     assert load_hardware("b200").hbm_bandwidth == 8.0e12
     f = tmp_path / "gpu.yaml"
-    f.write_text("name: mine\nbf16_flops: 1e15\nhbm_bytes: 1e11\nhbm_bandwidth: 4e12\nscale_up_bandwidth: 4e11\n")
+    f.write_text("name: mine\nbf16_flops: 1e15\nhbm_bytes: 1e11\nhbm_bandwidth: 4e12\nscale_up_bandwidth: "
+                 "4e11\n")
     with pytest.raises(InputError, match="missing field"):
         load_hardware(str(f))
     f.write_text(f.read_text() + "scale_out_bandwidth: 5e10\n")
@@ -212,7 +219,8 @@ def test_policy_bad_input():
     with pytest.raises(PlacementNotApplicable, match="^coactivation: needs co-selection") as info:
         fit_placement("coactivation", load, num_gpus=2, gpus_per_node=2)
     assert info.value.policy == "coactivation" and info.value.reason.startswith("needs co-selection")
-    assert fit_placement("replicated", load, num_gpus=4, gpus_per_node=4, redundant_experts=30).replica_counts.max() == 4
+    assert fit_placement("replicated", load, num_gpus=4, gpus_per_node=4,
+                         redundant_experts=30).replica_counts.max() == 4
 
 
 def _slot_counts(p: Placement) -> np.ndarray:
@@ -229,14 +237,15 @@ def _slot_counts(p: Placement) -> np.ndarray:
     (64, 12, 4, 12),  # 76 slots over 12 GPUs in 3 nodes
 ])
 def test_uneven_layouts(policy, experts, gpus, per_node, redundant):
-    """Slot counts that do not divide: every policy builds a valid placement in which GPUs differ by at most one
-    filled slot, the filled slots are exactly E + R (R only for the replicating policies), and the fitted policies
-    still balance better than the contiguous layout."""
+    """Slot counts that do not divide: every policy builds a valid placement in which GPUs differ by at most
+    one filled slot, the filled slots are exactly E + R (R only for the replicating policies), and the fitted
+    policies still balance better than the contiguous layout."""
     rng = np.random.default_rng(experts + gpus)
     load = np.floor(rng.pareto(1.2, size=(3, experts)) * 50) + 1
     cosel = rng.integers(0, 20, size=(3, experts, experts))
     r = redundant if policy in USES_REDUNDANCY else 0
-    p = fit_placement(policy, load, num_gpus=gpus, gpus_per_node=per_node, redundant_experts=r, coselection=cosel)
+    p = fit_placement(policy, load, num_gpus=gpus, gpus_per_node=per_node, redundant_experts=r,
+                      coselection=cosel)
     filled = experts + r
     assert p.slots.shape == (3, gpus, -(-filled // gpus))
     counts = _slot_counts(p)
@@ -247,12 +256,13 @@ def test_uneven_layouts(policy, experts, gpus, per_node, redundant):
     np.testing.assert_allclose(expected_gpu_load(p, load).sum(axis=1), load.sum(axis=1))
     if policy in ("balanced", "replicated", "replicated-hier"):
         contiguous = fit_placement("contiguous", load, num_gpus=gpus, gpus_per_node=per_node)
-        assert imbalance(expected_gpu_load(p, load)).mean() < imbalance(expected_gpu_load(contiguous, load)).mean()
+        assert imbalance(expected_gpu_load(p, load)).mean() < imbalance(expected_gpu_load(contiguous,
+                                                                                          load)).mean()
 
 
 def test_uneven_balanced_by_hand():
-    """5 experts on 2 GPUs, loads 5, 4, 3, 2, 2 (sum 16): the only even split is 5+3 | 4+2+2, so the GPUs hold 2 and
-    3 experts and the smaller keeps one empty slot."""
+    """5 experts on 2 GPUs, loads 5, 4, 3, 2, 2 (sum 16): the only even split is 5+3 | 4+2+2, so the GPUs hold
+    2 and 3 experts and the smaller keeps one empty slot."""
     p = fit_placement("balanced", np.array([[5.0, 4, 3, 2, 2]]), num_gpus=2, gpus_per_node=2)
     np.testing.assert_array_equal(np.sort(expected_gpu_load(p, np.array([[5.0, 4, 3, 2, 2]]))[0]), [8, 8])
     assert sorted(_slot_counts(p)[0].tolist()) == [2, 3] and (p.slots == -1).sum() == 1
@@ -261,9 +271,11 @@ def test_uneven_balanced_by_hand():
 def test_default_redundancy_rounds_to_one_that_divides():
     assert default_redundant_experts(64, 8) == Redundancy(8)  # 72 slots, 9 per GPU: kept
     seven = default_redundant_experts(16, 7)  # 16 + 7 = 23 does not divide; 16 + 5 = 21 does
-    assert seven.redundant_experts == 5 and seven.note is not None and "rounded from 7 (one per GPU) to 5" in seven.note
+    assert (seven.redundant_experts == 5 and seven.note is not None
+            and "rounded from 7 (one per GPU) to 5" in seven.note)
     assert "21 slots, 3 per GPU" in seven.note
-    assert default_redundant_experts(60, 8).redundant_experts == 12  # 4 or 12 are both 4 away: the tie goes up
+    # 4 or 12 are both 4 away: the tie goes up
+    assert default_redundant_experts(60, 8).redundant_experts == 12
     assert default_redundant_experts(64, 12).redundant_experts == 8  # 72 = 6 x 12
     for experts in range(1, 70):
         for gpus in range(1, 17):
@@ -275,10 +287,10 @@ def test_default_redundancy_rounds_to_one_that_divides():
 
 def coactivation_reference(slots: np.ndarray, load: np.ndarray, cosel: np.ndarray, gpus_per_node: int,
                            node_weight: float, cap: float, max_passes: int) -> np.ndarray:
-    """The coactivation swap search in plain Python, every candidate scored from scratch: each pass applies the
-    swap of two slots on different GPUs that most raises the summed pair weight cosel[e, f] / (r_e r_f) of pairs
-    sharing a GPU plus node_weight x pairs sharing a node (several nodes only), keeping GPU loads <= cap and no
-    expert twice on a GPU."""
+    """The coactivation swap search in plain Python, every candidate scored from scratch: each pass applies
+    the swap of two slots on different GPUs that most raises the summed pair weight cosel[e, f] / (r_e r_f) of
+    pairs sharing a GPU plus node_weight x pairs sharing a node (several nodes only), keeping GPU loads <= cap
+    and no expert twice on a GPU."""
     out = slots.copy()
     g_count, s_count = out.shape
     counts = np.bincount(out[out >= 0], minlength=load.size).astype(float)
@@ -322,8 +334,8 @@ def coactivation_reference(slots: np.ndarray, load: np.ndarray, cosel: np.ndarra
 
 @pytest.mark.parametrize("seed", range(4))
 def test_coactivation_kernel_matches_plain_reference(seed):
-    # The kernel keeps pair weights per GPU and node up to date instead of rescanning (DeepSeek-V3 sizes fit in
-    # ~1.6 s instead of ~2 min); the swaps it makes must be the ones a from-scratch search makes.
+    # The kernel keeps pair weights per GPU and node up to date instead of rescanning (DeepSeek-V3 sizes fit
+    # in ~1.6 s instead of ~2 min); the swaps it makes must be the ones a from-scratch search makes.
     from simulator.placement.packing import coactivation_layer
     from simulator.placement.policies import replicated
 
@@ -332,7 +344,8 @@ def test_coactivation_kernel_matches_plain_reference(seed):
     load = rng.pareto(1.5, size=(1, experts)) + 0.1
     cosel = rng.random((experts, experts)) * 50
     cosel = cosel + cosel.T  # co-selection counts are symmetric; the score counts each pair from both sides
-    slots = replicated(load, num_gpus=gpus, gpus_per_node=per_node, redundant_experts=redundant)[0].astype(np.int64)
+    slots = replicated(load, num_gpus=gpus, gpus_per_node=per_node,
+                       redundant_experts=redundant)[0].astype(np.int64)
     cap = 1.3 * load.sum() / gpus
     fast = coactivation_layer(slots, load[0], cosel, per_node, 4.0, cap, 50)
     slow = coactivation_reference(slots, load[0], cosel, per_node, 4.0, cap, 50)
@@ -370,8 +383,9 @@ def _best_max_per_replica(load: np.ndarray, num_slots: int, cap: int) -> float:
 
 
 def test_replica_counts_minmax_by_hand_and_against_brute_force():
-    # [8, 4, 2, 2] with 2 extra slots: expert 0 takes the first (8 -> 4 per replica); then experts 0 and 1 tie at 4
-    # and the first wins, leaving the largest load per replica at 4 (expert 1), the best any split can do.
+    # [8, 4, 2, 2] with 2 extra slots: expert 0 takes the first (8 -> 4 per replica); then experts 0 and 1 tie
+    # at 4 and the first wins, leaving the largest load per replica at 4 (expert 1), the best any split can
+    # do.
     counts = replica_counts_minmax(np.array([8.0, 4, 2, 2]), 6, 4)
     np.testing.assert_array_equal(counts, [3, 1, 1, 1])
     np.testing.assert_array_equal(replica_counts_minmax(np.array([100.0, 1]), 4, 2), [2, 2])  # the cap binds
@@ -387,8 +401,8 @@ def test_replica_counts_minmax_by_hand_and_against_brute_force():
 
 
 def test_pack_counts_spreads_empty_slots_one_per_gpu():
-    """Two experts on two GPUs of two slots: each GPU holds one expert and one empty slot, never both empties on
-    one GPU (which would stack both experts on the other)."""
+    """Two experts on two GPUs of two slots: each GPU holds one expert and one empty slot, never both empties
+    on one GPU (which would stack both experts on the other)."""
     from simulator.placement.packing import pack_counts
 
     slots = pack_counts(np.array([3.0, 1.0]), np.array([1, 1]), 2, 2, 2, 100)

@@ -1,9 +1,11 @@
-"""Plan on a synthetic trace with a known answer: one very hot expert, so only replication reaches the target."""
+"""Plan on a synthetic trace with a known answer: one very hot expert, so only replication reaches the
+target."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +19,8 @@ from traces.errors import InputError
 
 
 def hot_expert_trace(path, tokens=24576):
-    """16 experts, top-2; every token picks expert 0 plus one of the others uniformly: expert 0 holds half the load."""
+    """16 experts, top-2; every token picks expert 0 plus one of the others uniformly: expert 0 holds half the
+    load."""
     rng = np.random.default_rng(0)
     meta = tiny_meta(layers=2, experts=16, top_k=2, hidden=1024, ffn=4096)  # compute-heavy experts
     other = rng.integers(1, 16, size=(tokens, 2))
@@ -27,8 +30,9 @@ def hot_expert_trace(path, tokens=24576):
 
 def test_only_replication_meets_the_target(tmp_path):
     path = hot_expert_trace(tmp_path / "hot.h5")
-    base = dict(hardware=[GpuSpec.from_name("h100")], gpus=[8], gpus_per_node=8,
-                placements=["balanced", "replicated"], redundant_experts=[0, 8], tokens_per_step=[4096])
+    base: dict[str, Any] = dict(hardware=[GpuSpec.from_name("h100")], gpus=[8], gpus_per_node=8,
+                                placements=["balanced", "replicated"], redundant_experts=[0, 8],
+                                tokens_per_step=[4096])
     with open_trace(path) as tr:
         probe = plan(tr, PlanConfig(target_tokens_per_s=1.0, **base))
     by = {c.placement: c for c in probe.candidates}
@@ -64,15 +68,16 @@ def test_memory_and_latency_bounds(tmp_path):
 
 
 def uniform_trace(path, tokens=24576, phases=None):
-    """16 compute-heavy experts, top-2, uniform routing: every GPU does the same work, so throughput follows the
-    number of GPUs when each brings its own batch."""
+    """16 compute-heavy experts, top-2, uniform routing: every GPU does the same work, so throughput follows
+    the number of GPUs when each brings its own batch."""
     rng = np.random.default_rng(1)
     meta = tiny_meta(layers=2, experts=16, top_k=2, hidden=1024, ffn=4096)
     ids = random_ids(rng, tokens, 2, 16, 2, skew=0.0)
-    return write_ids(path, meta, ids, np.arange(tokens) // 256, np.zeros(tokens) if phases is None else phases)
+    return write_ids(path, meta, ids, np.arange(tokens) // 256,
+                     np.zeros(tokens) if phases is None else phases)
 
 
-ONE_NODE = dict(gpus=[4, 8], gpus_per_node=8, placements=["balanced"], redundant_experts=[0])
+ONE_NODE: dict[str, Any] = dict(gpus=[4, 8], gpus_per_node=8, placements=["balanced"], redundant_experts=[0])
 
 
 def test_only_more_gpus_meet_the_target_with_per_gpu_batches(tmp_path):
@@ -90,20 +95,22 @@ def test_only_more_gpus_meet_the_target_with_per_gpu_batches(tmp_path):
     rec = result.recommendation
     assert rec is not None and rec.num_gpus == 8 and rec.tokens_per_gpu == 512
     assert [c.num_gpus for c in result.frontier] == [4, 8]  # more GPUs, more throughput: both on the frontier
-    assert any("meets the target" in r and f"by {rec.tokens_per_s / target - 1:.0%}" in r for r in result.reasons)
+    assert any("meets the target" in r and f"by {rec.tokens_per_s / target - 1:.0%}" in r
+               for r in result.reasons)
     assert any("fewer GPUs" in r and "below target" in r for r in result.reasons)
     assert any("prices were not given for h100" in r for r in result.reasons)
     # absolute steps stay the size given, whatever the GPU count
     with open_trace(path) as tr:
         fixed = plan(tr, PlanConfig(target_tokens_per_s=target, tokens_per_step=[2048], **ONE_NODE))
-    assert {(c.tokens_per_step, c.tokens_per_gpu, c.mean_tokens_per_step) for c in fixed.candidates} == {(2048, 0, 2048)}
+    assert {(c.tokens_per_step, c.tokens_per_gpu,
+             c.mean_tokens_per_step) for c in fixed.candidates} == {(2048, 0, 2048)}
 
 
 def test_cost_ranking_prefers_cheaper_hardware_with_more_gpus(tmp_path):
     path = uniform_trace(tmp_path / "u.h5")
     h100 = dataclasses.replace(GpuSpec.from_name("h100"), price_per_gpu_hour=1.0)
     b200 = dataclasses.replace(GpuSpec.from_name("b200"), price_per_gpu_hour=10.0)
-    grid = dict(tokens_per_gpu=[512], **ONE_NODE)
+    grid: dict[str, Any] = dict(tokens_per_gpu=[512], **ONE_NODE)
     with open_trace(path) as tr:
         probe = plan(tr, PlanConfig(target_tokens_per_s=1.0, hardware=[h100, b200], **grid))
     tps = {(c.hardware, c.num_gpus): c.tokens_per_s for c in probe.candidates}
@@ -127,15 +134,17 @@ def test_cost_ranking_prefers_cheaper_hardware_with_more_gpus(tmp_path):
 
 
 def test_phases_are_regrouped_apart_in_one_pass(tmp_path):
-    """Phases switching every 64 tokens must not cut 512-token steps short: each phase is its own kernel variant."""
+    """Phases switching every 64 tokens must not cut 512-token steps short: each phase is its own kernel
+    variant."""
     tokens = 24576
     phases = (np.arange(tokens) // 64) % 2
     path = uniform_trace(tmp_path / "p.h5", tokens=tokens, phases=phases)
-    grid = dict(gpus=[2], gpus_per_node=8, placements=["contiguous"], redundant_experts=[0], tokens_per_gpu=[256],
-                fit_fraction=0.0)
+    grid: dict[str, Any] = dict(gpus=[2], gpus_per_node=8, placements=["contiguous"], redundant_experts=[0],
+                                tokens_per_gpu=[256], fit_fraction=0.0)
     with open_trace(path) as tr:
         both = plan(tr, PlanConfig(target_tokens_per_s=1.0, **grid))
-        apart = [plan(tr, PlanConfig(target_tokens_per_s=1.0, phase=p, **grid)) for p in ("prefill", "decode")]
+        apart = [plan(tr, PlanConfig(target_tokens_per_s=1.0, phase=p, **grid))
+                 for p in ("prefill", "decode")]
     (c,) = both.candidates
     assert c.mean_tokens_per_step == 512 and c.steps == tokens // 512
     assert c.steps == sum(r.candidates[0].steps for r in apart)
@@ -170,7 +179,8 @@ def test_batch_options_are_exclusive_and_prices_checked(tmp_path):
         out = moe_sim(command, str(path), "--target-tokens-per-s", "1e3", "--tokens-per-step", "512",
                       "--tokens-per-gpu", "128", *extra)
         assert out.returncode == 2, out.stderr
-        assert out.stderr.startswith("error:") and "mutually exclusive" in out.stderr and "Traceback" not in out.stderr
+        assert (out.stderr.startswith("error:") and "mutually exclusive" in out.stderr
+                and "Traceback" not in out.stderr)
     out = moe_sim("plan", str(path), "--target-tokens-per-s", "1e3", "--gpu-hour-cost", "h100=abc")
     assert out.returncode == 2 and "--gpu-hour-cost" in out.stderr
 
@@ -180,14 +190,16 @@ def test_prices_from_a_hardware_file_and_the_priced_table(tmp_path):
     spec = GpuSpec.from_name("h100").to_dict() | {"name": "cheap", "price_per_gpu_hour": 1.5}
     gpu.write_text(json.dumps(spec))
     path = uniform_trace(tmp_path / "u.h5")
-    out = moe_sim("plan", str(path), "--target-tokens-per-s", "1e3", "--hardware", f"h100,{gpu}", "--gpus", "4,8",
-                  "--tokens-per-gpu", "128", "--gpu-hour-cost", "h100=2", "--placements", "balanced", "--quiet",
-                  columns=120)
+    out = moe_sim("plan", str(path), "--target-tokens-per-s", "1e3", "--hardware", f"h100,{gpu}",
+                  "--gpus", "4,8", "--tokens-per-gpu", "128", "--gpu-hour-cost", "h100=2", "--placements",
+                  "balanced",
+                  "--quiet", columns=120)
     assert out.returncode == 0, out.stderr
     assert max(len(line) for line in out.stdout.splitlines()) <= 120 and "\u2026" not in out.stdout
     assert "cost" in out.stdout and "M tokens" in out.stdout
     assert "ranked by cost per hour" in out.stdout
-    assert "4 x cheap" in out.stdout.split("Recommendation")[1]  # 4 x 1.5/h is the cheapest that meets 1k tokens/s
+    # 4 x 1.5/h is the cheapest that meets 1k tokens/s
+    assert "4 x cheap" in out.stdout.split("Recommendation")[1]
 
 
 def _candidate(num_gpus: int, tokens_per_s: float, p95: float, fits: bool = True, price: float | None = None,
@@ -223,7 +235,8 @@ def test_non_expert_work_by_hand():
 
     meta = tiny_meta(2, 4, 2, hidden=8, ffn=4)  # 2 heads of 4 (q 8, kv 8), vocab 32, every layer MoE
     work = non_expert_work(meta, context_tokens=100)
-    # per layer q, o (8 x 8 each) and k, v (8 x 8 each) = 256 weights; routers 2 x 8 x 4 = 64; LM head 8 x 32 = 256
+    # per layer q, o (8 x 8 each) and k, v (8 x 8 each) = 256 weights; routers 2 x 8 x 4 = 64; LM head 8 x 32
+    # = 256
     per_token = 2 * 256 + 64 + 256
     scores = 4 * 8 * 100 * 2  # 2 matmuls of q_dim x context, 2 FLOPs each, per layer
     assert work.flops_per_token == 2 * per_token + scores

@@ -1,4 +1,5 @@
-"""Replay: a hand-worked tiny case, kernels against the NumPy reference, exact merging across chunks/segments."""
+"""Replay: a hand-worked tiny case, kernels against the NumPy reference, exact merging across
+chunks/segments."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from simulator.replay_reference import reference_replay
 from traces import open_trace
 from traces.errors import InputError
 
-# 2 layers, 4 experts, top-2, 2 GPUs in one node; contiguous: GPU0 = {0, 1}, GPU1 = {2, 3}. Source GPU = t mod 2.
+# 2 layers, 4 experts, top-2, 2 GPUs in one node; contiguous: GPU0 = {0, 1}, GPU1 = {2, 3}. Source GPU = t mod
+# 2.
 TINY_IDS = np.array([
     [[0, 1], [0, 1]],  # t0 (src 0): layer 0 both local;           layer 1 both local
     [[0, 2], [0, 1]],  # t1 (src 1): layer 0 e0 -> GPU0, e2 local;  layer 1 both -> GPU0 (one copy)
@@ -53,7 +55,8 @@ def test_hand_worked_tiny_trace(tmp_path):
     assert s.leave_node_share == 0.0
     # unique (token, GPU) copies: layer 0: t1, t2, t3 = 3; layer 1: t1, t3 = 2; 16 bytes per copy each way
     assert s.scale_up_bytes_per_step == pytest.approx(5 * 16 * 2)
-    # capacity 1.0: ceil(1.0 x 4 tokens x 2 / 4 slots) = 2 per slot; layer 1 slots e0, e1 hold 4 each -> 4 dropped
+    # capacity 1.0: ceil(1.0 x 4 tokens x 2 / 4 slots) = 2 per slot; layer 1 slots e0, e1 hold 4 each -> 4
+    # dropped
     assert s.dropped_assignments == 4
     assert s.expert_flops_per_step == (16 - 4) * 6 * 8 * 4
     assert s.weight_bytes_read_per_step == (4 + 2) * 3 * 8 * 4 * 2  # layer 0: 4 experts with work, layer 1: 2
@@ -96,8 +99,10 @@ def test_hand_worked_two_nodes(tmp_path):
 
 
 def test_step_imbalance_is_the_token_weighted_per_step_figure(tmp_path):
-    """1 layer, 2 experts, top-1, 2 GPUs, expert e on GPU e. Load moves between steps: the aggregate cannot see it."""
-    experts = [0, 0,  1, 1,  0, 0, 0, 1]  # step 0: both on e0; step 1: both on e1; step 2: three on e0, one on e1
+    """1 layer, 2 experts, top-1, 2 GPUs, expert e on GPU e. Load moves between steps: the aggregate cannot
+    see it."""
+    # step 0: both on e0; step 1: both on e1; step 2: three on e0, one on e1
+    experts = [0, 0,  1, 1,  0, 0, 0, 1]
     ids = np.array(experts).reshape(8, 1, 1)
     steps = np.array([0, 0, 1, 1, 2, 2, 2, 2])
     path = write_ids(tmp_path / "moving.h5", tiny_meta(1, 2, 1), ids, steps, np.zeros(8))
@@ -111,7 +116,8 @@ def test_step_imbalance_is_the_token_weighted_per_step_figure(tmp_path):
     s = run(0)
     # per step (busiest, mean): (2, 1), (2, 1), (3, 2); token-weighted: (2 + 2 + 3) / (1 + 1 + 2)
     assert s.step_imbalance == pytest.approx(7 / 4)
-    assert s.step_imbalance_percentiles["mean"] == pytest.approx((2 + 2 + 1.5) / 3)  # unweighted, not the headline
+    # unweighted, not the headline
+    assert s.step_imbalance_percentiles["mean"] == pytest.approx((2 + 2 + 1.5) / 3)
     assert s.per_layer[0]["step_imbalance"] == pytest.approx(7 / 4)
     # whole trace: GPU0 5, GPU1 3 -> 5 / 4, whatever the step size
     assert s.aggregate_imbalance == pytest.approx(5 / 4)
@@ -163,6 +169,7 @@ def test_kernels_match_numpy_reference(tmp_path, tps, phase, score_start, cf):
                            capacity_factor=cf, chunk_tokens=97)
         chunk = tr.read_all(["expert_ids", "step", "phase"])
         meta = tr.metadata
+    assert chunk.expert_ids is not None and chunk.step is not None and chunk.phase is not None
     model = model_vector(meta, cf)
     cost = cost_matrix([gpu, EASY_GPU])
     for i, v in enumerate(variants):
@@ -199,6 +206,7 @@ def test_chunk_size_and_segment_merge_are_exact(tmp_path):
         data = tr.read_all(["expert_ids", "step", "phase"])
         meta = tr.metadata
     # two segments split in the middle of a step, replayed apart and merged
+    assert data.step is not None and data.expert_ids is not None and data.phase is not None
     assert data.step[900] == data.step[899]
     arrays = VariantArrays.build(variants, meta.num_experts)
     model, cost = model_vector(meta, 1.5), cost_matrix([gpu])
@@ -225,6 +233,7 @@ def test_fit_and_score_split_is_honest(tmp_path):
     with open_trace(path) as tr:
         result = replay(tr, config)
         steps = tr.read_all(["step"]).step
+    assert steps is not None
     assert result.fit_tokens == 500
     assert result.score_start >= 500
     assert steps[result.score_start] != steps[result.score_start - 1]  # scoring starts on a step boundary
@@ -240,15 +249,16 @@ def test_bad_replay_inputs(tmp_path):
         ReplayConfig(capacity_factor=0)
     with pytest.raises(InputError, match="not divisible into nodes"):
         ReplayConfig(num_gpus=12, gpus_per_node=8)
-    assert ReplayConfig(num_gpus=4, gpus_per_node=4).redundant_experts == 4  # one per GPU, as `moe-sim replay`
+    # one per GPU, as `moe-sim replay`
+    assert ReplayConfig(num_gpus=4, gpus_per_node=4).redundant_experts == 4
     assert ReplayConfig(num_gpus=4, gpus_per_node=4, redundant_experts=0).redundant_experts == 0
     with open_trace(path) as tr, pytest.raises(InputError, match="17 redundant slots"):
         replay(tr, ReplayConfig(num_gpus=2, placements=("replicated",), redundant_experts=17))  # 16 at most
 
 
 def test_uneven_layout_replays(tmp_path):
-    """16 experts on 3 GPUs (6, 5, 5 slots): balanced and replicated replay, with one empty slot where a GPU holds
-    one less, and the labels count replicas, not empty slots."""
+    """16 experts on 3 GPUs (6, 5, 5 slots): balanced and replicated replay, with one empty slot where a GPU
+    holds one less, and the labels count replicas, not empty slots."""
     path = random_trace(tmp_path / "u.h5", tokens=600)
     with open_trace(path) as tr:
         result = replay(tr, ReplayConfig(num_gpus=3, gpus_per_node=3, placements=("balanced", "replicated"),
@@ -261,8 +271,8 @@ def test_uneven_layout_replays(tmp_path):
 
 
 def test_decode_fit_uses_decode_tokens_behind_a_long_prefill(tmp_path):
-    """A trace that opens with a long batched prefill: --phase decode fits on the first quarter of the decode tokens,
-    not on the (prefill-only) first quarter of the trace; an empty fit part is refused."""
+    """A trace that opens with a long batched prefill: --phase decode fits on the first quarter of the decode
+    tokens, not on the (prefill-only) first quarter of the trace; an empty fit part is refused."""
     from sim_fixtures import random_ids, tiny_meta, write_ids
 
     rng = np.random.default_rng(4)
@@ -275,6 +285,7 @@ def test_decode_fit_uses_decode_tokens_behind_a_long_prefill(tmp_path):
         res = replay(tr, ReplayConfig(num_gpus=2, gpus_per_node=2, placements=("balanced",), phase="decode",
                                       fit_fraction=0.25))
     assert res.fit_tokens == 1200 + 200  # the first 200 decode tokens
+    assert res.fit_load is not None
     assert int(res.fit_load.sum()) == 200 * 2 * 2  # tokens x layers x top-k, all decode
     assert res.placements[0].tokens == 600
     only_prefill = write_ids(tmp_path / "q.h5", meta, ids[:1200], steps[:1200], phases[:1200])
@@ -283,8 +294,8 @@ def test_decode_fit_uses_decode_tokens_behind_a_long_prefill(tmp_path):
 
 
 def test_a_policy_that_cannot_apply_is_skipped_with_its_reason(tmp_path):
-    """17 redundant slots for 16 experts on 2 GPUs: replicated cannot be built (some GPU would hold an expert twice),
-    contiguous still replays, and the result, its JSON and the text say why replicated is missing."""
+    """17 redundant slots for 16 experts on 2 GPUs: replicated cannot be built (some GPU would hold an expert
+    twice), contiguous still replays, and the result, its JSON and the text say why replicated is missing."""
     from simulator.replay.render import render_replay
 
     path = random_trace(tmp_path / "s.h5", tokens=600)

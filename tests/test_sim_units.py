@@ -1,5 +1,5 @@
-"""The project's one number formatter (traces.units): three significant figures, binary prefixes for bytes, SI for
-rates and counts, hand-checked."""
+"""The project's one number formatter (traces.units): three significant figures, binary prefixes for bytes, SI
+for rates and counts, hand-checked."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ def test_sig(x, text):
 
 @pytest.mark.parametrize("x,unit,text", [(1.21e-5, "s", "12.1 us"), (3.16e-10, "s", "0.316 ns"),
                                          (999.7e-6, "s", "1.00 ms"), (4.5e11, "B/s", "450 GB/s"),
-                                         (805.31e6, "B/s", "805 MB/s"), (2094, "", "2.09k"), (317285, "", "317k"),
-                                         (12.5, "B", "12.5 B"), (0, "s", "0 s"), (0, "", "0")])
+                                         (805.31e6, "B/s", "805 MB/s"), (2094, "", "2.09k"),
+                                         (317285, "", "317k"), (12.5, "B", "12.5 B"), (0, "s", "0 s"),
+                                         (0, "", "0")])
 def test_si(x, unit, text):
     assert units.si(x, unit) == text
 

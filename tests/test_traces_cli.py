@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -18,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def moe_sim(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -42,7 +43,8 @@ def synth_h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_synth_is_deterministic_and_info_reports_it(synth_h5: Path, tmp_path: Path) -> None:
     again = tmp_path / "again.arrow"
-    assert moe_sim("synth", "-o", again, "--tokens", "20000", "--seed", "3", "--sequences", "12").returncode == 0
+    assert moe_sim("synth", "-o", again, "--tokens", "20000", "--seed", "3",
+                   "--sequences", "12").returncode == 0
     with open_trace(synth_h5) as a, open_trace(again) as b:
         first, second = a.read_all(), b.read_all()
         for name, value in first.present().items():
@@ -57,12 +59,14 @@ def test_synth_is_deterministic_and_info_reports_it(synth_h5: Path, tmp_path: Pa
     assert info["size_bytes"] == synth_h5.stat().st_size
     assert len(info["layers"]) == 16
     counts = np.zeros(64)
-    for row in first.expert_ids[:, 0].astype(int):  # type: ignore[union-attr]
+    assert first.expert_ids is not None
+    for row in first.expert_ids[:, 0].astype(int):
         counts[row] += 1
     share = counts / counts.sum()
     assert info["layers"][0]["top_share"] == pytest.approx(share.max())
     assert info["layers"][0]["entropy"] == pytest.approx(-(share * np.log(share)).sum() / np.log(64))
-    assert info["layers"][0]["assignments"] == 20000 * 8 and info["layers"][0]["idle"] == int((counts == 0).sum())
+    assert info["layers"][0]["assignments"] == 20000 * 8 and info["layers"][0]["idle"] == int((counts
+                                                                                               == 0).sum())
     assert info["layers"][0]["max_over_mean"] == pytest.approx(share.max() * 64)
     table = moe_sim("info", synth_h5)
     assert table.returncode == 0 and "Per-layer expert load" in table.stdout and "bytes/token" in table.stdout
@@ -92,7 +96,7 @@ def test_help_everywhere() -> None:
 
 
 # ---------------------------------------------------------------- bad input
-def _valid(tmp_path: Path, name: str = "t.h5", **meta_overrides: object) -> Path:
+def _valid(tmp_path: Path, name: str = "t.h5", **meta_overrides: Any) -> Path:
     meta = make_meta(**meta_overrides)
     return write_trace(tmp_path / name, meta, make_chunk(meta, 300))
 
@@ -175,7 +179,8 @@ def test_incomplete_metadata_fails_validate(tmp_path: Path) -> None:
 
 def test_unsupported_extension_and_existing_output(tmp_path: Path) -> None:
     src = _valid(tmp_path)
-    assert_one_line_error(moe_sim("convert", src, tmp_path / "out.csv"), "out.csv", "unsupported trace extension")
+    assert_one_line_error(moe_sim("convert", src, tmp_path / "out.csv"), "out.csv",
+                          "unsupported trace extension")
     assert_one_line_error(moe_sim("synth", "-o", tmp_path / "out.parquet", "--tokens", "10"), "unsupported")
     before = src.read_bytes()
     assert_one_line_error(moe_sim("synth", "-o", src, "--tokens", "10"), "already exists", "--force")

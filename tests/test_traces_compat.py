@@ -24,7 +24,8 @@ def test_row_count_without_count_rows(tmp_path) -> None:
     chunk = TraceChunk(
         seq_id=np.zeros(n, np.int32), position=np.arange(n, dtype=np.int32), token_id=np.zeros(n, np.int32),
         phase=np.zeros(n, np.uint8), step=np.zeros(n, np.int32),
-        expert_ids=np.tile(np.array([[[0, 1]]], np.uint8), (n, 1, 1)), expert_weights=np.ones((n, 1, 2), np.float16),
+        expert_ids=np.tile(np.array([[[0, 1]]], np.uint8), (n, 1, 1)),
+        expert_weights=np.ones((n, 1, 2), np.float16),
     )
     path = tmp_path / "t.arrow"
     write_trace(path, meta, chunk)

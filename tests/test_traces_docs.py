@@ -58,8 +58,8 @@ def test_snippet(name: str, code: str, traces_dir: Path) -> None:
         check_result(result, namespace[result], expected)
 
 
-CHECKED = frozenset({"ids", "weights", "counts", "tokens", "tokens_per_phase", "per_phase", "hot", "layer0_load",
-                     "meta", "chunk"})
+CHECKED = frozenset({"ids", "weights", "counts", "tokens", "tokens_per_phase", "per_phase", "hot",
+                     "layer0_load", "meta", "chunk"})
 
 
 def check_result(name: str, value: Any, expected: TraceChunk) -> None:
@@ -85,7 +85,8 @@ def check_result(name: str, value: Any, expected: TraceChunk) -> None:
         assert value[0] == hottest
     elif name == "layer0_load":
         assert value.row(0) == hottest
-    elif name == "meta":  # the metadata a reading snippet loaded, or the TraceMetadata the writer example built
+    # the metadata a reading snippet loaded, or the TraceMetadata the writer example built
+    elif name == "meta":
         if not isinstance(value, dict):
             value = value.to_dict()
         assert value["num_experts"] == 64 and value["top_k"] == ids.shape[2]
@@ -95,30 +96,36 @@ def check_result(name: str, value: Any, expected: TraceChunk) -> None:
 
 
 def assigned_names(code: str) -> set[str]:
-    """Names a snippet assigns (at any depth), so a check cannot be skipped by a snippet that drops its result."""
+    """Names a snippet assigns (at any depth), so a check cannot be skipped by a snippet that drops its
+    result."""
     return {node.id for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Name)
             and isinstance(node.ctx, ast.Store)}
 
 
 def test_gzip_read_figure_matches_the_benchmark() -> None:
-    """trace-format.md's "N.Nx slower to read" for gzip is the lz4 / gzip read rate of benchmarks.md's table."""
+    """trace-format.md's "N.Nx slower to read" for gzip is the lz4 / gzip read rate of benchmarks.md's
+    table."""
     rates = {m.group(1): float(m.group(2)) for m in re.finditer(
-        r"^\| hdf5 \| (\w+) \| [\d.]+ \| ([\d.]+) M \|$", (ROOT / "docs" / "benchmarks.md").read_text(), re.M)}
+        r"^\| hdf5 \| (\w+) \| [\d.]+ \| ([\d.]+) M \|$", (ROOT / "docs" / "benchmarks.md").read_text(),
+        re.M)}
     stated = re.search(r"\| `gzip` \|.*?([\d.]+)x slower to read than `lz4`", DOCS[0].read_text())
     assert stated is not None and {"lz4", "gzip"} <= rates.keys()
     assert float(stated.group(1)) == round(rates["lz4"] / rates["gzip"], 1)
 
 
 def test_readme_reading_snippet(traces_dir: Path) -> None:
-    """The README's "Read a trace without moe-trace" block, on a trace.h5 and the trace.arrow it says how to make."""
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S) if "h5py" in b]
+    """The README's "Read a trace without moe-trace" block, on a trace.h5 and the trace.arrow it says how to
+    make."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(),
+                                    re.S) if "h5py" in b]
     assert len(blocks) == 1
     from traces.convert import convert
 
     readme_dir = traces_dir / "readme"
     readme_dir.mkdir()
     (readme_dir / "trace.h5").write_bytes((traces_dir / "trace.h5").read_bytes())
-    convert(readme_dir / "trace.h5", readme_dir / "trace.arrow")  # what `moe-sim convert trace.h5 trace.arrow` does
+    # what `moe-sim convert trace.h5 trace.arrow` does
+    convert(readme_dir / "trace.h5", readme_dir / "trace.arrow")
     with open_trace(traces_dir / "trace.h5") as trace:
         expected = trace.read_all(["expert_ids"]).expert_ids
     assert expected is not None

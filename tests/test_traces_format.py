@@ -55,7 +55,8 @@ def test_round_trip(tmp_path: Path, suffix: str, variant: dict) -> None:
 def test_uint16_ids_when_more_than_256_experts(tmp_path: Path, suffix: str) -> None:
     meta = make_meta("deepseek-v3", num_experts=300, moe_layers=[3, 4], moe_module_names=["a", "b"])
     chunk = make_chunk(meta, 50)
-    assert chunk.expert_ids is not None and chunk.expert_ids.dtype == np.uint16 and chunk.expert_ids.max() > 255
+    assert (chunk.expert_ids is not None and chunk.expert_ids.dtype == np.uint16
+            and chunk.expert_ids.max() > 255)
     with open_trace(write_trace(tmp_path / f"t{suffix}", meta, chunk)) as trace:
         assert_same(chunk, trace.read_all())
 
@@ -124,7 +125,8 @@ def test_streaming_memory_is_bounded_by_the_chunk(tmp_path: Path, suffix: str) -
         _, numpy_peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
     assert sizes[:-1] == [chunk_tokens] * (len(sizes) - 1) and sum(sizes) == total
-    # NumPy memory: a chunk plus one storage block (HDF5 reads whole 8192-row chunks; Arrow 65536-row batches).
+    # NumPy memory: a chunk plus one storage block (HDF5 reads whole 8192-row chunks; Arrow 65536-row
+    # batches).
     assert numpy_peak < 3 * ids_bytes / 2
     # Arrow's own buffers: a few record batches (the one in use, one still referenced by a pending chunk,
     # PREFETCH decoded ahead, decoder scratch), of ids only: decoding the weights too would triple this.
@@ -227,7 +229,8 @@ def test_sigkill_mid_write_keeps_completed_batches_and_resumes(tmp_path: Path, s
         assert not trace.complete
         done = trace.num_tokens // batch
         assert trace.num_tokens == done * batch and done >= 3  # whole batches only
-        assert_same(TraceChunk.concat([make_chunk(meta, batch, seed=i) for i in range(done)]), trace.read_all())
+        assert_same(TraceChunk.concat([make_chunk(meta, batch, seed=i) for i in range(done)]),
+                    trace.read_all())
     with pytest.raises(InputError, match="interrupted trace"):
         open_writer(path, meta)
     with open_writer(path, meta, resume=True) as writer:
@@ -235,7 +238,8 @@ def test_sigkill_mid_write_keeps_completed_batches_and_resumes(tmp_path: Path, s
         writer.append(make_chunk(meta, batch, seed=done))
     with open_trace(path) as trace:
         assert trace.complete and not partial_path(path).exists()
-        assert_same(TraceChunk.concat([make_chunk(meta, batch, seed=i) for i in range(done + 1)]), trace.read_all())
+        assert_same(TraceChunk.concat([make_chunk(meta, batch, seed=i) for i in range(done + 1)]),
+                    trace.read_all())
 
 
 @pytest.mark.parametrize("suffix", ENCODINGS)

@@ -102,21 +102,25 @@ def test_hdf5_content_and_header_changes_are_caught(tmp_path: Path) -> None:
     meta = make_meta()
     path = write_trace(tmp_path / "t.h5", meta, make_chunk(meta, 10_000))
     shutil.copy(path, tmp_path / "m.h5")
-    with h5py.File(tmp_path / "t.h5", "r+") as f:  # valid compressed data, other values: only a checksum sees it
+    # valid compressed data, other values: only a checksum sees it
+    with h5py.File(tmp_path / "t.h5", "r+") as f:
         ids = f["expert_ids"][9000]
         f["expert_ids"][9000] = ids[:, ::-1]
-    with pytest.raises(InputError, match=r"t\.h5: checksum mismatch in expert_ids block 1 \(rows 8192..10000\)"):
+    with pytest.raises(InputError,
+                       match=r"t\.h5: checksum mismatch in expert_ids block 1 \(rows 8192..10000\)"):
         open_trace(tmp_path / "t.h5").read_all()
     assert_one_line_error(moe_sim("validate", tmp_path / "t.h5"), "t.h5", "checksum mismatch", "block 1")
     with h5py.File(tmp_path / "m.h5", "r+") as f:
         data = json.loads(f.attrs["metadata"])
         data["hidden_size"] += 1
         f.attrs["metadata"] = json.dumps(data)
-    assert_one_line_error(moe_sim("info", tmp_path / "m.h5"), "m.h5", "checksum mismatch in the root attributes")
+    assert_one_line_error(moe_sim("info", tmp_path / "m.h5"), "m.h5",
+                          "checksum mismatch in the root attributes")
 
 
 def _rewrite_arrow(src: Path, dst: Path, edit) -> None:
-    """Copy an Arrow trace batch by batch (with each batch's custom metadata), letting edit change the batches."""
+    """Copy an Arrow trace batch by batch (with each batch's custom metadata), letting edit change the
+    batches."""
     with pa.OSFile(str(src), "r") as source:
         reader = pa.ipc.open_file(source)
         got = [reader.get_batch_with_custom_metadata(i) for i in range(reader.num_record_batches)]
@@ -137,11 +141,12 @@ def test_arrow_content_and_order_changes_are_caught(tmp_path: Path) -> None:
         batch, custom = batches[1]
         column = batch.schema.get_field_index("expert_weights")
         other = batches[2][0].column(column)  # same type and length, other values
-        return [batches[0], (batch.set_column(column, batch.schema.field(column), other), custom), *batches[2:]]
+        return [batches[0], (batch.set_column(column, batch.schema.field(column), other), custom),
+                *batches[2:]]
 
     _rewrite_arrow(tmp_path / "t.arrow", tmp_path / "w.arrow", change_weights)
-    assert_one_line_error(moe_sim("validate", tmp_path / "w.arrow"), "w.arrow", "record batch 1 (rows 1000..2000)",
-                          "checksum mismatch in expert_weights")
+    assert_one_line_error(moe_sim("validate", tmp_path / "w.arrow"), "w.arrow",
+                          "record batch 1 (rows 1000..2000)", "checksum mismatch in expert_weights")
     _rewrite_arrow(tmp_path / "t.arrow", tmp_path / "o.arrow", lambda b: [b[1], b[0], *b[2:]])
     with pytest.raises(InputError, match="record batch 0 .* holds the rows of batch 1"):
         open_trace(tmp_path / "o.arrow").read_all(["step"])
@@ -158,7 +163,8 @@ def test_file_that_hangs_libhdf5_is_a_one_line_error(tmp_path: Path, monkeypatch
     """tests/data/fuzz/hang-attr.h5: a 512-byte range duplicated inside a valid trace makes libhdf5 spin for
     minutes on an attribute; the structure probe gives up after MOE_TRACE_PROBE_SECONDS."""
     monkeypatch.setenv("MOE_TRACE_PROBE_SECONDS", "2")
-    assert_one_line_error(moe_sim("validate", DATA / "fuzz" / "hang-attr.h5"), "hang-attr.h5", "did not finish")
+    assert_one_line_error(moe_sim("validate", DATA / "fuzz" / "hang-attr.h5"), "hang-attr.h5",
+                          "did not finish")
 
 
 @pytest.mark.timeout(300)
@@ -174,7 +180,8 @@ def test_mutated_traces_never_read_as_valid(tmp_path: Path, encoding: str) -> No
 
 
 def test_relative_paths_after_a_change_of_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The structure probe's helper process keeps its own working directory: relative paths still mean the caller's."""
+    """The structure probe's helper process keeps its own working directory: relative paths still mean the
+    caller's."""
     meta = make_meta()
     for folder, rows in (("a", 100), ("b", 200)):
         (tmp_path / folder).mkdir()

@@ -12,7 +12,8 @@ def test_olmoe_shapes() -> None:
     m = preset_metadata("olmoe-1b-7b")
     assert (m.num_hidden_layers, m.num_moe_layers, m.num_experts, m.top_k) == (16, 16, 64, 8)
     assert (m.hidden_size, m.expert_intermediate_size, m.vocab_size) == (2048, 1024, 50304)
-    assert (m.num_attention_heads, m.head_dim, m.router_scoring, m.norm_topk_prob) == (16, 128, "softmax", False)
+    assert (m.num_attention_heads, m.head_dim, m.router_scoring,
+            m.norm_topk_prob) == (16, 128, "softmax", False)
     assert m.moe_module_names[3] == "model.layers.3.mlp.gate"
     assert m.flops_per_assignment == 6 * 2048 * 1024  # SwiGLU: 3 matrices, 2 FLOPs per multiply-add
 
@@ -22,7 +23,8 @@ def test_mixtral_qwen_deepseek_shapes() -> None:
     assert (mix.num_moe_layers, mix.num_experts, mix.top_k, mix.hidden_size) == (32, 8, 2, 4096)
     assert (mix.expert_intermediate_size, mix.num_key_value_heads, mix.norm_topk_prob) == (14336, 8, True)
     qwen = preset_metadata("qwen1.5-moe-a2.7b")
-    assert (qwen.num_moe_layers, qwen.num_experts, qwen.top_k, qwen.expert_intermediate_size) == (24, 60, 4, 1408)
+    assert (qwen.num_moe_layers, qwen.num_experts, qwen.top_k,
+            qwen.expert_intermediate_size) == (24, 60, 4, 1408)
     assert qwen.num_shared_experts * qwen.shared_expert_intermediate_size == 5632 == 4 * 1408
     assert qwen.vocab_size == 151936 and not qwen.norm_topk_prob
     ds = preset_metadata("deepseek-v3")
@@ -35,7 +37,8 @@ def test_mixtral_qwen_deepseek_shapes() -> None:
 
 
 def test_lookup_and_overrides() -> None:
-    assert get_preset("OLMoE").name == "olmoe-1b-7b" and get_preset("deepseek-ai/DeepSeek-V3").name == "deepseek-v3"
+    assert (get_preset("OLMoE").name == "olmoe-1b-7b"
+            and get_preset("deepseek-ai/DeepSeek-V3").name == "deepseek-v3")
     m = preset_metadata("mixtral", has_token_ids=False, notes={"x": 1})
     assert not m.has_token_ids and m.notes == {"preset": "mixtral-8x7b", "x": 1}
     with pytest.raises(InputError, match="unknown model preset"):
@@ -43,20 +46,23 @@ def test_lookup_and_overrides() -> None:
     with pytest.raises(TypeError, match="unknown TraceMetadata field"):
         preset_metadata("olmoe", colour="red")
     assert len(PRESETS) == 8
-    assert get_preset("openai/gpt-oss-120b").name == "gpt-oss-120b" and get_preset("Qwen3-MoE").name == "qwen3-30b-a3b"
+    assert (get_preset("openai/gpt-oss-120b").name == "gpt-oss-120b"
+            and get_preset("Qwen3-MoE").name == "qwen3-30b-a3b")
 
 
 def test_qwen3_and_gpt_oss_shapes() -> None:
     q3 = preset_metadata("qwen3-30b-a3b")
     assert (q3.num_moe_layers, q3.num_experts, q3.top_k, q3.hidden_size) == (48, 128, 8, 2048)
-    assert (q3.expert_intermediate_size, q3.num_key_value_heads, q3.head_dim, q3.norm_topk_prob) == (768, 4, 128, True)
+    assert (q3.expert_intermediate_size, q3.num_key_value_heads, q3.head_dim,
+            q3.norm_topk_prob) == (768, 4, 128, True)
     assert q3.num_shared_experts == 0 and q3.model_type == "qwen3_moe"
     big = preset_metadata("qwen3-235b-a22b")
     assert (big.num_moe_layers, big.hidden_size, big.expert_intermediate_size, big.num_attention_heads) == (
         94, 4096, 1536, 64)
     oss = preset_metadata("gpt-oss-120b")
     assert (oss.num_moe_layers, oss.num_experts, oss.top_k, oss.hidden_size) == (36, 128, 4, 2880)
-    assert (oss.expert_intermediate_size, oss.vocab_size, oss.head_dim, oss.norm_topk_prob) == (2880, 201088, 64, True)
+    assert (oss.expert_intermediate_size, oss.vocab_size, oss.head_dim,
+            oss.norm_topk_prob) == (2880, 201088, 64, True)
     assert oss.moe_module_names[5] == "model.layers.5.mlp.router"  # GPT-OSS names its router `router`
     small = preset_metadata("gpt-oss-20b")
     assert (small.num_moe_layers, small.num_experts, small.top_k) == (24, 32, 4)

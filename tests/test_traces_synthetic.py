@@ -54,6 +54,7 @@ def reference_trace(config: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.nda
     meta, pop, cl = model.meta, model.pop, model.clusters
     chunks = list(iter_synthetic(config, chunk_tokens=config.tokens))
     seq, pos = chunks[0].seq_id, chunks[0].position
+    assert seq is not None and pos is not None
     num_layers, num_experts, k = meta.num_moe_layers, meta.num_experts, meta.top_k
     num_clusters = cl.members.shape[1]
     num_groups, topk_groups = expert_groups(meta)
@@ -83,17 +84,19 @@ def reference_trace(config: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.nda
         for layer in range(num_layers):
             c = _mix(key ^ (row * (num_layers + 1) + layer))
             members = cl.members[layer, tp, : cl.member_count[layer, tp]]
-            mixture = w_gl * pop[layer] + w_cl * np.where(cl.cluster_of[layer] == tp, pop[layer], 0.0) / cl.mass[layer, tp]
+            mixture = w_gl * pop[layer] + w_cl * np.where(cl.cluster_of[layer] == tp, pop[layer],
+                                                          0.0) / cl.mass[layer, tp]
             if sticky:
                 mixture = mixture + sticky * np.bincount(prev[s][layer], minlength=num_experts) / k
-            i, chosen = 0, []
+            i, chosen = 0, list[int]()
             while len(chosen) < k:
                 u, v = _pair(c, i)
                 i += 1
                 if u < sticky:
                     e = int(prev[s][layer][min(int(v * k), k - 1)])
                 elif u < sticky + w_cl:
-                    e = int(members[_alias(cl.member_prob[layer, tp], cl.member_alias[layer, tp], len(members), v)])
+                    e = int(members[_alias(cl.member_prob[layer, tp], cl.member_alias[layer, tp],
+                                           len(members), v)])
                 else:
                     e = _alias(*tables[layer], num_experts, v)
                 groups = {x // group_size for x in chosen}
@@ -103,7 +106,8 @@ def reference_trace(config: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.nda
             for j, e in enumerate(chosen):
                 odds = odds_table[min(int(_pair(c, i)[0] * len(odds_table)), len(odds_table) - 1)]
                 i += 1
-                q[j] = mixture[e] * odds if meta.router_scoring == "softmax" else 1 / (1 + 1 / (mixture[e] * num_experts * odds))
+                q[j] = (mixture[e] * odds if meta.router_scoring == "softmax"
+                        else 1 / (1 + 1 / (mixture[e] * num_experts * odds)))
             if meta.norm_topk_prob:
                 w = q / q.sum()
             elif meta.router_scoring == "softmax":
@@ -123,8 +127,10 @@ def reference_trace(config: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.nda
     [
         SynthConfig(tokens=300, seed=7, sequences=5, batch_size=2),
         SynthConfig(tokens=200, seed=3, model="deepseek-v3", sequences=3, weights_dtype="float32"),
-        SynthConfig(tokens=200, seed=4, model="mixtral-8x7b", sequences=2, stickiness=0.5, cluster_weight=0.4),
-        SynthConfig(tokens=150, seed=5, model="qwen1.5-moe-a2.7b", counts=None, skew=0.0, decode_fraction=0.5),
+        SynthConfig(tokens=200, seed=4, model="mixtral-8x7b", sequences=2, stickiness=0.5,
+                    cluster_weight=0.4),
+        SynthConfig(tokens=150, seed=5, model="qwen1.5-moe-a2.7b", counts=None, skew=0.0,
+                    decode_fraction=0.5),
         SynthConfig(tokens=150, seed=6, model="deepseek-v3", sequences=2, stickiness=0.6, skew=0.0),
         SynthConfig(tokens=150, seed=8, model="gpt-oss-20b", sequences=2),
     ],
@@ -135,7 +141,9 @@ def test_kernel_matches_numpy_reference(config: SynthConfig) -> None:
     ids, weights, tokens = reference_trace(config)
     np.testing.assert_array_equal(chunk.expert_ids, ids)
     np.testing.assert_array_equal(chunk.token_id, tokens)
-    np.testing.assert_allclose(chunk.expert_weights.astype(np.float64), weights, rtol=2e-3 if config.weights_dtype == "float16" else 1e-6)
+    assert chunk.expert_weights is not None
+    np.testing.assert_allclose(chunk.expert_weights.astype(np.float64), weights,
+                               rtol=2e-3 if config.weights_dtype == "float16" else 1e-6)
 
 
 def test_alias_table_draws_the_given_distribution() -> None:
@@ -157,6 +165,7 @@ def test_same_seed_same_trace_whatever_the_chunking() -> None:
     for name, value in whole.present().items():
         np.testing.assert_array_equal(np.concatenate([getattr(p, name) for p in pieces]), value, err_msg=name)
     other = synthesize(SynthConfig(tokens=5000, seed=12, sequences=7, batch_size=3))[1]
+    assert other.expert_ids is not None and whole.expert_ids is not None
     assert not np.array_equal(other.expert_ids, whole.expert_ids)
 
 
@@ -164,6 +173,7 @@ def test_layout_is_what_a_batched_recorder_writes() -> None:
     config = SynthConfig(tokens=10_000, seed=2, sequences=10, batch_size=4, decode_fraction=0.3)
     model = build_model(config)
     c = synthesize(config)[1]
+    assert c.seq_id is not None and c.position is not None and c.phase is not None and c.step is not None
     assert c.num_tokens == 10_000 and len(np.unique(c.seq_id)) == 10
     assert int((model.prompt + model.decode).sum()) == 10_000
     assert abs(float(c.phase.mean()) - 0.3) < 0.01
@@ -187,6 +197,7 @@ def test_layout_is_what_a_batched_recorder_writes() -> None:
                                    "qwen3-30b-a3b", "gpt-oss-120b", "gpt-oss-20b"])
 def test_rows_are_valid_top_k_with_router_like_weights(model: str) -> None:
     meta, c = synthesize(SynthConfig(model=model, tokens=400, seed=1))
+    assert c.expert_ids is not None and c.expert_weights is not None
     ids = c.expert_ids.astype(np.int64)
     assert ids.max() < meta.num_experts
     srt = np.sort(ids, axis=-1)
@@ -194,7 +205,8 @@ def test_rows_are_valid_top_k_with_router_like_weights(model: str) -> None:
     w = c.expert_weights.astype(np.float64)
     assert np.all(w > 0) and np.all(np.diff(w, axis=-1) <= 0)  # router order: descending weight
     groups, topk_groups = expert_groups(meta)
-    group_count = np.array([[len(np.unique(row // (meta.num_experts // groups))) for row in token] for token in ids])
+    group_count = np.array([[len(np.unique(row // (meta.num_experts // groups))) for row in token]
+                            for token in ids])
     assert group_count.max() <= topk_groups  # DeepSeek-V3: every token's 8 experts in at most 4 of 8 groups
     if groups > 1:
         assert group_count.max() == topk_groups  # the limit binds: without it 8 experts would span 5-8 groups
@@ -208,7 +220,8 @@ def test_rows_are_valid_top_k_with_router_like_weights(model: str) -> None:
 # ---------------------------------------------------------------- realism
 def _loads(ids: np.ndarray, num_experts: int) -> np.ndarray:
     """[L, E] share of assignments per expert."""
-    out = np.stack([np.bincount(ids[:, layer].ravel(), minlength=num_experts) for layer in range(ids.shape[1])])
+    out = np.stack([np.bincount(ids[:, layer].ravel(), minlength=num_experts)
+                    for layer in range(ids.shape[1])])
     return out / out.sum(axis=1, keepdims=True)
 
 
@@ -220,6 +233,7 @@ def test_skew_controls_load_imbalance() -> None:
     entropies = []
     for skew in (0.0, 0.8, 1.6):
         meta, c = synthesize(SynthConfig(tokens=4000, seed=5, skew=skew, cluster_weight=0.0, stickiness=0.0))
+        assert c.expert_ids is not None
         entropies.append(_entropy(_loads(c.expert_ids, meta.num_experts)).mean())
     assert entropies[0] > 0.99 > entropies[1] > entropies[2]
 
@@ -229,6 +243,7 @@ def test_counts_file_sets_popularity() -> None:
     config = SynthConfig(tokens=6000, seed=3, counts=table, cluster_weight=0.0, stickiness=0.0)
     model = build_model(config)
     meta, c = synthesize(config)
+    assert c.expert_ids is not None
     share = _loads(c.expert_ids, meta.num_experts)
     for row, layer in enumerate(table.layers):  # counted layers keep their real expert ids and shares
         real = table.counts[row] / table.counts[row].sum()
@@ -255,7 +270,9 @@ def test_counts_file_errors(tmp_path: Path) -> None:
 def test_co_selected_experts_come_from_clusters() -> None:
     config = SynthConfig(tokens=6000, seed=9, skew=0.0, cluster_weight=0.4, stickiness=0.0)
     model = build_model(config)
-    ids = synthesize(config)[1].expert_ids[:, 0].astype(np.int64)  # layer 0: [T, K]
+    all_ids = synthesize(config)[1].expert_ids
+    assert all_ids is not None
+    ids = all_ids[:, 0].astype(np.int64)  # layer 0: [T, K]
     e = model.meta.num_experts
     onehot = np.zeros((len(ids), e))
     np.put_along_axis(onehot, ids, 1.0, axis=1)
@@ -282,6 +299,7 @@ def test_consecutive_tokens_share_experts() -> None:
     def overlap(stickiness: float) -> float:
         c = synthesize(SynthConfig(tokens=3000, seed=4, sequences=1, skew=0.0, cluster_weight=0.0,
                                    stickiness=stickiness))[1]
+        assert c.expert_ids is not None
         ids = np.sort(c.expert_ids[:, 0].astype(np.int64), axis=-1)
         return float(np.mean([len(np.intersect1d(a, b)) for a, b in zip(ids[1:], ids[:-1], strict=True)]))
 

@@ -3,9 +3,9 @@
 import os as _os
 from pathlib import Path as _Path
 
-# Numba's compiled kernels are cached in the user's cache directory, not beside the installed sources (which may be
-# read-only or shared); every package imports traces first, so this runs before Numba is imported. A NUMBA_CACHE_DIR
-# the user set wins.
+# Numba's compiled kernels are cached in the user's cache directory, not beside the installed sources (which
+# may be read-only or shared); every package imports traces first, so this runs before Numba is imported. A
+# NUMBA_CACHE_DIR the user set wins.
 _os.environ.setdefault("NUMBA_CACHE_DIR", str(
     _Path(_os.environ.get("XDG_CACHE_HOME") or _Path.home() / ".cache") / "moe-trace" / "numba"))
 

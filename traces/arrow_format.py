@@ -2,8 +2,8 @@
 
 expert_ids: FixedSizeList<FixedSizeList<uint8|uint16, K>, L>; router_logits: ...<float16, E>, L>.
 Schema metadata: b"moe_trace" = metadata JSON. A cleanly closed file ends with a zero-row batch whose custom
-metadata is {b"moe_trace_status": b"complete"}; a file without it is partial. A writer killed before its footer
-leaves an IPC stream after the magic bytes, from which every completed batch is recovered.
+metadata is {b"moe_trace_status": b"complete"}; a file without it is partial. A writer killed before its
+footer leaves an IPC stream after the magic bytes, from which every completed batch is recovered.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from traces.schema import FORMAT_MINOR, TraceMetadata
 ARROW_MAGIC = b"ARROW1"
 META_KEY = b"moe_trace"
 STATUS_KEY = b"moe_trace_status"
-# Format 1.1 checksums: the schema carries the metadata JSON's SHA-256; each data batch's custom metadata carries
-# {"index", "row0", "rows", "sums": {column: [s1, s2]}} (traces/checksum.py); the completion mark carries the
-# totals {"batches", "rows"}.
+# Format 1.1 checksums: the schema carries the metadata JSON's SHA-256; each data batch's custom metadata
+# carries {"index", "row0", "rows", "sums": {column: [s1, s2]}} (traces/checksum.py); the completion mark
+# carries the totals {"batches", "rows"}.
 HEADER_KEY = b"moe_trace_sha256"
 BLOCK_KEY = b"moe_trace_block"
 TOTALS_KEY = b"moe_trace_totals"
@@ -78,7 +78,8 @@ def _to_numpy(column: pa.Array | pa.ChunkedArray, shape: tuple[int, ...]) -> np.
 
 def batch_rows(meta: TraceMetadata) -> int:
     """Rows per record batch: about BATCH_BYTES of raw columns, between 1024 and 65536 rows."""
-    row_bytes = sum(meta.field_dtype(n).itemsize * int(np.prod(meta.field_shape(n))) for n in meta.stored_fields())
+    row_bytes = sum(meta.field_dtype(n).itemsize * int(np.prod(meta.field_shape(n)))
+                    for n in meta.stored_fields())
     return int(min(1 << 16, max(1 << 10, BATCH_BYTES // row_bytes)))
 
 
@@ -91,15 +92,18 @@ class ArrowTraceWriter:
         metadata.format_minor = FORMAT_MINOR
         self.schema = arrow_schema(metadata)
         self.batch_rows = batch_rows(metadata)
-        codec = None if compression == "none" else pa.Codec(compression, compression_level=1 if compression == "zstd" else None)
+        codec = None if compression == "none" else pa.Codec(compression, compression_level=1
+                                                            if compression == "zstd" else None)
         self.sink = pa.OSFile(str(path), "wb")
-        self.writer = pa.ipc.new_file(self.sink, self.schema, options=pa.ipc.IpcWriteOptions(compression=codec))
+        self.writer = pa.ipc.new_file(self.sink, self.schema,
+                                      options=pa.ipc.IpcWriteOptions(compression=codec))
         self.num_tokens = 0
         self.num_batches = 0
 
     def append(self, chunk: TraceChunk) -> None:
         for start in range(0, chunk.num_tokens, self.batch_rows):
-            part = chunk.slice(start, start + self.batch_rows) if chunk.num_tokens > self.batch_rows else chunk
+            part = chunk.slice(start,
+                               start + self.batch_rows) if chunk.num_tokens > self.batch_rows else chunk
             arrays = [_to_arrow(getattr(part, f.name), f.type) for f in self.schema]
             block = {"index": self.num_batches, "row0": self.num_tokens, "rows": part.num_tokens,
                      "sums": {f.name: checksum(getattr(part, f.name)) for f in self.schema}}
@@ -126,8 +130,8 @@ class ArrowShardReader:
 
     def __init__(self, path: Path):
         self.path = path
-        # Plain reads, not a memory map: mapped pages count as the reader's resident memory and would grow with
-        # the file; reads keep memory to the batches in flight.
+        # Plain reads, not a memory map: mapped pages count as the reader's resident memory and would grow
+        # with the file; reads keep memory to the batches in flight.
         self.source = pa.OSFile(str(path), "r")
         try:
             self._open()
@@ -247,7 +251,8 @@ class ArrowShardReader:
         for batch, custom in self._batches(names):
             if batch.num_rows == 0:
                 continue
-            batch.validate()  # O(columns): declared lengths against buffer sizes, before any slicing trusts them
+            # O(columns): declared lengths against buffer sizes, before any slicing trusts them
+            batch.validate()
             values = {n: _to_numpy(batch.column(n), self.metadata.field_shape(n)) for n in names}
             if self.checked:
                 self._verify(index, row0, batch.num_rows, custom, values)
@@ -255,7 +260,8 @@ class ArrowShardReader:
             row0 += batch.num_rows
             yield TraceChunk(**values)
 
-    def _verify(self, index: int, row0: int, rows: int, custom: dict | None, values: dict[str, np.ndarray]) -> None:
+    def _verify(self, index: int, row0: int, rows: int, custom: dict | None,
+                values: dict[str, np.ndarray]) -> None:
         where = f"{self.path}: record batch {index} (rows {row0}..{row0 + rows})"
         try:
             block = json.loads((custom or {})[BLOCK_KEY])

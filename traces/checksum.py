@@ -1,11 +1,11 @@
 """Block checksums of trace format 1.1: (byte length, 64-bit hash) of a column block's bytes.
 
-The bytes of a block (C order) are read as little-endian 64-bit words, the last one zero-padded. Four lanes take
-words i = 4m + j in turn, each through the multiply-rotate round of xxHash64 (acc = rotl(acc + w * P2, 31) * P1);
-the lanes are merged and the result is avalanched. Any change in any bit of any word, and any move of words,
-changes the hash with near certainty (a plain sum, or a Fletcher sum mod 2**64, misses swaps of high bytes). It is
-an integrity check against corruption, not a MAC. A Numba kernel computes it (about 18 GB/s on an idle core), with
-`checksum_numpy` as its plain NumPy reference.
+The bytes of a block (C order) are read as little-endian 64-bit words, the last one zero-padded. Four lanes
+take words i = 4m + j in turn, each through the multiply-rotate round of xxHash64 (acc = rotl(acc + w * P2,
+31) * P1); the lanes are merged and the result is avalanched. Any change in any bit of any word, and any move
+of words, changes the hash with near certainty (a plain sum, or a Fletcher sum mod 2**64, misses swaps of high
+bytes). It is an integrity check against corruption, not a MAC. A Numba kernel computes it (about 18 GB/s on
+an idle core), with `checksum_numpy` as its plain NumPy reference.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ ALGORITHM = "mix64"
 P1 = np.uint64(0x9E3779B185EBCA87)
 P2 = np.uint64(0xC2B2AE3D27D4EB4F)
 P3 = np.uint64(0x165667B19E3779F9)
-SEEDS = (np.uint64(0x60EA27EEADC0B5D6), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0), np.uint64(0x61C8864E7A143579))
+SEEDS = (np.uint64(0x60EA27EEADC0B5D6), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0),
+         np.uint64(0x61C8864E7A143579))
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -102,7 +103,8 @@ def text_digest(text: str | bytes) -> str:
 
 
 class BlockSums:
-    """The writer's side: checksums of consecutive blocks of `block_rows` rows per column, over appended chunks.
+    """The writer's side: checksums of consecutive blocks of `block_rows` rows per column, over appended
+    chunks.
 
     Rows of the last, partly filled block are kept (copied, at most block_rows) until the block fills up.
     """

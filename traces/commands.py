@@ -31,7 +31,8 @@ def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator
     console = Console(stderr=True)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-        TimeRemainingColumn(), console=console, transient=True, disable=not enabled or not console.is_terminal,
+        TimeRemainingColumn(), console=console, transient=True,
+        disable=not enabled or not console.is_terminal,
     ) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)
@@ -70,7 +71,8 @@ def info(traces: tuple[str, ...], as_json: bool, chunk_tokens: int) -> None:
                              f"({summary.decode_tokens / n:.1%} decode)"),
         ("forward passes", f"{summary.num_steps:,}"),
         ("MoE layers x experts, top-k", f"{summary.num_layers} x {summary.num_experts}, top-{summary.top_k}"),
-        ("columns", ", ".join(["ids"] + ([f"weights ({summary.weights_dtype})"] if summary.weights_dtype else [])
+        ("columns", ", ".join(["ids"] + ([f"weights ({summary.weights_dtype})"] if summary.weights_dtype
+                                         else [])
                               + (["token ids"] if summary.has_token_ids else [])
                               + (["router logits"] if summary.has_logits else []))),
         ("size on disk", f"{nbytes(summary.size_bytes)} ({summary.bytes_per_token:.1f} bytes/token)"),
@@ -92,16 +94,17 @@ def info(traces: tuple[str, ...], as_json: bool, chunk_tokens: int) -> None:
 
 @click.command()
 @TRACES
-@click.option("--allow-partial", is_flag=True, help="Accept a trace whose writer did not finish (a .partial file).")
+@click.option("--allow-partial", is_flag=True,
+              help="Accept a trace whose writer did not finish (a .partial file).")
 @CHUNK
 def validate(traces: tuple[str, ...], allow_partial: bool, chunk_tokens: int) -> None:
     """Check a trace fully and stop at the first problem (exit code 2 and one line naming it).
 
     Checks: files open and are traces of a known schema version, shards agree, metadata is complete, column
     dtypes match it, expert ids are in range with no expert twice in a row's top-k, weights and logits are
-    finite, phases/positions/steps/token ids are valid, every declared row is there, and every block matches its
-    checksum (format 1.1; files written before carry none and are reported as unchecked). TRACE... are files or
-    glob patterns, read together as the shards of one trace.
+    finite, phases/positions/steps/token ids are valid, every declared row is there, and every block matches
+    its checksum (format 1.1; files written before carry none and are reported as unchecked). TRACE... are
+    files or glob patterns, read together as the shards of one trace.
     """
     from traces.reader import open_trace
     from traces.validate import validate as validate_trace
@@ -112,7 +115,8 @@ def validate(traces: tuple[str, ...], allow_partial: bool, chunk_tokens: int) ->
         result = validate_trace(list(traces), allow_partial=allow_partial, chunk_tokens=chunk_tokens,
                                 on_chunk=advance)
     state = "complete" if result.complete else "partial"
-    click.echo(f"ok: {result.num_tokens:,} tokens in {result.num_shards} file(s), {state}, no problem found; {result.integrity}")
+    click.echo(f"ok: {result.num_tokens:,} tokens in {result.num_shards} file(s), {state}, no problem found; "
+               f"{result.integrity}")
 
 
 @click.command()
@@ -146,7 +150,8 @@ def convert(src: str, dst: str, force: bool, compression: str | None, chunk_toke
 @click.option("--model", default="olmoe-1b-7b", show_default=True,
               help=f"Model preset: {', '.join(PRESETS)} (hub ids accepted; DeepSeek-V3 with its "
                    "group-limited routing).")
-@click.option("--tokens", type=click.IntRange(min=1), default=100_000, show_default=True, help="Tokens to write.")
+@click.option("--tokens", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="Tokens to write.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same trace).")
 @click.option("--skew", type=click.FloatRange(min=0), default=0.8, show_default=True,
               help="Zipf exponent of expert popularity per layer (0 = uniform; 0.8 is OLMoE-like).")
@@ -156,8 +161,8 @@ def convert(src: str, dst: str, force: bool, compression: str | None, chunk_toke
 @click.option("--counts-domain", default=None, help="Domain of the counts file to use (default: all summed).")
 @click.option("--sequences", type=click.IntRange(min=1), default=None,
               help="Number of sequences (prompts) [default: tokens / 1024].")
-@click.option("--decode-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.25, show_default=True,
-              help="Share of each sequence's tokens that are generated (decode phase).")
+@click.option("--decode-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.25,
+              show_default=True, help="Share of each sequence's tokens that are generated (decode phase).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Sequences per forward pass (prefill once per batch, then one decode step per token).")
 @click.option("--clusters", type=click.IntRange(min=1), default=None,
@@ -168,7 +173,8 @@ def convert(src: str, dst: str, force: bool, compression: str | None, chunk_toke
               help="Share of each draw re-using the previous token's experts (temporal locality).")
 @click.option("--topic-switch", type=click.FloatRange(0, 1), default=0.05, show_default=True,
               help="Per-token probability that a sequence moves to another cluster.")
-@click.option("--weights-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--weights-dtype", type=click.Choice(["float16", "float32"]), default="float16",
+              show_default=True)
 @click.option("--no-token-ids", is_flag=True, help="Store no token ids.")
 @click.option("--compression", type=click.Choice(["lz4", "zstd", "gzip", "lzf", "none"]), default=None,
               help="HDF5: lz4 (default), zstd, gzip, lzf, none. Arrow: zstd (default), lz4, none.")

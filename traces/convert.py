@@ -1,8 +1,8 @@
 """Lossless conversion between the HDF5 and Arrow encodings (the output's extension picks the encoding).
 
-Every column and every metadata key is copied as it is (provenance included: the trace describes the recording,
-not the conversion). The output is written as `<out>.partial` and renamed when complete; on failure the partial
-file is removed, so the output name holds a whole trace or nothing.
+Every column and every metadata key is copied as it is (provenance included: the trace describes the
+recording, not the conversion). The output is written as `<out>.partial` and renamed when complete; on failure
+the partial file is removed, so the output name holds a whole trace or nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def convert(
     with open_trace(sources) as trace:
         if not trace.complete:
             raise InputError(
-                f"{trace.paths[0]}: trace is partial; finish it first (moe-rec record --resume) or read it as it is"
+                f"{trace.paths[0]}: trace is partial; finish it first (moe-rec record --resume) or read it "
+                "as it is"
             )
         meta = TraceMetadata.from_dict(trace.metadata.to_dict())
         names = meta.stored_fields()

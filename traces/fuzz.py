@@ -1,9 +1,10 @@
-"""Mutation fuzzing of input files: byte-level mutants, and a harness that reads trace mutants with a time limit.
+"""Mutation fuzzing of input files: byte-level mutants, and a harness that reads trace mutants with a time
+limit.
 
 `mutate` makes one mutant of any file (bit flips, a truncation, a zeroed or duplicated range); the importers'
 fuzz test uses it as is. `mutate_trace` adds the mutations that target a trace's structure: two swapped ranges
-(fields, blocks) and a huge declared size. `fuzz_traces` writes a small valid trace, reads `cases` seeded mutants
-of it in a worker process (restarted after a hang or a crash) and sorts each into an Outcome:
+(fields, blocks) and a huge declared size. `fuzz_traces` writes a small valid trace, reads `cases` seeded
+mutants of it in a worker process (restarted after a hang or a crash) and sorts each into an Outcome:
 
     clean    the read returns the original content and metadata
     partial  the read reports the file partial (its writer did not finish) and returns a prefix of the rows
@@ -70,14 +71,15 @@ def mutate_trace(raw: bytes, rng: random.Random) -> tuple[str, bytes]:
         small = np.flatnonzero((words > 0) & (words < 1 << 32))
         if small.size:
             j = int(small[rng.randrange(small.size)]) * 8
-            data[j:j + 8] = int(rng.choice([1 << 40, 1 << 47, (1 << 62) + 7, (1 << 64) - 1])).to_bytes(8, "little")
+            data[j:j + 8] = int(rng.choice([1 << 40, 1 << 47, (1 << 62) + 7,
+                                            (1 << 64) - 1])).to_bytes(8, "little")
         return kind, bytes(data)
     return kind, mutate(raw, rng)
 
 
 def write_original(path: Path) -> None:
-    """A small valid trace of several blocks: 10,000 Mixtral-shaped tokens with weights, appended 3,000 at a time
-    (Arrow: 4 record batches; HDF5: one full checksum block and a partly filled one)."""
+    """A small valid trace of several blocks: 10,000 Mixtral-shaped tokens with weights, appended 3,000 at a
+    time (Arrow: 4 record batches; HDF5: one full checksum block and a partly filled one)."""
     from traces.synthetic import SynthConfig, synthesize
     from traces.writer import open_writer
 
@@ -107,7 +109,8 @@ def read_case(path: Path, original: dict) -> tuple[str, str]:
     if meta != want_meta:
         return "silent", "metadata differs"
     rows = chunk.num_tokens
-    same = all(np.array_equal(value, original["columns"][name][:rows]) for name, value in chunk.present().items())
+    same = all(np.array_equal(value, original["columns"][name][:rows])
+               for name, value in chunk.present().items())
     if not same:
         return "silent", f"content differs ({rows} rows)"
     if rows == original["rows"] and status == "complete":
@@ -123,7 +126,8 @@ def _worker(original_path: str, folder: str, first: int, count: int) -> None:
 
     with open_trace(original_path) as trace:
         chunk = trace.read_all()
-        original = {"metadata": trace.metadata.to_dict(), "columns": chunk.present(), "rows": chunk.num_tokens}
+        original = {"metadata": trace.metadata.to_dict(), "columns": chunk.present(),
+                    "rows": chunk.num_tokens}
     suffix = Path(original_path).suffix
     for case in range(first, count):
         outcome, detail = read_case(Path(folder) / f"{case}{suffix}", original)
@@ -143,7 +147,8 @@ class FuzzResult:
 
 def fuzz_traces(encoding: str, cases: int, seed: int, folder: Path, keep_errors: int = 5,
                 case_seconds: float = CASE_SECONDS) -> FuzzResult:
-    """Write the original trace in `folder`, make `cases` seeded mutants of it, and read each in a worker process."""
+    """Write the original trace in `folder`, make `cases` seeded mutants of it, and read each in a worker
+    process."""
     suffix = SUFFIXES[encoding]
     original = folder / f"original{suffix}"
     write_original(original)
@@ -164,8 +169,8 @@ def fuzz_traces(encoding: str, cases: int, seed: int, folder: Path, keep_errors:
     return result
 
 
-def _run_worker(original: Path, mutants: Path, first: int, cases: int, case_seconds: float, result: FuzzResult,
-                keep_errors: int) -> int:
+def _run_worker(original: Path, mutants: Path, first: int, cases: int, case_seconds: float,
+                result: FuzzResult, keep_errors: int) -> int:
     """Run one worker from case `first`; return the next case to run after it ends, hangs or dies."""
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
@@ -202,10 +207,12 @@ def _run_worker(original: Path, mutants: Path, first: int, cases: int, case_seco
         proc.stdout.close()
 
 
-def _record(result: FuzzResult, case: int, outcome: str, detail: str, keep_errors: int, mutants: Path) -> None:
+def _record(result: FuzzResult, case: int, outcome: str, detail: str, keep_errors: int,
+            mutants: Path) -> None:
     result.counts[outcome] += 1
     if outcome in BAD_OUTCOMES:
-        result.bad.append({"case": case, "kind": result.kinds.get(case), "outcome": outcome, "detail": detail})
+        result.bad.append({"case": case, "kind": result.kinds.get(case), "outcome": outcome,
+                           "detail": detail})
     elif outcome == "error" and len(result.errors) < keep_errors:
         result.errors.append(str(mutants / f"{case}{SUFFIXES[result.encoding]}"))
 

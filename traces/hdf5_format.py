@@ -4,11 +4,12 @@ Layout: /seq_id [T], /position [T], /token_id [T], /phase [T], /step [T],
 /expert_ids [T, L, K], /expert_weights [T, L, K], /router_logits [T, L, E].
 Root attributes: format, schema_version, metadata (JSON), num_tokens (rows committed), status.
 
-Compression (per dataset, chosen when the file is created): "lz4" (default) and "zstd" are Blosc with bit-shuffle
-from hdf5plugin: bit-shuffle exposes the unused high bits of expert ids (64 experts use 6 of 8 bits) and the
-exponent bits of weights, and Blosc decompresses at GB/s, so ids-only reads stay above 10M tokens/s while files
-shrink by a quarter. Readers need `import hdf5plugin` before h5py opens the file. "gzip" is built into every HDF5
-library (readable by any HDF5 tool) but reads about 10x slower; "lzf" ships with h5py; "none" stores raw.
+Compression (per dataset, chosen when the file is created): "lz4" (default) and "zstd" are Blosc with
+bit-shuffle from hdf5plugin: bit-shuffle exposes the unused high bits of expert ids (64 experts use 6 of 8
+bits) and the exponent bits of weights, and Blosc decompresses at GB/s, so ids-only reads stay above 10M
+tokens/s while files shrink by a quarter. Readers need `import hdf5plugin` before h5py opens the file. "gzip"
+is built into every HDF5 library (readable by any HDF5 tool) but reads about 10x slower; "lzf" ships with
+h5py; "none" stores raw.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 CHUNK_TOKENS = 8192  # HDF5 chunk along tokens: 1 MiB of OLMoE ids, large enough for fast sequential reads
 COMPRESSIONS = ("lz4", "zstd", "gzip", "lzf", "none")
 DEFAULT_COMPRESSION = "lz4"
-# Format 1.1 block checksums: one (s1, s2) pair per column per CHECK_ROWS rows, the same rows as a storage chunk.
+# Format 1.1 block checksums: one (s1, s2) pair per column per CHECK_ROWS rows, the same rows as a storage
+# chunk.
 CHECK_ROWS = CHUNK_TOKENS
 BLOCK_SUMS = "block_checksums"  # dataset [full blocks, columns, 2] uint64, columns in stored_fields() order
 TAIL_SUMS_ATTR = "tail_checksums"  # root attribute [columns, 2]: the last, partly filled block's checksums
@@ -60,7 +62,8 @@ class Hdf5TraceWriter:
     """Appends TraceChunks to an HDF5 file; every append is flushed so a crash keeps completed batches."""
 
     def __init__(
-        self, path: Path, metadata: TraceMetadata, compression: str = DEFAULT_COMPRESSION, append: bool = False
+        self, path: Path, metadata: TraceMetadata, compression: str = DEFAULT_COMPRESSION,
+        append: bool = False
     ):
         self.path = path
         self.metadata = metadata
@@ -102,8 +105,9 @@ class Hdf5TraceWriter:
                 chunks=(CHUNK_TOKENS, *shape),
                 **filters,
             )
-        self.file.create_dataset(BLOCK_SUMS, shape=(0, len(self.fields), 2), maxshape=(None, len(self.fields), 2),
-                                 dtype=np.uint64, chunks=(256, len(self.fields), 2))
+        self.file.create_dataset(BLOCK_SUMS, shape=(0, len(self.fields), 2),
+                                 maxshape=(None, len(self.fields), 2), dtype=np.uint64,
+                                 chunks=(256, len(self.fields), 2))
         self._commit_header()
         self.file.flush()
 
@@ -121,8 +125,8 @@ class Hdf5TraceWriter:
                 first = ds.shape[0]
                 ds.resize(first + len(full), axis=0)
                 ds[first:] = np.array(full, dtype=np.uint64)
-        # The row count (with the tail block's checksum and the header digest) is committed last: a reader never
-        # trusts rows past it.
+        # The row count (with the tail block's checksum and the header digest) is committed last: a reader
+        # never trusts rows past it.
         self.num_tokens = stop
         self.file.attrs["num_tokens"] = stop
         if self.checked:
@@ -152,12 +156,14 @@ def header_digest(metadata: str, status: str, num_tokens: int, block_rows: int) 
 
 
 def _probe(path: Path, absolute: str) -> dict:
-    """Everything the reader takes from the file's structure, read in the watchdog's helper process (whose working
-    directory may differ from the caller's: it opens the absolute path, and names `path` in errors)."""
+    """Everything the reader takes from the file's structure, read in the watchdog's helper process (whose
+    working directory may differ from the caller's: it opens the absolute path, and names `path` in
+    errors)."""
     try:
         file = h5py.File(absolute, "r")
     except OSError as exc:
-        raise InputError(f"{path}: cannot open as HDF5 ({_short(exc)}); the file may be truncated or corrupt") from exc
+        raise InputError(f"{path}: cannot open as HDF5 ({_short(exc)}); the file may be truncated or "
+                         "corrupt") from exc
     with file:
         attrs = {key: file.attrs[key] for key in ROOT_ATTRS if key in file.attrs}
         datasets = {}
@@ -182,14 +188,16 @@ class Hdf5ShardReader:
 
     def __init__(self, path: Path):
         self.path = path
-        info = run_bounded(_probe, (path, os.path.abspath(path)), str(path))  # a corrupt file may hang libhdf5: never here
+        # a corrupt file may hang libhdf5: never here
+        info = run_bounded(_probe, (path, os.path.abspath(path)), str(path))
         attrs, datasets = info["attrs"], info["datasets"]
         if attrs.get("format") != FORMAT_NAME or "metadata" not in attrs:
             raise InputError(f"{path}: HDF5 file is not a moe-trace trace")
         try:
             self.file = h5py.File(path, "r")
         except OSError as exc:
-            raise InputError(f"{path}: cannot open as HDF5 ({_short(exc)}); the file may be truncated or corrupt") from exc
+            raise InputError(f"{path}: cannot open as HDF5 ({_short(exc)}); the file may be truncated or "
+                             "corrupt") from exc
         try:
             self._check_structure(attrs, datasets, info["sums"])
         except BaseException:
@@ -210,12 +218,13 @@ class Hdf5ShardReader:
         self.checked = self.metadata.format_minor >= 1 or bool(marks)
         if self.checked:
             if len(marks) < 4:
-                raise InputError(f"{path}: block checksums are damaged or missing (found only {', '.join(marks) or 'none'})")
+                raise InputError(f"{path}: block checksums are damaged or missing (found only "
+                                 f"{', '.join(marks) or 'none'})")
             digest = header_digest(str(attrs["metadata"]), str(attrs.get("status")), self.num_tokens,
                                    int(attrs[BLOCK_ROWS_ATTR]))
             if digest != str(attrs[HEADER_ATTR]) or int(attrs[BLOCK_ROWS_ATTR]) != CHECK_ROWS:
-                raise InputError(f"{path}: checksum mismatch in the root attributes (metadata, status, num_tokens); "
-                                 "the file is corrupt")
+                raise InputError(f"{path}: checksum mismatch in the root attributes (metadata, status, "
+                                 "num_tokens); the file is corrupt")
             tail = np.asarray(attrs[TAIL_SUMS_ATTR])
             if sums is None or sums.shape[1:] != (len(fields), 2) or tail.shape != (len(fields), 2):
                 raise InputError(f"{path}: block checksums have the wrong shape for {len(fields)} columns")
@@ -228,9 +237,11 @@ class Hdf5ShardReader:
             shape, dtype, _ = datasets[name]
             want = self.metadata.field_shape(name)
             if shape[1:] != want or shape[0] < self.num_tokens:
-                raise InputError(f"{path}: column {name} has shape {shape}, expected ({self.num_tokens}, *{want})")
+                raise InputError(f"{path}: column {name} has shape {shape}, expected ({self.num_tokens}, "
+                                 f"*{want})")
             if dtype != self.metadata.field_dtype(name):
-                raise InputError(f"{path}: column {name} is {dtype}, expected {self.metadata.field_dtype(name)}")
+                raise InputError(f"{path}: column {name} is {dtype}, expected "
+                                 f"{self.metadata.field_dtype(name)}")
 
     def read(self, names: list[str], start: int, stop: int) -> TraceChunk:
         stop = min(stop, self.num_tokens)
@@ -242,7 +253,8 @@ class Hdf5ShardReader:
             try:
                 values = self.file[name][lo:hi]
             except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:  # a damaged chunk
-                raise InputError(f"{self.path}: cannot read {name} rows {start}..{stop} ({_short(exc)})") from exc
+                raise InputError(f"{self.path}: cannot read {name} rows {start}..{stop} "
+                                 f"({_short(exc)})") from exc
             if self.checked:
                 self._verify(name, values, lo)
             out[name] = values[start - lo:stop - lo]
@@ -261,7 +273,8 @@ class Hdf5ShardReader:
 
     def iter_blocks(self, names: list[str], block_tokens: int):
         # Read whole HDF5 chunks at a time: partial-chunk reads decompress the same chunk twice.
-        chunk_rows = max((self.file[n].chunks or (CHUNK_TOKENS,))[0] for n in names) if names else CHUNK_TOKENS
+        chunk_rows = max((self.file[n].chunks or (CHUNK_TOKENS,))[0]
+                         for n in names) if names else CHUNK_TOKENS
         if self.checked:
             chunk_rows = CHECK_ROWS
         step = max(chunk_rows, (block_tokens // chunk_rows) * chunk_rows)

@@ -20,7 +20,8 @@ def _counter(enabled: bool) -> Iterator[Callable[[int], None]]:
 
     console = Console(stderr=True)
     with Progress(SpinnerColumn(), TextColumn("importing {task.completed:,.0f} tokens"), TimeElapsedColumn(),
-                  console=console, transient=True, disable=not enabled or not console.is_terminal) as progress:
+                  console=console, transient=True,
+                  disable=not enabled or not console.is_terminal) as progress:
         task = progress.add_task("import", total=None)
         yield lambda n: progress.advance(task, n)
 
@@ -37,7 +38,8 @@ def _counter(enabled: bool) -> Iterator[Callable[[int], None]]:
               help="The served model's Hugging Face config.json, instead of --model.")
 @click.option("--phase", type=click.Choice(["prefill", "decode"]), default="prefill", show_default=True,
               help="megatron: the phase of every token (the tracer does not record it).")
-@click.option("--seq-col", default="request_id", show_default=True, help="tabular: sequence (request) column.")
+@click.option("--seq-col", default="request_id", show_default=True,
+              help="tabular: sequence (request) column.")
 @click.option("--layer-col", default="layer", show_default=True,
               help="tabular: layer column; \"\" for one row per token with [layers][top-k] expert lists.")
 @click.option("--position-col", default="token_idx", show_default=True, help="tabular: position column.")
@@ -54,16 +56,18 @@ def _counter(enabled: bool) -> Iterator[Callable[[int], None]]:
               help="Trace compression (as for moe-sim convert).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def import_cmd(sources: tuple[str, ...], output: str, fmt: str, model: str | None, config: str | None, phase: str,
-               seq_col: str, layer_col: str, position_col: str, experts_col: str, weights_col: str, token_col: str,
-               phase_col: str, step_col: str, router_output: str, keep_logits: bool, compression: str | None,
+def import_cmd(sources: tuple[str, ...], output: str, fmt: str, model: str | None, config: str | None,
+               phase: str, seq_col: str, layer_col: str, position_col: str, experts_col: str,
+               weights_col: str,
+               token_col: str, phase_col: str, step_col: str, router_output: str, keep_logits: bool,
+               compression: str | None,
                force: bool, as_json: bool) -> None:
     """Convert routing dumps of a serving engine or another tool to a trace (or a load file), streaming.
 
-    SRC... are files, quoted globs or directories (megatron: router_trace_rank*.jsonl in it). The dump gives the
-    routing; --model or --config gives the model's shapes. Physical expert ids are mapped back to logical ones,
-    ranks that recorded the same batch are kept once, and bad input stops the import with one line and no
-    output file. docs/import.md describes each layout.
+    SRC... are files, quoted globs or directories (megatron: router_trace_rank*.jsonl in it). The dump gives
+    the routing; --model or --config gives the model's shapes. Physical expert ids are mapped back to logical
+    ones, ranks that recorded the same batch are kept once, and bad input stops the import with one line and
+    no output file. docs/import.md describes each layout.
 
     Example: moe-sim import dumps/*.pt -o trace.h5 --from sglang-per-token --model deepseek-v3
     """
@@ -76,13 +80,15 @@ def import_cmd(sources: tuple[str, ...], output: str, fmt: str, model: str | Non
                         weights=weights_col, token=token_col, phase=phase_col, step=step_col),
     )
     with _counter(enabled=not as_json) as advance:
-        result = import_dump(list(sources), output, fmt, model=model, config=config, options=options, force=force,
-                             compression=compression, command_line=" ".join(["moe-sim", *sys.argv[1:]]),
+        result = import_dump(list(sources), output, fmt, model=model, config=config, options=options,
+                             force=force, compression=compression,
+                             command_line=" ".join(["moe-sim", *sys.argv[1:]]),
                              on_tokens=advance)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
-    extra = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in result.details.items() if v not in ([], 0, None))
+    extra = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in result.details.items()
+                      if v not in ([], 0, None))
     noun = "tokens" if result.kind == "trace" else "tokens' worth of selections"
     click.echo(f"wrote {result.output} ({result.kind}): {result.num_tokens:,} {noun} from --from {fmt}"
                + (f"; {extra}" if extra else ""))

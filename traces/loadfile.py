@@ -1,14 +1,16 @@
 """Load files: per-layer expert load for sources that count selections but keep no per-token ids.
 
 SGLang's `stat` and `per_pass` dumps, per-layer load JSON or CSV and the OLMoE counts file all become this one
-form. `moe-sim place`, `plan --load-file` and `report --load-file` read it. What a load file cannot show, and every
-command that uses one says so: per-step imbalance, co-selection and all-to-all bytes, which need per-token ids.
+form. `moe-sim place`, `plan --load-file` and `report --load-file` read it. What a load file cannot show, and
+every command that uses one says so: per-step imbalance, co-selection and all-to-all bytes, which need
+per-token ids.
 
 Format (JSON): {"format": "moe-trace-load", "version": 1, "source": tool or file, "model_id", "num_experts",
 "top_k", "num_hidden_layers", "layers": [decoder-layer index per row], "load": [[count per expert] per row],
 "steps": forward passes counted (0 = unknown), "created_at", "tool_version", "notes": {...}}.
 Also read as they are: the OLMoE counts file ({"layers", "counts" | "domains"}), a per-layer load JSON
-({"3": [count per expert], "4": [...]}) and CSV with the columns layer, expert, count (one row per layer and expert).
+({"3": [count per expert], "4": [...]}) and CSV with the columns layer, expert, count (one row per layer and
+expert).
 """
 
 from __future__ import annotations
@@ -106,17 +108,21 @@ def read_load_file(path: str | Path, domain: str | None = None) -> LoadFile:
         raise InputError(f"{p}: a load file holds one JSON object")
     if data.get("format") == LOAD_FORMAT:
         if data.get("version") != LOAD_VERSION:
-            raise InputError(f"{p}: load file version {data.get('version')!r} (this tool reads {LOAD_VERSION})")
+            raise InputError(f"{p}: load file version {data.get('version')!r} (this tool reads "
+                             f"{LOAD_VERSION})")
         for key in ("layers", "load"):
             if key not in data:
                 raise InputError(f"{p}: load file is missing {key!r}")
         try:
-            return LoadFile(layers=[int(i) for i in data["layers"]], load=np.asarray(data["load"], dtype=np.float64),
+            return LoadFile(layers=[int(i) for i in data["layers"]],
+                            load=np.asarray(data["load"], dtype=np.float64),
                             source=str(data.get("source", p)), model_id=data.get("model_id"),
-                            top_k=int(data.get("top_k") or 0), num_hidden_layers=int(data.get("num_hidden_layers") or 0),
+                            top_k=int(data.get("top_k") or 0),
+                            num_hidden_layers=int(data.get("num_hidden_layers") or 0),
                             steps=int(data.get("steps") or 0), notes=dict(data.get("notes") or {}))
         except (TypeError, ValueError) as exc:
-            raise InputError(f"{p}: 'layers' and 'load' must be integers and a rectangular table of numbers") from exc
+            raise InputError(f"{p}: 'layers' and 'load' must be integers and a rectangular table of "
+                             "numbers") from exc
     if "layers" in data and ({"counts", "domains"} & data.keys()):
         from traces.synthetic import load_counts
 
@@ -124,16 +130,18 @@ def read_load_file(path: str | Path, domain: str | None = None) -> LoadFile:
         return LoadFile(layers=table.layers, load=table.counts, source=str(data.get("source", p)),
                         model_id=data.get("model"), top_k=int(data.get("top_k") or 0),
                         num_hidden_layers=table.num_hidden_layers)
-    if data and all(isinstance(k, str) and k.strip().isdigit() for k in data):  # {"layer": [count per expert]}
+    # {"layer": [count per expert]}
+    if data and all(isinstance(k, str) and k.strip().isdigit() for k in data):
         rows = {int(k): v for k, v in data.items()}
         layers = sorted(rows)
         try:
             load = np.asarray([rows[i] for i in layers], dtype=np.float64)
         except (TypeError, ValueError):
-            raise InputError(f"{p}: a per-layer load JSON maps each layer to one list of counts per expert") from None
+            raise InputError(f"{p}: a per-layer load JSON maps each layer to one list of counts per "
+                             "expert") from None
         return LoadFile(layers=layers, load=load, source=str(p))
-    raise InputError(f"{p}: not a load file (needs \"format\": \"{LOAD_FORMAT}\", OLMoE-style \"layers\" with "
-                     "\"counts\" or \"domains\", or {\"layer\": [count per expert]})")
+    raise InputError(f"{p}: not a load file (needs \"format\": \"{LOAD_FORMAT}\", OLMoE-style \"layers\" "
+                     "with \"counts\" or \"domains\", or {\"layer\": [count per expert]})")
 
 
 def _read_csv(p: Path) -> LoadFile:
@@ -149,7 +157,8 @@ def _read_csv(p: Path) -> LoadFile:
                 key = (int(row[names["layer"]]), int(row[names["expert"]]))
                 value = float(row[count_col])
             except (TypeError, ValueError):
-                raise InputError(f"{p}: line {number}: layer and expert must be integers, count a number") from None
+                raise InputError(f"{p}: line {number}: layer and expert must be integers, count a "
+                                 "number") from None
             if key[1] < 0:
                 raise InputError(f"{p}: line {number}: negative expert id {key[1]}")
             cells[key] = cells.get(key, 0.0) + value

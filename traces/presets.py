@@ -1,9 +1,9 @@
 """Model shape presets: the real published shapes of well-known MoE models, as TraceMetadata factories.
 
-Used by `moe-sim synth --model NAME` (synthetic traces with the right shapes) and by anyone who wants a model's
-shape without downloading its config. Values come from each model's released config.json on the Hugging Face hub
-(cited per preset) and were cross-checked against the transformers 5.24 modeling code (router behaviour, module
-names). Constructors never touch the disk or the network.
+Used by `moe-sim synth --model NAME` (synthetic traces with the right shapes) and by anyone who wants a
+model's shape without downloading its config. Values come from each model's released config.json on the
+Hugging Face hub (cited per preset) and were cross-checked against the transformers 5.24 modeling code (router
+behaviour, module names). Constructors never touch the disk or the network.
 """
 
 from __future__ import annotations
@@ -39,9 +39,11 @@ class ModelPreset:
     shared_expert_intermediate_size: int = 0  # FFN size of one shared expert
     dense_intermediate_size: int = 0  # FFN size of the dense layers (0: there are none)
     routed_scaling_factor: float = 1.0  # multiplies the recorded top-k weights (DeepSeek-V3: 2.5)
-    expert_groups: int = 1  # group-limited routing: experts split into this many groups (DeepSeek-V3: n_group 8)
+    # group-limited routing: experts split into this many groups (DeepSeek-V3: n_group 8)
+    expert_groups: int = 1
     topk_groups: int = 1  # a token may only use experts from this many groups (DeepSeek-V3: topk_group 4)
-    router_module: str = "model.layers.{layer}.mlp.gate"  # module path of a layer's router in transformers 5.x
+    # module path of a layer's router in transformers 5.x
+    router_module: str = "model.layers.{layer}.mlp.gate"
     model_dtype: str = "bfloat16"
 
     @property
@@ -50,9 +52,10 @@ class ModelPreset:
 
 
 PRESETS: dict[str, ModelPreset] = {
-    # allenai/OLMoE-1B-7B-0924 config.json: 16 layers, hidden 2048, intermediate_size 1024 (per expert; OlmoeConfig's
-    # default of 2048 is NOT the released value), 64 experts, num_experts_per_tok 8, norm_topk_prob false (weights are
-    # un-renormalised softmax probabilities), vocab 50304, 16 heads (head_dim 2048/16 = 128), 16 KV heads.
+    # allenai/OLMoE-1B-7B-0924 config.json: 16 layers, hidden 2048, intermediate_size 1024 (per expert;
+    # OlmoeConfig's default of 2048 is NOT the released value), 64 experts, num_experts_per_tok 8,
+    # norm_topk_prob false (weights are un-renormalised softmax probabilities), vocab 50304, 16 heads
+    # (head_dim 2048/16 = 128), 16 KV heads.
     "olmoe-1b-7b": ModelPreset(
         name="olmoe-1b-7b",
         model_id="allenai/OLMoE-1B-7B-0924",
@@ -71,8 +74,9 @@ PRESETS: dict[str, ModelPreset] = {
         head_dim=128,
     ),
     # mistralai/Mixtral-8x7B-v0.1 config.json: 32 layers, hidden 4096, intermediate_size 14336 (per expert),
-    # num_local_experts 8, num_experts_per_tok 2, vocab 32000, 32 heads, 8 KV heads (head_dim 128). The router takes
-    # softmax over all 8 logits, keeps the top 2 and renormalises them (MixtralTopKRouter), i.e. norm_topk_prob.
+    # num_local_experts 8, num_experts_per_tok 2, vocab 32000, 32 heads, 8 KV heads (head_dim 128). The router
+    # takes softmax over all 8 logits, keeps the top 2 and renormalises them (MixtralTopKRouter), i.e.
+    # norm_topk_prob.
     "mixtral-8x7b": ModelPreset(
         name="mixtral-8x7b",
         model_id="mistralai/Mixtral-8x7B-v0.1",
@@ -92,9 +96,10 @@ PRESETS: dict[str, ModelPreset] = {
     ),
     # Qwen/Qwen1.5-MoE-A2.7B config.json: 24 layers, hidden 2048, 60 experts, num_experts_per_tok 4,
     # moe_intermediate_size 1408, shared_expert_intermediate_size 5632, norm_topk_prob false, vocab 151936,
-    # 16 heads and 16 KV heads (head_dim 128), decoder_sparse_step 1 and no mlp_only_layers (every layer is MoE).
-    # The Qwen blog describes the shared part as 4 shared experts of 1408 (= 5632); transformers implements it as ONE
-    # gated MLP of 5632, which is what we record: 1 shared expert of 5632 (same FLOPs and bytes either way).
+    # 16 heads and 16 KV heads (head_dim 128), decoder_sparse_step 1 and no mlp_only_layers (every layer is
+    # MoE). The Qwen blog describes the shared part as 4 shared experts of 1408 (= 5632); transformers
+    # implements it as ONE gated MLP of 5632, which is what we record: 1 shared expert of 5632 (same FLOPs and
+    # bytes either way).
     "qwen1.5-moe-a2.7b": ModelPreset(
         name="qwen1.5-moe-a2.7b",
         model_id="Qwen/Qwen1.5-MoE-A2.7B",
@@ -115,11 +120,12 @@ PRESETS: dict[str, ModelPreset] = {
         head_dim=128,
     ),
     # deepseek-ai/DeepSeek-V3 config.json: 61 layers, first_k_dense_replace 3 (layers 0-2 dense with
-    # intermediate_size 18432; 58 MoE layers), n_routed_experts 256, num_experts_per_tok 8, n_shared_experts 1,
-    # hidden 7168, moe_intermediate_size 2048, scoring_func sigmoid, norm_topk_prob true, routed_scaling_factor 2.5
-    # (applied to the top-k weights by the router), n_group 8, topk_group 4, vocab 129280, 128 heads (MLA:
-    # qk_nope_head_dim 128 + qk_rope_head_dim 64 = 192 for q/k, v_head_dim 128; we record the q/k head dim 192).
-    # The released weights are FP8 (e4m3) with bf16 activations; the dtype below is the activation dtype.
+    # intermediate_size 18432; 58 MoE layers), n_routed_experts 256, num_experts_per_tok 8, n_shared_experts
+    # 1, hidden 7168, moe_intermediate_size 2048, scoring_func sigmoid, norm_topk_prob true,
+    # routed_scaling_factor 2.5 (applied to the top-k weights by the router), n_group 8, topk_group 4, vocab
+    # 129280, 128 heads (MLA: qk_nope_head_dim 128 + qk_rope_head_dim 64 = 192 for q/k, v_head_dim 128; we
+    # record the q/k head dim 192). The released weights are FP8 (e4m3) with bf16 activations; the dtype below
+    # is the activation dtype.
     "deepseek-v3": ModelPreset(
         name="deepseek-v3",
         model_id="deepseek-ai/DeepSeek-V3",
@@ -144,8 +150,9 @@ PRESETS: dict[str, ModelPreset] = {
         head_dim=192,
     ),
     # Qwen/Qwen3-30B-A3B config.json: 48 layers, hidden 2048, 128 experts, num_experts_per_tok 8,
-    # moe_intermediate_size 768, norm_topk_prob true, no shared expert, decoder_sparse_step 1 and no mlp_only_layers
-    # (every layer is MoE), vocab 151936, 32 heads, 4 KV heads, head_dim 128 (set explicitly, not hidden / heads).
+    # moe_intermediate_size 768, norm_topk_prob true, no shared expert, decoder_sparse_step 1 and no
+    # mlp_only_layers (every layer is MoE), vocab 151936, 32 heads, 4 KV heads, head_dim 128 (set explicitly,
+    # not hidden / heads).
     "qwen3-30b-a3b": ModelPreset(
         name="qwen3-30b-a3b",
         model_id="Qwen/Qwen3-30B-A3B",
@@ -164,11 +171,11 @@ PRESETS: dict[str, ModelPreset] = {
         head_dim=128,
     ),
     # openai/gpt-oss-120b config.json: 36 layers, hidden 2880, intermediate_size 2880 (per expert),
-    # num_local_experts 128, num_experts_per_tok 4, vocab 201088, 64 heads, 8 KV heads, head_dim 64. The router
-    # (GptOssTopKRouter) takes the top 4 logits and a softmax over those 4 only, so the weights sum to 1
-    # (norm_topk_prob). Experts are gated (gate, up, down: SwiGLU-shaped, clamped) with biases; the released expert
-    # weights are MXFP4 with bf16 activations, and the dtype below is the activation dtype. The router is
-    # `mlp.router`, not `mlp.gate`.
+    # num_local_experts 128, num_experts_per_tok 4, vocab 201088, 64 heads, 8 KV heads, head_dim 64. The
+    # router (GptOssTopKRouter) takes the top 4 logits and a softmax over those 4 only, so the weights sum to
+    # 1 (norm_topk_prob). Experts are gated (gate, up, down: SwiGLU-shaped, clamped) with biases; the released
+    # expert weights are MXFP4 with bf16 activations, and the dtype below is the activation dtype. The router
+    # is `mlp.router`, not `mlp.gate`.
     "gpt-oss-120b": ModelPreset(
         name="gpt-oss-120b",
         model_id="openai/gpt-oss-120b",
@@ -188,8 +195,8 @@ PRESETS: dict[str, ModelPreset] = {
         router_module="model.layers.{layer}.mlp.router",
     ),
 }
-# Qwen/Qwen3-235B-A22B config.json: as Qwen3-30B-A3B (128 experts, top-8, norm_topk_prob, every layer MoE, 4 KV
-# heads of 128) with 94 layers, hidden 4096, moe_intermediate_size 1536 and 64 heads.
+# Qwen/Qwen3-235B-A22B config.json: as Qwen3-30B-A3B (128 experts, top-8, norm_topk_prob, every layer MoE, 4
+# KV heads of 128) with 94 layers, hidden 4096, moe_intermediate_size 1536 and 64 heads.
 PRESETS["qwen3-235b-a22b"] = dataclasses.replace(
     PRESETS["qwen3-30b-a3b"], name="qwen3-235b-a22b", model_id="Qwen/Qwen3-235B-A22B", num_hidden_layers=94,
     hidden_size=4096, expert_intermediate_size=1536, num_attention_heads=64)

@@ -16,8 +16,9 @@ import numpy as np
 from traces.errors import InputError
 
 SCHEMA_VERSION = 1
-# Minor revisions add to v1 without breaking its readers. 1: every block carries a checksum (traces/checksum.py),
-# checked by every read; files of minor 0 (written before) have none and read as "unchecked".
+# Minor revisions add to v1 without breaking its readers. 1: every block carries a checksum
+# (traces/checksum.py), checked by every read; files of minor 0 (written before) have none and read as
+# "unchecked".
 FORMAT_MINOR = 1
 FORMAT_NAME = "moe-trace"
 
@@ -38,13 +39,14 @@ ALL_FIELDS = tuple(TOKEN_FIELDS) + ROUTING_FIELDS
 REQUIRED_FIELDS = ("seq_id", "position", "phase", "step", "expert_ids")
 
 # Metadata keys that must agree between shards of one trace (provenance keys may differ).
-# Values of the `source` metadata key: how the routing was obtained. Imported traces name the tool the dump came
-# from (see docs/import.md); only "recorded" traces carry transformers and torch versions.
+# Values of the `source` metadata key: how the routing was obtained. Imported traces name the tool the dump
+# came from (see docs/import.md); only "recorded" traces carry transformers and torch versions.
 IMPORTED_SOURCES = ("sglang", "vllm", "megatron", "tabular", "hf-router-logits")
 SOURCES = ("recorded", "synthetic", *IMPORTED_SOURCES)
 
 PROVENANCE_KEYS = frozenset(
-    {"created_at", "command_line", "prompts_sha256", "status", "tool_version", "shard_index", "notes", "format_minor"}
+    {"created_at", "command_line", "prompts_sha256", "status", "tool_version", "shard_index", "notes",
+     "format_minor"}
 )
 
 
@@ -117,7 +119,8 @@ class TraceMetadata:
     command_line: str = ""
     status: str = "partial"  # "partial" until the writer closes cleanly, then "complete"
     schema_version: int = SCHEMA_VERSION
-    format_minor: int = 0  # set by the writer to FORMAT_MINOR; 0 (absent) in files written before block checksums
+    # set by the writer to FORMAT_MINOR; 0 (absent) in files written before block checksums
+    format_minor: int = 0
     notes: dict[str, Any] = field(default_factory=dict)  # free-form extras (synthetic parameters, ...)
 
     def __post_init__(self) -> None:
@@ -128,7 +131,8 @@ class TraceMetadata:
         if self.weights_dtype not in ("float16", "float32"):
             raise InputError(f"metadata: weights_dtype must be float16 or float32, not {self.weights_dtype}")
         if self.router_scoring not in ("softmax", "sigmoid"):
-            raise InputError(f"metadata: router_scoring must be softmax or sigmoid, not {self.router_scoring}")
+            raise InputError("metadata: router_scoring must be softmax or sigmoid, not "
+                             f"{self.router_scoring}")
 
     @property
     def num_moe_layers(self) -> int:
@@ -140,7 +144,8 @@ class TraceMetadata:
 
     @property
     def flops_per_assignment(self) -> int:
-        """Expert FLOPs for one token sent to one expert: 2 FLOPs per multiply-add and 3 (SwiGLU) or 2 matrices."""
+        """Expert FLOPs for one token sent to one expert: 2 FLOPs per multiply-add and 3 (SwiGLU) or 2
+        matrices."""
         matrices = 3 if self.expert_activation == "swiglu" else 2
         return 2 * matrices * self.hidden_size * self.expert_intermediate_size
 
@@ -187,7 +192,8 @@ class TraceMetadata:
     def from_dict(cls, data: dict[str, Any], source: str = "trace") -> TraceMetadata:
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise InputError(f"{source}: unknown trace schema version {version!r} (this tool reads {SCHEMA_VERSION})")
+            raise InputError(f"{source}: unknown trace schema version {version!r} (this tool reads "
+                             f"{SCHEMA_VERSION})")
         names = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
                     and f.default_factory is dataclasses.MISSING}

@@ -23,7 +23,8 @@ class LayerLoad:
     assignments: int  # token-expert assignments in this layer (tokens x top-k)
     top_expert: int  # the most-used expert
     top_share: float  # its share of the layer's assignments (uniform: 1/E; at most 1/K)
-    max_over_mean: float  # top expert's assignments / mean per expert (1 = perfectly even; 0 with no assignments)
+    # top expert's assignments / mean per expert (1 = perfectly even; 0 with no assignments)
+    max_over_mean: float
     idle: int  # experts that received no assignment
     entropy: float  # entropy of the expert shares divided by log(E): 1 = perfectly even
 

@@ -4,8 +4,8 @@ Shape legend: T rows (tokens) of a block, L MoE layers, E experts per layer, K t
 M most experts in one cluster, B sequence slots (sequences in flight in one batch).
 
 Randomness is counter-based (SplitMix64 of seed, global row and layer), so a row's routing depends only on the
-seed, its place in the trace and its sequence's earlier rows: never on how the trace is cut into blocks. The NumPy
-reference in tests/test_traces_synthetic.py draws the same numbers and must produce the same ids.
+seed, its place in the trace and its sequence's earlier rows: never on how the trace is cut into blocks. The
+NumPy reference in tests/test_traces_synthetic.py draws the same numbers and must produce the same ids.
 """
 
 from __future__ import annotations
@@ -104,9 +104,9 @@ def route_rows(
 ) -> None:
     """Route T rows: K distinct experts per layer, drawn from a per-token mixture, weights in router order.
 
-    With num_groups > 1 (DeepSeek-V3: 8 groups of 32, 4 per token) the groups of the first experts drawn are the
-    token's groups: once topk_groups groups are in use, a draw from any other group is drawn again, so every
-    token's experts span at most topk_groups groups, the groups its strongest preferences fall in.
+    With num_groups > 1 (DeepSeek-V3: 8 groups of 32, 4 per token) the groups of the first experts drawn are
+    the token's groups: once topk_groups groups are in use, a draw from any other group is drawn again, so
+    every token's experts span at most topk_groups groups, the groups its strongest preferences fall in.
     Sequences are independent, so slots run in parallel; each slot walks its own rows in order.
     """
     for s in prange(topic.shape[0]):
@@ -119,8 +119,8 @@ def route_rows(
 @njit(cache=True)
 def _route_slot(s, row0, key, slot, position, pop, pop_prob, pop_alias, cluster_of, members, member_prob,
                 member_alias, member_count, cluster_mass, w_cluster, w_sticky, topic_switch, noise_odds,
-                scoring, norm_topk, scale, vocab_size, num_groups, topk_groups, topic, prev, has_prev, out_ids,
-                out_weights, out_tokens):
+                scoring, norm_topk, scale, vocab_size, num_groups, topk_groups, topic, prev, has_prev,
+                out_ids, out_weights, out_tokens):
     """The rows of slot s (parameters as in route_rows; every cluster has at least one member)."""
     num_rows = slot.shape[0]
     num_layers, num_experts = pop.shape
@@ -166,7 +166,8 @@ def _route_slot(s, row0, key, slot, position, pop, pop_prob, pop_alias, cluster_
                 else:
                     e = _alias_draw(pop_prob[layer], pop_alias[layer], num_experts, v)
                 closed = num_groups > 1 and groups_in_use >= topk_groups and not group_used[e // group_size]
-                if used[e] or closed:  # sampling without replacement (and within the token's groups): draw again
+                # sampling without replacement (and within the token's groups): draw again
+                if used[e] or closed:
                     attempts += 1
                     if attempts < 64 * k:
                         continue
@@ -242,7 +243,8 @@ def _most_popular_unused(pop_row: np.ndarray, used: np.ndarray, group_used: np.n
 
 
 def noise_odds_table(noise_scale: float, size: int = 4096) -> np.ndarray:
-    """exp(noise_scale * X) at `size` equally likely quantiles of a standard logistic X (a lookup beats pow)."""
+    """exp(noise_scale * X) at `size` equally likely quantiles of a standard logistic X (a lookup beats
+    pow)."""
     u = (np.arange(size) + 0.5) / size
     return np.exp(noise_scale * np.log(u / (1.0 - u)))
 

@@ -3,27 +3,28 @@
 The model, per sequence and per MoE layer (shape legend: T tokens, L layers, E experts, K top-k, C clusters):
 
 * Popularity: each layer has an expert popularity vector pop[L, E]. Either Zipf, pop ~ rank^-skew over a
-  seeded random permutation of the experts (skew 0 = uniform; 0.8 gives OLMoE-like max shares and entropies), or
-  taken from a counts file (see load_counts and layer_popularity) such as data/olmoe_expert_counts.json.
+  seeded random permutation of the experts (skew 0 = uniform; 0.8 gives OLMoE-like max shares and entropies),
+  or taken from a counts file (see load_counts and layer_popularity) such as data/olmoe_expert_counts.json.
 * Co-selection: each layer's experts are split into C clusters ("topics") of equal popularity mass (so drawing
   from a uniformly chosen topic keeps each expert's popularity). A sequence has a current
   topic, shared by all layers, that it keeps from token to token and changes with probability topic_switch;
   part of each draw (cluster_weight) comes from that topic's cluster, so its experts are chosen together.
-* Temporal locality: part of each draw (stickiness) re-uses one of the experts the same sequence's previous token
-  chose at that layer.
+* Temporal locality: part of each draw (stickiness) re-uses one of the experts the same sequence's previous
+  token chose at that layer.
 * Top-k: K distinct experts drawn one by one from the mixture
   (1 - cluster_weight - stickiness) * pop + cluster_weight * pop|topic + stickiness * previous experts,
   rejecting repeats (sampling without replacement, proportional to the mixture).
 * Weights: each chosen expert's mixture probability times logistic noise, then what the preset's router does:
   softmax un-renormalised (OLMoE: sums to less than 1), renormalised (norm_topk_prob), sigmoid scores, times
   routed_scaling_factor; listed in descending weight like torch.topk.
-* Layout like a batched recorder: sequences in batches of batch_size; per batch one prefill forward pass (step)
-  holding every prompt token of the batch, then one decode step per generated token across the batch's
+* Layout like a batched recorder: sequences in batches of batch_size; per batch one prefill forward pass
+  (step) holding every prompt token of the batch, then one decode step per generated token across the batch's
   still-running sequences. Sequence lengths vary (uniform 0.5x..1.5x of the mean), decode_fraction of each
   sequence's tokens are generated ones. Token ids are uniform over the vocabulary.
 
-* Group-limited routing (DeepSeek-V3: 256 experts in 8 groups of 32, a token uses at most 4 groups): the groups of
-  a token's first draws are its groups; once topk_groups are in use, draws from other groups are drawn again.
+* Group-limited routing (DeepSeek-V3: 256 experts in 8 groups of 32, a token uses at most 4 groups): the
+  groups of a token's first draws are its groups; once topk_groups are in use, draws from other groups are
+  drawn again.
 Router logits are not synthesised (has_logits is False).
 """
 
@@ -107,8 +108,8 @@ class SynthConfig:
 def load_counts(path: str | Path, domain: str | None = None) -> CountsTable:
     """Read a counts file: {"layers": [...], "counts": [[E]...]} or {"layers", "domains": {name: [[E]...]}}.
 
-    With domains, `domain` picks one; by default the domains are summed. "num_hidden_layers" (optional) names the
-    depth of the model the counts come from; otherwise it is taken as the deepest listed layer + 1.
+    With domains, `domain` picks one; by default the domains are summed. "num_hidden_layers" (optional) names
+    the depth of the model the counts come from; otherwise it is taken as the deepest listed layer + 1.
     """
     path = Path(path)
     try:
@@ -131,7 +132,8 @@ def load_counts(path: str | Path, domain: str | None = None) -> CountsTable:
         rows = data["counts"]
     counts = np.asarray(rows, dtype=np.float64)
     layers = [int(x) for x in data["layers"]]
-    if counts.ndim != 2 or counts.shape[0] != len(layers) or not np.all(np.isfinite(counts)) or np.any(counts < 0):
+    if counts.ndim != 2 or counts.shape[0] != len(layers) or not np.all(np.isfinite(counts)) or np.any(counts
+                                                                                                       < 0):
         raise InputError(f"{path}: counts must be one non-negative row of experts per listed layer")
     depth = int(data.get("num_hidden_layers", max(layers) + 1))
     return CountsTable(layers=layers, counts=counts, num_hidden_layers=depth, source=str(path))
@@ -140,20 +142,21 @@ def load_counts(path: str | Path, domain: str | None = None) -> CountsTable:
 def layer_popularity(meta: TraceMetadata, config: SynthConfig, rng: np.random.Generator) -> np.ndarray:
     """pop[L, E]: expert popularity per MoE layer (rows sum to 1, every entry > 0).
 
-    From counts: a layer at the same relative depth as a counted layer uses those counts as they are; any other
-    layer uses the counts of the nearest counted layer by relative depth with the expert ids shuffled (a seeded
-    permutation), so it has a real layer's skew while its hot experts differ, as they do between real layers.
-    Counts give each expert's share s of selections, i.e. a chance pi = K * s of being in a token's top-k (OLMoE
-    layer 0's expert 0: 0.98). Drawing K without replacement caps such experts, so the draw weights are set by
-    Rosen's approximation of successive sampling, pi = 1 - exp(-lambda * w), i.e. w = -log(1 - pi): the trace's
-    selection shares then follow the counts.
+    From counts: a layer at the same relative depth as a counted layer uses those counts as they are; any
+    other layer uses the counts of the nearest counted layer by relative depth with the expert ids shuffled (a
+    seeded permutation), so it has a real layer's skew while its hot experts differ, as they do between real
+    layers. Counts give each expert's share s of selections, i.e. a chance pi = K * s of being in a token's
+    top-k (OLMoE layer 0's expert 0: 0.98). Drawing K without replacement caps such experts, so the draw
+    weights are set by Rosen's approximation of successive sampling, pi = 1 - exp(-lambda * w), i.e. w =
+    -log(1 - pi): the trace's selection shares then follow the counts.
     """
     num_layers, num_experts = meta.num_moe_layers, meta.num_experts
     pop = np.empty((num_layers, num_experts))
     table = config.counts
     if table is not None and table.counts.shape[1] != num_experts:
         raise InputError(
-            f"{table.source}: counts have {table.counts.shape[1]} experts per layer, model {config.model} has {num_experts}"
+            f"{table.source}: counts have {table.counts.shape[1]} experts per layer, model {config.model} "
+            f"has {num_experts}"
         )
     depth = np.asarray(meta.moe_layers, dtype=np.float64) / max(1, meta.num_hidden_layers - 1)
     for layer in range(num_layers):
@@ -186,8 +189,9 @@ def make_clusters(pop: np.ndarray, num_clusters: int, rng: np.random.Generator) 
     """Split each layer's experts into num_clusters clusters of near-equal popularity mass.
 
     Experts go, most popular first (ties in a seeded random order), to the cluster with the least mass so far
-    (ties to a seeded random cluster). Equal masses matter: topics are drawn uniformly, so a draw from the topic's
-    cluster then picks each expert with its popularity, and co-selection does not flatten the layer's skew.
+    (ties to a seeded random cluster). Equal masses matter: topics are drawn uniformly, so a draw from the
+    topic's cluster then picks each expert with its popularity, and co-selection does not flatten the layer's
+    skew.
     """
     num_layers, num_experts = pop.shape
     cluster_of = np.empty((num_layers, num_experts), np.int64)
@@ -235,7 +239,8 @@ def sequence_lengths(config: SynthConfig, rng: np.random.Generator) -> tuple[np.
 def iter_layout(
     prompt: np.ndarray, decode: np.ndarray, batch_size: int, piece: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield (seq_id, position, phase, step) blocks of at most `piece` rows in the order a recorder writes them."""
+    """Yield (seq_id, position, phase, step) blocks of at most `piece` rows in the order a recorder writes
+    them."""
     num_seqs = len(prompt)
     step = 0
     for b0 in range(0, num_seqs, batch_size):
@@ -289,13 +294,15 @@ def synth_metadata(config: SynthConfig) -> TraceMetadata:
 
 
 def expert_groups(meta: TraceMetadata) -> tuple[int, int]:
-    """(groups, groups a token may use) of group-limited routing, from the metadata notes; (1, 1) without it."""
+    """(groups, groups a token may use) of group-limited routing, from the metadata notes; (1, 1) without
+    it."""
     groups = int(meta.notes.get("expert_groups", 1))
     topk = int(meta.notes.get("topk_groups", groups))
     if groups < 1 or meta.num_experts % groups or not 1 <= topk <= groups:
         raise InputError(f"expert_groups {groups} / topk_groups {topk} do not fit {meta.num_experts} experts")
     if topk * (meta.num_experts // groups) < meta.top_k:
-        raise InputError(f"top-{meta.top_k} does not fit in {topk} groups of {meta.num_experts // groups} experts")
+        raise InputError(f"top-{meta.top_k} does not fit in {topk} groups of {meta.num_experts // groups} "
+                         "experts")
     return groups, topk
 
 
@@ -357,8 +364,8 @@ def iter_synthetic(config: SynthConfig, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
                 clusters.cluster_of, clusters.members, clusters.member_prob, clusters.member_alias,
                 clusters.member_count, clusters.mass,
                 config.cluster_weight, config.stickiness, config.topic_switch, noise_odds, scoring,
-                meta.norm_topk_prob, meta.routed_scaling_factor, max(1, meta.vocab_size), num_groups, topk_groups,
-                topic, prev, has_prev, ids[a:b], weights[a:b], tokens[a:b],
+                meta.norm_topk_prob, meta.routed_scaling_factor, max(1, meta.vocab_size), num_groups,
+                topk_groups, topic, prev, has_prev, ids[a:b], weights[a:b], tokens[a:b],
             )
         return ids, weights, tokens
 
@@ -378,8 +385,8 @@ def iter_synthetic(config: SynthConfig, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
             ids, weights, tokens = route(row0, seq, pos)
             row0 += take
             yield TraceChunk(
-                seq_id=seq, position=pos, token_id=tokens if config.token_ids else None, phase=phase, step=step,
-                expert_ids=ids, expert_weights=weights.astype(config.weights_dtype, copy=False),
+                seq_id=seq, position=pos, token_id=tokens if config.token_ids else None, phase=phase,
+                step=step, expert_ids=ids, expert_weights=weights.astype(config.weights_dtype, copy=False),
             )
 
 

@@ -16,7 +16,8 @@ _BINARY = (("B", 1), ("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30), ("TiB
 
 
 def sig(x: float, digits: int = 3) -> str:
-    """x to `digits` significant figures in plain notation: 0.000316 -> "0.000316", 12.06 -> "12.1", 1234 -> "1234"."""
+    """x to `digits` significant figures in plain notation: 0.000316 -> "0.000316", 12.06 -> "12.1", 1234 ->
+    "1234"."""
     if not math.isfinite(x):
         return "-"
     if x == 0:
@@ -24,7 +25,8 @@ def sig(x: float, digits: int = 3) -> str:
     exponent = math.floor(math.log10(abs(x)))
     decimals = max(0, digits - 1 - exponent)
     rounded = round(x, decimals)
-    if rounded != 0 and math.floor(math.log10(abs(rounded))) > exponent:  # 9.996 -> 10.0 needs one decimal less
+    # 9.996 -> 10.0 needs one decimal less
+    if rounded != 0 and math.floor(math.log10(abs(rounded))) > exponent:
         decimals = max(0, decimals - 1)
     return f"{rounded:.{decimals}f}"
 
@@ -32,7 +34,8 @@ def sig(x: float, digits: int = 3) -> str:
 def si(x: float, unit: str = "", digits: int = 3) -> str:
     """x with an SI prefix so that the mantissa is in [1, 1000), to `digits` significant figures.
 
-    si(1.21e-5, "s") -> "12.1 us"; si(4.5e11, "B/s") -> "450 GB/s"; si(2094) -> "2.09k"; si(0) -> "0" (plus unit).
+    si(1.21e-5, "s") -> "12.1 us"; si(4.5e11, "B/s") -> "450 GB/s"; si(2094) -> "2.09k"; si(0) -> "0" (plus
+    unit).
     """
     sep = " " if unit else ""
     if not math.isfinite(x):
@@ -54,7 +57,8 @@ def nbytes(x: float, digits: int = 3) -> str:
         return "-"
     for unit, scale in _BINARY:
         text = sig(x / scale, digits)
-        if abs(float(text)) < 1024 or unit == _BINARY[-1][0]:  # on the rounded mantissa: 1023.9 KiB is "1.00 MiB"
+        # on the rounded mantissa: 1023.9 KiB is "1.00 MiB"
+        if abs(float(text)) < 1024 or unit == _BINARY[-1][0]:
             return f"{text} {unit}"
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -65,8 +69,8 @@ def seconds(x: float) -> str:
 
 
 def share(x: float) -> str:
-    """A fraction as a percentage to three significant figures: 0.875 -> "87.5%", 0.00312 -> "0.312%"; shares under
-    0.01% (e.g. a tiny model's weights against HBM) print as "<0.01%"."""
+    """A fraction as a percentage to three significant figures: 0.875 -> "87.5%", 0.00312 -> "0.312%"; shares
+    under 0.01% (e.g. a tiny model's weights against HBM) print as "<0.01%"."""
     if not math.isfinite(x):
         return "-"
     return "<0.01%" if 0 < x < 1e-4 else f"{sig(100 * x)}%"

@@ -50,13 +50,16 @@ def check_metadata(meta: TraceMetadata, source: str) -> None:
     elif len(set(meta.moe_layers)) != len(meta.moe_layers) or not all(
         0 <= i < meta.num_hidden_layers for i in meta.moe_layers
     ):
-        problems.append(f"moe_layers {meta.moe_layers} must be distinct layers in 0..{meta.num_hidden_layers - 1}")
+        problems.append(f"moe_layers {meta.moe_layers} must be distinct layers in "
+                        f"0..{meta.num_hidden_layers - 1}")
     if any(not name for name in meta.moe_module_names):
         problems.append("a MoE module name is empty")
     if (meta.num_shared_experts > 0) != (meta.shared_expert_intermediate_size > 0):
-        problems.append("num_shared_experts and shared_expert_intermediate_size must both be set or both be 0")
+        problems.append("num_shared_experts and shared_expert_intermediate_size must both be set or both be "
+                        "0")
     if meta.router_first_output not in ("logits", "probabilities"):
-        problems.append(f"router_first_output must be logits or probabilities, not {meta.router_first_output!r}")
+        problems.append("router_first_output must be logits or probabilities, not "
+                        f"{meta.router_first_output!r}")
     if meta.source not in SOURCES:
         problems.append(f"source must be one of {', '.join(SOURCES)}, not {meta.source!r}")
     if meta.source == "recorded":
@@ -77,7 +80,8 @@ def check_columns(trace: Trace) -> None:
         for chunk in shard.iter_blocks(names, 1):
             for name, value in chunk.present().items():
                 if value.dtype != meta.field_dtype(name):
-                    raise InputError(f"{shard.path}: column {name} is {value.dtype}, expected {meta.field_dtype(name)}")
+                    raise InputError(f"{shard.path}: column {name} is {value.dtype}, expected "
+                                     f"{meta.field_dtype(name)}")
             break
 
 
@@ -89,8 +93,8 @@ def check_chunk(chunk: TraceChunk, meta: TraceMetadata, source: str, row0: int) 
     if where is not None:
         t, layer, _ = where
         raise InputError(
-            f"{source}: row {row0 + t}, layer {meta.moe_layers[layer]}: expert id {int(ids[where])} is out of range "
-            f"(model has {meta.num_experts} experts)"
+            f"{source}: row {row0 + t}, layer {meta.moe_layers[layer]}: expert id {int(ids[where])} is out "
+            f"of range (model has {meta.num_experts} experts)"
         )
     srt = np.sort(ids, axis=-1)
     where = _first(srt[..., 1:] == srt[..., :-1])
@@ -109,12 +113,14 @@ def check_chunk(chunk: TraceChunk, meta: TraceMetadata, source: str, row0: int) 
     if chunk.expert_weights is not None:
         where = _first(chunk.expert_weights < 0)
         if where is not None:
-            raise InputError(f"{source}: row {row0 + where[0]}: negative expert weight {chunk.expert_weights[where]}")
+            raise InputError(f"{source}: row {row0 + where[0]}: negative expert weight "
+                             f"{chunk.expert_weights[where]}")
     assert chunk.phase is not None and chunk.position is not None and chunk.seq_id is not None
     assert chunk.step is not None
     where = _first(~np.isin(chunk.phase, list(PHASE_NAMES)))
     if where is not None:
-        raise InputError(f"{source}: row {row0 + where[0]}: phase {int(chunk.phase[where])} is neither prefill nor decode")
+        raise InputError(f"{source}: row {row0 + where[0]}: phase {int(chunk.phase[where])} is neither "
+                         "prefill nor decode")
     for name in ("seq_id", "position", "step"):
         value = getattr(chunk, name)
         where = _first(value < 0)
@@ -136,13 +142,15 @@ def validate(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     on_chunk: Callable[[int], None] | None = None,
 ) -> ValidationResult:
-    """Check a trace (one file or shards) fully; raise InputError on the first problem, else return a summary."""
+    """Check a trace (one file or shards) fully; raise InputError on the first problem, else return a
+    summary."""
     with open_trace(paths) as trace:  # opening checks files, schema version and that shards agree
         meta = trace.metadata
         for shard in trace.shards:
             check_metadata(shard.metadata, str(shard.path))
             if shard.metadata.status != "complete" and not allow_partial:
-                raise InputError(f"{shard.path}: trace is partial (its writer did not finish; --allow-partial accepts it)")
+                raise InputError(f"{shard.path}: trace is partial (its writer did not finish; "
+                                 "--allow-partial accepts it)")
         check_columns(trace)
         names = meta.stored_fields()
         for shard in trace.shards:

@@ -1,9 +1,9 @@
 """Run a C-library probe of an untrusted file in a forked helper process, with a time limit.
 
-A corrupt HDF5 file can make libhdf5 loop for minutes (or crash) inside one call, where no Python signal handler
-runs. The reader therefore first walks the file's structure (attributes, datasets, shapes) in a helper process:
-if the helper does not answer within the limit, or dies, the file is reported corrupt in one line, and the reader
-never makes the call that would hang. Where fork is missing the probe runs in-process.
+A corrupt HDF5 file can make libhdf5 loop for minutes (or crash) inside one call, where no Python signal
+handler runs. The reader therefore first walks the file's structure (attributes, datasets, shapes) in a helper
+process: if the helper does not answer within the limit, or dies, the file is reported corrupt in one line,
+and the reader never makes the call that would hang. Where fork is missing the probe runs in-process.
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ def probe_seconds() -> float:
 
 
 def run_bounded(fn: Callable[..., Any], args: tuple, what: str, seconds: float | None = None) -> Any:
-    """fn(*args) (a module-level function, picklable arguments and result), computed in a helper process that may
-    take at most `seconds` for it. The helper keeps the working directory it was forked in: pass absolute paths.
+    """fn(*args) (a module-level function, picklable arguments and result), computed in a helper process that
+    may take at most `seconds` for it. The helper keeps the working directory it was forked in: pass absolute
+    paths.
 
-    An InputError in the helper is raised again here; any other failure, a crash or the time limit is an InputError
-    naming `what`. The helper is forked once per process and serves every probe after the first, so a probe costs
-    about a millisecond; one that hangs or dies is killed, and the next probe forks a new helper.
+    An InputError in the helper is raised again here; any other failure, a crash or the time limit is an
+    InputError naming `what`. The helper is forked once per process and serves every probe after the first, so
+    a probe costs about a millisecond; one that hangs or dies is killed, and the next probe forks a new
+    helper.
     """
     limit = probe_seconds() if seconds is None else seconds
     if not hasattr(os, "fork"):
@@ -94,7 +96,8 @@ class _Helper:
                              "the file is corrupt") from None
         except (EOFError, OSError):
             self.stop()
-            raise InputError(f"{what}: the file library crashed reading its structure; the file is corrupt") from None
+            raise InputError(f"{what}: the file library crashed reading its structure; the file is "
+                             "corrupt") from None
         kind, value = pickle.loads(reply)
         if kind == "ok":
             return value

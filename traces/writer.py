@@ -1,9 +1,9 @@
 """open_writer(): append batches to a trace, crash-safely.
 
-The writer works on `<final>.partial` and renames it to the final name only when closed cleanly, so the final name
-holds either nothing or a complete trace. Completed batches in a `.partial` file always read back (HDF5 flushes and
-commits a row count after each batch; Arrow batches are recovered from the IPC stream), which is what
-`moe-rec record --resume` continues from.
+The writer works on `<final>.partial` and renames it to the final name only when closed cleanly, so the final
+name holds either nothing or a complete trace. Completed batches in a `.partial` file always read back (HDF5
+flushes and commits a row count after each batch; Arrow batches are recovered from the IPC stream), which is
+what `moe-rec record --resume` continues from.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ class _Backend(Protocol):
 
 
 class TraceWriter:
-    """Writes a trace batch by batch. Use as a context manager: an exception leaves a readable `.partial` file.
+    """Writes a trace batch by batch. Use as a context manager: an exception leaves a readable `.partial`
+    file.
 
     >>> with open_writer("trace.h5", meta) as w:
     ...     w.append(chunk)
@@ -96,7 +97,8 @@ class TraceWriter:
             self._backend.append(chunk)
 
     def close(self, complete: bool = True) -> Path:
-        """Finish the file. Returns where it now lies: the final name when complete, else the `.partial` name."""
+        """Finish the file. Returns where it now lies: the final name when complete, else the `.partial`
+        name."""
         if self._closed:
             return self.path if complete else self.partial
         self._closed = True
@@ -109,7 +111,8 @@ class TraceWriter:
     def __enter__(self) -> TraceWriter:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.close(complete=exc_type is None)
 
 
@@ -148,7 +151,8 @@ def open_writer(
             backend = _resume_arrow(part, metadata, compression or ARROW_DEFAULT)
         return TraceWriter(path, metadata, backend)
     if part.exists() and not force:
-        raise InputError(f"{part}: an interrupted trace is here (pass --resume to continue it or --force to start over)")
+        raise InputError(f"{part}: an interrupted trace is here (pass --resume to continue it or --force to "
+                         "start over)")
     if encoding == "hdf5":
         backend = Hdf5TraceWriter(part, metadata, compression=compression or HDF5_DEFAULT)
     else:

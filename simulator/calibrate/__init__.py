@@ -1,1 +1,2 @@
-"""`moe-sim calibrate`: measure a GPU's MoE kernels and all-to-all into a cost profile (simulator/profiles.py)."""
+"""`moe-sim calibrate`: measure a GPU's MoE kernels and all-to-all into a cost profile
+(simulator/profiles.py)."""

@@ -1,9 +1,11 @@
-"""Expert-parallel all-to-all calibration: NCCL `all_to_all_single` with per-pair split sizes from a routing trace.
+"""Expert-parallel all-to-all calibration: NCCL `all_to_all_single` with per-pair split sizes from a routing
+trace.
 
-Dispatch sends each token's hidden state once to every other GPU that holds one of its experts; combine sends the
-expert outputs back along the transposed matrix. Both are timed over message sizes from decode-sized to
-prefill-sized batches, and `fit_link` turns the times into the cost model's latency + bytes / bandwidth per GPU
-(the `communication` section of a profile, simulator/profiles.py). The same code runs on CPU with gloo for tests.
+Dispatch sends each token's hidden state once to every other GPU that holds one of its experts; combine sends
+the expert outputs back along the transposed matrix. Both are timed over message sizes from decode-sized to
+prefill-sized batches, and `fit_link` turns the times into the cost model's latency + bytes / bandwidth per
+GPU (the `communication` section of a profile, simulator/profiles.py). The same code runs on CPU with gloo for
+tests.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ def pair_token_counts(expert_ids: np.ndarray, slot_gpu_of_expert: np.ndarray, nu
     """Tokens each GPU sends to each other GPU in one layer's dispatch.
 
     `expert_ids` is [T, K], the experts each token is routed to (negative ids, padding, are ignored); token t
-    starts on rank t % num_gpus, and expert e lives on GPU `slot_gpu_of_expert[e]`. A token is sent once to each
-    distinct remote GPU among its experts' (two experts on the same GPU share one copy) and never to its own GPU.
-    Returns counts[src, dst] as a [G, G] int64 matrix with a zero diagonal.
+    starts on rank t % num_gpus, and expert e lives on GPU `slot_gpu_of_expert[e]`. A token is sent once to
+    each distinct remote GPU among its experts' (two experts on the same GPU share one copy) and never to its
+    own GPU. Returns counts[src, dst] as a [G, G] int64 matrix with a zero diagonal.
     """
     ids = np.asarray(expert_ids)
     if ids.ndim != 2:
@@ -49,7 +51,8 @@ def pair_token_counts(expert_ids: np.ndarray, slot_gpu_of_expert: np.ndarray, nu
 
 def scaled_pair_counts(pairs: np.ndarray, tokens_per_gpu: int, tokens_in_sample: int) -> np.ndarray:
     """Scale a matrix sampled from `tokens_in_sample` tokens in all (spread over G = pairs.shape[0] GPUs) to a
-    batch of `tokens_per_gpu` tokens on each GPU: counts rounded to integers, at most `tokens_per_gpu` each."""
+    batch of `tokens_per_gpu` tokens on each GPU: counts rounded to integers, at most `tokens_per_gpu`
+    each."""
     pairs = np.asarray(pairs, dtype=np.int64)
     if tokens_in_sample <= 0:
         raise ValueError("tokens_in_sample must be positive")
@@ -64,11 +67,14 @@ def _bytes_per_gpu(pairs: np.ndarray, hidden_size: int, element_size: int) -> in
     return int(rows.max()) * hidden_size * element_size if rows.size else 0
 
 
-def _fill(rank: int, splits: Sequence[int], hidden_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Rows for an exchange check: every value is the sender's rank, except column 1 which is the destination."""
+def _fill(rank: int, splits: Sequence[int], hidden_size: int, dtype: torch.dtype,
+          device: torch.device) -> torch.Tensor:
+    """Rows for an exchange check: every value is the sender's rank, except column 1 which is the
+    destination."""
     out = torch.full((sum(splits), hidden_size), float(rank), dtype=dtype, device=device)
     if hidden_size > 1:
-        dsts = torch.repeat_interleave(torch.arange(len(splits), device=device), torch.tensor(splits, device=device))
+        dsts = torch.repeat_interleave(torch.arange(len(splits), device=device),
+                                       torch.tensor(splits, device=device))
         out[:, 1] = dsts.to(dtype)
     return out
 
@@ -83,17 +89,20 @@ def _verify(received: torch.Tensor, splits: Sequence[int], sender_of: Callable[[
         if block.shape[1] > 1:
             want[:, 1] = float(dest_of(peer))
         if not torch.equal(block, want):
-            raise RuntimeError(f"all-to-all {what}: rank {dist.get_rank()} got wrong rows in the block of peer {peer}")
+            raise RuntimeError(f"all-to-all {what}: rank {dist.get_rank()} got wrong rows in the block of "
+                               f"peer {peer}")
 
 
 def measure_all_to_all(pairs_list: list[np.ndarray], hidden_size: int, *, repeats: int = 10, warmup: int = 3,
                        dtype: torch.dtype = torch.bfloat16, check: bool = False) -> list[dict[str, float]]:
-    """Time dispatch and combine for each pair-count matrix; call on every rank of an initialised process group.
+    """Time dispatch and combine for each pair-count matrix; call on every rank of an initialised process
+    group.
 
-    Rank r sends pairs[r, d] rows of `hidden_size` to rank d (dispatch), then the transposed exchange (combine).
-    Each repeat's time is the slowest rank's; the result per matrix is {"bytes_per_gpu": the largest of any
-    rank's sent or received bytes, "dispatch_s", "combine_s": medians over repeats}. With `check`, one untimed
-    exchange first verifies that every rank receives exactly the rows meant for it (raises RuntimeError if not).
+    Rank r sends pairs[r, d] rows of `hidden_size` to rank d (dispatch), then the transposed exchange
+    (combine). Each repeat's time is the slowest rank's; the result per matrix is {"bytes_per_gpu": the
+    largest of any rank's sent or received bytes, "dispatch_s", "combine_s": medians over repeats}. With
+    `check`, one untimed exchange first verifies that every rank receives exactly the rows meant for it
+    (raises RuntimeError if not).
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     cuda = dist.get_backend() == "nccl"
@@ -161,9 +170,9 @@ def _fit_one(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def fit_link(points: list[dict[str, float]]) -> tuple[float, float, float]:
-    """Fit time = latency + bytes_per_gpu / bandwidth to dispatch and to combine times by least squares (latency
-    kept non-negative by refitting through zero). Returns (dispatch_bytes_per_s, combine_bytes_per_s, latency_s),
-    the latency the mean of the two fits'."""
+    """Fit time = latency + bytes_per_gpu / bandwidth to dispatch and to combine times by least squares
+    (latency kept non-negative by refitting through zero). Returns (dispatch_bytes_per_s, combine_bytes_per_s,
+    latency_s), the latency the mean of the two fits'."""
     used = [p for p in points if p["bytes_per_gpu"] > 0]
     if not used:
         raise ValueError("fit_link needs a point with bytes_per_gpu > 0")
@@ -197,8 +206,9 @@ def _rank_main(rank: int, world_size: int, backend: str, port: int, out: str, fn
 
 
 def run_on_ranks(world_size: int, fn: Callable[..., Any], *args: Any, backend: str = "gloo") -> Any:
-    """Run fn(rank, world_size, *args) on `world_size` spawned processes joined in a process group on 127.0.0.1
-    (gloo on CPU, or nccl with one GPU per rank) and return rank 0's result. `fn` must be a module-level function."""
+    """Run fn(rank, world_size, *args) on `world_size` spawned processes joined in a process group on
+    127.0.0.1 (gloo on CPU, or nccl with one GPU per rank) and return rank 0's result. `fn` must be a
+    module-level function."""
     import torch.multiprocessing as mp
 
     if backend not in ("gloo", "nccl"):
@@ -212,14 +222,16 @@ def run_on_ranks(world_size: int, fn: Callable[..., Any], *args: Any, backend: s
 
 def _measure_on_rank(rank: int, world_size: int, pairs_list: list[np.ndarray], hidden_size: int, repeats: int,
                      warmup: int, dtype: torch.dtype, check: bool) -> list[dict[str, float]]:
-    return measure_all_to_all(pairs_list, hidden_size, repeats=repeats, warmup=warmup, dtype=dtype, check=check)
+    return measure_all_to_all(pairs_list, hidden_size, repeats=repeats, warmup=warmup, dtype=dtype,
+                              check=check)
 
 
 def calibrate_all_to_all(expert_ids_layer: np.ndarray, slot_gpu_of_expert: np.ndarray, hidden_size: int,
                          num_gpus: int, tokens_per_gpu: tuple[int, ...] = (16, 128, 1024, 4096),
                          backend: str = "nccl", repeats: int = 10) -> dict[str, Any]:
-    """Measure dispatch and combine on `num_gpus` ranks for batches of `tokens_per_gpu` tokens per GPU routed like
-    `expert_ids_layer` ([T, K], one layer), in bf16, and fit the link: the `communication` section of a profile."""
+    """Measure dispatch and combine on `num_gpus` ranks for batches of `tokens_per_gpu` tokens per GPU routed
+    like `expert_ids_layer` ([T, K], one layer), in bf16, and fit the link: the `communication` section of a
+    profile."""
     sample = pair_token_counts(expert_ids_layer, slot_gpu_of_expert, num_gpus)
     pairs_list = [scaled_pair_counts(sample, n, len(expert_ids_layer)) for n in tokens_per_gpu]
     measured = run_on_ranks(num_gpus, _measure_on_rank, pairs_list, hidden_size, repeats, 2, torch.bfloat16,

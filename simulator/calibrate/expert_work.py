@@ -1,12 +1,12 @@
 """One GPU's local expert work after dispatch, runnable on any torch device: the thing calibration times.
 
-Given the (token, local expert, weight) assignments a GPU received, a backend sorts them by expert, gathers the
-hidden states, runs the two expert GEMMs with the activation between them, weights the outputs and adds them back
-per token. Backends:
+Given the (token, local expert, weight) assignments a GPU received, a backend sorts them by expert, gathers
+the hidden states, runs the two expert GEMMs with the activation between them, weights the outputs and adds
+them back per token. Backends:
 - torch-grouped-mm: torch's grouped GEMM (torch.nn.functional.grouped_mm, else torch._grouped_mm), the kernel
   transformers' grouped_mm experts run;
-- transformers: the transformers experts module itself (OlmoeExperts, the same layout as Mixtral's and Qwen-MoE's),
-  with its experts implementation (grouped_mm by default);
+- transformers: the transformers experts module itself (OlmoeExperts, the same layout as Mixtral's and
+  Qwen-MoE's), with its experts implementation (grouped_mm by default);
 - vllm-fused-moe / sglang-fused-moe: the engines' fused MoE Triton kernel, where the package imports.
 Nothing here waits on the GPU, so a timer can queue many items back to back.
 """
@@ -55,7 +55,8 @@ def assignments_from_counts(counts: np.ndarray, hidden: int, device: torch.devic
 
 def to_device(expert: np.ndarray, token: np.ndarray, weight: np.ndarray, tokens: int, hidden: int,
               device: torch.device, counts: np.ndarray, states: torch.Tensor | None = None) -> Assignments:
-    """Assignments on the device; hidden states drawn there (seeded), or the first `tokens` rows of `states`."""
+    """Assignments on the device; hidden states drawn there (seeded), or the first `tokens` rows of
+    `states`."""
     if states is None:
         gen = torch.Generator(device=device).manual_seed(int(expert.size))
         h = (torch.randn(tokens, hidden, generator=gen, device=device) * 0.5).to(torch.bfloat16)
@@ -82,7 +83,8 @@ class TorchGroupedMM:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         up_rows = 2 * shape.ffn_size if shape.activation == "swiglu" else shape.ffn_size
         std = shape.hidden_size ** -0.5
-        # [E, N, K] contiguous, passed transposed: the K-major layout the grouped GEMM wants for its second operand
+        # [E, N, K] contiguous, passed transposed: the K-major layout the grouped GEMM wants for its second
+        # operand
         self.w_up = (torch.randn(num_experts, up_rows, shape.hidden_size, generator=gen) * std).to(device,
                                                                                                     torch.bfloat16)
         self.w_down = (torch.randn(num_experts, shape.hidden_size, shape.ffn_size, generator=gen)
@@ -93,7 +95,8 @@ class TorchGroupedMM:
 
     def offsets(self, expert_sorted: torch.Tensor) -> torch.Tensor:
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=expert_sorted.device)
-        counts.scatter_add_(0, expert_sorted.to(torch.int64), torch.ones_like(expert_sorted, dtype=torch.int32))
+        counts.scatter_add_(0, expert_sorted.to(torch.int64),
+                            torch.ones_like(expert_sorted, dtype=torch.int32))
         return torch.cumsum(counts, 0, dtype=torch.int32)
 
     def gemms(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -130,7 +133,8 @@ class TransformersExperts(TorchGroupedMM):
                  implementation: str = "grouped_mm"):
         super().__init__(shape, num_experts, device, seed)
         if shape.activation != "swiglu":
-            raise InputError("backend transformers: only gated (SwiGLU) experts have a transformers module here")
+            raise InputError("backend transformers: only gated (SwiGLU) experts have a transformers module "
+                             "here")
         try:
             from transformers import OlmoeConfig
             from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
@@ -165,7 +169,8 @@ class FusedMoE(TorchGroupedMM):
             else:
                 from sglang.srt.layers.moe.fused_moe_triton import fused_experts
         except Exception as exc:  # an engine that is absent or fails to import for its own reasons
-            raise InputError(f"backend {self.name}: {engine} is not importable here ({str(exc).splitlines()[0]})") \
+            raise InputError(f"backend {self.name}: {engine} is not importable here "
+                             f"({str(exc).splitlines()[0]})") \
                 from exc
         self.fused = fused_experts
 

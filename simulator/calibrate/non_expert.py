@@ -1,10 +1,10 @@
 """The work outside the routed experts, built from a model's shapes and timed by tokens per GPU and context.
 
-Per decoder layer: input RMSNorm, fused QKV projection, attention (decode: each token over `context` cached keys;
-prefill: causal over sequences of `context` tokens; scaled_dot_product_attention with grouped KV heads), output
-projection, residual,
-post-attention RMSNorm, router, and the shared experts where the model has them. Once per step: final norm and LM
-head. Dense FFN layers (DeepSeek's first layers) are timed apart.
+Per decoder layer: input RMSNorm, fused QKV projection, attention (decode: each token over `context` cached
+keys; prefill: causal over sequences of `context` tokens; scaled_dot_product_attention with grouped KV heads),
+output projection, residual,
+post-attention RMSNorm, router, and the shared experts where the model has them. Once per step: final norm and
+LM head. Dense FFN layers (DeepSeek's first layers) are timed apart.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from traces.schema import TraceMetadata
 
-MAX_KV_TOKENS = 1 << 21  # cached keys per attention call; past that, time is scaled by sequences (linear in them)
+# cached keys per attention call; past that, time is scaled by sequences (linear in them)
+MAX_KV_TOKENS = 1 << 21
 
 
 @dataclass
@@ -57,7 +58,8 @@ class NonExpertLayer:
         m = 2 if s.gated else 1
         self.shared = (_w(m * s.shared_ffn, s.hidden, device), _w(s.hidden, s.shared_ffn, device)) \
             if s.shared_ffn else None
-        self.dense = (_w(m * s.dense_ffn, s.hidden, device), _w(s.hidden, s.dense_ffn, device)) if s.dense_ffn else None
+        self.dense = (_w(m * s.dense_ffn, s.hidden, device),
+                      _w(s.hidden, s.dense_ffn, device)) if s.dense_ffn else None
         self.lm_head = _w(s.vocab, s.hidden, device) if s.vocab else None
         self.norm_w = torch.ones(s.hidden, device=device, dtype=torch.bfloat16)
 
@@ -72,12 +74,13 @@ class NonExpertLayer:
 
     def layer_items(self, tokens: int, context: int,
                     prefill: bool = False) -> tuple[Callable[[], object], Callable[[], object], float]:
-        """(layer, attention, extra): one layer's work at `tokens` tokens per GPU, the attention call alone, and
-        how many more attention calls the step would need; layer time = layer + extra x attention.
+        """(layer, attention, extra): one layer's work at `tokens` tokens per GPU, the attention call alone,
+        and how many more attention calls the step would need; layer time = layer + extra x attention.
 
-        Decode: each token is a sequence attending to `context` cached keys; past MAX_KV_TOKENS cached keys the
-        extra sequences are added as whole attention calls (attention is linear in sequences). Prefill: the tokens
-        form sequences of `context` tokens (one shorter sequence when fewer) under causal attention.
+        Decode: each token is a sequence attending to `context` cached keys; past MAX_KV_TOKENS cached keys
+        the extra sequences are added as whole attention calls (attention is linear in sequences). Prefill:
+        the tokens form sequences of `context` tokens (one shorter sequence when fewer) under causal
+        attention.
         """
         s, dev = self.s, self.device
         x = torch.randn(tokens, s.hidden, device=dev, dtype=torch.bfloat16)

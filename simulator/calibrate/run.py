@@ -1,5 +1,5 @@
-"""Calibration: time one GPU's expert work (grid and skewed counts), its non-expert work and, with 2+ GPUs, the
-all-to-all, then build the expert model (expert_time.fit_measured_work) into a CostProfile. Needs CUDA."""
+"""Calibration: time one GPU's expert work (grid and skewed counts), its non-expert work and, with 2+ GPUs,
+the all-to-all, then build the expert model (expert_time.fit_measured_work) into a CostProfile. Needs CUDA."""
 
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ class Plan:
 
 
 def require_device(device: str) -> torch.device:
-    """The device to calibrate: CUDA (the point of calibrating), or the CPU to test the pipeline end to end."""
+    """The device to calibrate: CUDA (the point of calibrating), or the CPU to test the pipeline end to
+    end."""
     if device == "cpu":
         return torch.device("cpu")
     if device != "cuda":
@@ -87,7 +88,8 @@ def gpu_facts(device: torch.device) -> tuple[dict[str, object], dict[str, str]]:
     if device.type == "cpu":
         import platform
 
-        return ({"name": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        return ({"name": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+                         "threads)",
                  "device": "cpu"}, {"torch": str(torch.__version__)})
     props = torch.cuda.get_device_properties(device)
     gpu: dict[str, object] = {"name": props.name, "sm_count": props.multi_processor_count,
@@ -104,7 +106,8 @@ def gpu_facts(device: torch.device) -> tuple[dict[str, object], dict[str, str]]:
                             "--format=csv,noheader,nounits", f"--id={device.index or 0}"],
                            capture_output=True, text=True, timeout=20, check=True).stdout.strip().split(", ")
         software["driver"] = q[0]
-        gpu |= {"max_sm_clock_mhz": float(q[1]), "max_memory_clock_mhz": float(q[2]), "sm_clock_mhz": float(q[3])}
+        gpu |= {"max_sm_clock_mhz": float(q[1]), "max_memory_clock_mhz": float(q[2]),
+                "sm_clock_mhz": float(q[3])}
     except (OSError, subprocess.SubprocessError, IndexError, ValueError):
         pass  # clocks are informative only
     return gpu, software
@@ -115,8 +118,9 @@ def _pow2_ceil(n: int) -> int:
 
 
 def gemm_points(num_experts: int, plan: Plan) -> list[tuple[int, int]]:
-    """(i, j) grid cells to measure: x = 2^i experts up to the model's count, W = GRID_ROWS[j] rows in all, W / x
-    rows each (a whole number, at most 16k). --quick keeps every other power of two and drops the 3 x 2^k points."""
+    """(i, j) grid cells to measure: x = 2^i experts up to the model's count, W = GRID_ROWS[j] rows in all, W
+    / x rows each (a whole number, at most 16k). --quick keeps every other power of two and drops the 3 x 2^k
+    points."""
     top_x = int(np.log2(_pow2_ceil(num_experts)))
     out = []
     for i in GRID_LOG2_EXPERTS:
@@ -133,8 +137,8 @@ def gemm_points(num_experts: int, plan: Plan) -> list[tuple[int, int]]:
 
 
 def skewed_counts(num_experts: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Count vectors like real steps: a GPU's local experts (1 .. all), assignments log-uniform up to 32k, shares
-    drawn from Dirichlet(alpha) with alpha from 0.2 (a few hot experts) to 5 (nearly even)."""
+    """Count vectors like real steps: a GPU's local experts (1 .. all), assignments log-uniform up to 32k,
+    shares drawn from Dirichlet(alpha) with alpha from 0.2 (a few hot experts) to 5 (nearly even)."""
     out = []
     top = int(np.log2(_pow2_ceil(num_experts)))
     for _ in range(n):
@@ -145,8 +149,8 @@ def skewed_counts(num_experts: int, n: int, rng: np.random.Generator) -> list[np
     return out
 
 
-def measure_expert(shape: ExpertShape, num_experts: int, backend_name: str, timer: GapFreeTimer | CpuTimer, plan: Plan,
-                   tick: Tick, rng: np.random.Generator):
+def measure_expert(shape: ExpertShape, num_experts: int, backend_name: str, timer: GapFreeTimer | CpuTimer,
+                   plan: Plan, tick: Tick, rng: np.random.Generator):
     device = timer.device
     backend = make_backend(backend_name, shape, _pow2_ceil(num_experts), device)
     table = np.full((len(GRID_LOG2_EXPERTS), len(GRID_ROWS)), np.nan)
@@ -165,20 +169,22 @@ def measure_expert(shape: ExpertShape, num_experts: int, backend_name: str, time
     vectors = overhead_counts(num_experts, plan, rng)
     for b0 in range(0, len(vectors), 6):
         whole, gemms = _time_whole_and_gemms(backend, vectors[b0: b0 + 6], shape, timer, plan, rng)
-        overhead += [(int(c.sum()), float(w - g)) for c, w, g in zip(vectors[b0: b0 + 6], whole, gemms, strict=True)]
+        overhead += [(int(c.sum()), float(w - g))
+                     for c, w, g in zip(vectors[b0: b0 + 6], whole, gemms, strict=True)]
         tick(len(whole))
     samples = []
     vectors = skewed_counts(num_experts, plan.skewed_vectors, rng)
     for b0 in range(0, len(vectors), 6):
         whole, gemms = _time_whole_and_gemms(backend, vectors[b0: b0 + 6], shape, timer, plan, rng)
-        samples += [X.Sample(c, float(w), float(g)) for c, w, g in zip(vectors[b0: b0 + 6], whole, gemms, strict=True)]
+        samples += [X.Sample(c, float(w), float(g))
+                    for c, w, g in zip(vectors[b0: b0 + 6], whole, gemms, strict=True)]
         tick(len(whole))
     return X.fit_measured_work(table, samples, overhead), int(np.isfinite(table).sum())
 
 
 def overhead_counts(num_experts: int, plan: Plan, rng: np.random.Generator) -> list[np.ndarray]:
-    """Count vectors for R(a) at each measured a = 2^k: all on one expert, spread evenly, and Dirichlet-skewed over
-    the local experts (R should not depend on how the rows split; the median of the three is kept)."""
+    """Count vectors for R(a) at each measured a = 2^k: all on one expert, spread evenly, and Dirichlet-skewed
+    over the local experts (R should not depend on how the rows split; the median of the three is kept)."""
     out = []
     for k in plan.overhead_log2_assignments:
         a = 2**k
@@ -189,24 +195,28 @@ def overhead_counts(num_experts: int, plan: Plan, rng: np.random.Generator) -> l
     return out
 
 
-def _time_whole_and_gemms(backend, vectors: list[np.ndarray], shape: ExpertShape, timer: GapFreeTimer | CpuTimer,
-                          plan: Plan, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Seconds of the whole local work and of its two GEMMs alone, for each count vector, timed in one batch."""
-    works = [assignments_from_counts(np.pad(c, (0, backend.num_experts - c.size)), shape.hidden_size, timer.device,
-                                     rng, top_k=8) for c in vectors]
+def _time_whole_and_gemms(backend, vectors: list[np.ndarray], shape: ExpertShape,
+                          timer: GapFreeTimer | CpuTimer, plan: Plan,
+                          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Seconds of the whole local work and of its two GEMMs alone, for each count vector, timed in one
+    batch."""
+    works = [assignments_from_counts(np.pad(c, (0, backend.num_experts - c.size)), shape.hidden_size,
+                                     timer.device, rng, top_k=8) for c in vectors]
     secs = timer.time([partial(backend.run, w) for w in works] + [backend.gemms_only(w) for w in works],
                       repeats=plan.repeats)
     return secs[: len(works)], secs[len(works):]
 
 
 def _fill_curve(values: np.ndarray) -> np.ndarray:
-    """Missing grid points (--quick) interpolated in log-log between measured ones; then made non-decreasing."""
+    """Missing grid points (--quick) interpolated in log-log between measured ones; then made
+    non-decreasing."""
     ok = np.flatnonzero(np.isfinite(values))
     out = 2 ** np.interp(np.arange(values.size), ok, np.log2(values[ok]))
     return np.maximum.accumulate(out)
 
 
-def measure_non_expert(meta: TraceMetadata, timer: GapFreeTimer | CpuTimer, plan: Plan, tick: Tick) -> NonExpertWork:
+def measure_non_expert(meta: TraceMetadata, timer: GapFreeTimer | CpuTimer, plan: Plan,
+                       tick: Tick) -> NonExpertWork:
     s = NonExpertShapes.from_metadata(meta)
     layer = NonExpertLayer(s, timer.device)
     n = len(GRID_LOG2_TOKENS)
@@ -238,16 +248,19 @@ def measure_non_expert(meta: TraceMetadata, timer: GapFreeTimer | CpuTimer, plan
 def work_units(metas: list[tuple[str, TraceMetadata]], plan: Plan) -> int:
     """Progress-bar total: GEMM cells + skewed vectors + non-expert points per shape."""
     tokens = len([j for j in GRID_LOG2_TOKENS if j % plan.token_step == 0 or j == GRID_LOG2_TOKENS[-1]])
-    return sum(len(gemm_points(m.num_experts, plan)) + plan.skewed_vectors + 3 * len(plan.overhead_log2_assignments)
+    return sum(len(gemm_points(m.num_experts, plan)) + plan.skewed_vectors
+               + 3 * len(plan.overhead_log2_assignments)
                + tokens * (len(plan.contexts) + 1) for _, m in metas)
 
 
 def calibrate(metas: list[tuple[str, TraceMetadata]], *, backend: str, quick: bool, hardware: str | None,
-              communication: Communication | None, tick: Tick, seed: int = 0, device: str = "cuda") -> CostProfile:
+              communication: Communication | None, tick: Tick, seed: int = 0,
+              device: str = "cuda") -> CostProfile:
     """Measure every shape in metas on the device and return the profile (not yet written)."""
     dev = require_device(device)
     if dev.type == "cpu" and hardware is None:
-        raise InputError("calibrate --device cpu: name the hardware preset the profile stands for with --hardware")
+        raise InputError("calibrate --device cpu: name the hardware preset the profile stands for with "
+                         "--hardware")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     plan = Plan(quick)
@@ -270,6 +283,7 @@ def calibrate(metas: list[tuple[str, TraceMetadata]], *, backend: str, quick: bo
             torch.cuda.empty_cache()
     return CostProfile(
         hardware=hardware or detect_hardware(str(gpu["name"])), backend=backend, gpu=gpu, software=software,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), tool_version=current_tool_version(),
-        quick=quick, shapes=tuple(shapes), communication=communication or Communication("deepep"),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        tool_version=current_tool_version(), quick=quick, shapes=tuple(shapes),
+        communication=communication or Communication("deepep"),
     )

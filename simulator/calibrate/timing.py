@@ -1,7 +1,8 @@
-"""GPU timing without launch gaps: the host queues a batch of work behind a sleep kernel, so the GPU then runs it
-back to back, and a CUDA event pair around each item times it. Medians over repeats, after warm-up.
+"""GPU timing without launch gaps: the host queues a batch of work behind a sleep kernel, so the GPU then runs
+it back to back, and a CUDA event pair around each item times it. Medians over repeats, after warm-up.
 
-This is the equivalent of replaying a CUDA graph: what is timed is the GPU's work, not the Python that launches it.
+This is the equivalent of replaying a CUDA graph: what is timed is the GPU's work, not the Python that
+launches it.
 """
 
 from __future__ import annotations

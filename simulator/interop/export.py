@@ -1,7 +1,8 @@
 """A placement in the forms serving engines load, and back (docs/import.md cites each engine's reader).
 
-Shape legend: L MoE layers, G GPUs (expert-parallel ranks), S slots per GPU, E logical experts, M = G*S physical
-slots, X most replicas of one expert. Every engine numbers physical slots rank-major: slot m lives on GPU m // S.
+Shape legend: L MoE layers, G GPUs (expert-parallel ranks), S slots per GPU, E logical experts, M = G*S
+physical slots, X most replicas of one expert. Every engine numbers physical slots rank-major: slot m lives on
+GPU m // S.
 
 - sglang: `--init-expert-location FILE.json` with {"physical_to_logical_map": [num layers][M]}; SGLang counts
   every decoder layer of DeepSeek-style models, so dense layers get the trivial map (slot m holds m mod E).
@@ -9,8 +10,8 @@ slots, X most replicas of one expert. Every engine numbers physical slots rank-m
   "layer_updates_per_iter": 0} (0: keep this placement, no online updates).
 - eplb: DeepSeek EPLB's output arrays, phy2log [L, M], log2phy [L, E, X] (padded with -1), logcnt [L, E].
 - vllm: vLLM builds its expert map at start-up (`--expert-placement-strategy linear|round_robin`, EPLB's own
-  rebalancing with `--enable-eplb`); it loads no per-expert map. The export names the strategy that reproduces the
-  placement when one does, the EPLB settings otherwise, and keeps the map for reference.
+  rebalancing with `--enable-eplb`); it loads no per-expert map. The export names the strategy that reproduces
+  the placement when one does, the EPLB settings otherwise, and keeps the map for reference.
 Every engine needs every slot filled: a placement with empty slots (-1) cannot be exported.
 """
 
@@ -26,16 +27,17 @@ from traces.errors import InputError
 from traces.writer import write_text_atomic
 
 TARGETS = ("sglang", "trtllm", "eplb", "vllm")
-VLLM_CANNOT = ("vLLM loads no expert map: it places experts by --expert-placement-strategy (linear or round_robin) "
-               "and, with --enable-eplb, moves them itself at run time")
+VLLM_CANNOT = ("vLLM loads no expert map: it places experts by --expert-placement-strategy (linear or "
+               "round_robin) and, with --enable-eplb, moves them itself at run time")
 
 
 def physical_map(slots: np.ndarray, target: str) -> np.ndarray:
     """phy2log [L, M]: the logical expert of each physical slot, rank-major. slots: [L, G, S]."""
     if (slots < 0).any():
         layer, gpu, _ = np.argwhere(slots < 0)[0]
-        raise InputError(f"--export {target}: GPU {gpu} has an empty slot in layer {layer}; engines fill every "
-                         "slot (use a policy that fills them, or --redundant-experts to make the slots even)")
+        raise InputError(f"--export {target}: GPU {gpu} has an empty slot in layer {layer}; engines fill "
+                         "every slot (use a policy that fills them, or --redundant-experts to make the slots "
+                         "even)")
     return slots.reshape(slots.shape[0], -1).astype(np.int64)
 
 
@@ -82,12 +84,15 @@ def export_document(slots: np.ndarray, target: str, *, num_experts: int, moe_lay
         return {"physical_to_logical_map": full.tolist(), "moe_trace": made}
     if target == "trtllm":
         return {"num_slots": gpus * per, "layer_updates_per_iter": 0,
-                "initial_global_assignments": {int(layer): phy2log[i].tolist() for i, layer in enumerate(moe_layers)}}
+                "initial_global_assignments": {int(layer): phy2log[i].tolist()
+                                               for i, layer in enumerate(moe_layers)}}
     if target == "eplb":
         log2phy, logcnt = logical_to_physical(phy2log, num_experts)
-        return {"phy2log": phy2log.tolist(), "log2phy": log2phy.tolist(), "logcnt": logcnt.tolist(), "moe_trace": made}
+        return {"phy2log": phy2log.tolist(), "log2phy": log2phy.tolist(), "logcnt": logcnt.tolist(),
+                "moe_trace": made}
     strategy = vllm_strategy(slots)
-    doc: dict[str, Any] = {"cannot_load": VLLM_CANNOT, "physical_to_logical_map": phy2log.tolist(), "moe_trace": made}
+    doc: dict[str, Any] = {"cannot_load": VLLM_CANNOT, "physical_to_logical_map": phy2log.tolist(),
+                           "moe_trace": made}
     if strategy is not None:
         doc["engine_args"] = {"enable_expert_parallel": True, "expert_placement_strategy": strategy}
         doc["reproduces_placement"] = True
@@ -134,7 +139,8 @@ def read_export(path: str | Path, target: str, *, num_gpus: int, moe_layers: lis
         else:
             phy2log = np.asarray(doc["physical_to_logical_map"], dtype=np.int64)
     except (KeyError, IndexError, TypeError, ValueError) as exc:
-        raise InputError(f"{p}: the {target} export lacks its placement ({type(exc).__name__}: {exc})") from exc
+        raise InputError(f"{p}: the {target} export lacks its placement "
+                         f"({type(exc).__name__}: {exc})") from exc
     if phy2log.ndim != 2 or phy2log.shape[1] % num_gpus:
         raise InputError(f"{p}: {phy2log.shape} physical slots do not divide over {num_gpus} GPUs")
     return phy2log.reshape(phy2log.shape[0], num_gpus, -1)

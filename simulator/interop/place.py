@@ -1,5 +1,5 @@
-"""`moe-sim place`: fit one placement to a trace or a load file, write it as a `file:` placement and, optionally,
-in the form an engine loads (export.py).
+"""`moe-sim place`: fit one placement to a trace or a load file, write it as a `file:` placement and,
+optionally, in the form an engine loads (export.py).
 
 Shape legend: L MoE layers, E experts, G GPUs, S slots per GPU.
 """
@@ -27,7 +27,8 @@ from traces.errors import InputError
 from traces.loadfile import CANNOT_SHOW, LoadFile, read_load_file
 from traces.writer import ARROW_SUFFIXES, HDF5_SUFFIXES, write_text_atomic
 
-EXPORT_SUFFIX = {"sglang": ".sglang.json", "trtllm": ".trtllm.yaml", "eplb": ".eplb.json", "vllm": ".vllm.json"}
+EXPORT_SUFFIX = {"sglang": ".sglang.json", "trtllm": ".trtllm.yaml", "eplb": ".eplb.json",
+                 "vllm": ".vllm.json"}
 
 
 @dataclass
@@ -70,14 +71,16 @@ def load_source(path: str, *, policy: str, model: str | None = None) -> FitSourc
 
 
 def model_rows(lf: LoadFile, model: str, source: str) -> tuple[list[int], np.ndarray, int, str]:
-    """(MoE layers, load [L, E], decoder layers, model id) of a preset, taken from a load file that covers it."""
+    """(MoE layers, load [L, E], decoder layers, model id) of a preset, taken from a load file that covers
+    it."""
     from traces.presets import get_preset
 
     preset = get_preset(model)
     if preset.num_experts != lf.num_experts:
         raise InputError(f"{source}: the load file counts {lf.num_experts} experts, {preset.name} has "
                          f"{preset.num_experts}")
-    return preset.moe_layers, lf.rows_for(preset.moe_layers, source), preset.num_hidden_layers, preset.model_id
+    return preset.moe_layers, lf.rows_for(preset.moe_layers,
+                                          source), preset.num_hidden_layers, preset.model_id
 
 
 def placement_document(placement: Placement, src: FitSource, source: str, redundant: int) -> dict[str, Any]:
@@ -90,7 +93,8 @@ def placement_document(placement: Placement, src: FitSource, source: str, redund
 @click.command()
 @click.argument("source", metavar="TRACE|LOADFILE")
 @click.option("--gpus", type=click.IntRange(min=1), required=True, help="Expert-parallel GPUs (ranks).")
-@click.option("--gpus-per-node", type=click.IntRange(min=1), default=8, show_default=True, help="GPUs per node.")
+@click.option("--gpus-per-node", type=click.IntRange(min=1), default=8, show_default=True,
+              help="GPUs per node.")
 @click.option("--policy", type=click.Choice(list(POLICIES)), default="replicated", show_default=True,
               help="Placement policy (docs/simulator.md); coactivation needs a trace.")
 @click.option("--redundant-experts", type=click.IntRange(min=0), default=0, show_default=True,
@@ -100,20 +104,24 @@ def placement_document(placement: Placement, src: FitSource, source: str, redund
 @click.option("--export", "target", type=click.Choice(list(TARGETS)), default=None,
               help="Also write the placement in the form this engine loads (docs/import.md).")
 @click.option("--export-output", type=click.Path(dir_okay=False), default=None,
-              help="Where the export goes [default: OUTPUT with .sglang.json, .trtllm.yaml, .eplb.json or .vllm.json].")
+              help="Where the export goes [default: OUTPUT with .sglang.json, .trtllm.yaml, .eplb.json or "
+                   ".vllm.json].")
 @click.option("--model", default=None, help="Model preset whose MoE layers a load file covers (default: the "
                                             "file's own layers).")
 @click.option("--force", is_flag=True, help="Overwrite outputs that exist.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def place(source: str, gpus: int, gpus_per_node: int, policy: str, redundant_experts: int, output: str,
-          target: str | None, export_output: str | None, model: str | None, force: bool, as_json: bool) -> None:
+          target: str | None, export_output: str | None, model: str | None, force: bool,
+          as_json: bool) -> None:
     """Fit one expert placement to TRACE (a trace file) or LOADFILE (per-layer expert counts) and write it.
 
-    From a load file it balances the counted load; it cannot show per-step imbalance, co-selection or all-to-all
-    bytes, which need per-token ids. --export writes what SGLang (--init-expert-location), TensorRT-LLM (the MoE
-    load balancer YAML), DeepSeek EPLB (phy2log/log2phy/logcnt) or vLLM (the closest engine arguments) load.
+    From a load file it balances the counted load; it cannot show per-step imbalance, co-selection or
+    all-to-all bytes, which need per-token ids. --export writes what SGLang (--init-expert-location),
+    TensorRT-LLM (the MoE load balancer YAML), DeepSeek EPLB (phy2log/log2phy/logcnt) or vLLM (the closest
+    engine arguments) load.
 
-    Example: moe-sim place trace.h5 --gpus 8 --policy replicated --redundant-experts 8 -o p.json --export sglang
+    Example: moe-sim place trace.h5 --gpus 8 --policy replicated --redundant-experts 8 -o p.json --export
+    sglang
     """
     src = load_source(source, policy=policy, model=model)
     placement = fit_placement(policy, src.load, num_gpus=gpus, gpus_per_node=gpus_per_node,
@@ -123,8 +131,9 @@ def place(source: str, gpus: int, gpus_per_node: int, policy: str, redundant_exp
     exported = None
     doc = None
     if target is not None:  # build the export first: an impossible one stops before anything is written
-        doc = export_document(placement.slots, target, num_experts=placement.num_experts, moe_layers=src.moe_layers,
-                              num_hidden_layers=src.num_hidden_layers, model_id=src.model_id,
+        doc = export_document(placement.slots, target, num_experts=placement.num_experts,
+                              moe_layers=src.moe_layers, num_hidden_layers=src.num_hidden_layers,
+                              model_id=src.model_id,
                               redundant_experts=redundant_experts)
         exported = Path(export_output) if export_output else out.with_name(out.stem + EXPORT_SUFFIX[target])
         if exported.exists() and not force:
@@ -144,9 +153,9 @@ def place(source: str, gpus: int, gpus_per_node: int, policy: str, redundant_exp
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"wrote {out}: {policy} on {gpus} GPUs x {placement.slots_per_gpu} slots, {placement.num_layers} "
-               f"layers; expected GPU load max/mean on the fitted {src.kind}: mean {ratio.mean():.3f}, "
-               f"worst layer {ratio.max():.3f}")
+    click.echo(f"wrote {out}: {policy} on {gpus} GPUs x {placement.slots_per_gpu} slots, "
+               f"{placement.num_layers} layers; expected GPU load max/mean on the fitted {src.kind}: mean "
+               f"{ratio.mean():.3f}, worst layer {ratio.max():.3f}")
     if exported is not None:
         click.echo(f"wrote {exported}: {target} placement")
         if target == "vllm" and doc is not None:

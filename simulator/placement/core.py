@@ -2,8 +2,8 @@
 
 Shape legend: L MoE layers, E experts per layer, G GPUs, S slots per GPU, N nodes, M = G*S physical slots.
 
-A placement is `slots [L, G, S]`: the expert id held by each physical slot (-1: empty). An expert may be held by
-several slots (replicas); a GPU never holds two replicas of one expert.
+A placement is `slots [L, G, S]`: the expert id held by each physical slot (-1: empty). An expert may be held
+by several slots (replicas); a GPU never holds two replicas of one expert.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class Placement:
 
     def __post_init__(self) -> None:
         if self.slots.ndim != 3:
-            raise InputError(f"placement {self.policy}: slots must be [layers, gpus, slots], got shape {self.slots.shape}")
+            raise InputError(f"placement {self.policy}: slots must be [layers, gpus, slots], got shape "
+                             f"{self.slots.shape}")
         object.__setattr__(self, "slots", np.ascontiguousarray(self.slots, dtype=np.int32))
         check_slots(self.slots, self.num_experts, self.policy)
         ClusterLayout(self.num_gpus, self.gpus_per_node)  # the one rule for GPUs in nodes; raises InputError
@@ -91,7 +92,8 @@ class Placement:
 
 
 def check_slots(slots: np.ndarray, num_experts: int, source: str) -> None:
-    """Every expert held at least once per layer, ids in range, no expert twice on one GPU. slots: [L, G, S]."""
+    """Every expert held at least once per layer, ids in range, no expert twice on one GPU. slots: [L, G,
+    S]."""
     if slots.size == 0:
         raise InputError(f"{source}: placement has no slots")
     if slots.min() < -1 or slots.max() >= num_experts:

@@ -12,17 +12,19 @@ from simulator.placement.policies import POLICIES, USES_REDUNDANCY
 from traces.errors import InputError
 
 
-def fit_placement(policy: str, load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant_experts: int = 0,
-                  coselection: np.ndarray | None = None) -> Placement:
+def fit_placement(policy: str, load: np.ndarray, *, num_gpus: int, gpus_per_node: int,
+                  redundant_experts: int = 0, coselection: np.ndarray | None = None) -> Placement:
     """Fit a named policy (or `file:PATH`) to a load [L, E]; coselection [L, E, E] for coactivation."""
     load = np.asarray(load, dtype=np.float64)
     if policy.startswith("file:"):
         placement = load_placement_file(policy[5:], num_experts=load.shape[1], num_layers=load.shape[0])
         if placement.num_gpus != num_gpus:
-            raise PlacementNotApplicable(policy, f"placement is for {placement.num_gpus} GPUs, not --gpus {num_gpus}")
+            raise PlacementNotApplicable(policy,
+                                         f"placement is for {placement.num_gpus} GPUs, not --gpus {num_gpus}")
         return Placement(policy, placement.slots, placement.num_experts, gpus_per_node, placement.model_id)
     if policy not in POLICIES:
-        raise InputError(f"--placements: unknown policy {policy!r}; choose from {', '.join(POLICIES)} or file:PATH")
+        raise InputError(f"--placements: unknown policy {policy!r}; choose from {', '.join(POLICIES)} or "
+                         "file:PATH")
     if redundant_experts and policy not in USES_REDUNDANCY:
         redundant_experts = 0
     slots = POLICIES[policy](load, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
@@ -31,7 +33,8 @@ def fit_placement(policy: str, load: np.ndarray, *, num_gpus: int, gpus_per_node
 
 
 def load_placement_file(path: str | Path, *, num_experts: int, num_layers: int) -> Placement:
-    """Read a placement JSON: {"num_experts": E, "gpus_per_node": n, "model_id": str, "layers": [[[ids]...]...]}.
+    """Read a placement JSON: {"num_experts": E, "gpus_per_node": n, "model_id": str, "layers":
+    [[[ids]...]...]}.
 
     Only "layers" is required; "model_id", when present, must match the trace's (checked by the replay).
 

@@ -19,8 +19,8 @@ PACKING_TOLERANCE = 1e-4
 def replica_counts_minmax(load: np.ndarray, num_slots: int, max_per_expert: int) -> np.ndarray:
     """Replicas per expert minimising the largest load per replica (greedy; optimal for that objective).
 
-    load: [E] float64; E <= num_slots <= E x max_per_expert (the caller checks); returns [E] int64 counts summing
-    to num_slots, each <= max_per_expert.
+    load: [E] float64; E <= num_slots <= E x max_per_expert (the caller checks); returns [E] int64 counts
+    summing to num_slots, each <= max_per_expert.
     """
     e_count = load.shape[0]
     counts = np.ones(e_count, dtype=np.int64)
@@ -51,10 +51,10 @@ def _place_by_exchange(bins: np.ndarray, fill: np.ndarray, total: np.ndarray, we
                        item_expert: np.ndarray, i: int, max_per_bin: int) -> bool:
     """Place item i when every bin with room already holds `max_per_bin` items of its expert.
 
-    Some full bin c holds fewer (an expert has at most max_per_bin x bins items), and c has an item j whose expert
-    the bin b with room can still take (b has fewer items than c and is saturated with i's expert): j moves to b, i
-    takes j's place in c. Among all such exchanges the one with the lowest resulting peak of b and c is chosen.
-    Returns False only when the caller broke the replica limit (then nothing is placed).
+    Some full bin c holds fewer (an expert has at most max_per_bin x bins items), and c has an item j whose
+    expert the bin b with room can still take (b has fewer items than c and is saturated with i's expert): j
+    moves to b, i takes j's place in c. Among all such exchanges the one with the lowest resulting peak of b
+    and c is chosen. Returns False only when the caller broke the replica limit (then nothing is placed).
     """
     num_bins, capacity = bins.shape
     x = item_expert[i]
@@ -90,12 +90,13 @@ def pack_items(weight: np.ndarray, item_expert: np.ndarray, num_bins: int, capac
     """Pack weighted items into bins of `capacity` items, at most `max_per_bin` items of one expert in a bin,
     minimising the heaviest bin.
 
-    weight: [M] float64 item weights; item_expert: [M] int64 expert of each item (replicas share an expert); the
-    caller guarantees M <= num_bins x capacity and at most max_per_bin x num_bins items per expert, which always
-    admits a legal packing. Returns bin_items [num_bins, capacity] int64 (item index, -1 = empty).
-    Longest-processing-time first (heaviest item into the lightest bin with room that may take its expert; when
-    none may, an exchange with a full bin makes room, see _place_by_exchange), then local search: move or swap an
-    item of the heaviest bin with an item of another bin whenever that lowers the larger of the two bins.
+    weight: [M] float64 item weights; item_expert: [M] int64 expert of each item (replicas share an expert);
+    the caller guarantees M <= num_bins x capacity and at most max_per_bin x num_bins items per expert, which
+    always admits a legal packing. Returns bin_items [num_bins, capacity] int64 (item index, -1 = empty).
+    Longest-processing-time first (heaviest item into the lightest bin with room that may take its expert;
+    when none may, an exchange with a full bin makes room, see _place_by_exchange), then local search: move or
+    swap an item of the heaviest bin with an item of another bin whenever that lowers the larger of the two
+    bins.
     """
     m = weight.shape[0]
     bins = -np.ones((num_bins, capacity), dtype=np.int64)
@@ -180,11 +181,11 @@ def best_replicated_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, n
                           max_iters: int) -> np.ndarray:
     """One layer of the replicated policy: [G, S] expert ids (-1: empty), num_slots = E + R filled slots.
 
-    When num_slots < G x S the G x S - num_slots empty slots go one per GPU (uneven layouts: some GPUs hold one
-    slot more). Replica counts start at the min-max-per-replica greedy; then, while the packed maximum is more than
-    GOOD_ENOUGH_EXCESS above the ideal (mean GPU load), a replica is moved from the expert whose per-replica load is
-    lowest to the expert whose replica sits on the heaviest GPU, keeping the change only when the repacked maximum
-    drops.
+    When num_slots < G x S the G x S - num_slots empty slots go one per GPU (uneven layouts: some GPUs hold
+    one slot more). Replica counts start at the min-max-per-replica greedy; then, while the packed maximum is
+    more than GOOD_ENOUGH_EXCESS above the ideal (mean GPU load), a replica is moved from the expert whose
+    per-replica load is lowest to the expert whose replica sits on the heaviest GPU, keeping the change only
+    when the repacked maximum drops.
     """
     e_count = load.shape[0]
     m = num_slots
@@ -196,7 +197,8 @@ def best_replicated_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, n
     for _ in range(4 * (m - e_count) + 1):
         if best_peak <= mean * (1.0 + GOOD_ENOUGH_EXCESS) or m == e_count:
             break
-        # heaviest GPU's heaviest replicated item gets one more replica; the least loaded per-replica expert loses one
+        # heaviest GPU's heaviest replicated item gets one more replica; the least loaded per-replica expert
+        # loses one
         gpu_load = np.zeros(num_gpus)
         for g in range(num_gpus):
             for s in range(slots_per_gpu):
@@ -240,9 +242,9 @@ def best_replicated_layer(load: np.ndarray, num_gpus: int, slots_per_gpu: int, n
 @njit(cache=True)
 def pack_counts(load: np.ndarray, counts: np.ndarray, num_gpus: int, slots_per_gpu: int, empty: int,
                 max_iters: int) -> np.ndarray:
-    """counts[e] replicas of each expert, each carrying load[e] / counts[e], packed one replica per GPU at most:
-    [G, S] expert ids. `empty` slots (at most G) stay empty, one per GPU: they are packed as weightless items of
-    one extra expert id, which the one-per-GPU rule spreads over distinct GPUs (uneven layouts)."""
+    """counts[e] replicas of each expert, each carrying load[e] / counts[e], packed one replica per GPU at
+    most: [G, S] expert ids. `empty` slots (at most G) stay empty, one per GPU: they are packed as weightless
+    items of one extra expert id, which the one-per-GPU rule spreads over distinct GPUs (uneven layouts)."""
     e_count = load.shape[0]
     m = counts.sum() + empty
     item_expert = np.empty(m, dtype=np.int64)
@@ -281,13 +283,14 @@ def coactivation_layer(slots: np.ndarray, load: np.ndarray, cosel: np.ndarray, g
                         node_weight: float, cap: float, max_passes: int) -> np.ndarray:
     """Swap slots between GPUs to raise co-selected pairs sharing a GPU (weight 1) or a node (node_weight).
 
-    slots: [G, S] expert ids (-1 empty); load: [E]; cosel: [E, E] tokens choosing both experts (diagonal ignored).
-    Each pass applies the single best swap; a swap is allowed only if both GPUs stay at or under `cap` load and no
-    GPU holds an expert twice. A pair's weight is cosel[e, f] / (replicas of e x replicas of f).
+    slots: [G, S] expert ids (-1 empty); load: [E]; cosel: [E, E] tokens choosing both experts (diagonal
+    ignored). Each pass applies the single best swap; a swap is allowed only if both GPUs stay at or under
+    `cap` load and no GPU holds an expert twice. A pair's weight is cosel[e, f] / (replicas of e x replicas of
+    f).
 
     Kept incrementally so that a swap is scored in O(1) instead of by rescanning the GPU and node:
-    on_gpu [E, G]: summed pair weight of e with the experts on GPU g; on_node [E, N]: the same over node n's GPUs;
-    held [G, E]: 1 where GPU g holds e. A swap then updates two columns of each in O(E).
+    on_gpu [E, G]: summed pair weight of e with the experts on GPU g; on_node [E, N]: the same over node n's
+    GPUs; held [G, E]: 1 where GPU g holds e. A swap then updates two columns of each in O(E).
     """
     g_count, s_count = slots.shape
     e_count = load.shape[0]
@@ -337,7 +340,8 @@ def coactivation_layer(slots: np.ndarray, load: np.ndarray, cosel: np.ndarray, g
                     if held[g2, e1]:
                         continue
                     n2 = g2 // gpus_per_node
-                    split = 1.0 + (node_w if n1 != n2 else 0.0)  # the pair itself stops sharing GPU (and node)
+                    # the pair itself stops sharing GPU (and node)
+                    split = 1.0 + (node_w if n1 != n2 else 0.0)
                     there1 = on_gpu[e1, g2] + node_w * on_node[e1, n2]
                     for s2 in range(s_count):
                         e2 = out[g2, s2]
@@ -348,7 +352,8 @@ def coactivation_layer(slots: np.ndarray, load: np.ndarray, cosel: np.ndarray, g
                         if l1 > cap or l2 > cap:
                             continue
                         before = here1 + on_gpu[e2, g2] + node_w * on_node[e2, n2]
-                        after = there1 + on_gpu[e2, g1] + node_w * on_node[e2, n1] - split * (pair[e1, e2] + pair[e2, e1])
+                        after = there1 + on_gpu[e2, g1] + node_w * on_node[e2, n1] - split * (pair[e1, e2]
+                                                                                              + pair[e2, e1])
                         if after - before > best:
                             best, bg1, bs1, bg2, bs2 = after - before, g1, s1, g2, s2
         if bg1 < 0:

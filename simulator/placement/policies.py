@@ -22,12 +22,12 @@ from simulator.placement.packing import (
 )
 from traces.errors import InputError
 
-# Coactivation policy: a GPU may carry this much more load than the mean (or the balanced packing's own maximum,
-# whichever is larger) while experts are moved next to their usual partners.
+# Coactivation policy: a GPU may carry this much more load than the mean (or the balanced packing's own
+# maximum, whichever is larger) while experts are moved next to their usual partners.
 COACTIVATION_LOAD_SLACK = 0.05
-# Weight of keeping a co-selected pair in one node relative to one GPU: a pair split across nodes costs scale-out
-# bytes, whose bandwidth is about 9x below NVLink's (450 vs 50 GB/s per GPU on H100 nodes: NVLink4 against one
-# 400 Gb/s NIC; figures and sources in docs/cost-model.md, "Hardware presets").
+# Weight of keeping a co-selected pair in one node relative to one GPU: a pair split across nodes costs
+# scale-out bytes, whose bandwidth is about 9x below NVLink's (450 vs 50 GB/s per GPU on H100 nodes: NVLink4
+# against one 400 Gb/s NIC; figures and sources in docs/cost-model.md, "Hardware presets").
 COACTIVATION_NODE_WEIGHT = 4.0
 
 
@@ -39,9 +39,10 @@ def _check_common(load: np.ndarray, num_gpus: int, gpus_per_node: int) -> tuple[
 
 
 def slots_per_gpu(filled: int, num_gpus: int) -> int:
-    """Slots per GPU for `filled` experts and replicas: ceil(filled / G). When G does not divide them, the first
-    filled mod G GPUs (contiguous, round-robin) or any filled mod G GPUs (packing policies) hold one slot more and
-    the others keep one empty slot, as engines lay out counts that do not divide (Qwen1.5-MoE's 60 experts on 8)."""
+    """Slots per GPU for `filled` experts and replicas: ceil(filled / G). When G does not divide them, the
+    first filled mod G GPUs (contiguous, round-robin) or any filled mod G GPUs (packing policies) hold one
+    slot more and the others keep one empty slot, as engines lay out counts that do not divide (Qwen1.5-MoE's
+    60 experts on 8)."""
     return -(-filled // num_gpus)
 
 
@@ -58,7 +59,8 @@ def contiguous(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant
 
 def _uneven(order: np.ndarray, num_gpus: int) -> np.ndarray:
     """[G, ceil(E/G)] experts in `order` dealt in consecutive runs: the first E mod G GPUs hold one more (the
-    others keep an empty slot, -1), as engines lay out a count that does not divide (Qwen1.5-MoE's 60 on 8)."""
+    others keep an empty slot, -1), as engines lay out a count that does not divide (Qwen1.5-MoE's 60 on
+    8)."""
     experts = order.size
     s = slots_per_gpu(experts, num_gpus)
     out = np.full((num_gpus, s), -1, dtype=np.int32)
@@ -81,7 +83,8 @@ def round_robin(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundan
     s = slots_per_gpu(experts, num_gpus)
     flat = np.full(s * num_gpus, -1, dtype=np.int32)
     flat[:experts] = np.arange(experts)
-    one = flat.reshape(s, num_gpus).T.copy()  # GPUs past E mod G keep an empty last slot when G does not divide E
+    # GPUs past E mod G keep an empty last slot when G does not divide E
+    one = flat.reshape(s, num_gpus).T.copy()
     return np.broadcast_to(one, (layers, num_gpus, s)).copy()
 
 
@@ -90,7 +93,8 @@ def balanced(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant_e
     """No replicas; each GPU gets E/G experts (uneven: E mod G GPUs one more) with summed loads as even as
     possible (LPT + swap search).
 
-    load: [L, E] expert load. Returns slots [L, G, ceil(E/G)] int32 (-1: the empty slot of a GPU holding one less).
+    load: [L, E] expert load. Returns slots [L, G, ceil(E/G)] int32 (-1: the empty slot of a GPU holding one
+    less).
     """
     layers, experts = _check_common(load, num_gpus, gpus_per_node)
     s = slots_per_gpu(experts, num_gpus)
@@ -119,24 +123,26 @@ def replicated(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant
 
     load: [L, E] expert load; redundant_experts: R, at most E x (G - 1).
     Returns slots [L, G, ceil((E + R) / G)] int32 (uneven: some GPUs keep one empty slot, -1). Replica counts
-    minimise max load per replica, then are adjusted while repacking (LPT + move/swap search) lowers the heaviest
-    GPU; replicas of one expert sit on different GPUs.
+    minimise max load per replica, then are adjusted while repacking (LPT + move/swap search) lowers the
+    heaviest GPU; replicas of one expert sit on different GPUs.
     """
     layers, experts = _check_common(load, num_gpus, gpus_per_node)
     s, filled = _replicated_slots(experts, num_gpus, redundant_experts, "replicated")
     out = np.empty((layers, num_gpus, s), dtype=np.int32)
     for layer in range(layers):
-        out[layer] = best_replicated_layer(load[layer].astype(np.float64), num_gpus, s, filled, 16 * num_gpus * s)
+        out[layer] = best_replicated_layer(load[layer].astype(np.float64), num_gpus, s, filled,
+                                           16 * num_gpus * s)
     return out
 
 
-def replicated_hierarchical(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant_experts: int = 0,
-                            coselection: np.ndarray | None = None) -> np.ndarray:
-    """Replicated, packed in two levels: replicas onto nodes (min-max node load), then each node's onto its GPUs.
+def replicated_hierarchical(load: np.ndarray, *, num_gpus: int, gpus_per_node: int,
+                            redundant_experts: int = 0, coselection: np.ndarray | None = None) -> np.ndarray:
+    """Replicated, packed in two levels: replicas onto nodes (min-max node load), then each node's onto its
+    GPUs.
 
     load: [L, E]; returns slots [L, G, ceil((E + R) / G)] int32 (-1: empty). Same replica counts as the flat
-    policy's start. Empty slots of an uneven layout are weightless items of an extra expert id, so the one-per-GPU
-    rule puts at most one on each GPU.
+    policy's start. Empty slots of an uneven layout are weightless items of an extra expert id, so the
+    one-per-GPU rule puts at most one on each GPU.
     """
     layers, experts = _check_common(load, num_gpus, gpus_per_node)
     s, filled = _replicated_slots(experts, num_gpus, redundant_experts, "replicated-hier")
@@ -149,8 +155,8 @@ def replicated_hierarchical(load: np.ndarray, *, num_gpus: int, gpus_per_node: i
         counts_with_empty = np.append(counts, num_gpus * s - filled)  # [E + 1]: the last id stands for empty
         item_expert = np.repeat(np.arange(experts + 1, dtype=np.int64), counts_with_empty)
         weight = np.append(lw / np.maximum(counts, 1), 0.0)[item_expert]
-        # A node may hold several replicas of an expert, one per GPU at most: up to gpn per node, then the per-GPU
-        # rule inside each node.
+        # A node may hold several replicas of an expert, one per GPU at most: up to gpn per node, then the
+        # per-GPU rule inside each node.
         node_bins = pack_items(weight, item_expert, nodes, gpn * s, 16 * num_gpus * s, gpn)
         for n in range(nodes):
             items = node_bins[n]
@@ -174,7 +180,8 @@ def coactivation(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redunda
     if coselection is None or coselection.shape != (layers, experts, experts):
         raise PlacementNotApplicable("coactivation", "needs co-selection counts [layers, experts, experts]")
     base_policy = replicated if redundant_experts else balanced
-    base = base_policy(load, num_gpus=num_gpus, gpus_per_node=gpus_per_node, redundant_experts=redundant_experts)
+    base = base_policy(load, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
+                       redundant_experts=redundant_experts)
     out = np.empty_like(base)
     for layer in range(layers):
         lw = load[layer].astype(np.float64)
@@ -200,7 +207,8 @@ def default_redundant_experts(num_experts: int, num_gpus: int) -> Redundancy:
     """The default redundancy: one extra slot per GPU (R = G), as engines with redundant experts provision.
 
     When E + G does not divide over the G GPUs (E mod G != 0), R is rounded to the nearest value that does
-    (G - E mod G or 2G - E mod G; a tie goes up), so every GPU holds the same number of slots, and the note says so.
+    (G - E mod G or 2G - E mod G; a tie goes up), so every GPU holds the same number of slots, and the note
+    says so.
     """
     if num_experts < 1:
         raise InputError(f"placement: need at least one expert, got {num_experts}")

@@ -42,7 +42,8 @@ class Candidate:
     meets_latency: bool
     meets_target: bool
     price_per_hour: float | None = None  # GPUs x price_per_gpu_hour when the hardware has a price
-    tokens_per_gpu: int = 0  # per-GPU batch of the grid point (0: the batch axis was absolute tokens per step)
+    # per-GPU batch of the grid point (0: the batch axis was absolute tokens per step)
+    tokens_per_gpu: int = 0
     steps: int = 0  # scored steps the prediction rests on
     cost_per_million_tokens: float | None = None  # price_per_hour / (tokens/s x 3600) x 1e6
 
@@ -85,13 +86,14 @@ def price_candidates(summaries: list[VariantSummary], ntoks: list[np.ndarray], p
                 step_ms_p99=float(p99) * 1e3, moe_ms=float(moe.mean()) * 1e3 if moe.size else float("nan"),
                 non_expert_ms=ne_ms,
                 breakdown_ms={k: v * 1e3 for k, v in timing.breakdown.items()} | {"non_expert": ne_ms},
-                tokens_per_s=tokens_per_s, tokens_per_s_per_gpu=tokens_per_s / s.num_gpus, step_imbalance=s.step_imbalance,
-                aggregate_imbalance=s.aggregate_imbalance,
+                tokens_per_s=tokens_per_s, tokens_per_s_per_gpu=tokens_per_s / s.num_gpus,
+                step_imbalance=s.step_imbalance, aggregate_imbalance=s.aggregate_imbalance,
                 leave_node_share=s.leave_node_share, memory_per_gpu_bytes=memory, usable_hbm_bytes=usable,
                 fits_memory=fits, meets_throughput=meets_tp, meets_latency=meets_lat,
                 meets_target=fits and meets_tp and meets_lat, price_per_hour=price,
                 tokens_per_gpu=point.batch if config.per_gpu else 0, steps=s.steps,
-                cost_per_million_tokens=(price / (tokens_per_s * 3600) * 1e6 if price is not None and tokens_per_s > 0
+                cost_per_million_tokens=(price / (tokens_per_s * 3600) * 1e6 if price is not None
+                                         and tokens_per_s > 0
                                          else None),
             ))
     return out
@@ -103,11 +105,11 @@ def _size(c: Candidate, priced: bool) -> float:
 
 
 def pareto_frontier(candidates: list[Candidate], priced: bool = False) -> list[Candidate]:
-    """Memory- and latency-feasible candidates that no other feasible one beats on all three of size (GPUs, or cost
-    per hour when priced), throughput and p95 step time; ordered by size, then throughput.
+    """Memory- and latency-feasible candidates that no other feasible one beats on all three of size (GPUs, or
+    cost per hour when priced), throughput and p95 step time; ordered by size, then throughput.
 
-    With per-GPU batches a larger batch buys throughput with a longer step, so the frontier shows, for each cluster
-    size, the trade between throughput and latency as well as what more GPUs add."""
+    With per-GPU batches a larger batch buys throughput with a longer step, so the frontier shows, for each
+    cluster size, the trade between throughput and latency as well as what more GPUs add."""
     fit = [c for c in candidates if c.fits_memory and c.meets_latency]
     keys = [(_size(c, priced), -c.tokens_per_s, c.step_ms_p95) for c in fit]
     out = []
@@ -143,10 +145,11 @@ def _lacks(c: Candidate, config: PlanConfig) -> str:
 
 
 def recommend(candidates: list[Candidate], config: PlanConfig) -> tuple[Candidate | None, list[str]]:
-    """The goal-meeting candidate with the lowest cost per hour (every GPU priced) or fewest GPUs, then the lowest
-    mean step time; with the reasons."""
+    """The goal-meeting candidate with the lowest cost per hour (every GPU priced) or fewest GPUs, then the
+    lowest mean step time; with the reasons."""
     priced = config.priced
-    ok = sorted((c for c in candidates if c.meets_target), key=lambda c: (_size(c, priced), c.step_ms, c.num_gpus))
+    ok = sorted((c for c in candidates if c.meets_target),
+                key=lambda c: (_size(c, priced), c.step_ms, c.num_gpus))
     target = f"{config.target_tokens_per_s:,.0f} tokens/s"
     lat = f"p95 step <= {config.max_step_ms:g} ms" if config.max_step_ms is not None else "no latency bound"
     reserve = f"{config.hbm_reserve:.0%} of HBM reserved for KV cache and activations"
@@ -163,19 +166,20 @@ def recommend(candidates: list[Candidate], config: PlanConfig) -> tuple[Candidat
         return None, reasons
     rec = ok[0]
     margin = rec.tokens_per_s / config.target_tokens_per_s - 1
-    reasons.append(f"{rec.describe()}: {rec.tokens_per_s:,.0f} tokens/s meets the target {target} by {margin:.0%} "
-                   f"({rec.tokens_per_s_per_gpu:,.0f} per GPU, {rec.mean_tokens_per_step:,.0f} tokens per step "
-                   f"over {rec.steps} scored steps)")
-    bound = (f"within the {config.max_step_ms:g} ms bound ({1 - rec.step_ms_p95 / config.max_step_ms:.0%} headroom)"
+    reasons.append(f"{rec.describe()}: {rec.tokens_per_s:,.0f} tokens/s meets the target {target} by "
+                   f"{margin:.0%} ({rec.tokens_per_s_per_gpu:,.0f} per GPU, {rec.mean_tokens_per_step:,.0f} "
+                   f"tokens per step over {rec.steps} scored steps)")
+    bound = (f"within the {config.max_step_ms:g} ms bound ({1 - rec.step_ms_p95 / config.max_step_ms:.0%} "
+             "headroom)"
              if config.max_step_ms is not None else "no latency bound given (--max-step-ms)")
     reasons.append(f"step time mean {rec.step_ms:.3g} ms, p95 {rec.step_ms_p95:.3g} ms, {bound}; "
                    f"MoE {rec.moe_ms:.3g} ms + non-expert {rec.non_expert_ms:.3g} ms")
     reasons.append(f"memory fits with {(rec.usable_hbm_bytes - rec.memory_per_gpu_bytes) / 1e9:.1f} GB free: "
-                   f"weights {rec.memory_per_gpu_bytes / 1e9:.1f} GB per GPU of {rec.usable_hbm_bytes / 1e9:.1f} GB "
-                   f"usable ({reserve})")
+                   f"weights {rec.memory_per_gpu_bytes / 1e9:.1f} GB per GPU of "
+                   f"{rec.usable_hbm_bytes / 1e9:.1f} GB usable ({reserve})")
     if rec.price_per_hour is not None and rec.cost_per_million_tokens is not None:
-        reasons.append(f"costs {_money(rec.price_per_hour)} for the cluster, {rec.cost_per_million_tokens:.4g} per "
-                       "million tokens at the predicted throughput")
+        reasons.append(f"costs {_money(rec.price_per_hour)} for the cluster, "
+                       f"{rec.cost_per_million_tokens:.4g} per million tokens at the predicted throughput")
     reasons.append(ranking)
     # the next goal-meeting layout in the ranking (another GPU type or count), and what it costs more
     others = [c for c in ok if (c.hardware, c.num_gpus) != (rec.hardware, rec.num_gpus)]
@@ -183,7 +187,8 @@ def recommend(candidates: list[Candidate], config: PlanConfig) -> tuple[Candidat
         nxt = others[0]
         if priced:
             assert nxt.price_per_hour is not None and rec.price_per_hour is not None
-            extra = (f"costs {_money(nxt.price_per_hour)} ({nxt.price_per_hour / rec.price_per_hour - 1:+.0%})"
+            extra = (f"costs {_money(nxt.price_per_hour)} "
+                     f"({nxt.price_per_hour / rec.price_per_hour - 1:+.0%})"
                      if nxt.price_per_hour != rec.price_per_hour else "costs the same but has a longer step "
                      f"({nxt.step_ms:.3g} ms)")
         else:
@@ -200,7 +205,8 @@ def recommend(candidates: list[Candidate], config: PlanConfig) -> tuple[Candidat
             and c.tokens_per_step == rec.tokens_per_step and c.placement != rec.placement]
     failing = [c for c in same if not c.meets_target]
     if failing:
-        worst = ", ".join(f"{c.placement} ({c.tokens_per_s:,.0f} tokens/s, step imbalance {c.step_imbalance:.2f})"
+        worst = ", ".join(f"{c.placement} ({c.tokens_per_s:,.0f} tokens/s, step imbalance "
+                          f"{c.step_imbalance:.2f})"
                           for c in sorted(failing, key=lambda c: c.tokens_per_s)[:3])
         reasons.append(f"on the same GPUs and batch these placements miss the goal: {worst}")
     return rec, reasons

@@ -11,8 +11,8 @@ from simulator.options import ScoringOptions
 from traces.errors import InputError
 
 LATENCY_PERCENTILE = "p95"  # --max-step-ms bounds this percentile of the whole-model step time
-# A regrouped grid point is planned only when the scored part holds at least this many full steps of each phase it
-# replays: fewer would make the mean and p95 rest on one or two steps (and a partial last step).
+# A regrouped grid point is planned only when the scored part holds at least this many full steps of each
+# phase it replays: fewer would make the mean and p95 rest on one or two steps (and a partial last step).
 MIN_FULL_STEPS = 4
 
 
@@ -20,8 +20,9 @@ MIN_FULL_STEPS = 4
 class PlanConfig(ScoringOptions):
     """The grid to sweep and the goal. `moe-sim plan` fills it from its options.
 
-    Batch axis: `tokens_per_gpu` (step = b x GPUs tokens) or `tokens_per_step` (absolute; 0 = the recorded forward
-    passes), not both; with neither, the per-GPU default for the phase (cost_model.DEFAULT_TOKENS_PER_GPU).
+    Batch axis: `tokens_per_gpu` (step = b x GPUs tokens) or `tokens_per_step` (absolute; 0 = the recorded
+    forward passes), not both; with neither, the per-GPU default for the phase
+    (cost_model.DEFAULT_TOKENS_PER_GPU).
     """
 
     target_tokens_per_s: float
@@ -40,8 +41,8 @@ class PlanConfig(ScoringOptions):
         if not self.target_tokens_per_s > 0:
             raise InputError(f"--target-tokens-per-s must be positive, got {self.target_tokens_per_s}")
         if self.tokens_per_step is not None and self.tokens_per_gpu is not None:
-            raise InputError("--tokens-per-step and --tokens-per-gpu are mutually exclusive: give absolute step "
-                             "sizes or per-GPU batches, not both")
+            raise InputError("--tokens-per-step and --tokens-per-gpu are mutually exclusive: give absolute "
+                             "step sizes or per-GPU batches, not both")
         if self.tokens_per_step is None and self.tokens_per_gpu is None:
             self.tokens_per_gpu = list(DEFAULT_TOKENS_PER_GPU[self.phase])
         if not self.hardware or not self.gpus or not self.placements or not self.redundant_experts \
@@ -82,7 +83,8 @@ class PlanConfig(ScoringOptions):
 
 
 def parse_gpu_hour_cost(text: str) -> dict[str, float]:
-    """`--gpu-hour-cost h100=2.5,b200=6` -> {"h100": 2.5, "b200": 6.0} (prices per GPU-hour, the user's currency)."""
+    """`--gpu-hour-cost h100=2.5,b200=6` -> {"h100": 2.5, "b200": 6.0} (prices per GPU-hour, the user's
+    currency)."""
     prices: dict[str, float] = {}
     for item in (t.strip() for t in text.split(",")):
         if not item:
@@ -101,12 +103,15 @@ def parse_gpu_hour_cost(text: str) -> dict[str, float]:
 
 
 def apply_prices(hardware: list[GpuSpec], prices: dict[str, float]) -> list[GpuSpec]:
-    """Set price_per_gpu_hour on the swept GPUs named in prices (a price given here overrides a hardware file's)."""
+    """Set price_per_gpu_hour on the swept GPUs named in prices (a price given here overrides a hardware
+    file's)."""
     names = {g.name.lower() for g in hardware}
     unknown = sorted(set(prices) - names)
     if unknown:
-        raise InputError(f"--gpu-hour-cost: {', '.join(unknown)} not in --hardware ({', '.join(sorted(names))})")
-    return [dataclasses.replace(g, price_per_gpu_hour=prices[g.name.lower()]) if g.name.lower() in prices else g
+        raise InputError(f"--gpu-hour-cost: {', '.join(unknown)} not in --hardware "
+                         f"({', '.join(sorted(names))})")
+    return [dataclasses.replace(g, price_per_gpu_hour=prices[g.name.lower()]) if g.name.lower() in prices
+            else g
             for g in hardware]
 
 

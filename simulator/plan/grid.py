@@ -19,7 +19,8 @@ from traces.schema import PHASE_DECODE, PHASE_NAMES, PHASE_PREFILL
 
 @dataclass(frozen=True)
 class GridPoint:
-    """One (GPU count, placement, redundancy, batch) point: its kernel variants (one per phase replayed apart)."""
+    """One (GPU count, placement, redundancy, batch) point: its kernel variants (one per phase replayed
+    apart)."""
 
     variant: Variant  # the point as one variant (phase -1), for labels and the summary
     batch: int  # per-GPU batch, or absolute tokens per step
@@ -48,14 +49,16 @@ def too_short(config: PlanConfig, step: int, num_gpus: int, batch: int, scored: 
         return None
     size = f"{batch} tokens/GPU x {num_gpus} GPUs = {step:,} tokens per step" if config.per_gpu \
         else f"{step:,} tokens per step"
-    have = ", ".join(f"{scored[p]:,} scored {PHASE_NAMES[p]} tokens ({scored[p] // step} full steps)" for p in short)
+    have = ", ".join(f"{scored[p]:,} scored {PHASE_NAMES[p]} tokens ({scored[p] // step} full steps)"
+                     for p in short)
     return (f"{size} needs {config.min_full_steps} full steps per phase; the trace has {have} "
             "(record a longer trace, or lower the batch)")
 
 
 def grid_points(trace: Trace, config: PlanConfig, stats: Any,
                 scored: np.ndarray) -> tuple[list[GridPoint], list[Variant], list[str]]:
-    """Fit every (GPU count, policy, redundancy) once and pair it with every batch; the variants of one pass."""
+    """Fit every (GPU count, policy, redundancy) once and pair it with every batch; the variants of one
+    pass."""
     meta = trace.metadata
     points: list[GridPoint] = []
     variants: list[Variant] = []
@@ -86,17 +89,20 @@ def grid_points(trace: Trace, config: PlanConfig, stats: Any,
                                    if scored[p] > 0]
                     else:
                         members = [point]
-                    points.append(GridPoint(point, b, tuple(range(len(variants), len(variants) + len(members)))))
+                    points.append(GridPoint(point, b,
+                                            tuple(range(len(variants), len(variants) + len(members)))))
                     variants.extend(members)
     if not points:
-        raise InputError("plan: no grid point can be built or planned; " + (skipped[0] if skipped else "empty grid"))
+        raise InputError("plan: no grid point can be built or planned; "
+                         + (skipped[0] if skipped else "empty grid"))
     return points, variants, skipped
 
 
-def step_prefill_flags(seg: Segment, variants: list[Variant], members: tuple[int, ...], phase: str) -> np.ndarray:
-    """[steps] True for prefill steps of a grid point, in merge_groups' step order (members in order). A member
-    replaying one phase (split, or --phase) knows its steps' phase; recorded steps of both phases count as decode
-    (the non-expert model's conservative side for attention over a cache)."""
+def step_prefill_flags(seg: Segment, variants: list[Variant], members: tuple[int, ...],
+                       phase: str) -> np.ndarray:
+    """[steps] True for prefill steps of a grid point, in merge_groups' step order (members in order). A
+    member replaying one phase (split, or --phase) knows its steps' phase; recorded steps of both phases count
+    as decode (the non-expert model's conservative side for attention over a cache)."""
     flags = []
     for m in members:
         n = sum(a.size for a in seg.step_ntok[m])  # steps of member m, without joining its arrays

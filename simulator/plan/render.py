@@ -1,5 +1,5 @@
-"""`render_plan(result) -> str`: the frontier (or every grid point) with its legend, skipped points, what priced
-each GPU type, and the recommendation with its reasons."""
+"""`render_plan(result) -> str`: the frontier (or every grid point) with its legend, skipped points, what
+priced each GPU type, and the recommendation with its reasons."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from simulator import metrics, tables, units
 from simulator.plan import Candidate, PlanResult
 
 
-def render_plan(result: PlanResult, *, show_all: bool = False, width: int | None = None, color: bool = False) -> str:
+def render_plan(result: PlanResult, *, show_all: bool = False, width: int | None = None,
+                color: bool = False) -> str:
     """Everything `moe-sim plan` prints, as text (rich markup as colour only with `color`)."""
     rows = result.candidates if show_all else list(result.frontier)
     if result.recommendation is not None and result.recommendation not in rows:
@@ -23,8 +24,8 @@ def render_plan(result: PlanResult, *, show_all: bool = False, width: int | None
         items.append(f"[dim]skipped {len(points)} grid point(s) that cannot be built or planned: {shown} "
                      f"(first reason: {first}; --json lists every reason)[/dim]")
     for name, priced in result.pricing.items():
-        items.append(f"[dim]{name}: expert time {priced['expert_time']}; non-expert {priced['non_expert_time']}; "
-                     f"all-to-all {priced['all_to_all']}[/dim]")
+        items.append(f"[dim]{name}: expert time {priced['expert_time']}; non-expert "
+                     f"{priced['non_expert_time']}; all-to-all {priced['all_to_all']}[/dim]")
     items.append(f"[bold]{'Recommendation' if result.recommendation else 'No recommendation'}[/bold]")
     items += [f"  - {reason}" for reason in result.reasons]
     return tables.to_text(*items, width=width, color=color)
@@ -37,8 +38,8 @@ def _batch_cell(c: Candidate) -> str:
 
 
 def plan_table(result: PlanResult, rows: list[Candidate], title: str) -> Table:
-    """One row per candidate layout (fits 120 columns); whole-model step times. When priced, cost per hour and per
-    million tokens take the place of tokens/s per GPU and imbalance (both stay in --json)."""
+    """One row per candidate layout (fits 120 columns); whole-model step times. When priced, cost per hour and
+    per million tokens take the place of tokens/s per GPU and imbalance (both stay in --json)."""
     priced = any(c.price_per_hour is not None for c in rows)
     per_gpu = any(c.tokens_per_gpu for c in rows)
     columns = [("GPUs", "left"), ("placement", "left"),
@@ -51,7 +52,8 @@ def plan_table(result: PlanResult, rows: list[Candidate], title: str) -> Table:
                  f"{metrics.STEP_IMBALANCE}; ")
               + "memory/GPU: expert weights with replicas plus non-expert weights; fits: memory within HBM x "
               "(1 - reserve); meets: fits, reaches the target throughput and keeps p95 within --max-step-ms")
-    table = tables.table(title, columns + [("memory\n/GPU", "right"), ("fits", "right"), ("meets", "right")], legend)
+    table = tables.table(title, columns + [("memory\n/GPU", "right"), ("fits", "right"), ("meets", "right")],
+                         legend)
     for c in rows:
         cells = [f"{c.num_gpus} x {c.hardware}", c.placement, _batch_cell(c), units.seconds(c.step_ms / 1e3),
                  units.seconds(c.step_ms_p95 / 1e3), units.si(c.tokens_per_s)]

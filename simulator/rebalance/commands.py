@@ -1,4 +1,5 @@
-"""`moe-sim rebalance`: parse options into a RebalanceConfig, replay it, print the table and the advice (or JSON)."""
+"""`moe-sim rebalance`: parse options into a RebalanceConfig, replay it, print the table and the advice (or
+JSON)."""
 
 from __future__ import annotations
 
@@ -25,14 +26,15 @@ def every_option(text: str | None) -> tuple[int, ...]:
 
 
 def rebalance_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options shared by `moe-sim rebalance` and `moe-sim report`: the schedule and the layout it is fitted for."""
+    """Options shared by `moe-sim rebalance` and `moe-sim report`: the schedule and the layout it is fitted
+    for."""
     options = [
         click.option("--rebalance-every", "rebalance_every", default=None, metavar="W[,W...]",
                      help="Refit the placement every W steps (comma-separated to compare several; default: a "
                           "spread from 1 step to the trace's length)."),
         click.option("--window", type=int, default=None, metavar="N",
-                     help="Each refit uses the load of the last N steps (default: an eighth of the steps, at most "
-                          "1000). The first N steps are only fitted on, never scored."),
+                     help="Each refit uses the load of the last N steps (default: an eighth of the steps, at "
+                          "most 1000). The first N steps are only fitted on, never scored."),
         click.option("--tokens-per-step", type=int, default=0, show_default=True,
                      help="Regroup tokens into steps of this many (0: the recorded forward passes)."),
         click.option("--phase", type=click.Choice(list(PHASES)), default="all", show_default=True,
@@ -51,15 +53,17 @@ def rebalance_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @rebalance_options
 @click.option("--gpus", type=int, default=8, show_default=True, help="Number of GPUs serving the experts.")
 @click.option("--placement", "policy", default="balanced", show_default=True,
-              help="Policy refitted at each rebalance: balanced, replicated, replicated-hier, contiguous, round-robin.")
+              help="Policy refitted at each rebalance: balanced, replicated, replicated-hier, contiguous, "
+                   "round-robin.")
 @click.option("--redundant-experts", type=int, default=0, show_default=True,
               help="Extra expert slots for the replicated policies.")
 @click.option("--hardware", default="h100", show_default=True,
               help="GPU preset or YAML/JSON file whose scale-up bandwidth prices the weight moves.")
 @click.option("--margin", type=float, default=DEFAULT_MARGIN, show_default=True,
-              help="Recommend refitting only when it lowers the step imbalance, moves included, by this fraction "
-                   "against the fixed placement.")
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout instead of a table.")
+              help="Recommend refitting only when it lowers the step imbalance, moves included, by this "
+                   "fraction against the fixed placement.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the results as JSON on stdout instead of a table.")
 @click.option("--series", is_flag=True, help="With --json, include every scored step's imbalance.")
 def rebalance(trace: tuple[str, ...], rebalance_every: str | None, window: int | None, tokens_per_step: int,
               phase: str, gpus_per_node: int, quiet: bool, gpus: int, policy: str, redundant_experts: int,
@@ -73,8 +77,9 @@ def rebalance(trace: tuple[str, ...], rebalance_every: str | None, window: int |
     """
     config = RebalanceConfig(
         every=every_option(rebalance_every), window=window, policy=policy, num_gpus=gpus,
-        gpus_per_node=gpus_per_node, redundant_experts=redundant_experts, phase=None if phase == "all" else phase,
-        tokens_per_step=tokens_per_step or None, hardware=load_hardware(hardware), margin=margin,
+        gpus_per_node=gpus_per_node, redundant_experts=redundant_experts,
+        phase=None if phase == "all" else phase, tokens_per_step=tokens_per_step or None,
+        hardware=load_hardware(hardware), margin=margin,
     )
     with open_trace(list(trace)) as tr:
         config.fit_function(tr.metadata.num_experts)  # a layout the policy cannot fill fails before the bar

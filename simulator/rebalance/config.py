@@ -1,4 +1,5 @@
-"""A rebalance replay on a trace: the config (with its defaults for the window and the intervals), and the run."""
+"""A rebalance replay on a trace: the config (with its defaults for the window and the intervals), and the
+run."""
 
 from __future__ import annotations
 
@@ -25,19 +26,22 @@ WINDOW_CAP = 1000  # vLLM's EPLB default window, in steps
 class RebalanceConfig:
     """What `moe-sim rebalance` and the report's rebalance section replay.
 
-    Left empty, `every` and `window` come from the trace's step count (default_intervals, default_window) when the
-    config is resolved against it (`resolve`, which rebalance_trace does).
+    Left empty, `every` and `window` come from the trace's step count (default_intervals, default_window) when
+    the config is resolved against it (`resolve`, which rebalance_trace does).
     """
 
-    every: tuple[int, ...] = ()  # W values: steps between refits; (): a spread from 1 step to the trace's length
+    # W values: steps between refits; (): a spread from 1 step to the trace's length
+    every: tuple[int, ...] = ()
     window: int | None = None  # N: steps of load each refit looks at; None: default_window
     policy: str = "balanced"  # placement policy refitted each time (a load-only policy)
     num_gpus: int = 8
     gpus_per_node: int = 8
     redundant_experts: int = 0
     phase: str | None = None  # "prefill", "decode" or None for both
-    tokens_per_step: int | None = None  # regroup tokens into steps of this size; None: recorded forward passes
-    hardware: GpuSpec = field(default_factory=lambda: GpuSpec.from_name("h100"))  # prices expert time and weight moves
+    # regroup tokens into steps of this size; None: recorded forward passes
+    tokens_per_step: int | None = None
+    # prices expert time and weight moves
+    hardware: GpuSpec = field(default_factory=lambda: GpuSpec.from_name("h100"))
     margin: float = DEFAULT_MARGIN  # refit only when it beats the fixed placement by this fraction
 
     def __post_init__(self) -> None:
@@ -57,16 +61,17 @@ class RebalanceConfig:
     def fit_function(self, num_experts: int) -> FitFn:
         """load [L, E] -> slots [L, G, S] with the configured policy.
 
-        The first fit goes through placement.fit_placement, which validates the layout and the slots; refits call the
-        policy's pure function from the POLICIES registry directly, skipping the per-fit validation of the Placement
-        object (a Python loop per layer and GPU that would otherwise dominate a replay with thousands of refits). That
-        is safe because every policy gives legal slots on any load, sparse or all-zero windows included (property
-        test in tests/test_sim_placement.py).
+        The first fit goes through placement.fit_placement, which validates the layout and the slots; refits
+        call the policy's pure function from the POLICIES registry directly, skipping the per-fit validation
+        of the Placement object (a Python loop per layer and GPU that would otherwise dominate a replay with
+        thousands of refits). That is safe because every policy gives legal slots on any load, sparse or
+        all-zero windows included (property test in tests/test_sim_placement.py).
         """
         from simulator.placement import NEEDS_COSELECTION, POLICIES, USES_REDUNDANCY, fit_placement
 
         if self.policy in NEEDS_COSELECTION:
-            raise InputError(f"--placement {self.policy}: rebalancing refits from load alone; choose a load policy")
+            raise InputError(f"--placement {self.policy}: rebalancing refits from load alone; choose a load "
+                             "policy")
         try:
             fit_placement(self.policy, np.ones((1, num_experts)), num_gpus=self.num_gpus,
                           gpus_per_node=self.gpus_per_node, redundant_experts=self.redundant_experts)
@@ -94,11 +99,12 @@ class RebalanceConfig:
         }
 
     def resolve(self, trace: Trace, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> RebalanceConfig:
-        """This config with the window and intervals filled in from the trace's step count (a cheap pass over the
-        step and phase columns, skipped when both are given)."""
+        """This config with the window and intervals filled in from the trace's step count (a cheap pass over
+        the step and phase columns, skipped when both are given)."""
         if self.every and self.window is not None:
             return self
-        steps = count_steps(trace, phase=self.phase, tokens_per_step=self.tokens_per_step, chunk_tokens=chunk_tokens)
+        steps = count_steps(trace, phase=self.phase, tokens_per_step=self.tokens_per_step,
+                            chunk_tokens=chunk_tokens)
         window = self.window if self.window is not None else default_window(steps)
         return dataclasses.replace(self, window=window, every=self.every or default_intervals(steps, window))
 
@@ -110,8 +116,9 @@ def rebalance_trace(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: Callable[[int], None] | None = None,
 ) -> list[RebalanceResult]:
-    """Replay every interval in config.every over the trace: one streamed pass, two when an interval is too long to
-    hold its steps in memory (progress then counts both). Defaults are filled in first (RebalanceConfig.resolve)."""
+    """Replay every interval in config.every over the trace: one streamed pass, two when an interval is too
+    long to hold its steps in memory (progress then counts both). Defaults are filled in first
+    (RebalanceConfig.resolve)."""
     meta = trace.metadata
     config = config.resolve(trace, chunk_tokens)
     assert config.window is not None
@@ -122,8 +129,9 @@ def rebalance_trace(
                                chunk_tokens=chunk_tokens, progress=progress)
 
     # weights move at the serving precision the cost model assumes (BF16), as the replay prices weight reads
-    return replay_rebalance(loads, fit, every=config.every, window=config.window, num_experts=meta.num_experts,
-                            expert_bytes=int(expert_weight_bytes(meta)), gpus_per_node=config.gpus_per_node,
+    return replay_rebalance(loads, fit, every=config.every, window=config.window,
+                            num_experts=meta.num_experts, expert_bytes=int(expert_weight_bytes(meta)),
+                            gpus_per_node=config.gpus_per_node,
                             settings=config.settings(), prices=RefitPrices.for_gpu(config.hardware, meta))
 
 
@@ -134,14 +142,17 @@ def passes_needed(every: Sequence[int], num_layers: int, num_experts: int) -> in
 
 
 def default_window(steps: int) -> int:
-    """Window N when none is given: an eighth of the trace's steps, at most WINDOW_CAP (vLLM's EPLB window)."""
+    """Window N when none is given: an eighth of the trace's steps, at most WINDOW_CAP (vLLM's EPLB
+    window)."""
     return max(1, min(WINDOW_CAP, steps // 8))
 
 
 def default_intervals(steps: int, window: int) -> tuple[int, ...]:
-    """Refit intervals worth comparing on a trace of `steps` steps: powers of ~3 from 1 up to the scored length."""
+    """Refit intervals worth comparing on a trace of `steps` steps: powers of ~3 from 1 up to the scored
+    length."""
     scored = max(1, steps - window)
     candidates = [1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000]
-    # at most MAX_REFITS refits per interval keeps the sweep quick; an interval as long as the trace means "never"
+    # at most MAX_REFITS refits per interval keeps the sweep quick; an interval as long as the trace means
+    # "never"
     picked = tuple(w for w in candidates if w <= scored and scored / w <= MAX_REFITS)
     return picked or (scored,)

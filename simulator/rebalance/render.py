@@ -5,12 +5,13 @@ from __future__ import annotations
 from simulator import metrics, tables, units
 from simulator.rebalance.result import UNIT_PRICES, RebalanceAdvice, RebalanceResult
 
-LEGEND = ("fixed: fitted once on the first window and never moved; oracle: fitted on each interval's own steps "
-          "(hindsight, the best a refit could do); refit: fitted every W steps from the last N steps; "
-          f"{metrics.STEP_IMBALANCE}; step p95: of each step's own imbalance; moved / refit: expert weights sent per "
-          "refit; time / step: the refit schedule's predicted expert time per step (roofline: the slowest GPU's "
-          "max(compute, weight reads) per layer) plus its moves (the busiest receiver's bytes at the peak scale-up "
-          "bandwidth) spread over the scored steps; vs fixed: that time against the fixed placement's")
+LEGEND = ("fixed: fitted once on the first window and never moved; oracle: fitted on each interval's own "
+          "steps (hindsight, the best a refit could do); refit: fitted every W steps from the last N steps; "
+          f"{metrics.STEP_IMBALANCE}; step p95: of each step's own imbalance; moved / refit: expert weights "
+          "sent per refit; time / step: the refit schedule's predicted expert time per step (roofline: the "
+          "slowest GPU's max(compute, weight reads) per layer) plus its moves (the busiest receiver's bytes "
+          "at the peak scale-up bandwidth) spread over the scored steps; vs fixed: that time against the "
+          "fixed placement's")
 
 
 def step_time(r: RebalanceResult) -> str:
@@ -34,8 +35,9 @@ def render_rebalance(results: list[RebalanceResult], advice: RebalanceAdvice, *,
         table.add_row(
             str(r.every), str(r.rebalances), units.sig(r.step_imbalance("rebalanced")),
             units.sig(r.percentile("rebalanced", 95)), units.sig(r.step_imbalance("fixed")),
-            units.sig(r.step_imbalance("oracle")), units.nbytes(float(r.moved_bytes.mean())) if r.rebalances else "0 B",
-            step_time(r), f"{-r.gain():+.1%}",
+            units.sig(r.step_imbalance("oracle")),
+            units.nbytes(float(r.moved_bytes.mean())) if r.rebalances else "0 B", step_time(r),
+            f"{-r.gain():+.1%}",
         )
     head = "Refit" if advice.every is not None else "Don't refit"
     return tables.to_text(table, f"[bold]{head}[/bold]: {advice.reason}.", width=width, color=color)

@@ -1,7 +1,7 @@
 """What a rebalance replay found: per-schedule scores, the price of moving weights, and the advice.
 
-Imbalance figures are simulator.metrics': the headline step imbalance (token-weighted), the aggregate imbalance, and
-percentiles of each step's own ratio.
+Imbalance figures are simulator.metrics': the headline step imbalance (token-weighted), the aggregate
+imbalance, and percentiles of each step's own ratio.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ UNIT_PRICES = "unit prices"  # RefitPrices.unit's name: times are busiest-GPU lo
 class RefitPrices:
     """What a step's expert work and a refit's weight moves cost on one GPU type (the roofline, uncalibrated).
 
-    A step's expert time is, per layer, the slowest GPU's max(assignments x seconds_per_assignment, experts with
-    work x seconds_per_expert_read), summed over layers: the cost model's roofline with the effective FLOP/s and HBM
-    bandwidth (dispatch and combine are left out: a refit does not change them much). A refit's moves take the
-    busiest receiver's bytes over the peak scale-up bandwidth (the receivers fetch in parallel; peak, so the move
-    time is never overstated and a "don't refit" verdict holds a fortiori).
+    A step's expert time is, per layer, the slowest GPU's max(assignments x seconds_per_assignment, experts
+    with work x seconds_per_expert_read), summed over layers: the cost model's roofline with the effective
+    FLOP/s and HBM bandwidth (dispatch and combine are left out: a refit does not change them much). A refit's
+    moves take the busiest receiver's bytes over the peak scale-up bandwidth (the receivers fetch in parallel;
+    peak, so the move time is never overstated and a "don't refit" verdict holds a fortiori).
     """
 
     hardware: str
@@ -60,10 +60,10 @@ class RefitPrices:
 class RebalanceResult:
     """Scores of one (W, N) schedule; name is one of SCHEDULES.
 
-    per_step: name -> [scored steps] each step's own imbalance; peak_load / mean_load: name -> the scored steps' sums
-    of the layer-summed busiest and mean GPU load (their ratio is the step imbalance); gpu_load: name -> [L, G] load
-    per GPU over the scored steps (the oracle's GPUs numbered as each of its fits has them); expert_seconds: name ->
-    predicted expert time summed over the scored steps (RefitPrices).
+    per_step: name -> [scored steps] each step's own imbalance; peak_load / mean_load: name -> the scored
+    steps' sums of the layer-summed busiest and mean GPU load (their ratio is the step imbalance); gpu_load:
+    name -> [L, G] load per GPU over the scored steps (the oracle's GPUs numbered as each of its fits has
+    them); expert_seconds: name -> predicted expert time summed over the scored steps (RefitPrices).
     """
 
     every: int
@@ -77,7 +77,8 @@ class RebalanceResult:
     gpu_load: dict[str, np.ndarray]
     expert_seconds: dict[str, float]
     moved_copies: np.ndarray  # [rebalances] expert copies sent to GPUs at each refit
-    busiest_copies: np.ndarray  # [rebalances] copies received by the GPU that receives the most, at each refit
+    # [rebalances] copies received by the GPU that receives the most, at each refit
+    busiest_copies: np.ndarray
     expert_bytes: int  # bytes of one expert's weights
     prices: RefitPrices = field(default_factory=RefitPrices.unit)
     settings: dict[str, Any] = field(default_factory=dict)  # policy, GPUs, redundancy, phase, ...
@@ -111,7 +112,8 @@ class RebalanceResult:
         return self.seconds_per_step("rebalanced") + self.move_seconds_per_step()
 
     def gain(self) -> float:
-        """How much shorter than the fixed placement's a rebalanced step is, moves included (negative: longer)."""
+        """How much shorter than the fixed placement's a rebalanced step is, moves included (negative:
+        longer)."""
         fixed = self.seconds_per_step("fixed")
         return 1 - self.seconds_with_moves() / fixed if fixed > 0 else 0.0
 
@@ -155,7 +157,8 @@ class RebalanceResult:
 
 @dataclass(frozen=True)
 class RebalanceAdvice:
-    """Refit every `every` steps, or keep the fixed placement (every None); with the reason in one sentence."""
+    """Refit every `every` steps, or keep the fixed placement (every None); with the reason in one
+    sentence."""
 
     every: int | None
     reason: str
@@ -179,17 +182,18 @@ def advise(results: list[RebalanceResult], margin: float = DEFAULT_MARGIN) -> Re
         return f"{units.sig(x)} load" if unit else units.seconds(x)
 
     what = (f"step imbalance {best.step_imbalance('rebalanced'):.3f} against {fixed:.3f} fixed; expert time "
-            f"{time(best.seconds_per_step('rebalanced'))} + moves {time(best.move_seconds_per_step())} per step "
-            f"against {time(fixed_time)} fixed" + ("" if unit else f" on {best.prices.hardware}")
+            f"{time(best.seconds_per_step('rebalanced'))} + moves {time(best.move_seconds_per_step())} per "
+            f"step against {time(fixed_time)} fixed" + ("" if unit else f" on {best.prices.hardware}")
             + f", moving {units.nbytes(float(best.moved_bytes.sum()) / max(best.rebalances, 1))} per refit")
     if best.rebalances and gain >= margin:
-        return RebalanceAdvice(best.every, f"refit every {best.every} steps: {gain:.1%} shorter steps than the "
+        return RebalanceAdvice(best.every,
+                               f"refit every {best.every} steps: {gain:.1%} shorter steps than the "
                                f"fixed placement, over the {margin:.0%} margin ({what})", margin)
     if not best.rebalances:
         why = "no interval refits within the scored steps"
     elif gain > 0:
-        why = (f"the best interval, every {best.every} steps, is only {gain:.1%} shorter, under the {margin:.0%} "
-               f"margin ({what})")
+        why = (f"the best interval, every {best.every} steps, is only {gain:.1%} shorter, under the "
+               f"{margin:.0%} margin ({what})")
     else:
         why = f"no interval is shorter once its moves are counted; the best, every {best.every} steps: {what}"
     return RebalanceAdvice(None, f"keep the fixed placement: {why}", margin)

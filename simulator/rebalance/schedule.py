@@ -1,5 +1,5 @@
-"""The replay of refit schedules over per-step loads: rebalanced every W steps from the last N, against fixed and
-oracle placements scored on the same steps (the package docstring explains the schedules).
+"""The replay of refit schedules over per-step loads: rebalanced every W steps from the last N, against fixed
+and oracle placements scored on the same steps (the package docstring explains the schedules).
 
 Shape legend: L MoE layers, E experts, G GPUs, S slots per GPU, B steps scored together.
 """
@@ -22,12 +22,12 @@ FitFn = Callable[[np.ndarray], np.ndarray]  # load [L, E] -> slots [L, G, S]
 class RebalanceReplay:
     """One (W, N) schedule over the per-step loads [L, E], pushed in order.
 
-    Steps 0..N-1 are the warm-up window. At scored step t = N + j*W the rebalanced placement is refitted from steps
-    [t-N, t); the fixed placement is the fit at j = 0; both are scored on every step as it comes (in small blocks).
-    The oracle of an interval is fitted on the interval's own load, so its steps can only be scored once the
-    interval is complete: intervals of up to `buffer_steps` steps are held and scored when they close; longer ones
-    keep only their [L, E] sum, and their steps are scored in a second pass (push_oracle). Memory is thus the window,
-    at most buffer_steps steps, and one sum per long interval.
+    Steps 0..N-1 are the warm-up window. At scored step t = N + j*W the rebalanced placement is refitted from
+    steps [t-N, t); the fixed placement is the fit at j = 0; both are scored on every step as it comes (in
+    small blocks). The oracle of an interval is fitted on the interval's own load, so its steps can only be
+    scored once the interval is complete: intervals of up to `buffer_steps` steps are held and scored when
+    they close; longer ones keep only their [L, E] sum, and their steps are scored in a second pass
+    (push_oracle). Memory is thus the window, at most buffer_steps steps, and one sum per long interval.
     """
 
     BLOCK = 256  # steps scored together
@@ -56,7 +56,8 @@ class RebalanceReplay:
         self._peaks: dict[str, list[np.ndarray]] = {name: [] for name in SCHEDULES}
         self._means: dict[str, list[np.ndarray]] = {name: [] for name in SCHEDULES}
         self._gpu_load: dict[str, np.ndarray] = {}  # schedule -> [L, G] load summed over the scored steps
-        self._seconds: dict[str, float] = dict.fromkeys(SCHEDULES, 0.0)  # schedule -> expert seconds, scored steps
+        # schedule -> expert seconds, scored steps
+        self._seconds: dict[str, float] = dict.fromkeys(SCHEDULES, 0.0)
         self._moved: list[int] = []
         self._busiest: list[int] = []
         self._oracle_step = 0
@@ -181,7 +182,8 @@ class RebalanceReplay:
         self._close_interval()
         if self.steps <= self.window:
             raise InputError(
-                f"--window {self.window}: the trace has only {self.steps} steps, none left to score after the window"
+                f"--window {self.window}: the trace has only {self.steps} steps, none left to score after "
+                "the window"
             )
 
 
@@ -200,8 +202,8 @@ def replay_rebalance(
 ) -> list[RebalanceResult]:
     """Replay several rebalance intervals (one result per value of `every`) over the per-step loads.
 
-    step_loads() must yield the same per-step loads [L, E] each time it is called: it is called a second time only
-    when an interval is too long to hold in memory (RebalanceReplay.needs_second_pass).
+    step_loads() must yield the same per-step loads [L, E] each time it is called: it is called a second time
+    only when an interval is too long to hold in memory (RebalanceReplay.needs_second_pass).
     """
     replays = [RebalanceReplay(w, window, fit, num_experts, expert_bytes, gpus_per_node, buffer_steps, prices)
                for w in every]

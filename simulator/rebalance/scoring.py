@@ -1,6 +1,7 @@
 """Scoring a placement on per-step loads, and what a refit moves (pure functions).
 
-Shape legend: W steps, L MoE layers, E experts, G GPUs, S slots per GPU. slots: [L, G, S] expert id per slot, -1 empty.
+Shape legend: W steps, L MoE layers, E experts, G GPUs, S slots per GPU. slots: [L, G, S] expert id per slot,
+-1 empty.
 """
 
 from __future__ import annotations
@@ -33,17 +34,19 @@ def step_peaks_means(loads: np.ndarray, share: np.ndarray) -> tuple[np.ndarray, 
 
 
 def score_steps(loads: np.ndarray, share: np.ndarray, seconds_per_assignment: float = 1.0,
-                seconds_per_expert_read: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """step_peaks_means; each GPU's load summed over the steps [L, G] (for the aggregate imbalance); and each step's
-    roofline expert time [W]: per layer the slowest GPU's max(load x seconds_per_assignment, experts with work x
-    seconds_per_expert_read), summed over layers (result.RefitPrices)."""
+                seconds_per_expert_read: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                               np.ndarray]:
+    """step_peaks_means; each GPU's load summed over the steps [L, G] (for the aggregate imbalance); and each
+    step's roofline expert time [W]: per layer the slowest GPU's max(load x seconds_per_assignment, experts
+    with work x seconds_per_expert_read), summed over layers (result.RefitPrices)."""
     per_layer = loads.astype(np.float64).transpose(1, 0, 2)  # [L, W, E]
     gpu = np.matmul(per_layer, share)  # [L, W, G]
     seconds = gpu * seconds_per_assignment
     if seconds_per_expert_read > 0:
         active = np.matmul((per_layer > 0).astype(np.float64), (share > 0).astype(np.float64))  # [L, W, G]
         seconds = np.maximum(seconds, active * seconds_per_expert_read)
-    return gpu.max(axis=2).sum(axis=0), gpu.mean(axis=2).sum(axis=0), gpu.sum(axis=1), seconds.max(axis=2).sum(axis=0)
+    return (gpu.max(axis=2).sum(axis=0), gpu.mean(axis=2).sum(axis=0), gpu.sum(axis=1),
+            seconds.max(axis=2).sum(axis=0))
 
 
 def presence(slots: np.ndarray, num_experts: int) -> np.ndarray:
@@ -54,22 +57,24 @@ def presence(slots: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 def copies_received(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarray:
-    """[G] (layer, expert) copies each GPU holds in `new` but not in `old`: the weights it receives when switching."""
+    """[G] (layer, expert) copies each GPU holds in `new` but not in `old`: the weights it receives when
+    switching."""
     return (presence(new, num_experts) & ~presence(old, num_experts)).sum(axis=(0, 2))
 
 
 def copies_moved(old: np.ndarray, new: np.ndarray, num_experts: int) -> int:
-    """(layer, GPU, expert) copies held by `new` but not by `old`: weights to send when switching. slots [L, G, S]."""
+    """(layer, GPU, expert) copies held by `new` but not by `old`: weights to send when switching. slots [L,
+    G, S]."""
     return int(copies_received(old, new, num_experts).sum())
 
 
 def align_gpus(old: np.ndarray, new: np.ndarray, num_experts: int, gpus_per_node: int) -> np.ndarray:
     """`new` with its GPUs renumbered to keep as many experts as possible where `old` has them.
 
-    A policy refitted from scratch may put the same groups of experts on differently numbered GPUs; renumbering
-    changes no GPU's load, only how many weights must move. Nodes are matched as wholes first, then GPUs inside each
-    matched pair of nodes, so a placement's node grouping survives. Both matchings maximise shared experts
-    (linear assignment). old, new: [L, G, S] -> [L, G, S].
+    A policy refitted from scratch may put the same groups of experts on differently numbered GPUs;
+    renumbering changes no GPU's load, only how many weights must move. Nodes are matched as wholes first,
+    then GPUs inside each matched pair of nodes, so a placement's node grouping survives. Both matchings
+    maximise shared experts (linear assignment). old, new: [L, G, S] -> [L, G, S].
     """
     from scipy.optimize import linear_sum_assignment
 

@@ -20,7 +20,8 @@ _PIECE_ENTRIES = 1 << 22  # bound on a per-step bincount's size: [steps in piece
 
 @cache
 def phase_stride() -> int:
-    """Key distance between the phases' regrouped steps, as kernels.step_key lays keys out (one definition)."""
+    """Key distance between the phases' regrouped steps, as kernels.step_key lays keys out (one
+    definition)."""
     return int(kernels.step_key(1, 0, 0, 1)) - int(kernels.step_key(0, 0, 0, 1))
 
 
@@ -36,16 +37,18 @@ def iter_step_loads(
 
     A step is a recorded forward pass (consecutive tokens sharing a `step` value), or, with tokens_per_step B,
     each B consecutive tokens of one phase (kernels.step_key): prefill and decode fill steps apart, as
-    plan regroups them, so a phase switch does not cut a step short; a regrouped step is yielded when its phase's
-    next step begins (or at the end), so steps come in the order they complete. phase ("prefill" / "decode")
-    keeps only that phase's tokens ("all" or None: both). A step that spans chunk boundaries is yielded once, whole.
+    plan regroups them, so a phase switch does not cut a step short; a regrouped step is yielded when its
+    phase's next step begins (or at the end), so steps come in the order they complete. phase ("prefill" /
+    "decode") keeps only that phase's tokens ("all" or None: both). A step that spans chunk boundaries is
+    yielded once, whole.
     """
     if tokens_per_step is not None and tokens_per_step < 1:
         raise InputError(f"--tokens-per-step must be at least 1, not {tokens_per_step}")
     meta = trace.metadata
     L, E = meta.num_moe_layers, meta.num_experts
     phase_code = _phase_code(phase)
-    # open steps, possibly unfinished, by lane: one lane for recorded passes, one per phase for regrouped steps
+    # open steps, possibly unfinished, by lane: one lane for recorded passes, one per phase for regrouped
+    # steps
     pending: dict[int, tuple[int, np.ndarray]] = {}
     kept = np.zeros(2, dtype=np.int64)  # tokens kept so far per phase (for tokens_per_step grouping)
     piece_tokens = max(1, _PIECE_ENTRIES // (L * E))
@@ -74,10 +77,12 @@ def iter_step_loads(
     yield from (load for _, load in pending.values())  # in the order they were opened
 
 
-def _step_keys(step: np.ndarray, phases: np.ndarray, tokens_per_step: int | None, kept: np.ndarray) -> np.ndarray:
-    """[T] key of each token's step (recorded: a step is a run of tokens with one key; regrouped: every token of a
-    key, B per phase, however the phases interleave). kept: [2] tokens per phase
-    before this chunk (updated). Regrouped steps count tokens per phase, as the replay kernels (kernels.step_key)."""
+def _step_keys(step: np.ndarray, phases: np.ndarray, tokens_per_step: int | None,
+               kept: np.ndarray) -> np.ndarray:
+    """[T] key of each token's step (recorded: a step is a run of tokens with one key; regrouped: every token
+    of a key, B per phase, however the phases interleave). kept: [2] tokens per phase
+    before this chunk (updated). Regrouped steps count tokens per phase, as the replay kernels
+    (kernels.step_key)."""
     if tokens_per_step is None:
         return step.astype(np.int64)
     keys = np.empty(step.shape[0], dtype=np.int64)
@@ -123,7 +128,8 @@ def _phase_code(phase: str | None) -> int | None:
 
 
 def _group_loads(ids: np.ndarray, key: np.ndarray, num_experts: int) -> list[tuple[np.ndarray, int]]:
-    """Split tokens into runs of equal key and count each run's load. ids: [T, L, K] -> [(load [L, E], key)]."""
+    """Split tokens into runs of equal key and count each run's load. ids: [T, L, K] -> [(load [L, E],
+    key)]."""
     if ids.shape[0] == 0:
         return []
     _, L, _ = ids.shape
@@ -133,7 +139,8 @@ def _group_loads(ids: np.ndarray, key: np.ndarray, num_experts: int) -> list[tup
     run = np.cumsum(new_run)  # [T] run index of each token
     runs = int(run[-1]) + 1
     flat = ((run[:, None, None] * L + np.arange(L)[None, :, None]) * num_experts + ids).ravel()
-    counts = np.bincount(flat, minlength=runs * L * num_experts).astype(np.int32).reshape(runs, L, num_experts)
+    counts = np.bincount(flat, minlength=runs * L * num_experts).astype(np.int32).reshape(runs, L,
+                                                                                          num_experts)
     firsts = np.flatnonzero(np.concatenate([[1], new_run[1:]]))
     # copies: a view would keep the whole [runs, L, E] buffer alive as long as any one step is held
     return [(counts[r].copy(), int(key[firsts[r]])) for r in range(runs)]

@@ -1,5 +1,5 @@
-"""What a replay runs: the config (on the shared scoring options) and one variant, a fitted placement with its step
-size."""
+"""What a replay runs: the config (on the shared scoring options) and one variant, a fitted placement with its
+step size."""
 
 from __future__ import annotations
 
@@ -56,4 +56,5 @@ class Variant:
     placement: Placement
     tokens_per_step: int
     redundant_experts: int
-    phase: int = -1  # -1: every scored token; PHASE_PREFILL / PHASE_DECODE: only that phase's (plan splits them)
+    # -1: every scored token; PHASE_PREFILL / PHASE_DECODE: only that phase's (plan splits them)
+    phase: int = -1

@@ -20,7 +20,8 @@ from traces.schema import TraceMetadata
 
 @dataclass
 class FitStatistics:
-    """Counts over the fit part. load [L, E]; coselection [L, E, E] or None; score_start: first scored token."""
+    """Counts over the fit part. load [L, E]; coselection [L, E, E] or None; score_start: first scored
+    token."""
 
     load: np.ndarray
     coselection: np.ndarray | None
@@ -28,8 +29,8 @@ class FitStatistics:
     score_start: int
 
 
-def fit_statistics(trace: Trace, *, fit_fraction: float, phase: str, tokens_per_step: int, with_coselection: bool,
-                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> FitStatistics:
+def fit_statistics(trace: Trace, *, fit_fraction: float, phase: str, tokens_per_step: int,
+                   with_coselection: bool, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> FitStatistics:
     """Load (and co-selection) over the first fit_fraction of the trace's tokens.
 
     The scored part starts at the first recorded step boundary at or after that point (so no step is split
@@ -52,7 +53,8 @@ def fit_statistics(trace: Trace, *, fit_fraction: float, phase: str, tokens_per_
         n = chunk.num_tokens
         assert chunk.expert_ids is not None and chunk.step is not None and chunk.phase is not None
         if t0 < stop:
-            K.count_load(chunk.expert_ids, chunk.phase, t0, PHASES[phase], stop, load, cosel, with_coselection)
+            K.count_load(chunk.expert_ids, chunk.phase, t0, PHASES[phase], stop, load, cosel,
+                         with_coselection)
         if score_start < 0 and t0 + n > stop:
             # first boundary of recorded steps at or after `stop` (regrouped steps start anywhere)
             local = max(0, stop - t0)
@@ -70,8 +72,8 @@ def fit_statistics(trace: Trace, *, fit_fraction: float, phase: str, tokens_per_
     if score_start < 0:
         score_start = total
     if fit_fraction > 0 and load.sum() == 0:
-        raise InputError(f"{trace.paths[0]}: the fit part (the first {stop:,} tokens) holds no {phase} assignments "
-                         "to fit placements on (raise --fit-fraction, or 0 to fit on everything)")
+        raise InputError(f"{trace.paths[0]}: the fit part (the first {stop:,} tokens) holds no {phase} "
+                         "assignments to fit placements on (raise --fit-fraction, or 0 to fit on everything)")
     return FitStatistics(load, cosel if with_coselection else None, stop, score_start)
 
 
@@ -116,21 +118,23 @@ def fit_variants(stats: FitStatistics, meta: TraceMetadata, *, policies: tuple[s
             skipped.append((policy, exc.reason))
             continue
         check_placement_matches(placement, meta, policy)
-        r = int((placement.slots >= 0).sum() // placement.num_layers - meta.num_experts)  # empty slots are no replicas
+        # empty slots are no replicas
+        r = int((placement.slots >= 0).sum() // placement.num_layers - meta.num_experts)
         label = policy if r == 0 or policy.startswith("file:") else f"{policy}+{r}"
         out.append(Variant(label, placement, tokens_per_step, max(r, 0)))
     return out
 
 
 def check_placement_matches(placement: Placement, meta: TraceMetadata, source: str) -> None:
-    """A placement must be for the trace's model: same layers and experts, and the same model id if it names one."""
+    """A placement must be for the trace's model: same layers and experts, and the same model id if it names
+    one."""
     if placement.model_id is not None and placement.model_id != meta.model_id:
         raise InputError(f"{source}: placement is for model {placement.model_id!r} but the trace is from "
                          f"{meta.model_id!r}")
     if placement.num_experts != meta.num_experts or placement.num_layers != meta.num_moe_layers:
         raise InputError(
-            f"{source}: placement is for {placement.num_layers} layers x {placement.num_experts} experts but the "
-            f"trace ({meta.model_id}) has {meta.num_moe_layers} x {meta.num_experts}"
+            f"{source}: placement is for {placement.num_layers} layers x {placement.num_experts} experts but "
+            f"the trace ({meta.model_id}) has {meta.num_moe_layers} x {meta.num_experts}"
         )
 
 

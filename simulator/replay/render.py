@@ -1,4 +1,5 @@
-"""`render_replay(result) -> str`: the replay's step-size line, tables with their legends, and the fastest placement."""
+"""`render_replay(result) -> str`: the replay's step-size line, tables with their legends, and the fastest
+placement."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ def render_replay(result: ReplayResult, *, per_layer: bool = False, width: int |
     if per_layer:
         items.append(per_layer_table(result))
     items += [f"Skipped {policy}: {reason}." for policy, reason in result.skipped]
-    items.append(f"Fastest: [bold]{best.label}[/bold] at {units.seconds(best.timings[0].step_time['mean'])} MoE "
-                 f"time per step, step imbalance {units.sig(best.step_imbalance)}.")
+    items.append(f"Fastest: [bold]{best.label}[/bold] at {units.seconds(best.timings[0].step_time['mean'])} "
+                 f"MoE time per step, step imbalance {units.sig(best.step_imbalance)}.")
     return tables.to_text(*items, width=width, color=color)
 
 
@@ -26,13 +27,14 @@ def _dropped(count: int, fraction: float) -> str:
 
 
 def is_tiny_builtin(model_id: str) -> bool:
-    """A built-in random model made for trying the tools (recorder/builtin_models.py names them "<family>-tiny")."""
+    """A built-in random model made for trying the tools (recorder/builtin_models.py names them
+    "<family>-tiny")."""
     return model_id.endswith("-tiny")
 
 
 def step_size_lines(result: ReplayResult) -> list[str]:
-    """What a scored step holds, a warning when --tokens-per-step is more than the scored part can fill, and a note
-    on a built-in tiny model."""
+    """What a scored step holds, a warning when --tokens-per-step is more than the scored part can fill, and a
+    note on a built-in tiny model."""
     s = result.placements[0]
     size = s.step_tokens
     regrouped = s.tokens_per_step > 0
@@ -46,8 +48,8 @@ def step_size_lines(result: ReplayResult) -> list[str]:
     model = result.metadata.get("model_id", "")
     if is_tiny_builtin(model):
         lines.append(f"note: {model} is a built-in tiny model with random weights (hidden size "
-                     f"{result.metadata.get('hidden_size')}): its steps and times show how the tools work, not how a "
-                     "real model serves.")
+                     f"{result.metadata.get('hidden_size')}): its steps and times show how the tools work, "
+                     "not how a real model serves.")
     return lines
 
 
@@ -59,9 +61,10 @@ def replay_table(result: ReplayResult) -> Table:
              f"fitted on {result.fit_tokens:,} tokens, scored on {result.placements[0].tokens:,}")
     priced = result.placements[0].timings[0].priced_by
     caption = (f"{metrics.STEP_IMBALANCE}; {metrics.STEP_PERCENTILE}; leave: share of assignments sent off "
-               "the token's GPU / node; MoE time: mean predicted time per step of the MoE layers; memory: expert "
-               "weights per GPU (share of HBM), 'over' past HBM x (1 - reserve)\n"
-               f"expert time priced by: {priced.get('expert_time', '-')}; all-to-all: {priced.get('all_to_all', '-')}")
+               "the token's GPU / node; MoE time: mean predicted time per step of the MoE layers; memory: "
+               "expert weights per GPU (share of HBM), 'over' past HBM x (1 - reserve)\n"
+               f"expert time priced by: {priced.get('expert_time', '-')}; all-to-all: "
+               f"{priced.get('all_to_all', '-')}")
     table = tables.table(title, [("placement", "left"), ("step\nimbalance", "right"), ("step\np95", "right"),
                            ("leave\nGPU", "right"), ("leave\nnode", "right"), ("all-to-all\n/step", "right"),
                            ("MoE time\n/step", "right"), ("tokens/s\n/GPU", "right"),
@@ -81,14 +84,16 @@ def replay_table(result: ReplayResult) -> Table:
 
 
 def breakdown_table(result: ReplayResult) -> Table:
-    """Mean MoE time per step split into its parts, the step-time percentiles and per-step imbalance spread."""
+    """Mean MoE time per step split into its parts, the step-time percentiles and per-step imbalance
+    spread."""
     hw = result.config["hardware"]["name"]
     table = tables.table(f"MoE time per step on {hw}: mean split, then percentiles",
                    [("placement", "left"), ("compute", "right"), ("weights", "right"), ("dispatch", "right"),
                     ("combine", "right"), ("p50", "right"), ("p95", "right"), ("p99", "right"),
                     ("step imbalance\np50/p99", "right"), ("aggregate\nimbalance", "right")],
-                   f"compute / weights: expert time booked by its larger roofline term; p50-p99: of the predicted "
-                   f"step time; step imbalance p50/p99: of each step's own imbalance; {metrics.AGGREGATE_IMBALANCE}")
+                   "compute / weights: expert time booked by its larger roofline term; p50-p99: of the "
+                   "predicted step time; step imbalance p50/p99: of each step's own imbalance; "
+                   f"{metrics.AGGREGATE_IMBALANCE}")
     for s in result.placements:
         t = s.timings[0]
         b, q = t.breakdown, t.step_time
@@ -102,8 +107,9 @@ def breakdown_table(result: ReplayResult) -> Table:
 def per_layer_table(result: ReplayResult) -> Table:
     table = tables.table("Per layer: step imbalance | leave-node share | MoE time per step",
                    [("layer", "right"), *((s.label, "right") for s in result.placements)],
-                   "each cell: the layer's step imbalance (its busiest GPU per step over its mean GPU), the share "
-                   "of its assignments served on another node, and its mean predicted MoE time per step")
+                   "each cell: the layer's step imbalance (its busiest GPU per step over its mean GPU), the "
+                   "share of its assignments served on another node, and its mean predicted MoE time per "
+                   "step")
     layers = len(result.placements[0].per_layer)
     for layer in range(layers):
         cells = []

@@ -67,7 +67,8 @@ class VariantSummary:
     steps: int
     step_tokens: dict[str, float]  # tokens per scored step: mean / min / max
     assignments: int
-    step_imbalance: float  # the headline (simulator.metrics): per-step busiest over mean GPU load, token-weighted
+    # the headline (simulator.metrics): per-step busiest over mean GPU load, token-weighted
+    step_imbalance: float
     aggregate_imbalance: float  # the same with the whole scored part as one step (simulator.metrics)
     step_imbalance_percentiles: dict[str, float]  # of each step's own ratio: p50 / p95 / p99 / mean
     leave_gpu_share: float  # assignments served by another GPU than the token's source
@@ -102,7 +103,8 @@ def summarise(seg: Segment, variants: list[Variant], gpus: list[GpuSpec], meta: 
         steps = int(imb.size)
         tokens = int(ntok.sum())
         assignments = int(tot_gpu.sum())
-        mem = float(sum(int((p.slots[layer] >= 0).sum(axis=1).max()) for layer in range(p.num_layers)) * ebytes)
+        mem = float(sum(int((p.slots[layer] >= 0).sum(axis=1).max()) for layer in range(p.num_layers))
+                    * ebytes)
         timings = []
         for h, gpu in enumerate(gpus):
             comp = seg.comp[i, h]  # [L, 4]
@@ -136,8 +138,9 @@ def summarise(seg: Segment, variants: list[Variant], gpus: list[GpuSpec], meta: 
         dropped = int(ti[:, K.I_DROPPED].sum())
         out.append(VariantSummary(
             label=v.label, policy=p.policy, num_gpus=g, gpus_per_node=p.gpus_per_node,
-            slots_per_gpu=p.slots_per_gpu, redundant_experts=v.redundant_experts, tokens_per_step=v.tokens_per_step,
-            tokens=tokens, steps=steps, step_tokens=_step_tokens(ntok), assignments=assignments,
+            slots_per_gpu=p.slots_per_gpu, redundant_experts=v.redundant_experts,
+            tokens_per_step=v.tokens_per_step, tokens=tokens, steps=steps, step_tokens=_step_tokens(ntok),
+            assignments=assignments,
             step_imbalance=metrics.ratio(float(ti[:, K.I_PEAK].sum()), float(tot_gpu.mean(axis=1).sum())),
             aggregate_imbalance=metrics.aggregate_imbalance(tot_gpu), step_imbalance_percentiles=_pcts(imb),
             leave_gpu_share=float(ti[:, K.I_LEAVE_GPU].sum() / assignments) if assignments else 0.0,

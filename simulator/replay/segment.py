@@ -1,5 +1,5 @@
-"""Kernel-state plumbing: variants flattened into arrays for the kernels, and the Segment a pass over a range of
-tokens fills (mergeable exactly with the next segment's), and the one-pass driver over a trace.
+"""Kernel-state plumbing: variants flattened into arrays for the kernels, and the Segment a pass over a range
+of tokens fills (mergeable exactly with the next segment's), and the one-pass driver over a trace.
 
 Shape legend: V variants, L MoE layers, E experts, G GPUs (padded to the largest), S slots per GPU, M = G x S
 slots, R replicas (padded to the most), H hardware specs, W accumulator width (kernels.py), n priced steps.
@@ -47,7 +47,8 @@ class VariantArrays:
         layers = variants[0].placement.num_layers
         g_max = max(v.placement.num_gpus for v in variants)
         r_max = max(int(v.placement.replica_counts.max()) for v in variants)
-        width = max(v.placement.num_gpus * v.placement.slots_per_gpu + 4 * v.placement.num_gpus for v in variants)
+        width = max(v.placement.num_gpus * v.placement.slots_per_gpu + 4 * v.placement.num_gpus
+                    for v in variants)
         rep_count = np.zeros((n, layers, num_experts), dtype=np.int64)
         rep_slot = np.zeros((n, layers, num_experts, r_max), dtype=np.int64)
         local_slot = -np.ones((n, layers, num_experts, g_max), dtype=np.int64)
@@ -66,7 +67,8 @@ class VariantArrays:
         return cls(
             gpus=np.array([v.placement.num_gpus for v in variants], dtype=np.int64),
             slots=np.array([v.placement.slots_per_gpu for v in variants], dtype=np.int64),
-            gpn=np.array([min(v.placement.gpus_per_node, v.placement.num_gpus) for v in variants], dtype=np.int64),
+            gpn=np.array([min(v.placement.gpus_per_node, v.placement.num_gpus) for v in variants],
+                         dtype=np.int64),
             tokens_per_step=np.array([v.tokens_per_step for v in variants], dtype=np.int64),
             used=np.array([int((v.placement.slots[0] >= 0).sum()) for v in variants], dtype=np.int64),
             phase=np.array([v.phase for v in variants], dtype=np.int64),
@@ -77,12 +79,14 @@ class VariantArrays:
 
 @dataclass
 class Segment:
-    """Everything one pass over a contiguous range of tokens produced; `absorb` joins consecutive segments exactly.
+    """Everything one pass over a contiguous range of tokens produced; `absorb` joins consecutive segments
+    exactly.
 
-    Per variant: an unpriced head step (the segment's first; it may continue the previous segment's last step), the
-    priced steps after it, and the still-open tail step. Totals are plain sums. To replay shards in parallel, start
-    each shard's segment with `sel_offset` = the scored tokens per phase before it (only regrouped steps,
-    --tokens-per-step, depend on it; a cheap count over the phase column gives it) and absorb them in order.
+    Per variant: an unpriced head step (the segment's first; it may continue the previous segment's last
+    step), the priced steps after it, and the still-open tail step. Totals are plain sums. To replay shards in
+    parallel, start each shard's segment with `sel_offset` = the scored tokens per phase before it (only
+    regrouped steps, --tokens-per-step, depend on it; a cheap count over the phase column gives it) and absorb
+    them in order.
     """
 
     arrays: VariantArrays
@@ -118,7 +122,8 @@ class Segment:
             tot_gpu=np.zeros((v, layers, arrays.g_max), dtype=np.int64),
             tot_int=np.zeros((v, layers, K.NUM_INT_TOTALS), dtype=np.int64),
             comp=np.zeros((v, h, layers, len(K.COMPONENTS))),
-            step_imb=[[] for _ in range(v)], step_time=[[] for _ in range(v)], step_ntok=[[] for _ in range(v)],
+            step_imb=[[] for _ in range(v)], step_time=[[] for _ in range(v)],
+            step_ntok=[[] for _ in range(v)],
         )
 
     def feed(self, ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int, phase_filter: int,
@@ -131,8 +136,8 @@ class Segment:
         out_ntok = np.empty((v, cap), dtype=np.int64)
         out_n = np.zeros(v, dtype=np.int64)
         K.replay_chunk(ids, steps.astype(np.int64, copy=False), phases, t0, phase_filter, score_start,
-                       a.gpus, a.slots, a.gpn, a.tokens_per_step, a.used, a.phase, a.rep_count, a.rep_slot, a.local_slot,
-                       a.slot_gpu, self.model, self.cost,
+                       a.gpus, a.slots, a.gpn, a.tokens_per_step, a.used, a.phase, a.rep_count, a.rep_slot,
+                       a.local_slot, a.slot_gpu, self.model, self.cost,
                        self.sel_count, self.cur_key, self.cur_ntok, self.acc, self.fresh, self.head_key,
                        self.head_ntok, self.head_acc, self.tot_gpu, self.tot_int, self.comp,
                        out_imb, out_time, out_ntok, out_n)
@@ -159,8 +164,8 @@ class Segment:
                 lst.append(arr)
 
     def absorb(self, later: Segment) -> None:
-        """Extend this segment, in place, by `later` (which started fresh at the next token), as if the two had been
-        replayed in one pass. `later` is left as it was; use only this segment afterwards."""
+        """Extend this segment, in place, by `later` (which started fresh at the next token), as if the two
+        had been replayed in one pass. `later` is left as it was; use only this segment afterwards."""
         out = self
         out.tot_gpu += later.tot_gpu
         out.tot_int += later.tot_int
@@ -231,11 +236,11 @@ def run_variants(trace: Trace, variants: list[Variant], gpus: list[GpuSpec], *, 
                  progress: Progress | None = None) -> Segment:
     """One pass over the scored tokens for every variant; returns the finished segment.
 
-    The trace is read once, in order, and cut into shards of about SHARD_TOKENS tokens (whole chunks). Each shard
-    is replayed into its own Segment on a pool of kernels.workers() threads (the kernel releases the GIL) and the
-    segments are absorbed in trace order, exactly. At most two shards per thread are in flight, so memory stays
-    bounded whatever the trace's length. The cut points depend only on the trace, so any worker count gives
-    bit-identical results.
+    The trace is read once, in order, and cut into shards of about SHARD_TOKENS tokens (whole chunks). Each
+    shard is replayed into its own Segment on a pool of kernels.workers() threads (the kernel releases the
+    GIL) and the segments are absorbed in trace order, exactly. At most two shards per thread are in flight,
+    so memory stays bounded whatever the trace's length. The cut points depend only on the trace, so any
+    worker count gives bit-identical results.
     """
     meta = trace.metadata
     arrays = VariantArrays.build(variants, meta.num_experts)
@@ -293,9 +298,10 @@ def run_variants(trace: Trace, variants: list[Variant], gpus: list[GpuSpec], *, 
 
 
 def split_phases(variants: list[Variant], split: bool) -> tuple[list[Variant], list[tuple[int, ...]]]:
-    """Kernel variants for `variants`: with `split` (regrouped steps over both phases), each one twice, scoring
-    prefill and decode tokens apart, so that every step holds one phase's tokens only and a phase switch in the
-    trace never cuts a step short (as plan does). Returns the members and each variant's member indices."""
+    """Kernel variants for `variants`: with `split` (regrouped steps over both phases), each one twice,
+    scoring prefill and decode tokens apart, so that every step holds one phase's tokens only and a phase
+    switch in the trace never cuts a step short (as plan does). Returns the members and each variant's member
+    indices."""
     if not split:
         return variants, [(i,) for i in range(len(variants))]
     members = [dataclasses.replace(v, phase=p) for v in variants for p in (PHASE_PREFILL, PHASE_DECODE)]
@@ -303,8 +309,8 @@ def split_phases(variants: list[Variant], split: bool) -> tuple[list[Variant], l
 
 
 def merge_groups(seg: Segment, groups: list[tuple[int, ...]]) -> Segment:
-    """A segment with one row per group of kernel variants: their totals summed, their steps concatenated in member
-    order (prefill steps, then decode steps when split by phase)."""
+    """A segment with one row per group of kernel variants: their totals summed, their steps concatenated in
+    member order (prefill steps, then decode steps when split by phase)."""
     if all(len(g) == 1 for g in groups) and [g[0] for g in groups] == list(range(len(groups))):
         return seg
 

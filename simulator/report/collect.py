@@ -1,9 +1,10 @@
-"""Run everything a report shows over a trace: plan (when a target is given), replay, rebalance, routing analysis.
+"""Run everything a report shows over a trace: plan (when a target is given), replay, rebalance, routing
+analysis.
 
-The replayed layout and its step size are the plan's recommendation when there is one (so the report shows how its
-placements compare at the batch it recommends), else the frontier point with the highest throughput, else the first
-GPU count and hardware given with the recorded forward passes (or --tokens-per-step). Each pass streams the trace;
-none holds per-token data.
+The replayed layout and its step size are the plan's recommendation when there is one (so the report shows how
+its placements compare at the batch it recommends), else the frontier point with the highest throughput, else
+the first GPU count and hardware given with the recorded forward passes (or --tokens-per-step). Each pass
+streams the trace; none holds per-token data.
 """
 
 from __future__ import annotations
@@ -37,22 +38,25 @@ from traces.reader import Trace
 
 @dataclass(kw_only=True)
 class ReportOptions(ScoringOptions):
-    """The report command's options, as the library sees them (the cluster and scoring ones shared with replay and
-    plan)."""
+    """The report command's options, as the library sees them (the cluster and scoring ones shared with replay
+    and plan)."""
 
     hardware: list[GpuSpec]
     gpus: list[int]  # GPU counts swept by the plan; the first is replayed when there is no plan
     placements: tuple[str, ...] = DEFAULT_PLACEMENTS  # compared in the replay section
     plan_placements: tuple[str, ...] = ("contiguous", "balanced", "replicated")
     redundant_experts: list[int] = field(default_factory=lambda: [0, 8, 16])
-    tokens_per_step: int = 0  # 0: the recorded forward passes (replay, rebalance); > 0 also fixes the plan's steps
-    plan_tokens_per_gpu: list[int] | None = None  # the plan's per-GPU batches (None: its default for the phase)
+    # 0: the recorded forward passes (replay, rebalance); > 0 also fixes the plan's steps
+    tokens_per_step: int = 0
+    # the plan's per-GPU batches (None: its default for the phase)
+    plan_tokens_per_gpu: list[int] | None = None
     context_tokens: int = DEFAULT_CONTEXT_TOKENS
     target_tokens_per_s: float | None = None  # None: no plan sweep
     max_step_ms: float | None = None
     rebalance_every: tuple[int, ...] = ()  # empty: a spread of intervals chosen from the trace's length
     window: int | None = None  # None: default_window(steps)
-    rebalance_margin: float = DEFAULT_MARGIN  # refitting must beat the fixed placement by this, moves included
+    # refitting must beat the fixed placement by this, moves included
+    rebalance_margin: float = DEFAULT_MARGIN
     rebalance_policy: str | None = None  # None: replicated when the layout has redundant slots, else balanced
     segments: int = DEFAULT_SEGMENTS
 
@@ -68,9 +72,11 @@ class ReportOptions(ScoringOptions):
 
 def _buildable(policies: tuple[str, ...], num_experts: int, num_gpus: int, gpus_per_node: int,
                redundant: int) -> tuple[tuple[str, ...], list[str]]:
-    """Policies that can be fitted on this layout (e.g. contiguous needs E divisible by G), and why others cannot."""
+    """Policies that can be fitted on this layout (e.g. contiguous needs E divisible by G), and why others
+    cannot."""
     ok, skipped = [], []
-    # one layer is enough to learn whether the layout can be built (files are checked against the trace by replay)
+    # one layer is enough to learn whether the layout can be built (files are checked against the trace by
+    # replay)
     probe = np.ones((1, num_experts))
     cosel = np.ones((1, num_experts, num_experts))
     for policy in policies:
@@ -98,13 +104,15 @@ def _redundancy(num_experts: int, num_gpus: int, candidates: list[int]) -> int:
 
 def replayed_point(plan_result: PlanResult | None) -> tuple[Candidate | None, str]:
     """The plan point whose layout and batch the replay and rebalance sections use, and why ("recommendation",
-    "frontier": none meets the goal, the frontier point with the highest throughput; "fallback": nothing fits)."""
+    "frontier": none meets the goal, the frontier point with the highest throughput; "fallback": nothing
+    fits)."""
     if plan_result is None:
         return None, ""
     if plan_result.recommendation is not None:
         return plan_result.recommendation, "recommendation"
     if plan_result.frontier:
-        return max(plan_result.frontier, key=lambda c: (c.tokens_per_s, -c.num_gpus, -c.step_ms_p95)), "frontier"
+        return max(plan_result.frontier,
+                   key=lambda c: (c.tokens_per_s, -c.num_gpus, -c.step_ms_p95)), "frontier"
     return None, "fallback"
 
 
@@ -137,14 +145,16 @@ def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFacto
     if point is not None:
         gpu = next(h for h in options.hardware if h.name == point.hardware)
         num_gpus, redundant = point.num_gpus, point.redundant_experts
-        # the plan's step for this point (per-GPU batch x GPUs), regrouped per phase by replay and rebalance alike
+        # the plan's step for this point (per-GPU batch x GPUs), regrouped per phase by replay and rebalance
+        # alike
         tokens_per_step = point.tokens_per_step
         basis = StepBasis(source, tokens_per_step, point.tokens_per_gpu, num_gpus, point.describe())
     else:
         gpu, num_gpus = options.hardware[0], options.gpus[0]
         redundant = 0
         tokens_per_step = options.tokens_per_step
-        basis = StepBasis(source or ("option" if tokens_per_step else "recorded"), tokens_per_step, 0, num_gpus)
+        basis = StepBasis(source or ("option" if tokens_per_step else "recorded"), tokens_per_step, 0,
+                          num_gpus)
     if redundant == 0:
         redundant = _redundancy(meta.num_experts, num_gpus, options.redundant_experts + [num_gpus])
     placements, skipped = _buildable(options.placements, meta.num_experts, num_gpus, options.gpus_per_node,
@@ -152,8 +162,8 @@ def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFacto
     replay_config = ReplayConfig(
         num_gpus=num_gpus, gpus_per_node=options.gpus_per_node, hardware=gpu, placements=placements,
         redundant_experts=redundant, tokens_per_step=tokens_per_step, phase=options.phase,
-        fit_fraction=options.fit_fraction, capacity_factor=options.capacity_factor, hbm_reserve=options.hbm_reserve,
-        chunk_tokens=options.chunk_tokens,
+        fit_fraction=options.fit_fraction, capacity_factor=options.capacity_factor,
+        hbm_reserve=options.hbm_reserve, chunk_tokens=options.chunk_tokens,
     )
     replay_result = replay(trace, replay_config, progress=bar("replay"))
 
@@ -168,8 +178,8 @@ def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFacto
     steps = count_steps(trace, phase=rebalance_config.phase, tokens_per_step=rebalance_config.tokens_per_step,
                         chunk_tokens=options.chunk_tokens)
     if steps <= rebalance_config.window:
-        raise InputError(f"--window {rebalance_config.window}: the trace has only {steps} steps ({basis.size()}), "
-                         "none left to score after the window (lower --window)")
+        raise InputError(f"--window {rebalance_config.window}: the trace has only {steps} steps "
+                         f"({basis.size()}), none left to score after the window (lower --window)")
     rebalance_results = rebalance_trace(trace, rebalance_config, chunk_tokens=options.chunk_tokens,
                                         progress=bar("rebalance", passes_needed(rebalance_config.every,
                                                                                    meta.num_moe_layers,
@@ -183,7 +193,8 @@ def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFacto
         shown["placements not buildable on this layout"] = skipped
     return ReportInputs(
         trace_paths=[str(p) for p in trace.paths], metadata=meta, num_tokens=tokens, routing=routing,
-        replay=replay_result, rebalance=rebalance_results, rebalance_advice=rebalance_advice, hardware=list(options.hardware), plan=plan_result,
-        settings=shown, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), step_basis=basis,
+        replay=replay_result, rebalance=rebalance_results, rebalance_advice=rebalance_advice,
+        hardware=list(options.hardware), plan=plan_result, settings=shown,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), step_basis=basis,
     )
 

@@ -1,4 +1,5 @@
-"""`moe-sim report`: the HTML or Markdown capacity-planning report (its rebalance options are `moe-sim rebalance`'s)."""
+"""`moe-sim report`: the HTML or Markdown capacity-planning report (its rebalance options are `moe-sim
+rebalance`'s)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from traces.reader import open_trace
 
 
 def _options_from(source: click.Command, *option_names: str) -> Callable[[click.Command], click.Command]:
-    """Give a command some of another command's options (same flags, defaults and help), so the two stay in step."""
+    """Give a command some of another command's options (same flags, defaults and help), so the two stay in
+    step."""
     by_name = {p.name: p for p in source.params}
 
     def decorate(command: click.Command) -> click.Command:
@@ -43,11 +45,12 @@ def _options_from(source: click.Command, *option_names: str) -> Callable[[click.
               help="Report file: .html (self-contained, plots embedded) or .md (PNG plots in <name>_files/).")
 @click.option("--force", is_flag=True, help="Overwrite an existing report (and its _files folder).")
 @click.option("--target-tokens-per-s", type=float, default=None,
-              help="Whole-model throughput to reach; sweeps the layouts and recommends one (default: no sweep, "
-                   "the first --gpus and --hardware are replayed).")
+              help="Whole-model throughput to reach; sweeps the layouts and recommends one (default: no "
+                   "sweep, the first --gpus and --hardware are replayed).")
 @click.option("--hardware", default="h100", show_default=True,
-              help="Comma-separated GPU presets (h100, h200, b200, a100, mi300x) or YAML/JSON files; the same default "
-                   "as `moe-sim plan`, so the two recommend the same layout for the same trace and target.")
+              help="Comma-separated GPU presets (h100, h200, b200, a100, mi300x) or YAML/JSON files; the "
+                   "same default as `moe-sim plan`, so the two recommend the same layout for the same trace "
+                   "and target.")
 @click.option("--gpus", default="8,16,32,64", show_default=True,
               help="Comma-separated GPU counts for the sweep; the first is replayed when there is no target.")
 @click.option("--placements", default=",".join(DEFAULT_PLACEMENTS), show_default=True,
@@ -62,17 +65,19 @@ def _options_from(source: click.Command, *option_names: str) -> Callable[[click.
 @rebalance_options
 @click.option("--json", "as_json", is_flag=True, help="Also print the report's numbers as JSON on stdout.")
 def report(trace: tuple[str, ...], output: str, force: bool, target_tokens_per_s: float | None, hardware: str,
-           gpus: str, placements: str, plan_placements: str, redundant_experts: str, max_step_ms: float | None,
-           fit_fraction: float, capacity_factor: float | None, hbm_reserve: float, context_tokens: int,
-           tokens_per_gpu: str | None, gpu_hour_cost: str | None, cost_model: str, rebalance_placement: str | None,
-           segments: int, rebalance_every: str | None, window: int | None, tokens_per_step: int, phase: str,
+           gpus: str, placements: str, plan_placements: str, redundant_experts: str,
+           max_step_ms: float | None, fit_fraction: float, capacity_factor: float | None, hbm_reserve: float,
+           context_tokens: int,
+           tokens_per_gpu: str | None, gpu_hour_cost: str | None, cost_model: str,
+           rebalance_placement: str | None, segments: int, rebalance_every: str | None, window: int | None,
+           tokens_per_step: int, phase: str,
            gpus_per_node: int, quiet: bool, as_json: bool, load_file: str | None = None,
            load_model: str | None = None, load_tokens: int = 200_000) -> None:
-    """Write a capacity-planning report on TRACE (or --load-file): recommendation, placements, rebalance windows,
-    routing analysis.
+    """Write a capacity-planning report on TRACE (or --load-file): recommendation, placements, rebalance
+    windows, routing analysis.
 
-    The HTML file is self-contained (no network needed to view it). Nothing is overwritten without --force, and the
-    report appears under its name only once it is complete.
+    The HTML file is self-contained (no network needed to view it). Nothing is overwritten without --force,
+    and the report appears under its name only once it is complete.
     """
     from pathlib import Path
 
@@ -83,8 +88,8 @@ def report(trace: tuple[str, ...], output: str, force: bool, target_tokens_per_s
     out = Path(output)
     check_output(out, force)  # fail before the long passes, not after
     if tokens_per_gpu is not None and tokens_per_step:
-        raise InputError("--tokens-per-step and --tokens-per-gpu are mutually exclusive: give absolute step sizes "
-                         "or per-GPU batches, not both")
+        raise InputError("--tokens-per-step and --tokens-per-gpu are mutually exclusive: give absolute step "
+                         "sizes or per-GPU batches, not both")
     gpu_specs = parse_hardware_list(hardware, cost_model)
     if gpu_hour_cost is not None:
         gpu_specs = apply_prices(gpu_specs, parse_gpu_hour_cost(gpu_hour_cost))

@@ -1,7 +1,7 @@
 """Plots for the report, drawn with matplotlib's object API (no pyplot state, no display) into PNG bytes.
 
-Each function takes plain arrays and returns a report Figure. Shape legend: L MoE layers, E experts, S trace segments,
-P placements or layouts, W refit intervals.
+Each function takes plain arrays and returns a report Figure. Shape legend: L MoE layers, E experts, S trace
+segments, P placements or layouts, W refit intervals.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def load_heatmap(load: np.ndarray, layer_names: Sequence[str]) -> Figure:
     _layer_ticks(ax, list(layer_names), "y")
     fig.colorbar(im, ax=ax, label="load / layer mean")
     return _finish(fig, "load-heatmap", "Expert load per layer",
-                   f"Assignments to each of {E} experts in each of {L} MoE layers, relative to the layer's mean "
-                   "(1 = an even share). Bright cells are hot experts that a placement must spread or replicate.")
+                   f"Assignments to each of {E} experts in each of {L} MoE layers, relative to the layer's "
+                   "mean (1 = an even share). Bright cells are hot experts that a placement must spread or "
+                   "replicate.")
 
 
 def entropy_gini(entropy_norm: np.ndarray, gini: np.ndarray, layer_names: Sequence[str]) -> Figure:
@@ -70,8 +71,8 @@ def entropy_gini(entropy_norm: np.ndarray, gini: np.ndarray, layer_names: Sequen
     ax.grid(alpha=0.3)
     fig.legend(loc="outside upper center", ncol=2, fontsize=8)  # above the axes, never over the points
     return _finish(fig, "entropy-gini", "Load entropy and Gini per layer",
-                   "Normalised entropy is 1 when every expert gets the same load; Gini is 0 then and grows toward 1 "
-                   "as load concentrates on few experts.")
+                   "Normalised entropy is 1 when every expert gets the same load; Gini is 0 then and grows "
+                   "toward 1 as load concentrates on few experts.")
 
 
 def coselection(matrices: Sequence[np.ndarray], layers: Sequence[str]) -> Figure:
@@ -89,8 +90,8 @@ def coselection(matrices: Sequence[np.ndarray], layers: Sequence[str]) -> Figure
     assert im is not None
     fig.colorbar(im, ax=list(axes), label="P(j | i)", fraction=0.03)
     return _finish(fig, "coselection", "Expert co-selection",
-                   "Row i, column j: the share of tokens routed to expert i that also chose expert j in the same "
-                   "layer. Bright off-diagonal cells are experts worth keeping on one GPU or node.")
+                   "Row i, column j: the share of tokens routed to expert i that also chose expert j in the "
+                   "same layer. Bright off-diagonal cells are experts worth keeping on one GPU or node.")
 
 
 def phases(prefill_entropy: np.ndarray, decode_entropy: np.ndarray, total_variation: np.ndarray,
@@ -117,7 +118,8 @@ def phases(prefill_entropy: np.ndarray, decode_entropy: np.ndarray, total_variat
 def stability(segment_corr: np.ndarray, overlap: np.ndarray, independent: np.ndarray,
               layer_names: Sequence[str]) -> Figure:
     """Left: load correlation of each trace segment with the previous one, per layer ([S-1, L]).
-    Right: experts shared with the previous token of the same sequence against independent routing ([L] each)."""
+    Right: experts shared with the previous token of the same sequence against independent routing ([L]
+    each)."""
     fig = MplFigure(figsize=(10, 3.4), layout="constrained")
     left, right = fig.subplots(1, 2)
     if segment_corr.size:
@@ -143,15 +145,16 @@ def stability(segment_corr: np.ndarray, overlap: np.ndarray, independent: np.nda
     right.legend(fontsize=8, ncol=2, loc="upper center")
     right.grid(alpha=0.3, axis="y")
     return _finish(fig, "stability", "Routing stability",
-                   "Left: Pearson correlation of per-expert load between consecutive equal slices of the trace "
-                   "(near 1: a placement fitted on one slice stays good on the next). Right: share of its top-k "
-                   "experts a token shares with the previous token of its sequence, against the share expected if "
-                   "tokens chose experts independently at the trace's rates.")
+                   "Left: Pearson correlation of per-expert load between consecutive equal slices of the "
+                   "trace (near 1: a placement fitted on one slice stays good on the next). Right: share of "
+                   "its top-k experts a token shares with the previous token of its sequence, against the "
+                   "share expected if tokens chose experts independently at the trace's rates.")
 
 
 def zoom_limits(values: np.ndarray, min_span: float = 1e-3) -> tuple[float, float]:
-    """y limits that show the spread of `values` (any shape, NaN ignored) with a margin on both sides, so a series
-    near 1 is neither a flat line on the top edge nor lost in a range from 0; at least min_span tall."""
+    """y limits that show the spread of `values` (any shape, NaN ignored) with a margin on both sides, so a
+    series near 1 is neither a flat line on the top edge nor lost in a range from 0; at least min_span
+    tall."""
     finite = np.asarray(values, dtype=np.float64)
     finite = finite[np.isfinite(finite)]
     if finite.size == 0:
@@ -163,12 +166,14 @@ def zoom_limits(values: np.ndarray, min_span: float = 1e-3) -> tuple[float, floa
 
 def imbalance_vs_interval(every: Sequence[int], rebalanced: Sequence[float], fixed: Sequence[float],
                           oracle: Sequence[float], moved_bytes_per_step: Sequence[float]) -> Figure:
-    """Step imbalance (simulator.metrics) against the refit interval W, with expert bytes moved per step. [W] each."""
+    """Step imbalance (simulator.metrics) against the refit interval W, with expert bytes moved per step. [W]
+    each."""
     fig = MplFigure(figsize=(8, 3.4), layout="constrained")
     ax = fig.add_subplot()
     ax.plot(every, rebalanced, marker="o", color=COLORS[0], label="refit every W steps")
     ax.plot(every, fixed, linestyle="--", color=COLORS[3], label="fixed (fitted once)")
-    ax.plot(every, oracle, linestyle=":", marker=".", color=COLORS[2], label="oracle (fitted on scored steps)")
+    ax.plot(every, oracle, linestyle=":", marker=".", color=COLORS[2],
+            label="oracle (fitted on scored steps)")
     ax.set_xscale("log")
     ax.set_xlabel("refit interval W (steps)")
     ax.set_ylabel("step imbalance")
@@ -184,10 +189,11 @@ def imbalance_vs_interval(every: Sequence[int], rebalanced: Sequence[float], fix
     ax.set_zorder(twin.get_zorder() + 1)
     ax.patch.set_visible(False)
     return _finish(fig, "rebalance", "Imbalance against rebalance interval",
-                   "Step imbalance (per step, the busiest GPU's load summed over layers and steps, over the same sum "
-                   "of the mean GPU's) when the placement is refitted every W steps from the last N "
-                   "steps' load, against a placement fitted once on the first window and an oracle fitted on the "
-                   "scored steps themselves; bars: expert weight bytes moved per step, amortised over the interval.")
+                   "Step imbalance (per step, the busiest GPU's load summed over layers and steps, over the "
+                   "same sum of the mean GPU's) when the placement is refitted every W steps from the last N "
+                   "steps' load, against a placement fitted once on the first window and an oracle fitted on "
+                   "the scored steps themselves; bars: expert weight bytes moved per step, amortised over "
+                   "the interval.")
 
 
 def imbalance_over_time(series: Mapping[str, np.ndarray], max_points: int = 400) -> Figure:
@@ -212,8 +218,8 @@ def imbalance_over_time(series: Mapping[str, np.ndarray], max_points: int = 400)
     ax.legend(fontsize=8, ncol=min(3, max(1, len(series))))
     binning = f" Each point is the mean of {per_point} consecutive steps." if per_point > 1 else ""
     return _finish(fig, "imbalance-over-time", "Per-step load imbalance",
-                   "Each step's load imbalance (sum over layers of the busiest GPU's assignments over the sum of the "
-                   f"mean) for every placement, on the scored part of the trace.{binning}")
+                   "Each step's load imbalance (sum over layers of the busiest GPU's assignments over the "
+                   f"sum of the mean) for every placement, on the scored part of the trace.{binning}")
 
 
 def gpu_load_distribution(loads: Mapping[str, np.ndarray]) -> Figure:
@@ -232,13 +238,14 @@ def gpu_load_distribution(loads: Mapping[str, np.ndarray]) -> Figure:
     ax.set_ylabel("GPU load / mean (every layer)")
     ax.grid(alpha=0.3, axis="y")
     return _finish(fig, "gpu-load", "GPU load distribution",
-                   "Expected load of every GPU in every layer (each expert's assignments split evenly among its "
-                   "replicas) relative to the layer's mean GPU load, on the tokens after the fit part; whiskers "
-                   "reach the extremes. The top whisker is what sets the step time.")
+                   "Expected load of every GPU in every layer (each expert's assignments split evenly among "
+                   "its replicas) relative to the layer's mean GPU load, on the tokens after the fit part; "
+                   "whiskers reach the extremes. The top whisker is what sets the step time.")
 
 
 def node_traffic(names: Sequence[str], intra: Sequence[float], inter: Sequence[float]) -> Figure:
-    """All-to-all bytes per step inside nodes (scale-up) and between nodes (scale-out), per placement. [P] each."""
+    """All-to-all bytes per step inside nodes (scale-up) and between nodes (scale-out), per placement. [P]
+    each."""
     fig = MplFigure(figsize=(8, 3.4), layout="constrained")
     ax = fig.add_subplot()
     x = np.arange(len(names))
@@ -249,8 +256,8 @@ def node_traffic(names: Sequence[str], intra: Sequence[float], inter: Sequence[f
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     return _finish(fig, "node-traffic", "All-to-all traffic between nodes",
-                   "Bytes moved by dispatch and combine per step: between GPUs of one node over the scale-up links, "
-                   "and between nodes over the network, per placement.")
+                   "Bytes moved by dispatch and combine per step: between GPUs of one node over the scale-up "
+                   "links, and between nodes over the network, per placement.")
 
 
 def time_breakdown(names: Sequence[str], parts: Mapping[str, Sequence[float]],
@@ -278,6 +285,7 @@ def time_breakdown(names: Sequence[str], parts: Mapping[str, Sequence[float]],
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     return _finish(fig, "time-breakdown", "Step time breakdown",
-                   "Predicted time per step split into expert compute, expert weight reads (each layer counts as "
-                   "whichever bounds its slowest GPU), dispatch and combine, plus the non-expert work (attention, "
-                   f"dense layers, embeddings) where the layouts come from the plan.{marked}")
+                   "Predicted time per step split into expert compute, expert weight reads (each layer "
+                   "counts as whichever bounds its slowest GPU), dispatch and combine, plus the non-expert "
+                   "work (attention, dense layers, embeddings) where the layouts come from the "
+                   f"plan.{marked}")

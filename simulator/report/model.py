@@ -1,4 +1,5 @@
-"""The report as plain data: sections of paragraphs, tables and figures. Renderers turn it into HTML or Markdown.
+"""The report as plain data: sections of paragraphs, tables and figures. Renderers turn it into HTML or
+Markdown.
 
 A section renders in this order: paragraphs, lead tables, bullets, tables, details, figures.
 
@@ -24,7 +25,8 @@ class Table:
     def __post_init__(self) -> None:
         for row in self.rows:
             if len(row) != len(self.columns):
-                raise ValueError(f"table {self.caption!r}: row {row} has {len(row)} cells for {len(self.columns)} columns")
+                raise ValueError(f"table {self.caption!r}: row {row} has {len(row)} cells for "
+                                 f"{len(self.columns)} columns")
 
 
 @dataclass
@@ -41,7 +43,8 @@ class Figure:
 
 @dataclass
 class Details:
-    """A list folded under a one-line summary (HTML <details>; Markdown viewers that know the tag fold it too)."""
+    """A list folded under a one-line summary (HTML <details>; Markdown viewers that know the tag fold it
+    too)."""
 
     summary: str
     items: list[str]
@@ -55,7 +58,8 @@ class Section:
     tables: list[Table] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
     bullets: list[str] = field(default_factory=list)  # points shown after the paragraphs and the lead tables
-    lead: list[Table] = field(default_factory=list)  # tables shown right after the paragraphs, before the bullets
+    # tables shown right after the paragraphs, before the bullets
+    lead: list[Table] = field(default_factory=list)
     details: list[Details] = field(default_factory=list)  # folded lists, after the tables
 
 

@@ -1,7 +1,7 @@
 """The report's first section (recommendation and frontier, from simulator.plan) and the time-breakdown plot.
 
-Without a plan (no throughput target given) the section names the replayed placement with the shortest predicted
-MoE step on the replayed layout, and says that no layouts were swept.
+Without a plan (no throughput target given) the section names the replayed placement with the shortest
+predicted MoE step on the replayed layout, and says that no layouts were swept.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def _short(c: Candidate) -> str:
 
 
 def best_per_layout(plan: PlanResult) -> list[Candidate]:
-    """For each (hardware, GPU count, tokens per step), the candidate with the highest throughput among those whose
-    memory fits (else the highest overall), ordered by hardware then GPU count."""
+    """For each (hardware, GPU count, tokens per step), the candidate with the highest throughput among those
+    whose memory fits (else the highest overall), ordered by hardware then GPU count."""
     best: dict[tuple[str, int, int], Candidate] = {}
     for c in plan.candidates:
         key = (c.hardware, c.num_gpus, c.tokens_per_step)
@@ -40,10 +40,10 @@ def best_per_layout(plan: PlanResult) -> list[Candidate]:
 
 
 CANDIDATE_LEGEND = (
-    "rec.: the recommended layout; step ms / p95: predicted whole-model step time; tokens/s: whole cluster, whole "
-    f"model; {metrics.STEP_IMBALANCE}; leave node: share of assignments served on another node; memory: expert "
-    "weights with replicas plus non-expert weights per GPU, against HBM x (1 - reserve); meets target: fits in "
-    "memory, reaches the throughput target and keeps p95 within the latency bound")
+    "rec.: the recommended layout; step ms / p95: predicted whole-model step time; tokens/s: whole cluster, "
+    f"whole model; {metrics.STEP_IMBALANCE}; leave node: share of assignments served on another node; "
+    "memory: expert weights with replicas plus non-expert weights per GPU, against HBM x (1 - reserve); "
+    "meets target: fits in memory, reaches the throughput target and keeps p95 within the latency bound")
 
 
 def candidate_table(plan: PlanResult, rows_in: list[Candidate], caption: str) -> Table:
@@ -54,14 +54,15 @@ def candidate_table(plan: PlanResult, rows_in: list[Candidate], caption: str) ->
         rows.append([
             "yes" if c is rec else "", c.hardware, str(c.num_gpus), c.placement,
             _batch(c), fmt_num(c.step_ms),
-            fmt_num(c.step_ms_p95), fmt_int(c.tokens_per_s), fmt_int(c.tokens_per_s_per_gpu), fmt_num(c.step_imbalance),
-            fmt_pct(c.leave_node_share),
+            fmt_num(c.step_ms_p95), fmt_int(c.tokens_per_s), fmt_int(c.tokens_per_s_per_gpu),
+            fmt_num(c.step_imbalance), fmt_pct(c.leave_node_share),
             f"{c.memory_per_gpu_bytes / 2**30:.2f} / {c.usable_hbm_bytes / 2**30:.2f}",
             "yes" if c.meets_target else "no",
         ] + ([_price(c.price_per_hour), _price(c.cost_per_million_tokens)] if priced else []))
     return Table(
         columns=["rec.", "GPU", "GPUs", "placement", "tokens/step (per GPU x GPUs)", "step ms", "step ms p95",
-                 "tokens/s", "tokens/s / GPU", "step imbalance", "leave node", "memory / usable GiB", "meets target"]
+                 "tokens/s", "tokens/s / GPU", "step imbalance", "leave node", "memory / usable GiB",
+                 "meets target"]
         + (["cost / hour", "cost / M tokens"] if priced else []),
         rows=rows,
         numeric=[False, False, True, False, True, True, True, True, True, True, True, True, False]
@@ -81,39 +82,43 @@ def plan_section(plan: PlanResult | None, replay: ReplayResult) -> Section:
         t = best.timings[0]
         cfg = replay.config
         return Section("recommendation", "Recommendation", [
-            f"No throughput target was given, so no layouts were swept (pass --target-tokens-per-s to plan). On the "
-            f"replayed layout, {cfg['num_gpus']} x {cfg['hardware']['name']}, the {best.label} placement has the "
-            f"shortest predicted MoE step: {fmt_ms(t.step_time['mean'])} ms on average, "
+            "No throughput target was given, so no layouts were swept (pass --target-tokens-per-s to plan). "
+            f"On the replayed layout, {cfg['num_gpus']} x {cfg['hardware']['name']}, the {best.label} "
+            f"placement has the shortest predicted MoE step: {fmt_ms(t.step_time['mean'])} ms on average, "
             f"{fmt_int(t.tokens_per_s_per_gpu)} tokens/s per GPU for the MoE layers, step imbalance "
             f"{fmt_num(best.step_imbalance)}.",
         ])
     rec = plan.recommendation
     if rec is not None:
-        head = (f"Recommended: {rec.describe()}, predicted {fmt_int(rec.tokens_per_s)} tokens/s for the whole model "
-                f"({fmt_num(rec.step_ms)} ms per step, p95 {fmt_num(rec.step_ms_p95)} ms).")
+        head = (f"Recommended: {rec.describe()}, predicted {fmt_int(rec.tokens_per_s)} tokens/s for the "
+                f"whole model ({fmt_num(rec.step_ms)} ms per step, p95 {fmt_num(rec.step_ms_p95)} ms).")
     else:
         head = "No layout in the sweep meets the goal; the frontier below shows what comes closest."
     target = fmt_int(plan.config.get("target_tokens_per_s", float("nan")))
-    frontier = candidate_table(plan, plan.frontier, f"Frontier: layouts no other beats at once on GPUs (cost per "
-                                                    f"hour when every GPU is priced), throughput and p95 step time "
-                                                    f"({len(plan.candidates)} grid points, target {target} tokens/s)")
-    details = [Details(f"Skipped {len(plan.skipped)} grid point{'s' if len(plan.skipped) != 1 else ''} that cannot "
-                       "be built or planned", list(plan.skipped))] if plan.skipped else []
+    frontier = candidate_table(plan, plan.frontier,
+                               f"Frontier: layouts no other beats at once on GPUs (cost per "
+                                                    "hour when every GPU is priced), throughput and p95 "
+                                                    f"step time ({len(plan.candidates)} grid points, target "
+                                                    f"{target} tokens/s)")
+    details = [Details(f"Skipped {len(plan.skipped)} grid point{'s' if len(plan.skipped) != 1 else ''} that "
+                       "cannot be built or planned", list(plan.skipped))] if plan.skipped else []
     return Section("recommendation", "Recommendation", [head],
                    [candidate_table(plan, best_per_layout(plan), "Best placement on each layout swept")],
                    bullets=list(plan.reasons), lead=[frontier], details=details)
 
 
 def time_breakdown_figure(plan: PlanResult | None, replay: ReplayResult) -> Figure:
-    """Mean time per step by component: the best placement of each swept layout (whole model, from the plan), else
-    the replayed placements (MoE layers only)."""
+    """Mean time per step by component: the best placement of each swept layout (whole model, from the plan),
+    else the replayed placements (MoE layers only)."""
     comps = ("compute", "weights", "dispatch", "combine")
     if plan is not None and plan.candidates:
         shown = best_per_layout(plan)[:MAX_BREAKDOWN_BARS]
         rec = plan.recommendation
-        if rec is not None and rec not in shown:  # the recommendation takes its layout's bar, or a bar of its own
+        # the recommendation takes its layout's bar, or a bar of its own
+        if rec is not None and rec not in shown:
             same = [i for i, c in enumerate(shown)
-                    if (c.hardware, c.num_gpus, c.tokens_per_step) == (rec.hardware, rec.num_gpus, rec.tokens_per_step)]
+                    if (c.hardware, c.num_gpus, c.tokens_per_step)
+                    == (rec.hardware, rec.num_gpus, rec.tokens_per_step)]
             if same:
                 shown[same[0]] = rec
             else:

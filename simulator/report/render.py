@@ -1,4 +1,5 @@
-"""Renderers: Report -> one self-contained HTML page, or Markdown with PNG files beside it; and the atomic write.
+"""Renderers: Report -> one self-contained HTML page, or Markdown with PNG files beside it; and the atomic
+write.
 
 The HTML page embeds every plot as a base64 PNG and its CSS inline, loads nothing from the network and runs no
 script, so it opens anywhere (and in a browser with no console errors).
@@ -31,7 +32,8 @@ nav ol { columns: 2; padding-left: 1.2rem; } nav a { text-decoration: none; }
 table { border-collapse: collapse; font-size: 0.85rem; }
 caption { text-align: left; font-weight: 600; padding: 0.3rem 0; }
 th, td { border: 1px solid #d8dce3; padding: 0.25rem 0.55rem; }
-th { background: #eef1f5; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #eef1f5; text-align: left; } \
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 1rem 0 1.6rem; } figure img { max-width: 100%; height: auto; border: 1px solid #eceef2; }
 figcaption { color: #4a5261; font-size: 0.88rem; } figcaption b { color: #1d2330; }
 .bullets li { margin: 0.2rem 0; }
@@ -40,7 +42,7 @@ details { margin: 0.4rem 0 1rem; } details summary { cursor: pointer; color: #4a
 """
 
 
-# ----------------------------------------------------------------------------------------------------------- HTML
+# ------------------------------------------------------------------------------------------------------- HTML
 
 
 def _html_table(table: Table) -> str:
@@ -56,7 +58,8 @@ def _html_table(table: Table) -> str:
     caption = f"<caption>{html.escape(table.caption)}</caption>" if table.caption else ""
     table_html = f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
     legend = f'<p class="legend">{html.escape(table.legend)}</p>' if table.legend else ""
-    return f'<div class="table-wrap">{table_html}{legend}</div>'  # wide tables scroll inside the page, not the page
+    # wide tables scroll inside the page, not the page
+    return f'<div class="table-wrap">{table_html}{legend}</div>'
 
 
 def _html_figure(fig: Figure) -> str:
@@ -87,7 +90,8 @@ def _html_section(section: Section) -> str:
 
 def render_html(report: Report) -> str:
     """One self-contained HTML page: inline CSS, plots as data-URI PNGs, no scripts, no network."""
-    toc = "".join(f'<li><a href="#{html.escape(s.key)}">{html.escape(s.title)}</a></li>' for s in report.sections)
+    toc = "".join(f'<li><a href="#{html.escape(s.key)}">{html.escape(s.title)}</a></li>'
+                  for s in report.sections)
     body = "\n".join(_html_section(s) for s in report.sections)
     return (
         "<!DOCTYPE html>\n"
@@ -101,7 +105,7 @@ def render_html(report: Report) -> str:
     )
 
 
-# ------------------------------------------------------------------------------------------------------- Markdown
+# --------------------------------------------------------------------------------------------------- Markdown
 
 
 def _md_escape(text: str) -> str:
@@ -122,8 +126,8 @@ def _md_table(table: Table) -> str:
 
 
 def render_markdown(report: Report, image_dir: str | None = None) -> str:
-    """Markdown text. Plots link to `<image_dir>/<key>.png` (write them with figure_files), or, with image_dir None,
-    are embedded as data URIs (one file, but not every Markdown viewer shows those)."""
+    """Markdown text. Plots link to `<image_dir>/<key>.png` (write them with figure_files), or, with image_dir
+    None, are embedded as data URIs (one file, but not every Markdown viewer shows those)."""
     out = [f"# {report.title}", "", f"_{report.subtitle}_", ""]
     out += [f"{i}. [{s.title}](#{s.key})" for i, s in enumerate(report.sections, 1)]
     for section in report.sections:
@@ -153,7 +157,7 @@ def figure_files(report: Report) -> dict[str, bytes]:
     return {f"{fig.key}.png": fig.png for fig in report.figures}
 
 
-# ---------------------------------------------------------------------------------------------------------- write
+# ------------------------------------------------------------------------------------------------------ write
 
 
 def output_format(path: Path) -> str:
@@ -172,7 +176,8 @@ def markdown_image_dir(path: Path) -> Path:
 
 
 def check_output(path: Path, force: bool) -> None:
-    """Fail before any work if the report could not be written or would overwrite something without --force."""
+    """Fail before any work if the report could not be written or would overwrite something without
+    --force."""
     fmt = output_format(path)
     make_parent_dir(path)
     targets = [path] + ([markdown_image_dir(path)] if fmt == "markdown" else [])
@@ -204,8 +209,8 @@ def _umask() -> int:
 def write_report(report: Report, path: str | Path, *, force: bool = False) -> list[Path]:
     """Write the report by the extension: .html (one self-contained file) or .md (plus `<stem>_files/*.png`).
 
-    Every file is written under a temporary name and renamed into place; the Markdown file goes last, so its name
-    appears only once all its images are there. Returns the paths written.
+    Every file is written under a temporary name and renamed into place; the Markdown file goes last, so its
+    name appears only once all its images are there. Returns the paths written.
     """
     path = Path(path)
     check_output(path, force)

@@ -1,4 +1,5 @@
-"""Importers: serving engines' and other tools' routing dumps to trace v1 (or, for count-only dumps, a load file).
+"""Importers: serving engines' and other tools' routing dumps to trace v1 (or, for count-only dumps, a load
+file).
 
 One module per source tool; each streams its files into a TraceSink (sink.py), which checks ids and writes the
 trace crash-safely. The model's shapes come from a preset or a config.json (model_shape.py). docs/import.md
@@ -20,16 +21,21 @@ from traces.schema import PHASE_DECODE, PHASE_PREFILL
 
 # --from name -> (metadata source, count-only, one-line description shown by --help)
 FORMATS: dict[str, tuple[str, bool, str]] = {
-    "sglang-per-token": ("sglang", False, "SGLang expert distribution recorder, per_token mode (.pt per rank)"),
-    "sglang-stat": ("sglang", True, "SGLang recorder, stat mode: logical_count [steps, layers, experts] (.pt)"),
-    "sglang-per-pass": ("sglang", True, "SGLang recorder, per_pass mode: global_physical_count per pass (.pt)"),
+    "sglang-per-token": ("sglang", False,
+                         "SGLang expert distribution recorder, per_token mode (.pt per rank)"),
+    "sglang-stat": ("sglang", True,
+                    "SGLang recorder, stat mode: logical_count [steps, layers, experts] (.pt)"),
+    "sglang-per-pass": ("sglang", True,
+                        "SGLang recorder, per_pass mode: global_physical_count per pass (.pt)"),
     "vllm": ("vllm", False, "vLLM routed experts in saved JSON / JSONL responses"),
-    "megatron": ("megatron", False, "Megatron-Core router tracer, router_trace_rank{N}.jsonl (files or a directory)"),
+    "megatron": ("megatron", False,
+                 "Megatron-Core router tracer, router_trace_rank{N}.jsonl (files or a directory)"),
     "tabular": ("tabular", False, "JSONL, CSV or Parquet with named columns (see --seq-col and friends)"),
-    "hf-router-logits": ("hf-router-logits", False, "Hugging Face output_router_logits saved as .safetensors"),
+    "hf-router-logits": ("hf-router-logits", False,
+                         "Hugging Face output_router_logits saved as .safetensors"),
 }
-DIRECTORY_PATTERNS = {"megatron": "router_trace_rank*.jsonl", "sglang-per-token": "*.pt", "sglang-stat": "*.pt",
-                      "sglang-per-pass": "*.pt", "hf-router-logits": "*.safetensors"}
+DIRECTORY_PATTERNS = {"megatron": "router_trace_rank*.jsonl", "sglang-per-token": "*.pt",
+                      "sglang-stat": "*.pt", "sglang-per-pass": "*.pt", "hf-router-logits": "*.safetensors"}
 
 
 @dataclass
@@ -38,7 +44,8 @@ class ImportOptions:
 
     phase: str = "prefill"  # megatron: the phase every token gets
     columns: Columns = field(default_factory=Columns)  # tabular
-    router_output: str = "logits"  # hf-router-logits: what the saved tensors are ("logits" or "probabilities")
+    # hf-router-logits: what the saved tensors are ("logits" or "probabilities")
+    router_output: str = "logits"
     keep_logits: bool = False  # hf-router-logits: store the router logits column too
 
 
@@ -125,7 +132,8 @@ def _run_importer(fmt: str, paths: list[Path], sink: Any, options: ImportOptions
 
     if options.router_output not in ("logits", "probabilities"):
         raise InputError(f"--router-output: choose logits or probabilities, not {options.router_output!r}")
-    return import_safetensors(paths, sink, router_output=options.router_output, keep_logits=options.keep_logits)
+    return import_safetensors(paths, sink, router_output=options.router_output,
+                              keep_logits=options.keep_logits)
 
 
 def _import_counts(paths: list[Path], out: Path, fmt: str, meta: Any, force: bool) -> ImportResult:
@@ -141,5 +149,6 @@ def _import_counts(paths: list[Path], out: Path, fmt: str, meta: Any, force: boo
                     model_id=meta.model_id, top_k=meta.top_k, num_hidden_layers=meta.num_hidden_layers,
                     steps=steps, notes={"imported_from": [str(p) for p in paths[:64]]})
     written = write_load_file(out, load, force=force)
-    return ImportResult(written, "load file", int(counts.sum(axis=1).max() // max(1, meta.top_k)),  # per layer
+    # per layer
+    return ImportResult(written, "load file", int(counts.sum(axis=1).max() // max(1, meta.top_k)),
                         {"steps": steps, "layers": len(load.layers)})

@@ -1,12 +1,12 @@
-"""Hugging Face `output_router_logits=True` tensors saved with safetensors; top-k is recomputed from the logits
-under the model's router semantics (recorder.routers: softmax, renormalised or not, GPT-OSS's softmax over the
-top-k logits).
+"""Hugging Face `output_router_logits=True` tensors saved with safetensors; top-k is recomputed from the
+logits under the model's router semantics (recorder.routers: softmax, renormalised or not, GPT-OSS's softmax
+over the top-k logits).
 
 Layout, one file per forward pass (files are steps, in the order given):
-- `router_logits.{i}` for MoE layer i = 0..L-1 (the order of `outputs.router_logits`), each [N, E] or [B, S, E];
-  or one `router_logits` tensor [L, N, E];
-- optional `input_ids` [B, S] (gives sequences and positions; N = B*S) and `attention_mask` [B, S] (rows with 0 are
-  padding and are dropped; positions count the kept tokens). Without input_ids the file is one sequence.
+- `router_logits.{i}` for MoE layer i = 0..L-1 (the order of `outputs.router_logits`), each [N, E] or [B, S,
+  E]; or one `router_logits` tensor [L, N, E];
+- optional `input_ids` [B, S] (gives sequences and positions; N = B*S) and `attention_mask` [B, S] (rows with
+  0 are padding and are dropped; positions count the kept tokens). Without input_ids the file is one sequence.
 safetensors holds raw tensors and a JSON header, nothing executable. Every token is a prefill token.
 Shape legend: N tokens of a file, B sequences, S sequence length, L MoE layers, E experts, K top-k.
 """
@@ -27,8 +27,8 @@ def check_semantics(meta: TraceMetadata) -> bool:
     """Refuse routers whose choice the logits alone do not give; returns softmax_over_top_k."""
     if meta.router_scoring != "softmax":
         raise InputError(f"model type {meta.model_type}: a sigmoid router chooses with a correction bias and "
-                         "expert groups that output_router_logits does not carry; import its chosen ids instead "
-                         "(--from tabular)")
+                         "expert groups that output_router_logits does not carry; import its chosen ids "
+                         "instead (--from tabular)")
     return bool(meta.notes.get("softmax_over_top_k", False)) or meta.model_type == "gpt_oss"
 
 
@@ -49,7 +49,8 @@ def _layer_logits(f: Any, keys: set[str], meta: TraceMetadata, where: str) -> li
 
 def _sequences(f: Any, keys: set[str], n: int, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
                                                                       np.ndarray]:
-    """(keep mask [N], sequence row [N], token ids [N] or None, position [N]) from input_ids / attention_mask."""
+    """(keep mask [N], sequence row [N], token ids [N] or None, position [N]) from input_ids /
+    attention_mask."""
     if "input_ids" not in keys:
         return np.ones(n, dtype=bool), np.zeros(n, dtype=np.int64), None, np.arange(n)
     ids = f.get_tensor("input_ids")
@@ -70,7 +71,8 @@ def _sequences(f: Any, keys: set[str], n: int, where: str) -> tuple[np.ndarray, 
     return mask.ravel(), row.ravel(), ids.numpy().astype(np.int64).ravel(), position.ravel()
 
 
-def import_safetensors(paths: list[Path], sink: TraceSink, *, router_output: str, keep_logits: bool) -> dict[str, Any]:
+def import_safetensors(paths: list[Path], sink: TraceSink, *, router_output: str,
+                       keep_logits: bool) -> dict[str, Any]:
     import torch
     from safetensors import SafetensorError, safe_open
 
@@ -91,8 +93,8 @@ def import_safetensors(paths: list[Path], sink: TraceSink, *, router_output: str
                 n = int(per_layer[0].shape[0])
                 for i, t in enumerate(per_layer):
                     if tuple(t.shape) != (n, meta.num_experts):
-                        raise InputError(f"{where}: layer {i}'s router logits have shape {tuple(t.shape)}, expected "
-                                         f"[{n} tokens, {meta.num_experts} experts]")
+                        raise InputError(f"{where}: layer {i}'s router logits have shape {tuple(t.shape)}, "
+                                         f"expected [{n} tokens, {meta.num_experts} experts]")
                     if not torch.isfinite(t).all():
                         raise InputError(f"{where}: layer {i}'s router logits hold a non-finite value")
                 keep, row, token_ids, position = _sequences(f, keys, n, where)
@@ -110,8 +112,10 @@ def import_safetensors(paths: list[Path], sink: TraceSink, *, router_output: str
                                           softmax_over_top_k=over_top_k)
             ids[:, i], weights[:, i] = top.numpy(), (w * meta.routed_scaling_factor).numpy()
         logits_out = np.stack([t.float().numpy() for t in per_layer], axis=1)[keep] if keep_logits else None
-        sink.add(seq_id=seq0 + row[keep], position=position[keep], phase=np.full(int(keep.sum()), PHASE_PREFILL),
-                 step=np.full(int(keep.sum()), step), expert_ids=ids[keep], expert_weights=weights[keep],
-                 token_id=None if token_ids is None else token_ids[keep], router_logits=logits_out, where=where)
+        sink.add(seq_id=seq0 + row[keep], position=position[keep],
+                 phase=np.full(int(keep.sum()), PHASE_PREFILL), step=np.full(int(keep.sum()), step),
+                 expert_ids=ids[keep], expert_weights=weights[keep],
+                 token_id=None if token_ids is None else token_ids[keep], router_logits=logits_out,
+                 where=where)
         seq0 += int(row.max()) + 1 if n else 0
     return {"files": len(paths)}

@@ -1,12 +1,14 @@
-"""Megatron-Core's router tracer: `router_trace_rank{N}.jsonl`, one JSON line per (step, block, layer) of a rank:
+"""Megatron-Core's router tracer: `router_trace_rank{N}.jsonl`, one JSON line per (step, block, layer) of a
+rank:
 
-    {"step", "stage", "block": "decoder" | "mtp", "layer", "rank", "num_tokens", "topk", "top_indices": [[ids]...]}
+    {"step", "stage", "block": "decoder" | "mtp", "layer", "rank", "num_tokens", "topk", "top_indices":
+    [[ids]...]}
 
-(docs/import.md cites the tracer's code). Row t of every layer's record in one step is the same token. The records
-hold no request ids, positions or phases: each (rank, step) becomes one sequence whose positions are its rows,
-and every token gets the phase given by --phase. Multi-token-prediction records (block "mtp") are skipped.
-Tensor-parallel ranks trace the same tokens: a rank file equal to an earlier one but for "rank" is read once.
-Shape legend: T tokens of a step, L MoE layers, K top-k.
+(docs/import.md cites the tracer's code). Row t of every layer's record in one step is the same token. The
+records hold no request ids, positions or phases: each (rank, step) becomes one sequence whose positions are
+its rows, and every token gets the phase given by --phase. Multi-token-prediction records (block "mtp") are
+skipped. Tensor-parallel ranks trace the same tokens: a rank file equal to an earlier one but for "rank" is
+read once. Shape legend: T tokens of a step, L MoE layers, K top-k.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ RECORD_KEYS = ("step", "layer", "num_tokens", "topk", "top_indices")
 
 def import_router_trace(paths: list[Path], sink: TraceSink, phase: int) -> dict[str, Any]:
     """Import rank files; the same step on several ranks is one forward pass (data-parallel ranks' tokens side
-    by side), so the files are merged by step, each streamed one step at a time. A rank file whose records equal
-    an earlier one's is imported once."""
+    by side), so the files are merged by step, each streamed one step at a time. A rank file whose records
+    equal an earlier one's is imported once."""
     meta = sink.metadata
     layer_row = {layer: i for i, layer in enumerate(meta.moe_layers)}
     skipped = [0]
@@ -82,8 +84,8 @@ def _steps(path: Path, top_k: int, layer_row: dict[int, int],
         layer = record["layer"]
         if layer not in layer_row:
             raise InputError(f"{where}: layer {layer!r} is not a MoE layer of the model ({min(layer_row)}.."
-                             f"{max(layer_row)}; pipeline stages report local layer numbers, which this importer "
-                             "cannot place)")
+                             f"{max(layer_row)}; pipeline stages report local layer numbers, which this "
+                             "importer cannot place)")
         if layer in pending:
             raise InputError(f"{where}: layer {layer} appears twice in step {step}")
         if record["topk"] != top_k:
@@ -91,7 +93,8 @@ def _steps(path: Path, top_k: int, layer_row: dict[int, int],
         n = record["num_tokens"]
         if not isinstance(n, int) or n < 0:
             raise InputError(f"{where}: num_tokens {n!r} is not a non-negative integer")
-        ids = as_int_array(record["top_indices"], f"{where}: top_indices", 2) if n else np.zeros((0, top_k), np.int64)
+        ids = as_int_array(record["top_indices"], f"{where}: top_indices",
+                           2) if n else np.zeros((0, top_k), np.int64)
         if ids.shape != (n, top_k):
             raise InputError(f"{where}: top_indices has shape {ids.shape}, expected ({n}, {top_k}) from "
                              "num_tokens and topk")

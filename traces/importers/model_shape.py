@@ -1,5 +1,5 @@
-"""The model half of an imported trace's metadata: shapes from a preset (`--model`) or a Hugging Face config.json
-(`--config`), router semantics from the recorder's adapters, provenance from the import.
+"""The model half of an imported trace's metadata: shapes from a preset (`--model`) or a Hugging Face
+config.json (`--config`), router semantics from the recorder's adapters, provenance from the import.
 
 A dump holds routing only; the replay and the cost model also need layer counts, expert sizes and router
 behaviour, which come from here. Only `metadata_from_config` imports torch (through recorder.routers).
@@ -25,7 +25,8 @@ def _first(cfg: dict[str, Any], *names: str, default: Any = None) -> Any:
 
 
 def moe_layers_of(cfg: dict[str, Any], num_layers: int) -> list[int]:
-    """Decoder layers that are MoE: DeepSeek's first_k_dense_replace, Qwen's decoder_sparse_step / mlp_only_layers."""
+    """Decoder layers that are MoE: DeepSeek's first_k_dense_replace, Qwen's decoder_sparse_step /
+    mlp_only_layers."""
     first_dense = int(_first(cfg, "first_k_dense_replace", default=0) or 0)
     step = int(_first(cfg, "decoder_sparse_step", default=1) or 1)
     dense_only = set(_first(cfg, "mlp_only_layers", default=[]) or [])
@@ -49,14 +50,16 @@ def metadata_from_config(path: str | Path, **fields: Any) -> TraceMetadata:
         cfg = {**cfg, **cfg["text_config"]}
     model_type = str(cfg.get("model_type", "unknown"))
     layers = int(_first(cfg, "num_hidden_layers", default=0))
-    experts = int(_first(cfg, "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", default=0))
+    experts = int(_first(cfg, "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts",
+                         default=0))
     top_k = int(_first(cfg, "num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token", default=0))
     hidden = int(_first(cfg, "hidden_size", default=0))
     for name, value in (("num_hidden_layers", layers), ("number of experts", experts), ("top-k", top_k),
                         ("hidden_size", hidden)):
         if value <= 0:
             raise InputError(f"{p}: config does not give the model's {name}")
-    expert_size = int(_first(cfg, "moe_intermediate_size", "expert_intermediate_size", "intermediate_size", default=0))
+    expert_size = int(_first(cfg, "moe_intermediate_size", "expert_intermediate_size", "intermediate_size",
+                             default=0))
     moe_layers = moe_layers_of(cfg, layers)
     n_shared, shared_size = 0, 0
     if cfg.get("shared_expert_intermediate_size"):  # Qwen-MoE: one gated MLP
@@ -91,7 +94,8 @@ def metadata_from_config(path: str | Path, **fields: Any) -> TraceMetadata:
 
 def import_metadata(*, model: str | None, config: str | None, source: str, command_line: str = "",
                     notes: dict[str, Any] | None = None) -> TraceMetadata:
-    """Metadata for an imported trace: exactly one of `model` (a preset name) or `config` (a config.json path)."""
+    """Metadata for an imported trace: exactly one of `model` (a preset name) or `config` (a config.json
+    path)."""
     if (model is None) == (config is None):
         raise InputError("give the model's shapes with exactly one of --model PRESET or --config config.json")
     fields: dict[str, Any] = dict(source=source, command_line=command_line, has_weights=False,

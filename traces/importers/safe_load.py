@@ -19,8 +19,9 @@ MAX_LINE_BYTES = 1 << 30  # one JSON line longer than this is refused rather tha
 def load_torch(path: Path) -> Any:
     """torch.load(weights_only=True): tensors, dicts, lists and numbers only, never arbitrary pickled objects.
 
-    A file whose pickle names anything else (a class, a function to call) is refused with one line; the code it
-    would run never runs. Tensors are memory-mapped where the file allows it, so a large dump is not read at once.
+    A file whose pickle names anything else (a class, a function to call) is refused with one line; the code
+    it would run never runs. Tensors are memory-mapped where the file allows it, so a large dump is not read
+    at once.
     """
     import pickle
     import warnings
@@ -31,7 +32,8 @@ def load_torch(path: Path) -> Any:
         raise InputError(f"{path}: no such file")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on pickle protocols would break the one-line error
+            # torch's notes on pickle protocols would break the one-line error
+            warnings.simplefilter("ignore")
             try:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as exc:
@@ -41,15 +43,16 @@ def load_torch(path: Path) -> Any:
     except pickle.UnpicklingError as exc:
         lines = [x.strip() for x in str(exc).splitlines() if "Unsupported" in x or "GLOBAL" in x]
         why = lines[0] if lines else "it names a Python object to construct"
-        raise InputError(f"{path}: refused: the file holds more than tensors and plain data, which moe-trace never "
-                         f"unpickles ({why[:160]})") from exc
+        raise InputError(f"{path}: refused: the file holds more than tensors and plain data, which moe-trace "
+                         f"never unpickles ({why[:160]})") from exc
     except Exception as exc:  # a damaged zip or pickle can fail anywhere inside torch.load
-        raise InputError(f"{path}: not a readable torch file ({type(exc).__name__}: {str(exc)[:160]})") from exc
+        raise InputError(f"{path}: not a readable torch file ({type(exc).__name__}: "
+                         f"{str(exc)[:160]})") from exc
 
 
 def as_int_array(value: Any, where: str, ndim: int) -> np.ndarray:
-    """An integer tensor, array or nested list as a signed-compatible integer array with `ndim` dimensions (the
-    source's dtype is kept, so an int32 dump is not copied to int64)."""
+    """An integer tensor, array or nested list as a signed-compatible integer array with `ndim` dimensions
+    (the source's dtype is kept, so an int32 dump is not copied to int64)."""
     try:
         import torch
 
@@ -92,7 +95,8 @@ def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def json_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """Records of a .json file (one object or a list of them) or a .jsonl file (one per line): (where, record)."""
+    """Records of a .json file (one object or a list of them) or a .jsonl file (one per line): (where,
+    record)."""
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         for number, obj in json_lines(path):
             yield f"{path}: line {number}", obj

@@ -7,7 +7,8 @@ forward_mode (1 extend, 2 decode, 3 mixed, 4 idle) and topk_ids_of_layer int32 [
 *physical* expert ids, padded with -1 past the model's top-k.
 `stat`: {"rank", "logical_count": [steps, layers, logical experts], ...}; `per_pass`: records with
 global_physical_count [layers, physical experts]. Both are counts only and become a load file.
-Shape legend: T tokens, L MoE layers, K top-k, P physical experts, R recorder layers (all decoder layers or L).
+Shape legend: T tokens, L MoE layers, K top-k, P physical experts, R recorder layers (all decoder layers or
+L).
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def read_map(data: Any, meta: TraceMetadata, where: str) -> np.ndarray:
     """last_physical_to_logical_map [R, P], checked: every entry a logical expert of the model."""
     p2l = as_int_array(data, f"{where}: last_physical_to_logical_map", 2)
     if p2l.shape[1] < meta.num_experts:
-        raise InputError(f"{where}: last_physical_to_logical_map has {p2l.shape[1]} physical experts, fewer than "
-                         f"the model's {meta.num_experts}")
+        raise InputError(f"{where}: last_physical_to_logical_map has {p2l.shape[1]} physical experts, fewer "
+                         f"than the model's {meta.num_experts}")
     if p2l.size and (p2l.min() < 0 or p2l.max() >= meta.num_experts):
         raise InputError(f"{where}: last_physical_to_logical_map holds logical id {int(p2l.max())} outside "
                          f"0..{meta.num_experts - 1}")
@@ -106,10 +107,10 @@ def _segments(record: dict[str, Any], mode: int, n: int, where: str) -> list[int
 def import_per_token(paths: list[Path], sink: TraceSink) -> dict[str, Any]:
     """Import per-rank per_token dumps; returns what the summary reports (ranks, duplicate passes skipped).
 
-    Ranks run their forward passes in lockstep (data-parallel attention ranks meet in every MoE layer), so the same
-    forward_pass_id on several ranks is one pass: the files are merged by it. A rank file identical to an earlier
-    one (tensor-parallel ranks record the same batches) is imported once. Each file is one pickle, loaded with its
-    tensors memory-mapped.
+    Ranks run their forward passes in lockstep (data-parallel attention ranks meet in every MoE layer), so the
+    same forward_pass_id on several ranks is one pass: the files are merged by it. A rank file identical to an
+    earlier one (tensor-parallel ranks record the same batches) is imported once. Each file is one pickle,
+    loaded with its tensors memory-mapped.
     """
     meta = sink.metadata
     first_map: np.ndarray | None = None
@@ -147,15 +148,16 @@ def _file_fingerprint(path: Path, records: list[Any]) -> bytes:
     parts: list[Any] = []
     for i, record in enumerate(records):
         require(record, RECORD_KEYS, f"{path}: record {i}")
-        parts += [repr(record["forward_pass_id"]), as_int_array(record["input_ids"], f"{path}: record {i}: input_ids", 1),
+        parts += [repr(record["forward_pass_id"]),
+                  as_int_array(record["input_ids"], f"{path}: record {i}: input_ids", 1),
                   as_int_array(record["positions"], f"{path}: record {i}: positions", 1),
                   as_int_array(record["topk_ids_of_layer"], f"{path}: record {i}: topk_ids_of_layer", 3)]
     return fingerprint(parts)
 
 
 def _compact(path: Path, records: list[Any]) -> None:
-    """Replace each record's token lists by arrays as soon as a file is loaded: files stay loaded until the merge
-    reaches their last pass, and a Python int costs 8 times an array entry."""
+    """Replace each record's token lists by arrays as soon as a file is loaded: files stay loaded until the
+    merge reaches their last pass, and a Python int costs 8 times an array entry."""
     for i, record in enumerate(records):
         if isinstance(record, dict):
             for key in ("input_ids", "positions"):
@@ -164,7 +166,8 @@ def _compact(path: Path, records: list[Any]) -> None:
 
 
 def _records(path: Path, records: list[Any], rows: np.ndarray, p2l: np.ndarray, tracker: SequenceTracker,
-             ranks: set[int]) -> Iterator[tuple[int, str, dict[str, Any], np.ndarray, np.ndarray, SequenceTracker]]:
+             ranks: set[int]) -> Iterator[tuple[int, str, dict[str, Any], np.ndarray, np.ndarray,
+                                                SequenceTracker]]:
     """One rank's records with their forward_pass_id (checked to increase), for merging by pass."""
     last = -1
     for i, record in enumerate(records):
@@ -192,9 +195,11 @@ def _import_record(record: dict[str, Any], where: str, rows: np.ndarray, p2l: np
         raise InputError(f"{where}: input_ids ({n}), positions ({positions.shape[0]}) and topk_ids_of_layer "
                          f"({topk.shape[1]} tokens) disagree on the number of tokens")
     if topk.shape[0] != p2l.shape[0]:
-        raise InputError(f"{where}: topk_ids_of_layer has {topk.shape[0]} layers, the expert map {p2l.shape[0]}")
+        raise InputError(f"{where}: topk_ids_of_layer has {topk.shape[0]} layers, the expert map "
+                         f"{p2l.shape[0]}")
     if topk.shape[2] < k:
-        raise InputError(f"{where}: topk_ids_of_layer holds {topk.shape[2]} ids per token, fewer than top-k {k}")
+        raise InputError(f"{where}: topk_ids_of_layer holds {topk.shape[2]} ids per token, fewer than top-k "
+                         f"{k}")
     step = int(record["forward_pass_id"])
     phys = topk[rows].transpose(1, 0, 2)  # [T, L, K']
     chosen, pad = phys[..., :k], phys[..., k:]
@@ -221,8 +226,8 @@ def _import_record(record: dict[str, Any], where: str, rows: np.ndarray, p2l: np
 def logical_counts_stat(paths: list[Path], meta: TraceMetadata) -> tuple[np.ndarray, int]:
     """`stat` dumps: summed logical counts [L, E] and the number of steps they cover.
 
-    SGLang all-reduces logical_count over ranks before rank 0 writes the file, so one file is the whole cluster;
-    several files are several dumps (recording windows) and are summed.
+    SGLang all-reduces logical_count over ranks before rank 0 writes the file, so one file is the whole
+    cluster; several files are several dumps (recording windows) and are summed.
     """
     total = np.zeros((meta.num_moe_layers, meta.num_experts), dtype=np.int64)
     steps = 0
@@ -231,7 +236,8 @@ def logical_counts_stat(paths: list[Path], meta: TraceMetadata) -> tuple[np.ndar
         require(data, ("logical_count",), str(path))
         counts = as_int_array(data["logical_count"], f"{path}: logical_count", 3)  # [S, R, E]
         if counts.shape[2] != meta.num_experts:
-            raise InputError(f"{path}: logical_count has {counts.shape[2]} experts, the model {meta.num_experts}")
+            raise InputError(f"{path}: logical_count has {counts.shape[2]} experts, the model "
+                             f"{meta.num_experts}")
         if counts.size and counts.min() < 0:
             raise InputError(f"{path}: logical_count holds a negative count")
         rows = layer_rows(meta, counts.shape[1], f"{path}: logical_count")
@@ -257,7 +263,8 @@ def logical_counts_per_pass(paths: list[Path], meta: TraceMetadata) -> tuple[np.
         for i, record in enumerate(data["records"]):
             where = f"{path}: record {i}"
             require(record, ("global_physical_count",), where)
-            counted.append(as_int_array(record["global_physical_count"], f"{where}: global_physical_count", 2))
+            counted.append(as_int_array(record["global_physical_count"], f"{where}: global_physical_count",
+                                        2))
         parts: list[Any] = [repr(r.get("forward_pass_id")) for r in data["records"]]
         key = fingerprint(parts + counted)
         if key in seen:  # a tensor-parallel rank counted exactly another rank's batches
@@ -266,7 +273,8 @@ def logical_counts_per_pass(paths: list[Path], meta: TraceMetadata) -> tuple[np.
         for i, phys in enumerate(counted):
             where = f"{path}: record {i}"
             if phys.shape != p2l.shape:
-                raise InputError(f"{where}: global_physical_count has shape {phys.shape}, the expert map {p2l.shape}")
+                raise InputError(f"{where}: global_physical_count has shape {phys.shape}, the expert map "
+                                 f"{p2l.shape}")
             if phys.size and phys.min() < 0:
                 raise InputError(f"{where}: global_physical_count holds a negative count")
             for j, row in enumerate(rows):

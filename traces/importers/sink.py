@@ -2,9 +2,9 @@
 
 Shape legend: T tokens, L MoE layers, K top-k, E experts per layer.
 
-The sink opens the writer at the first batch (so an importer can decide columns such as token ids from what the
-source holds), writes `<output>.partial` and renames it only when the import finishes; any error removes the
-partial file, so a failed import leaves nothing under the output name.
+The sink opens the writer at the first batch (so an importer can decide columns such as token ids from what
+the source holds), writes `<output>.partial` and renames it only when the import finishes; any error removes
+the partial file, so a failed import leaves nothing under the output name.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ DEFAULT_BUFFER_TOKENS = 1 << 16
 
 
 def fingerprint(parts: Sequence[bytes | np.ndarray | int | str]) -> bytes:
-    """A 16-byte digest of a sequence of arrays, integers and strings (to find ranks that recorded the same thing)."""
+    """A 16-byte digest of a sequence of arrays, integers and strings (to find ranks that recorded the same
+    thing)."""
     h = hashlib.blake2b(digest_size=16)
     for part in parts:
         if isinstance(part, np.ndarray):
@@ -79,7 +80,8 @@ class TraceSink:
         self._check_ids(expert_ids, where)
         for name, col in (("seq_id", seq_id), ("position", position), ("phase", phase), ("step", step)):
             if col.shape != (n,):
-                raise InputError(f"{where}: {name} has {col.shape[0] if col.ndim else 0} values for {n} tokens")
+                raise InputError(f"{where}: {name} has {col.shape[0] if col.ndim else 0} values for {n} "
+                                 "tokens")
             if name != "phase" and int(col.min()) < 0:
                 raise InputError(f"{where}: {name} {int(col.min())} is negative")
         if not np.isin(phase, list(PHASE_NAMES)).all():
@@ -100,7 +102,8 @@ class TraceSink:
                 raise InputError(f"{where}: {state} {name}, unlike the batches before it")
         if expert_weights is not None:
             if expert_weights.shape != want:
-                raise InputError(f"{where}: gating weights have shape {tuple(expert_weights.shape)}, expected {want}")
+                raise InputError(f"{where}: gating weights have shape {tuple(expert_weights.shape)}, "
+                                 f"expected {want}")
             if not np.isfinite(expert_weights).all() or bool((expert_weights < 0).any()):
                 raise InputError(f"{where}: gating weights must be finite and non-negative")
         chunk = TraceChunk(
@@ -124,13 +127,15 @@ class TraceSink:
         bad = (ids < 0) | (ids >= meta.num_experts)
         if bad.any():
             t, layer, j = np.argwhere(bad)[0]
-            raise InputError(f"{where}: token {t}, layer {meta.moe_layers[layer]}: expert id {int(ids[t, layer, j])} "
-                             f"is out of range (model has {meta.num_experts} experts)")
+            raise InputError(f"{where}: token {t}, layer {meta.moe_layers[layer]}: expert id "
+                             f"{int(ids[t, layer, j])} is out of range (model has {meta.num_experts} "
+                             "experts)")
         srt = np.sort(ids, axis=-1)
         twice = srt[..., 1:] == srt[..., :-1]
         if twice.any():
             t, layer, _ = np.argwhere(twice)[0]
-            raise InputError(f"{where}: token {t}, layer {meta.moe_layers[layer]}: an expert appears twice in one top-k")
+            raise InputError(f"{where}: token {t}, layer {meta.moe_layers[layer]}: an expert appears twice "
+                             "in one top-k")
 
     def _flush(self) -> None:
         if self._pending and self._writer is not None:
@@ -141,7 +146,8 @@ class TraceSink:
     def close(self, sources: list[Path] | None = None) -> Path:
         """Finish the trace; an import that produced no token is an error (and leaves no file)."""
         if self._writer is None:
-            named = f"{sources[0]}{f' (and {len(sources) - 1} more)' if len(sources) > 1 else ''}: " if sources else ""
+            more = f" (and {len(sources) - 1} more)" if sources and len(sources) > 1 else ""
+            named = f"{sources[0]}{more}: " if sources else ""
             raise InputError(f"{named}no routed tokens in the source; nothing to import")
         self._flush()
         return self._writer.close(complete=True)

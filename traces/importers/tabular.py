@@ -1,14 +1,14 @@
 """A generic tabular form: JSON lines, CSV or Parquet, with the columns named by options.
 
 Two row shapes:
-- one row per (request, layer, token) -- what public routing dumps use -- holding the token's expert list for that
-  layer and, optionally, its gating probabilities (columns --seq-col, --layer-col, --position-col,
+- one row per (request, layer, token) -- what public routing dumps use -- holding the token's expert list for
+  that layer and, optionally, its gating probabilities (columns --seq-col, --layer-col, --position-col,
   --experts-col, --weights-col);
 - one row per token (--layer-col ""), whose expert list is [layers][top-k].
 Rows of one sequence must come together (in any order inside it), which keeps memory to one sequence. Optional
-columns: --token-col, --phase-col ("prefill"/"decode" or 0/1; without it every token is prefill) and --step-col
-(without it each sequence's prefill is one step and each decode token one more, sequences one after another).
-CSV cells holding lists are JSON ("[3, 17]") or separated by spaces or semicolons.
+columns: --token-col, --phase-col ("prefill"/"decode" or 0/1; without it every token is prefill) and
+--step-col (without it each sequence's prefill is one step and each decode token one more, sequences one after
+another). CSV cells holding lists are JSON ("[3, 17]") or separated by spaces or semicolons.
 Shape legend: T tokens of a sequence, L MoE layers, K top-k.
 """
 
@@ -154,7 +154,8 @@ def import_table(paths: list[Path], sink: TraceSink, cols: Columns) -> dict[str,
     return {"sequences": state["seq"]}
 
 
-def _emit(seq: _Sequence, sink: TraceSink, cols: Columns, layer_row: dict[int, int], state: dict[str, int]) -> None:
+def _emit(seq: _Sequence, sink: TraceSink, cols: Columns, layer_row: dict[int, int],
+          state: dict[str, int]) -> None:
     meta = sink.metadata
     positions = sorted(seq.tokens)
     n = len(positions)
@@ -168,7 +169,8 @@ def _emit(seq: _Sequence, sink: TraceSink, cols: Columns, layer_row: dict[int, i
         if cols.layer:
             absent = [layer for layer in layer_row if layer not in layers]
             if absent:
-                raise InputError(f"{where}: sequence {seq.key!r} position {pos} has no row for MoE layer {absent[0]}")
+                raise InputError(f"{where}: sequence {seq.key!r} position {pos} has no row for MoE layer "
+                                 f"{absent[0]}")
             e_rows = [layers[layer][0] for layer in layer_row]
             w_rows = [layers[layer][1] for layer in layer_row]
         else:
@@ -191,7 +193,8 @@ def _emit(seq: _Sequence, sink: TraceSink, cols: Columns, layer_row: dict[int, i
         state["step"] = int(step[-1]) + 1
     token_ids = None
     if cols.token:
-        token_ids = np.array([_int(seq.tokens[p]["token"], seq.tokens[p]["where"], cols.token) for p in positions])
+        token_ids = np.array([_int(seq.tokens[p]["token"], seq.tokens[p]["where"],
+                                   cols.token) for p in positions])
     sink.add(seq_id=np.full(n, state["seq"]), position=np.asarray(positions), phase=phase, step=step,
              expert_ids=ids, expert_weights=weights, token_id=token_ids, where=first["where"])
     state["seq"] += 1

@@ -4,9 +4,10 @@ A completion's `routed_experts` is an int array [rows, layers, top-k]: one row p
 forward pass, prompt first (docs/import.md cites the code). Two saved forms are read:
 - OpenAI API responses: {"choices": [{"routed_experts": base64 of a .npy (or nested lists), "token_ids"?}],
   "usage": {"prompt_tokens"}, "prompt_token_ids"?};
-- offline `LLM.generate` outputs dumped as {"prompt_token_ids": [...], "outputs": [{"routed_experts", "token_ids"}]}.
-Responses carry no batch schedule: requests are laid out one after another (a prefill step, then one decode step
-per generated token), which the simulator's own batching regroups.
+- offline `LLM.generate` outputs dumped as {"prompt_token_ids": [...], "outputs": [{"routed_experts",
+  "token_ids"}]}.
+Responses carry no batch schedule: requests are laid out one after another (a prefill step, then one decode
+step per generated token), which the simulator's own batching regroups.
 Shape legend: T rows of one completion, L MoE layers, K top-k.
 """
 
@@ -41,18 +42,21 @@ def decode_routed_experts(value: Any, where: str) -> np.ndarray:
             shape, _, dtype = (np.lib.format.read_array_header_1_0(buf) if version == (1, 0)
                                else np.lib.format.read_array_header_2_0(buf))
             if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize > min(MAX_NPY_BYTES, len(raw)):
-                raise InputError(f"{where}: routed_experts declares shape {shape}, more than its payload holds")
+                raise InputError(f"{where}: routed_experts declares shape {shape}, more than its payload "
+                                 "holds")
             arr = np.load(io.BytesIO(raw), allow_pickle=False)
         except InputError:
             raise
-        except Exception as exc:  # numpy parses the header with Python's tokenizer: any parse error can come out
+        # numpy parses the header with Python's tokenizer: any parse error can come out
+        except Exception as exc:
             raise InputError(f"{where}: routed_experts is not a .npy array ({type(exc).__name__}: "
                              f"{str(exc)[:120]})") from exc
         return as_int_array(arr, f"{where}: routed_experts", 3)
     return as_int_array(value, f"{where}: routed_experts", 3)
 
 
-def _completions(record: dict[str, Any], where: str) -> tuple[list[tuple[str, dict[str, Any]]], list[int] | None, int | None]:
+def _completions(record: dict[str, Any], where: str) -> tuple[list[tuple[str, dict[str, Any]]],
+                                                              list[int] | None, int | None]:
     """(completions with where, prompt token ids or None, prompt length or None) of one saved response."""
     if "choices" in record:
         choices = record["choices"]
@@ -94,8 +98,8 @@ def import_responses(paths: list[Path], sink: TraceSink) -> dict[str, Any]:
                 ids = decode_routed_experts(choice["routed_experts"], w)  # [T, R, K]
                 n = ids.shape[0]
                 if ids.shape[2] != meta.top_k:
-                    raise InputError(f"{w}: routed_experts holds {ids.shape[2]} experts per token, the model's "
-                                     f"top-k is {meta.top_k}")
+                    raise InputError(f"{w}: routed_experts holds {ids.shape[2]} experts per token, the "
+                                     f"model's top-k is {meta.top_k}")
                 if ids.shape[1] == meta.num_hidden_layers and meta.num_hidden_layers != meta.num_moe_layers:
                     ids = ids[:, meta.moe_layers]
                 elif ids.shape[1] != meta.num_moe_layers:
@@ -104,12 +108,14 @@ def import_responses(paths: list[Path], sink: TraceSink) -> dict[str, Any]:
                 if prompt_len is None:
                     raise InputError(f"{w}: no prompt length (needs usage.prompt_tokens or prompt_token_ids)")
                 if n < prompt_len:
-                    raise InputError(f"{w}: routed_experts has {n} rows, fewer than the {prompt_len} prompt tokens")
+                    raise InputError(f"{w}: routed_experts has {n} rows, fewer than the {prompt_len} prompt "
+                                     "tokens")
                 tokens = None
                 if prompt_ids is not None and isinstance(choice.get("token_ids"), list):
                     gen = [int(x) for x in as_int_array(choice["token_ids"], f"{w}: token_ids", 1)]
                     if len(gen) < n - prompt_len:
-                        raise InputError(f"{w}: {len(gen)} generated token ids for {n - prompt_len} decode rows")
+                        raise InputError(f"{w}: {len(gen)} generated token ids for {n - prompt_len} decode "
+                                         "rows")
                     tokens = np.asarray(prompt_ids + gen[:n - prompt_len], dtype=np.int64)
                 position = np.arange(n)
                 phase = np.where(position < prompt_len, PHASE_PREFILL, PHASE_DECODE).astype(np.uint8)
