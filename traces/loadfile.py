@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from traces.errors import InputError
+from traces.errors import InputError, read_json
 
 LOAD_FORMAT = "moe-trace-load"
 LOAD_VERSION = 1
@@ -100,10 +100,7 @@ def read_load_file(path: str | Path, domain: str | None = None) -> LoadFile:
         raise InputError(f"{p}: no such file")
     if p.suffix.lower() == ".csv":
         return _read_csv(p)
-    try:
-        data = json.loads(p.read_bytes())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{p}: not a load file (neither JSON nor .csv: {str(exc)[:100]})") from exc
+    data = read_json(p, "a load file (neither JSON nor .csv)")
     if not isinstance(data, dict):
         raise InputError(f"{p}: a load file holds one JSON object")
     if data.get("format") == LOAD_FORMAT:

@@ -30,7 +30,6 @@ Router logits are not synthesised (has_logits is False).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from traces.chunk import TraceChunk
-from traces.errors import InputError
+from traces.errors import InputError, read_json
 from traces.presets import get_preset, preset_metadata
 from traces.schema import PHASE_DECODE, PHASE_PREFILL, TraceMetadata, current_tool_version
 from traces.synth_kernels import alias_table
@@ -112,12 +111,7 @@ def load_counts(path: str | Path, domain: str | None = None) -> CountsTable:
     the depth of the model the counts come from; otherwise it is taken as the deepest listed layer + 1.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a JSON counts file ({exc})") from exc
+    data = read_json(path, "a JSON counts file")
     if not isinstance(data, dict) or "layers" not in data or not ({"counts", "domains"} & data.keys()):
         raise InputError(f"{path}: counts file needs 'layers' and 'counts' or 'domains'")
     if "domains" in data:

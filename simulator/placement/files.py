@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from simulator.placement.core import Placement, PlacementNotApplicable
 from simulator.placement.policies import POLICIES, USES_REDUNDANCY
-from traces.errors import InputError
+from traces.errors import InputError, read_json
 
 
 def fit_placement(policy: str, load: np.ndarray, *, num_gpus: int, gpus_per_node: int,
@@ -41,12 +40,7 @@ def load_placement_file(path: str | Path, *, num_experts: int, num_layers: int) 
     "layers" is [L][G][S] (pad short GPUs with -1), or a single [G][S] used for every layer.
     """
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: placement file not found")
-    try:
-        data = json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{p}: placement file is not valid JSON ({exc})") from exc
+    data = read_json(p, "a JSON placement file")
     if not isinstance(data, dict) or "layers" not in data:
         raise InputError(f"{p}: placement file needs a \"layers\" list ([layers][gpus][slots] expert ids)")
     file_experts = data.get("num_experts", num_experts)

@@ -7,12 +7,11 @@ behaviour, which come from here. Only `metadata_from_config` imports torch (thro
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from traces.errors import InputError
+from traces.errors import InputError, read_json
 from traces.presets import preset_metadata
 from traces.schema import TraceMetadata
 
@@ -38,12 +37,7 @@ def metadata_from_config(path: str | Path, **fields: Any) -> TraceMetadata:
     from recorder.routers import ADAPTERS, routing_semantics
 
     p = Path(path)
-    try:
-        cfg = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{p}: no such file") from None
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{p}: not a JSON config ({exc})") from exc
+    cfg = read_json(p, "a JSON config")
     if not isinstance(cfg, dict):
         raise InputError(f"{p}: a config.json holds one JSON object")
     if isinstance(cfg.get("text_config"), dict):  # multimodal wrappers keep the language model's shapes here

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from traces.errors import InputError
+from traces.errors import InputError, read_json
 
 MAX_LINE_BYTES = 1 << 30  # one JSON line longer than this is refused rather than read into memory
 
@@ -101,12 +101,7 @@ def json_records(path: Path) -> Iterator[tuple[str, Any]]:
         for number, obj in json_lines(path):
             yield f"{path}: line {number}", obj
         return
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    try:
-        data = json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({str(exc)[:120]})") from exc
+    data = read_json(path, "valid JSON")
     items = data if isinstance(data, list) else [data]
     for i, obj in enumerate(items):
         yield f"{path}: record {i}", obj
