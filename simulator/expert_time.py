@@ -177,12 +177,12 @@ def expert_seconds(counts: np.ndarray, work: ExpertWork) -> float:
 
 @dataclass(frozen=True)
 class Sample:
-    """One measured count vector: its counts, the measured time of the whole local expert work and, where
-    timed, of its two GEMMs alone."""
+    """One measured count vector: its counts and the measured times of the whole local expert work and of its
+    two GEMMs alone."""
 
     counts: np.ndarray
     seconds: float
-    gemm_seconds: float = math.nan
+    gemm_seconds: float
 
 
 def overhead_curve(points: list[tuple[int, float]]) -> np.ndarray:
@@ -213,14 +213,11 @@ def fit_measured_work(measured_table: np.ndarray, samples: list[Sample],
         raise ValueError("no samples to check")
     gemm_table = fill_table(measured_table)
     curve = overhead_curve(overhead_points)
-    timed = [s for s in samples if math.isfinite(s.gemm_seconds)] or samples
-    target = np.array([s.gemm_seconds if math.isfinite(s.gemm_seconds) else s.seconds for s in timed])
+    target = np.array([s.gemm_seconds for s in samples])
 
     def gemm_error(tile: int) -> float:
         g = np.array([gemm_lookup(gemm_table, float((s.counts > 0).sum()), padded_rows(s.counts, tile))
-                      for s in timed])
-        if not math.isfinite(timed[0].gemm_seconds):  # no GEMM-only times: judge on the whole work
-            g = g + np.array([overhead_lookup(curve, float(s.counts.sum())) for s in timed])
+                      for s in samples])
         return float(np.abs(g / target - 1).mean())
 
     tile = min(TILE_CANDIDATES, key=gemm_error)
@@ -233,50 +230,6 @@ def fit_measured_work(measured_table: np.ndarray, samples: list[Sample],
                            "max_abs": float(np.abs(rel).max()), "mean_signed": float(rel.mean()),
                            "gemm_mean_abs": gemm_error(tile)})
     return work
-
-
-def fit_expert_work(gemm_table: np.ndarray, samples: list[Sample]) -> ExpertWork:
-    """Choose the tile and the fixed and per-assignment terms that best explain whole-work times of skewed
-    counts (the model of profiles without a measured R).
-
-    For each tile, the non-GEMM remainder (measured - G) is fitted as fixed + per_assignment x a by least
-    squares weighted by 1 / measured (relative error), both terms kept non-negative; the tile with the
-    smallest mean absolute relative error wins. Residuals are relative: (predicted - measured) / measured.
-    """
-    if not samples:
-        raise ValueError("no samples to fit")
-    meas = np.array([s.seconds for s in samples])
-    a = np.array([float(s.counts.sum()) for s in samples])
-    best: tuple[float, ExpertWork] | None = None
-    for tile in TILE_CANDIDATES:
-        x = [float((s.counts > 0).sum()) for s in samples]
-        g = np.array([gemm_lookup(gemm_table, xi, padded_rows(s.counts, tile))
-                      for xi, s in zip(x, samples, strict=True)])
-        fixed, per = _nonneg_fit(a, meas - g, 1.0 / meas)
-        rel = (fixed + per * a + g - meas) / meas
-        err = float(np.abs(rel).mean())
-        work = ExpertWork(gemm_table, tile, fixed, per, {
-            "vectors": float(len(samples)), "mean_abs": err, "p95_abs": float(np.percentile(np.abs(rel), 95)),
-            "max_abs": float(np.abs(rel).max()), "mean_signed": float(rel.mean())},
-            samples=tuple((tuple(int(c) for c in s.counts), float(s.seconds), float(s.gemm_seconds))
-                          for s in samples))
-        if best is None or err < best[0] - 1e-12:
-            best = (err, work)
-    assert best is not None
-    return best[1]
-
-
-def _nonneg_fit(a: np.ndarray, y: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
-    """min sum (weight (f + p a - y))^2 over f, p >= 0 (two unknowns: try the unconstrained and both
-    edges)."""
-    cands = []
-    design = np.stack([np.ones_like(a), a], axis=1) * weight[:, None]
-    sol, *_ = np.linalg.lstsq(design, y * weight, rcond=None)
-    cands.append((max(float(sol[0]), 0.0), max(float(sol[1]), 0.0)))
-    cands.append((max(float(np.sum(weight**2 * y) / np.sum(weight**2)), 0.0), 0.0))
-    denom = float(np.sum((weight * a) ** 2))
-    cands.append((0.0, max(float(np.sum(weight**2 * a * y) / denom), 0.0) if denom > 0 else 0.0))
-    return min(cands, key=lambda fp: float(np.sum((weight * (fp[0] + fp[1] * a - y)) ** 2)))
 
 
 # ---------------------------------------------------------------------------------------------- derivation

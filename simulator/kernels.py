@@ -23,6 +23,7 @@ import os
 import numpy as np
 from numba import njit
 
+from simulator.profiles import GRID_LOG2_ASSIGNMENTS, GRID_LOG2_EXPERTS, GRID_ROWS
 from traces.errors import InputError
 
 # Columns of the cost array, one row per hardware spec: effective FLOP/s, effective HBM bytes/s, effective
@@ -34,17 +35,15 @@ C_FLOPS, C_HBM, C_SU_DISPATCH, C_SU_COMBINE, C_SO_DISPATCH, C_SO_COMBINE, C_SU_L
 # [PROFILE_NX (log2 experts 0..8), PROFILE_NW (rows 1, 2, 3, 4, 6, 8, 12, ... 98304, 131072:
 # profiles.GRID_ROWS)].
 C_PROFILED, C_TILE, C_FIXED, C_PER_ASSIGN, C_TABLE = 8, 9, 10, 11, 12
-PROFILE_NX, PROFILE_NW = 9, 34
-LOG2_3_HALVES = np.log2(1.5)  # 3 x 2^(k-1) sits log2(1.5) above 2^k on the rows grid
-PROFILE_LOG2_ROWS = np.log2(np.array([1.0] + [f * 2.0**k for k in range(1, 17) for f in (1.0, 1.5)]
-                                     + [2.0**17]))
+PROFILE_NX, PROFILE_NW = len(GRID_LOG2_EXPERTS), len(GRID_ROWS)
+PROFILE_LOG2_ROWS = np.log2(np.asarray(GRID_ROWS, dtype=np.float64))  # [PROFILE_NW], not evenly spaced
 # Then G(x, x tile) for x = 0 .. SMALL_MAX: the GEMM time when every local expert has at most one tile of rows
 # (all decode-sized steps), looked up instead of interpolated, which keeps replay's speed.
 C_SMALL = C_TABLE + PROFILE_NX * PROFILE_NW
 SMALL_MAX = 256
 # Then the measured non-GEMM work R(a): a flag (1: present) and log2 seconds at a = 2^0 .. 2^(PROFILE_NA - 1).
 C_OVERHEAD = C_SMALL + SMALL_MAX + 1
-PROFILE_NA = 17
+PROFILE_NA = len(GRID_LOG2_ASSIGNMENTS)
 # Then R(a) in seconds for a = 0 .. SMALL_MAX, the kernel's own interpolation tabulated (decode-sized steps
 # look it up instead of taking a log and a power for every GPU, layer and step).
 C_OVERHEAD_SMALL = C_OVERHEAD + 1 + PROFILE_NA
@@ -143,15 +142,7 @@ def profiled_gemm_seconds(row: np.ndarray, experts: int, rows: float) -> float:
         scale *= rows / 2.0**top
         lw = top
     i = min(int(lx), PROFILE_NX - 2)
-    # W in [2^k, 2^(k+1)): columns 2k-1 (2^k), 2k (1.5 x 2^k), 2k+1 (2^(k+1)); W < 2 is column 0's
-    k = int(lw)
-    if k == 0:
-        j = 0
-    elif lw - k < LOG2_3_HALVES:
-        j = 2 * k - 1
-    else:
-        j = 2 * k
-    j = min(j, PROFILE_NW - 2)
+    j = min(int(np.searchsorted(PROFILE_LOG2_ROWS, lw, side="right")) - 1, PROFILE_NW - 2)
     u = lx - i
     v = (lw - PROFILE_LOG2_ROWS[j]) / (PROFILE_LOG2_ROWS[j + 1] - PROFILE_LOG2_ROWS[j])
     b = C_TABLE + i * PROFILE_NW + j
@@ -278,7 +269,8 @@ def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int
                  fresh: np.ndarray, head_key: np.ndarray, head_ntok: np.ndarray, head_acc: np.ndarray,
                  tot_gpu: np.ndarray, tot_int: np.ndarray, comp: np.ndarray,
                  out_imb: np.ndarray, out_time: np.ndarray, out_ntok: np.ndarray, out_n: np.ndarray) -> None:
-    """Route one chunk of tokens for every variant; price each step as it closes.
+    """Route one chunk of tokens for every variant; price each step as it closes. Holds no GIL, so
+    run_variants replays shards of the trace on several threads at once.
 
     ids [T, L, K]; steps, phases [T]; t0: global index of the chunk's first token. A token is scored when its
     phase matches phase_filter (-1: both) and its global index >= score_start.
@@ -298,110 +290,86 @@ def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int
     n_tok, layers, top_k = ids.shape
     n_var = var_gpus.shape[0]
     g_max = tot_gpu.shape[2]
-    # Per-variant scratch: each variant writes only its own rows. The kernel holds no GIL, so run_variants
-    # replays shards of the trace on several threads at once.
-    mark_gpu = -np.ones((n_var, g_max), dtype=np.int64)  # stamp of the last (token, layer) sent to each GPU
-    mark_node = -np.ones((n_var, g_max), dtype=np.int64)  # ... and to each node (nodes <= GPUs)
-    step_times = np.zeros((n_var, cost.shape[0]))
+    mark_gpu = -np.ones(g_max, dtype=np.int64)  # stamp of the last (token, layer, variant) sent to each GPU
+    mark_node = -np.ones(g_max, dtype=np.int64)  # ... and to each node (nodes <= GPUs)
+    step_time = np.zeros(cost.shape[0])
     sel_start = sel_count.copy()
-    # Variant-outer: each variant's counters stay in one core's cache while it walks the chunk.
+    # Variant-outer: each variant's counters stay in cache while it walks the chunk.
     for v in range(n_var):
-        _replay_variant(v, ids, steps, phases, t0, phase_filter, score_start, var_gpus, var_slots, var_gpn,
-                        var_tps, var_used, var_phase, rep_count, rep_slot, local_slot, slot_gpu, model, cost,
-                        sel_start.copy(), cur_key, cur_ntok, acc, fresh, head_key, head_ntok, head_acc,
-                        tot_gpu, tot_int, comp,
-                        out_imb, out_time, out_ntok, out_n, mark_gpu[v], mark_node[v], step_times[v])
-    for i in range(n_tok):  # scored tokens per phase, as every variant counted them
-        if (phase_filter < 0 or phases[i] == phase_filter) and t0 + i >= score_start:
-            sel_count[phases[i]] += 1
-
-
-@njit(cache=True, nogil=True)
-def _replay_variant(v: int, ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int,
-                    phase_filter: int, score_start: int, var_gpus: np.ndarray, var_slots: np.ndarray,
-                    var_gpn: np.ndarray,
-                    var_tps: np.ndarray, var_used: np.ndarray, var_phase: np.ndarray, rep_count: np.ndarray,
-                    rep_slot: np.ndarray, local_slot: np.ndarray, slot_gpu: np.ndarray, model: np.ndarray,
-                    cost: np.ndarray, sel_count: np.ndarray, cur_key: np.ndarray, cur_ntok: np.ndarray,
-                    acc: np.ndarray, fresh: np.ndarray, head_key: np.ndarray, head_ntok: np.ndarray,
-                    head_acc: np.ndarray, tot_gpu: np.ndarray, tot_int: np.ndarray, comp: np.ndarray,
-                    out_imb: np.ndarray, out_time: np.ndarray, out_ntok: np.ndarray, out_n: np.ndarray,
-                    mark_gpu: np.ndarray, mark_node: np.ndarray, step_time: np.ndarray) -> None:
-    """replay_chunk's walk for variant v (arguments as there; sel_count, mark_gpu [G], mark_node [G] and
-    step_time [H] are this variant's own)."""
-    n_tok, layers, top_k = ids.shape
-    g_count = var_gpus[v]
-    gpn = var_gpn[v]
-    m = g_count * var_slots[v]
-    n_nodes = max(1, g_count // gpn)
-    for i in range(n_tok):
-        ph = phases[i]
-        t = t0 + i
-        if (phase_filter >= 0 and ph != phase_filter) or t < score_start:
-            continue
-        sel = sel_count[ph]
-        sel_count[ph] += 1
-        if var_phase[v] >= 0 and ph != var_phase[v]:
-            continue
-        key = step_key(ph, sel, steps[i], var_tps[v])
-        if key != cur_key[v]:
-            if cur_ntok[v] > 0:
-                if fresh[v]:
-                    head_key[v] = cur_key[v]
-                    head_ntok[v] = cur_ntok[v]
-                    head_acc[v] = acc[v]
-                    fresh[v] = 0
-                else:
-                    c = out_n[v]
-                    out_imb[v, c] = price_step(acc[v], cur_ntok[v], g_count, var_slots[v], gpn, var_used[v],
-                                               model, cost, comp[v], tot_int[v], tot_gpu[v], step_time)
-                    out_time[v, :, c] = step_time
-                    out_ntok[v, c] = cur_ntok[v]
-                    out_n[v] = c + 1
-                acc[v] = 0
-            cur_key[v] = key
-            cur_ntok[v] = 0
-        cur_ntok[v] += 1
-        src = t % g_count
-        src_node = src // gpn
-        rr = t // g_count
-        su_send = m + src
-        so_send = m + 2 * g_count + src_node
-        for layer in range(layers):
-            stamp = t * layers + layer
-            leave_gpu = 0
-            leave_node = 0
-            su_pairs = 0
-            so_pairs = 0
-            for k in range(top_k):
-                e = ids[i, layer, k]
-                slot = local_slot[v, layer, e, src]
-                if slot >= 0:  # served on the source GPU: no traffic
+        sel_count[:] = sel_start
+        g_count = var_gpus[v]
+        gpn = var_gpn[v]
+        m = g_count * var_slots[v]
+        n_nodes = max(1, g_count // gpn)
+        for i in range(n_tok):
+            ph = phases[i]
+            t = t0 + i
+            if (phase_filter >= 0 and ph != phase_filter) or t < score_start:
+                continue
+            sel = sel_count[ph]
+            sel_count[ph] += 1
+            if var_phase[v] >= 0 and ph != var_phase[v]:
+                continue
+            key = step_key(ph, sel, steps[i], var_tps[v])
+            if key != cur_key[v]:
+                if cur_ntok[v] > 0:
+                    if fresh[v]:
+                        head_key[v] = cur_key[v]
+                        head_ntok[v] = cur_ntok[v]
+                        head_acc[v] = acc[v]
+                        fresh[v] = 0
+                    else:
+                        c = out_n[v]
+                        out_imb[v, c] = price_step(acc[v], cur_ntok[v], g_count, var_slots[v], gpn,
+                                                   var_used[v], model, cost, comp[v], tot_int[v], tot_gpu[v],
+                                                   step_time)
+                        out_time[v, :, c] = step_time
+                        out_ntok[v, c] = cur_ntok[v]
+                        out_n[v] = c + 1
+                    acc[v] = 0
+                cur_key[v] = key
+                cur_ntok[v] = 0
+            cur_ntok[v] += 1
+            src = t % g_count
+            src_node = src // gpn
+            rr = t // g_count
+            su_send = m + src
+            so_send = m + 2 * g_count + src_node
+            for layer in range(layers):
+                stamp = (t * layers + layer) * n_var + v
+                leave_gpu = 0
+                leave_node = 0
+                su_pairs = 0
+                so_pairs = 0
+                for k in range(top_k):
+                    e = ids[i, layer, k]
+                    slot = local_slot[v, layer, e, src]
+                    if slot >= 0:  # served on the source GPU: no traffic
+                        acc[v, layer, slot] += 1
+                        continue
+                    n_rep = rep_count[v, layer, e]
+                    slot = rep_slot[v, layer, e, 0] if n_rep == 1 else rep_slot[v, layer, e, rr % n_rep]
                     acc[v, layer, slot] += 1
-                    continue
-                n_rep = rep_count[v, layer, e]
-                slot = rep_slot[v, layer, e, 0] if n_rep == 1 else rep_slot[v, layer, e, rr % n_rep]
-                acc[v, layer, slot] += 1
-                g = slot_gpu[v, slot]
-                node = g // gpn
-                leave_gpu += 1
-                if node == src_node:
-                    if mark_gpu[g] != stamp:
-                        mark_gpu[g] = stamp
-                        acc[v, layer, m + g_count + g] += 1
-                        su_pairs += 1
-                else:
-                    leave_node += 1
-                    if mark_node[node] != stamp:
-                        mark_node[node] = stamp
-                        acc[v, layer, m + 2 * g_count + n_nodes + node] += 1
-                        so_pairs += 1
-            acc[v, layer, su_send] += su_pairs
-            acc[v, layer, so_send] += so_pairs
-            tot_int[v, layer, I_SU_PAIRS] += su_pairs
-            tot_int[v, layer, I_SO_PAIRS] += so_pairs
-            tot_int[v, layer, I_LEAVE_GPU] += leave_gpu
-            tot_int[v, layer, I_LEAVE_NODE] += leave_node
+                    g = slot_gpu[v, slot]
+                    node = g // gpn
+                    leave_gpu += 1
+                    if node == src_node:
+                        if mark_gpu[g] != stamp:
+                            mark_gpu[g] = stamp
+                            acc[v, layer, m + g_count + g] += 1
+                            su_pairs += 1
+                    else:
+                        leave_node += 1
+                        if mark_node[node] != stamp:
+                            mark_node[node] = stamp
+                            acc[v, layer, m + 2 * g_count + n_nodes + node] += 1
+                            so_pairs += 1
+                acc[v, layer, su_send] += su_pairs
+                acc[v, layer, so_send] += so_pairs
+                tot_int[v, layer, I_SU_PAIRS] += su_pairs
+                tot_int[v, layer, I_SO_PAIRS] += so_pairs
+                tot_int[v, layer, I_LEAVE_GPU] += leave_gpu
+                tot_int[v, layer, I_LEAVE_NODE] += leave_node
 
 
 @njit(cache=True)

@@ -107,11 +107,6 @@ def test_a_decreasing_overhead_curve_is_refused(tmp_path):
         load_profile(path)
 
 
-def test_kernel_grid_constants_match_the_profile_grids():
-    assert K.PROFILE_NA == len(GRID_LOG2_ASSIGNMENTS) == X.NA
-    assert (K.PROFILE_NX, K.PROFILE_NW) == (X.NX, X.NW)
-
-
 def test_version_1_profile_prices_as_before(tmp_path):
     """A version-1 file (rows grid of powers of two) loads onto today's grid and prices exactly as its log-log
     line between powers of two did."""
