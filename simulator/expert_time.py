@@ -206,30 +206,56 @@ def overhead_curve(points: list[tuple[int, float]]) -> np.ndarray:
 
 def fit_measured_work(measured_table: np.ndarray, samples: list[Sample],
                       overhead_points: list[tuple[int, float]]) -> ExpertWork:
-    """The model from measurements alone: G from the grid, R from its own points, and the tile that best
-    explains the skewed vectors' GEMM times. The vectors' whole-work times then check the model (residuals);
-    nothing is fitted to them."""
-    if not samples:
+    """The model of one shape from its measurements alone (fit_measured_works with one shape)."""
+    return fit_measured_works([(measured_table, samples, overhead_points)])[0]
+
+
+def fit_measured_works(shapes: list[tuple[np.ndarray, list[Sample], list[tuple[int, float]]]]
+                       ) -> list[ExpertWork]:
+    """The model of every measured shape of one backend: G from each shape's grid, R from its own points, and
+    one row tile for all of them, the one whose model best predicts the whole-work times of all the shapes'
+    skewed vectors (the tile is the grouped GEMM kernel's, not a shape's; chosen per shape from a few dozen
+    vectors it wandered from 1 to 128 between calibrations). Nothing else is fitted, so `residuals` are the
+    errors of the model on those vectors."""
+    if not shapes or any(not smp for _, smp, _ in shapes):
         raise ValueError("no samples to check")
-    gemm_table = fill_table(measured_table)
-    curve = overhead_curve(overhead_points)
-    target = np.array([s.gemm_seconds for s in samples])
+    built = [(fill_table(t), overhead_curve(pts), smp, t, pts) for t, smp, pts in shapes]
 
-    def gemm_error(tile: int) -> float:
-        g = np.array([gemm_lookup(gemm_table, float((s.counts > 0).sum()), padded_rows(s.counts, tile))
-                      for s in samples])
-        return float(np.abs(g / target - 1).mean())
+    def work(table: np.ndarray, curve: np.ndarray, smp: list[Sample], measured: np.ndarray,
+             pts: list[tuple[int, float]], tile: int) -> ExpertWork:
+        return ExpertWork(table, tile, 0.0, 0.0, {}, measured,
+                          tuple((tuple(int(c) for c in s.counts), float(s.seconds), float(s.gemm_seconds))
+                                for s in smp), curve, tuple((int(a), float(t)) for a, t in pts))
 
-    tile = min(TILE_CANDIDATES, key=gemm_error)
-    work = ExpertWork(gemm_table, tile, 0.0, 0.0, {}, measured_table,
-                      tuple((tuple(int(c) for c in s.counts), float(s.seconds), float(s.gemm_seconds))
-                            for s in samples), curve, tuple((int(a), float(t)) for a, t in overhead_points))
-    rel = np.array([expert_seconds(s.counts, work) / s.seconds - 1 for s in samples])
-    work.residuals.update({"vectors": float(len(samples)), "mean_abs": float(np.abs(rel).mean()),
-                           "p95_abs": float(np.percentile(np.abs(rel), 95)),
-                           "max_abs": float(np.abs(rel).max()), "mean_signed": float(rel.mean()),
-                           "gemm_mean_abs": gemm_error(tile)})
-    return work
+    def errors(w: ExpertWork, smp: list[Sample]) -> np.ndarray:
+        return np.array([expert_seconds(s.counts, w) / s.seconds - 1 for s in smp])
+
+    def pooled(tile: int) -> float:
+        return float(np.mean(np.abs(np.concatenate([errors(work(*b, tile), b[2]) for b in built]))))
+
+    tile = min(TILE_CANDIDATES, key=pooled)
+    out = []
+    for b in built:
+        w = work(*b, tile)
+        rel = errors(w, b[2])
+        smp = b[2]
+        gemm = np.array([gemm_lookup(w.gemm_seconds, float((s.counts > 0).sum()), padded_rows(s.counts, tile))
+                         / s.gemm_seconds - 1 for s in smp if np.isfinite(s.gemm_seconds)])
+        w.residuals.update({"vectors": float(len(smp)), "mean_abs": float(np.abs(rel).mean()),
+                            "p95_abs": float(np.percentile(np.abs(rel), 95)),
+                            "max_abs": float(np.abs(rel).max()), "mean_signed": float(rel.mean()),
+                            "gemm_mean_abs": float(np.abs(gemm).mean()) if gemm.size else float("nan")})
+        out.append(w)
+    return out
+
+
+def refit_work(work: ExpertWork) -> tuple[np.ndarray, list[Sample], list[tuple[int, float]]]:
+    """The measurements a profile stores (grid as measured, skewed vectors, R points), to fit again with
+    fit_measured_works: a profile re-fitted under a newer model without re-measuring."""
+    if work.measured is None or not work.samples or not work.overhead_measured:
+        raise ValueError("the profile stores no measurements to re-fit (written before they were kept)")
+    samples = [Sample(np.asarray(c, dtype=np.int64), t, g) for c, t, g in work.samples]
+    return work.measured, samples, list(work.overhead_measured)
 
 
 # ---------------------------------------------------------------------------------------------- derivation

@@ -22,6 +22,7 @@ from simulator.calibrate.expert_work import (
     make_backend,
     reference_output,
 )
+from simulator.calibrate.timing import CpuTimer
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -131,3 +132,62 @@ def test_profile_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     with pytest.raises(OSError):
         profiles.write_profile(p, target)
     assert list(tmp_path.glob("*p.yaml*")) == []
+
+
+def test_a_backend_with_fewer_experts_runs_fewer_groups_on_the_same_weights() -> None:
+    shape = ExpertShape("t", 32, 16, "swiglu")
+    b = make_backend("torch-grouped-mm", shape, 8, CPU)
+    two = b.with_experts(2)
+    assert two.num_experts == 2 and b.with_experts(8) is b and b.num_experts == 8
+    assert two.w_up.data_ptr() == b.w_up.data_ptr()  # views, no copy
+    counts = np.array([3, 4])
+    work = assignments_from_counts(counts, 32, CPU, np.random.default_rng(0), top_k=2)
+    wide = assignments_from_counts(np.pad(counts, (0, 6)), 32, CPU, np.random.default_rng(0), top_k=2)
+    torch.testing.assert_close(two.run(work), b.run(wide))
+    assert make_backend("transformers", shape, 8, CPU).with_experts(2).num_experts == 8
+
+
+def test_whole_and_gemm_times_come_in_adjacent_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    shape = ExpertShape("t", 32, 16, "swiglu")
+    b = make_backend("torch-grouped-mm", shape, 8, CPU)
+    seen: list[int] = []
+
+    def fake_time(items, repeats=7, warmup=2):  # type: ignore[no-untyped-def]
+        seen.append(len(items))
+        return np.arange(len(items), dtype=np.float64)
+
+    timer = CpuTimer(CPU)
+    monkeypatch.setattr(timer, "time", fake_time)
+    whole, gemms = run._time_whole_and_gemms(b, [np.array([1, 2]), np.array([3, 0, 0, 1])], shape, timer,
+                                             run.Plan(True), np.random.default_rng(0))
+    assert seen == [4]
+    np.testing.assert_array_equal(whole, [0, 2])
+    np.testing.assert_array_equal(gemms, [1, 3])
+
+
+def test_refit_rewrites_a_profile_from_its_measurements_and_refuses_one_without(tmp_path: Path) -> None:
+    trace = random_trace(tmp_path / "t.h5", tokens=300, layers=1, experts=4, top_k=2, hidden=16, ffn=8)
+    from traces.reader import open_trace
+
+    with open_trace([trace]) as tr:
+        meta = tr.metadata
+    p = run.calibrate([("t", meta)], backend="torch-grouped-mm", quick=True, hardware="h200",
+                      communication=None, tick=lambda n: None, device="cpu")
+    src, out = tmp_path / "p.yaml", tmp_path / "refit.yaml"
+    profiles.write_profile(p, src)
+    res = _moe_sim("calibrate", "--refit", str(src), "-o", str(out), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    new, old = profiles.load_profile(out), profiles.load_profile(src)
+    assert new.created_at == old.created_at and new.gpu == old.gpu
+    assert new.shapes[0].expert.tile_rows == old.shapes[0].expert.tile_rows
+    np.testing.assert_allclose(new.shapes[0].expert.gemm_seconds, old.shapes[0].expert.gemm_seconds,
+                               rtol=1e-4)
+    data = profiles.profile_to_dict(old)
+    data["shapes"][0]["expert"]["measured_gemm_seconds"] = None
+    import yaml
+
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(yaml.safe_dump(data))
+    res = _moe_sim("calibrate", "--refit", str(bare), "-o", str(tmp_path / "x.yaml"), cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and "cannot re-fit" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.yaml").exists()

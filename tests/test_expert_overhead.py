@@ -51,10 +51,8 @@ def truth_curve() -> np.ndarray:
     return 3e-5 + 4e-9 * a + 2e-6 * np.log2(a)
 
 
-def test_measured_model_picks_the_tile_from_gemm_times_and_checks_the_whole():
-    table, curve, tile = hand_table(), truth_curve(), 32
-    rng = np.random.default_rng(3)
-    points = [(2**k, float(curve[k])) for k in GRID_LOG2_ASSIGNMENTS]
+def _tile_samples(table, curve, tile, seed):
+    rng = np.random.default_rng(seed)
     samples = []
     for _ in range(40):
         n = int(rng.integers(2, 100))
@@ -62,6 +60,13 @@ def test_measured_model_picks_the_tile_from_gemm_times_and_checks_the_whole():
         counts[0] += 1
         g = X.gemm_lookup(table, float((counts > 0).sum()), X.padded_rows(counts, tile))
         samples.append(X.Sample(counts, g + X.overhead_lookup(curve, float(counts.sum())), g))
+    return samples
+
+
+def test_measured_model_picks_the_tile_from_the_whole_work_and_checks_it():
+    table, curve, tile = hand_table(), truth_curve(), 32
+    points = [(2**k, float(curve[k])) for k in GRID_LOG2_ASSIGNMENTS]
+    samples = _tile_samples(table, curve, tile, 3)
     work = X.fit_measured_work(table, samples, points)
     assert work.tile_rows == tile and work.fixed_seconds == 0 and work.per_assignment_seconds == 0
     assert work.overhead_seconds is not None
@@ -70,6 +75,24 @@ def test_measured_model_picks_the_tile_from_gemm_times_and_checks_the_whole():
     bumped = samples[0].counts.copy()
     bumped[0] += 1
     assert X.expert_seconds(bumped, work) >= X.expert_seconds(samples[0].counts, work)
+
+
+def test_one_tile_serves_every_shape_and_a_refit_reproduces_the_fit():
+    curve = truth_curve()
+    points = [(2**k, float(curve[k])) for k in GRID_LOG2_ASSIGNMENTS]
+    small, big = hand_table(), hand_table() * 3.0
+    shapes = [(small, _tile_samples(small, curve, 64, 4), points),
+              (big, _tile_samples(big, curve, 64, 5), points)]
+    works = X.fit_measured_works(shapes)
+    assert [w.tile_rows for w in works] == [64, 64]
+    assert all(w.residuals["mean_abs"] < 1e-9 for w in works)
+    again = X.fit_measured_works([X.refit_work(w) for w in works])
+    for a, b in zip(works, again, strict=True):
+        assert a.tile_rows == b.tile_rows
+        np.testing.assert_array_equal(a.gemm_seconds, b.gemm_seconds)
+        np.testing.assert_array_equal(a.overhead_seconds, b.overhead_seconds)
+    with pytest.raises(ValueError, match="no measurements to re-fit"):
+        X.refit_work(X.ExpertWork(small, 16, 1e-6, 1e-9))
 
 
 def test_kernel_prices_the_overhead_as_numpy_and_profile_round_trips(tmp_path):

@@ -31,8 +31,12 @@ def _generate(device: str, compile_mode: str | None = None, backend: str = "indu
     prof = MoEProfiler(model)
     if compile_mode is not None or backend != "inductor":
         model.forward = torch.compile(model.forward, backend=backend, mode=compile_mode)
+    # CUDA graphs need a cache whose tensors stay put between replays: transformers' static cache, as its fast
+    # generation path uses with mode="reduce-overhead" (a dynamic cache's outputs are overwritten by the next
+    # replay, which torch refuses before any routing is read)
+    extra = {"cache_implementation": "static"} if compile_mode == "reduce-overhead" else {}
     with prof, torch.no_grad():
-        model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        model.generate(**inputs, max_new_tokens=5, do_sample=False, **extra)
     ids = prof.trace().expert_ids
     assert ids is not None and len(ids) > 0
     return ids

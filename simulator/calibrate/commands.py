@@ -16,6 +16,7 @@ from simulator.profiles import (
     DEFAULT_BACKEND,
     Communication,
     CostProfile,
+    load_profile,
     profile_to_dict,
     write_profile,
 )
@@ -112,8 +113,11 @@ def _summary(profile: CostProfile) -> str:
 @click.option("--force", is_flag=True, help="Overwrite an existing profile.")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON on stdout as well.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--refit", default=None, type=click.Path(),
+              help="Fit this profile's stored measurements again under this version's model and write it to "
+                   "OUTPUT (no GPU, nothing re-measured).")
 def calibrate(output: str, models: str | None, trace: str | None, backend: str, hardware: str | None,
-              device: str, quick: bool, force: bool, as_json: bool, quiet: bool) -> None:
+              device: str, quick: bool, force: bool, as_json: bool, quiet: bool, refit: str | None) -> None:
     """Measure this machine's CUDA GPU into a cost profile for `--hardware OUTPUT`.
 
     Times one GPU's routed-expert work over a grid of experts x rows and over skewed count vectors like real
@@ -131,6 +135,12 @@ def calibrate(output: str, models: str | None, trace: str | None, backend: str, 
         raise InputError(f"{out}: exists (use --force to overwrite)")
     if models is not None and trace is not None:
         raise InputError("--model and --trace exclude each other")
+    if refit is not None:
+        profile = run.refit_profile(load_profile(refit))
+        write_profile(profile, out)
+        click.echo(_summary(profile))
+        click.echo(f"Re-fitted {refit} into {out}")
+        return
     metas, ids = _shapes(models, trace)
     run.require_device(device)
     if device == "cpu" and hardware is None:

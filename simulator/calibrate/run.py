@@ -1,8 +1,10 @@
 """Calibration: time one GPU's expert work (grid and skewed counts), its non-expert work and, with 2+ GPUs,
-the all-to-all, then build the expert model (expert_time.fit_measured_work) into a CostProfile. Needs CUDA."""
+the all-to-all, then build the expert models (expert_time.fit_measured_works) into a CostProfile. Needs
+CUDA."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -150,7 +152,9 @@ def skewed_counts(num_experts: int, n: int, rng: np.random.Generator) -> list[np
 
 
 def measure_expert(shape: ExpertShape, num_experts: int, backend_name: str, timer: GapFreeTimer | CpuTimer,
-                   plan: Plan, tick: Tick, rng: np.random.Generator):
+                   plan: Plan, tick: Tick, rng: np.random.Generator
+                   ) -> tuple[np.ndarray, list[X.Sample], list[tuple[int, float]]]:
+    """The grid of GEMM times (NaN where not measured), the skewed vectors and the R points of one shape."""
     device = timer.device
     backend = make_backend(backend_name, shape, _pow2_ceil(num_experts), device)
     table = np.full((len(GRID_LOG2_EXPERTS), len(GRID_ROWS)), np.nan)
@@ -158,20 +162,21 @@ def measure_expert(shape: ExpertShape, num_experts: int, backend_name: str, time
     for i in sorted({p[0] for p in points}):
         cells = [j for (ii, j) in points if ii == i]
         items = []
+        local = backend.with_experts(2**i)  # as many groups as experts with work
         for j in cells:
-            counts = np.zeros(backend.num_experts, dtype=np.int64)
+            counts = np.zeros(local.num_experts, dtype=np.int64)
             counts[: 2**i] = GRID_ROWS[j] // 2**i
-            items.append(backend.gemms_only(assignments_from_counts(counts, shape.hidden_size, device, rng)))
+            items.append(local.gemms_only(assignments_from_counts(counts, shape.hidden_size, device, rng)))
         table[i, cells] = timer.time(items, repeats=plan.repeats)
         tick(len(cells))
         del items
     overhead = []
     vectors = overhead_counts(num_experts, plan, rng)
     for b0 in range(0, len(vectors), 6):
-        whole, gemms = _time_whole_and_gemms(backend, vectors[b0: b0 + 6], shape, timer, plan, rng)
-        overhead += [(int(c.sum()), float(w - g))
-                     for c, w, g in zip(vectors[b0: b0 + 6], whole, gemms, strict=True)]
-        tick(len(whole))
+        batch = vectors[b0: b0 + 6]
+        whole, gemms = _time_whole_and_gemms(backend, batch, shape, timer, plan, rng)
+        overhead += [(int(c.sum()), float(w - g)) for c, w, g in zip(batch, whole, gemms, strict=True)]
+        tick(len(batch))
     samples = []
     vectors = skewed_counts(num_experts, plan.skewed_vectors, rng)
     for b0 in range(0, len(vectors), 6):
@@ -179,7 +184,7 @@ def measure_expert(shape: ExpertShape, num_experts: int, backend_name: str, time
         samples += [X.Sample(c, float(w), float(g))
                     for c, w, g in zip(vectors[b0: b0 + 6], whole, gemms, strict=True)]
         tick(len(whole))
-    return X.fit_measured_work(table, samples, overhead), int(np.isfinite(table).sum())
+    return table, samples, overhead
 
 
 def overhead_counts(num_experts: int, plan: Plan, rng: np.random.Generator) -> list[np.ndarray]:
@@ -198,13 +203,18 @@ def overhead_counts(num_experts: int, plan: Plan, rng: np.random.Generator) -> l
 def _time_whole_and_gemms(backend, vectors: list[np.ndarray], shape: ExpertShape,
                           timer: GapFreeTimer | CpuTimer, plan: Plan,
                           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Seconds of the whole local work and of its two GEMMs alone, for each count vector, timed in one
-    batch."""
-    works = [assignments_from_counts(np.pad(c, (0, backend.num_experts - c.size)), shape.hidden_size,
-                                     timer.device, rng, top_k=8) for c in vectors]
-    secs = timer.time([partial(backend.run, w) for w in works] + [backend.gemms_only(w) for w in works],
-                      repeats=plan.repeats)
-    return secs[: len(works)], secs[len(works):]
+    """Seconds of the whole local work and of its two GEMMs alone, for each count vector, on a backend with
+    the vector's local experts. Each vector's two items run next to each other: R is their difference, a
+    small one of two large times for big experts, so both must see the same clocks (queued 6 items apart,
+    Mixtral's differences at 16k assignments scattered from -0.5 to +0.9 ms)."""
+    items: list[Callable[[], object]] = []
+    for c in vectors:
+        local = backend.with_experts(c.size)
+        w = assignments_from_counts(np.pad(c, (0, local.num_experts - c.size)), shape.hidden_size,
+                                    timer.device, rng, top_k=8)
+        items += [partial(local.run, w), local.gemms_only(w)]
+    secs = timer.time(items, repeats=plan.repeats)
+    return secs[0::2], secs[1::2]
 
 
 def _fill_curve(values: np.ndarray) -> np.ndarray:
@@ -266,7 +276,9 @@ def calibrate(metas: list[tuple[str, TraceMetadata]], *, backend: str, quick: bo
     plan = Plan(quick)
     timer = make_timer(dev)
     gpu, software = gpu_facts(dev)
-    shapes = []
+    shapes: list[ExpertShape] = []
+    measured: list[tuple[np.ndarray, list[X.Sample], list[tuple[int, float]]]] = []
+    non_expert: list[NonExpertWork] = []
     seen = set()
     with torch.inference_mode():
         for name, meta in metas:
@@ -275,15 +287,33 @@ def calibrate(metas: list[tuple[str, TraceMetadata]], *, backend: str, quick: bo
                 continue
             seen.add(key)
             shape = ExpertShape(name, meta.hidden_size, meta.expert_intermediate_size, meta.expert_activation)
-            work, measured = measure_expert(shape, meta.num_experts, backend, timer, plan, tick, rng)
-            work.residuals["grid_points_measured"] = float(measured)
-            ne = measure_non_expert(meta, timer, plan, tick)
-            shapes.append(ShapeProfile(name, meta.hidden_size, meta.expert_intermediate_size,
-                                       meta.expert_activation, work, ne))
+            measured.append(measure_expert(shape, meta.num_experts, backend, timer, plan, tick, rng))
+            non_expert.append(measure_non_expert(meta, timer, plan, tick))
+            shapes.append(shape)
             torch.cuda.empty_cache()
+    works = X.fit_measured_works(measured)
+    for work, (table, _, _) in zip(works, measured, strict=True):
+        work.residuals["grid_points_measured"] = float(np.isfinite(table).sum())
     return CostProfile(
         hardware=hardware or detect_hardware(str(gpu["name"])), backend=backend, gpu=gpu, software=software,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        tool_version=current_tool_version(), quick=quick, shapes=tuple(shapes),
+        tool_version=current_tool_version(), quick=quick,
+        shapes=tuple(ShapeProfile(sh.name, sh.hidden_size, sh.ffn_size, sh.activation, w, ne)
+                     for sh, w, ne in zip(shapes, works, non_expert, strict=True)),
         communication=communication or Communication("deepep"),
     )
+
+
+def refit_profile(profile: CostProfile) -> CostProfile:
+    """The profile's expert models fitted again from the measurements it stores, under this version's model
+    (no GPU needed); what was measured, and when, is kept."""
+    try:
+        works = X.fit_measured_works([X.refit_work(s.expert) for s in profile.shapes])
+    except ValueError as exc:
+        raise InputError(f"{profile.path}: cannot re-fit: {exc}") from None
+    for work, old in zip(works, profile.shapes, strict=True):
+        if "grid_points_measured" in old.expert.residuals:
+            work.residuals["grid_points_measured"] = old.expert.residuals["grid_points_measured"]
+    return dataclasses.replace(profile, tool_version=current_tool_version(),
+                               shapes=tuple(dataclasses.replace(s, expert=w)
+                                            for s, w in zip(profile.shapes, works, strict=True)))
