@@ -13,7 +13,7 @@ from simulator.cli_options import int_list, names, progress_bar, workers_option
 from simulator.cost_model import DEFAULT_CONTEXT_TOKENS, DEFAULT_HBM_RESERVE, DEFAULT_TOKENS_PER_GPU
 from simulator.hardware import COST_MODELS, load_hardware, parse_hardware_list
 from simulator.interop.loadplan import DEFAULT_LOAD_TOKENS, load_file_options, trace_or_load_file
-from simulator.placement import Redundancy, default_redundant_experts
+from simulator.placement import Redundancy
 from simulator.plan import PlanConfig, apply_prices, parse_gpu_hour_cost
 from simulator.plan import plan as run_plan
 from simulator.plan.render import render_plan
@@ -68,19 +68,16 @@ def replay_cmd(trace: tuple[str, ...], gpus: int, gpus_per_node: int, hardware: 
     Placements are fitted on the first --fit-fraction of the trace and scored on the rest, all in one pass.
     Experts over HBM x (1 - --hbm-reserve) are marked "over".
     """
-    redundancy = Redundancy(redundant_experts) if redundant_experts is not None else None
-    if redundancy is None:  # the library's default, from the trace's expert count
-        with open_trace(list(trace)) as tr:
-            redundancy = default_redundant_experts(tr.metadata.num_experts, gpus)
     config = ReplayConfig(
         num_gpus=gpus, gpus_per_node=gpus_per_node, hardware=load_hardware(hardware, cost_model),
-        placements=tuple(names(placements)),
-        redundant_experts=redundancy.redundant_experts,
+        placements=tuple(names(placements)), redundant_experts=redundant_experts,
         tokens_per_step=tokens_per_step, phase=phase, fit_fraction=fit_fraction,
         capacity_factor=capacity_factor, hbm_reserve=hbm_reserve,
     )
     with open_trace(list(trace)) as tr, progress_bar(tr.num_tokens, "replay", quiet or as_json) as progress:
+        config, note = config.resolved(tr.metadata.num_experts)  # the default, as replay resolves it
         result = run_replay(tr, config, progress=progress)
+    redundancy = Redundancy(config.redundancy, note)
     if as_json:
         json.dump(result.to_dict(), sys.stdout)
         sys.stdout.write("\n")

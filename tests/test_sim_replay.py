@@ -250,7 +250,7 @@ def test_bad_replay_inputs(tmp_path):
     with pytest.raises(InputError, match="not divisible into nodes"):
         ReplayConfig(num_gpus=12, gpus_per_node=8)
     # one per GPU, as `moe-sim replay`
-    assert ReplayConfig(num_gpus=4, gpus_per_node=4).redundant_experts == 4
+    assert ReplayConfig(num_gpus=4, gpus_per_node=4).resolved(16)[0].redundant_experts == 4
     assert ReplayConfig(num_gpus=4, gpus_per_node=4, redundant_experts=0).redundant_experts == 0
     with open_trace(path) as tr, pytest.raises(InputError, match="17 redundant slots"):
         replay(tr, ReplayConfig(num_gpus=2, placements=("replicated",), redundant_experts=17))  # 16 at most
@@ -306,3 +306,22 @@ def test_a_policy_that_cannot_apply_is_skipped_with_its_reason(tmp_path):
     assert [p for p, _ in result.skipped] == ["replicated"] and "17 redundant slots" in result.skipped[0][1]
     assert result.to_dict()["skipped"][0]["placement"] == "replicated"
     assert "Skipped replicated: 17 redundant slots" in render_replay(result)
+
+
+def test_library_default_redundancy_is_the_command_line_rule(tmp_path) -> None:
+    """ReplayConfig(redundant_experts=None) resolves as `moe-sim replay` does: one slot per GPU, rounded so
+    the slots divide (16 experts on 6 GPUs: 6 -> 8, four slots each), and replay reports the value."""
+    from simulator.placement import default_redundant_experts
+    from traces.reader import open_trace
+
+    path = random_trace(tmp_path / "t.h5", tokens=600, layers=2, experts=16, top_k=2)
+    config = ReplayConfig(num_gpus=6, gpus_per_node=6, placements=("replicated",))
+    resolved, note = config.resolved(16)
+    assert resolved.redundancy == default_redundant_experts(16, 6).redundant_experts == 8
+    assert note is not None and "rounded" in note
+    with pytest.raises(ValueError, match="not resolved"):
+        _ = config.redundancy
+    with open_trace([path]) as tr:
+        result = replay(tr, config)
+    assert result.config["redundant_experts"] == 8
+    assert ReplayConfig(num_gpus=6, gpus_per_node=6, redundant_experts=3).resolved(16)[1] is None

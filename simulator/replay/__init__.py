@@ -45,6 +45,7 @@ def replay(trace: Trace, config: ReplayConfig, progress: Progress | None = None)
     meta = trace.metadata
     if trace.num_tokens == 0:
         raise InputError(f"{trace.paths[0]}: trace has no tokens")
+    config, _ = config.resolved(meta.num_experts)
     stats = fit_statistics(
         trace, fit_fraction=config.fit_fraction, phase=config.phase, tokens_per_step=config.tokens_per_step,
         with_coselection=any(p in NEEDS_COSELECTION for p in config.placements),
