@@ -70,6 +70,20 @@ def test_replay_matches_the_single_process_run(address, trace_path):
         assert sum(ticks) == 4000
 
 
+def test_arrow_shards_read_by_range_on_the_workers(address, tmp_path, monkeypatch):
+    """An Arrow trace of 500-row record batches cut into 700-token shards: shards start inside batches and
+    workers skip the batches before theirs."""
+    monkeypatch.setattr(segment, "SHARD_TOKENS", 700)
+    path = random_trace(tmp_path / "t.arrow", tokens=4000, layers=2, experts=8, top_k=2, step_len=30,
+                        append_rows=500)
+    config = ReplayConfig(num_gpus=4, gpus_per_node=4, placements=("balanced", "replicated"),
+                          redundant_experts=4, tokens_per_step=50, chunk_tokens=100)
+    with open_trace(path) as tr:
+        alone = _exact(replay(tr, config).to_dict())
+        with open_cluster(address) as on:
+            assert _exact(replay(tr, config, cluster=on).to_dict()) == alone
+
+
 def test_plan_matches_the_single_process_run(address, trace_path):
     gpus = [GpuSpec.from_name("h100"), GpuSpec.from_name("b200")]
     config = PlanConfig(target_tokens_per_s=1e4, hardware=gpus, gpus=[2, 4], gpus_per_node=2,

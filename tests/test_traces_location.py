@@ -10,6 +10,7 @@ import pytest
 from sim_fixtures import random_ids, tiny_meta, write_ids
 
 from traces import open_trace
+from traces.arrow_format import ArrowShardReader
 from traces.errors import InputError
 
 pytest.importorskip("fsspec")
@@ -20,12 +21,12 @@ def _write(path, tokens: int, seed: int):
     ids = random_ids(rng, tokens, 2, 8, 2)
     steps = np.cumsum(rng.random(tokens) < 0.05)
     phases = (rng.random(tokens) < 0.3).astype(np.uint8)
-    return write_ids(path, tiny_meta(2, 8, 2), ids, steps, phases)
+    return write_ids(path, tiny_meta(2, 8, 2), ids, steps, phases, append_rows=600)
 
 
 @pytest.fixture(params=["h5", "arrow"])
 def shards(request, tmp_path):
-    # Arrow batches hold at least 1024 rows: 2500 + 1800 rows make several batches in each of two shards
+    # written in appends of 600 rows: several HDF5 blocks and Arrow record batches in each of two shards
     return [_write(tmp_path / f"part{i}.{request.param}", n, i) for i, n in enumerate((2500, 1800))]
 
 
@@ -44,6 +45,17 @@ def test_token_ranges_read_exactly_their_rows(shards):
                 got = np.concatenate([getattr(p, name) for p in parts])
                 np.testing.assert_array_equal(got, getattr(whole, name)[start:min(stop, total)])
         assert list(tr.iter_chunks(FIELDS, 256, start=total, stop=total)) == []
+
+
+def test_arrow_ranges_skip_whole_batches_unread(tmp_path):
+    path = _write(tmp_path / "t.arrow", 3000, 5)
+    with open_trace(path) as tr:
+        shard = tr.shards[0]
+        assert isinstance(shard, ArrowShardReader)
+        assert shard._data_batch_rows() == [600] * 5 + [0]  # five data batches, then the completion mark
+        parts = list(tr.iter_chunks(FIELDS, 100, start=1900, stop=2300))
+        np.testing.assert_array_equal(np.concatenate([np.asarray(p.step) for p in parts]),
+                                      np.asarray(tr.read_all(FIELDS).step)[1900:2300])
 
 
 def test_an_aligned_range_yields_the_chunks_of_a_whole_pass(shards):
