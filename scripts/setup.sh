@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install moe-trace with its dev tools; run with --help for the options.
+# Create .venv and install moe-trace with its dev tools and the `cluster` extra (Dask, for --cluster and its
+# tests); run with --help for the options.
 # On a machine without an NVIDIA GPU, torch comes as a CPU-only build (a wheel already on this machine's
 # disk if pip's find-links has one, else PyTorch's CPU index) so set-up never pulls a multi-GB CUDA build.
 # A machine with a GPU, or a venv that already has torch, keeps its normal torch.
@@ -9,7 +10,7 @@ usage() {
   cat <<'EOF'
 usage: scripts/setup.sh [--no-browser]
 
-Creates .venv and installs moe-trace with its dev tools (pip shows its progress).
+Creates .venv and installs moe-trace with its dev tools and the Dask cluster extra (pip shows its progress).
 When run as root with apt-get and chromium is missing, also installs the system packages chromium and
 chromium-driver for the report's browser test; it says so before it starts.
 
@@ -51,8 +52,8 @@ else
   step "installing torch's own dependencies (keeping the CPU build)"
   pip install "torch==$(python -c 'from importlib.metadata import version; print(version("torch"))')"
 fi
-step "installing moe-trace and its dev tools (pip install -e '.[dev]')"
-pip install -e ".[dev]"
+step "installing moe-trace, its dev tools and the Dask cluster extra (pip install -e '.[dev,cluster]')"
+pip install -e ".[dev,cluster]"
 
 # The HTML report's browser test (tests/test_report_browser.py) drives Debian's chromium and chromium-driver.
 # Never fail set-up over them: the test skips, with the reason, when they are missing.

@@ -27,6 +27,22 @@ workers_option = click.option(
          "are identical for any N.")
 
 
+def _check_cluster(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        from simulator.cluster import parse_address
+
+        parse_address(value)  # a malformed address fails before anything is read or started
+    return value
+
+
+cluster_option = click.option(
+    "--cluster", default=None, metavar="ADDRESS", callback=_check_cluster,
+    help="Run on a Dask cluster: local:N starts N worker processes on this machine; tcp://HOST:PORT, or a "
+         "scheduler file (.json), joins a running scheduler. Each worker reads the trace itself: keep it on "
+         "a filesystem every worker mounts at the same path, or give an fsspec URL (s3://, gs://). Results "
+         "are identical to a run without it (docs/scale.md). Needs pip install 'moe-trace[cluster]'.")
+
+
 def int_list(text: str, option: str) -> list[int]:
     """`--gpus 8,16` -> [8, 16]; a one-line InputError naming the option otherwise."""
     try:

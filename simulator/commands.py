@@ -9,7 +9,8 @@ import sys
 
 import click
 
-from simulator.cli_options import int_list, names, progress_bar, workers_option
+from simulator.cli_options import cluster_option, int_list, names, progress_bar, workers_option
+from simulator.cluster import open_cluster
 from simulator.cost_model import DEFAULT_CONTEXT_TOKENS, DEFAULT_HBM_RESERVE, DEFAULT_TOKENS_PER_GPU
 from simulator.hardware import COST_MODELS, load_hardware, parse_hardware_list
 from simulator.interop.loadplan import DEFAULT_LOAD_TOKENS, load_file_options, trace_or_load_file
@@ -58,11 +59,12 @@ from traces.reader import open_trace
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout instead of tables.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @workers_option
+@cluster_option
 def replay_cmd(trace: tuple[str, ...], gpus: int, gpus_per_node: int, hardware: str, cost_model: str,
                placements: str,
                redundant_experts: int | None, tokens_per_step: int, phase: str, fit_fraction: float,
                capacity_factor: float | None, hbm_reserve: float, per_layer: bool, as_json: bool,
-               quiet: bool) -> None:
+               quiet: bool, cluster: str | None) -> None:
     """Replay TRACE (one file, shards or a glob) on --gpus GPUs and compare expert placements.
 
     Placements are fitted on the first --fit-fraction of the trace and scored on the rest, all in one pass.
@@ -74,9 +76,10 @@ def replay_cmd(trace: tuple[str, ...], gpus: int, gpus_per_node: int, hardware: 
         tokens_per_step=tokens_per_step, phase=phase, fit_fraction=fit_fraction,
         capacity_factor=capacity_factor, hbm_reserve=hbm_reserve,
     )
-    with open_trace(list(trace)) as tr, progress_bar(tr.num_tokens, "replay", quiet or as_json) as progress:
+    with open_trace(list(trace)) as tr, open_cluster(cluster) as on, \
+            progress_bar(tr.num_tokens, "replay", quiet or as_json) as progress:
         config, note = config.resolved(tr.metadata.num_experts)  # the default, as replay resolves it
-        result = run_replay(tr, config, progress=progress)
+        result = run_replay(tr, config, progress=progress, cluster=on)
     redundancy = Redundancy(config.redundancy, note)
     if as_json:
         json.dump(result.to_dict(), sys.stdout)
@@ -137,13 +140,14 @@ replay = replay_cmd  # (cli.py looks the command up as simulator.commands:replay
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout instead of tables.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @workers_option
+@cluster_option
 def plan_cmd(trace: tuple[str, ...], target_tokens_per_s: float, hardware: str, cost_model: str, gpus: str,
              gpus_per_node: int,
              placements: str, redundant_experts: str, tokens_per_gpu: str | None, tokens_per_step: str | None,
              max_step_ms: float | None, phase: str, fit_fraction: float, capacity_factor: float | None,
              hbm_reserve: float, context_tokens: int, gpu_hour_cost: str | None, show_all: bool,
-             as_json: bool, quiet: bool, load_file: str | None = None, load_model: str | None = None,
-             load_tokens: int = DEFAULT_LOAD_TOKENS) -> None:
+             as_json: bool, quiet: bool, cluster: str | None = None, load_file: str | None = None,
+             load_model: str | None = None, load_tokens: int = DEFAULT_LOAD_TOKENS) -> None:
     """Sweep hardware x GPUs x placement x redundancy x batch over TRACE in one pass and recommend a layout.
 
     The recommendation meets the throughput target and the latency bound with its weights in HBM next to the
@@ -165,8 +169,9 @@ def plan_cmd(trace: tuple[str, ...], target_tokens_per_s: float, hardware: str, 
         context_tokens=context_tokens,
     )
     with trace_or_load_file(trace, load_file, model=load_model, tokens=load_tokens) as (paths, load_note), \
-            open_trace(paths) as tr, progress_bar(tr.num_tokens, "plan", quiet or as_json) as progress:
-        result = run_plan(tr, config, progress=progress)
+            open_trace(paths) as tr, open_cluster(cluster) as on, \
+            progress_bar(tr.num_tokens, "plan", quiet or as_json) as progress:
+        result = run_plan(tr, config, progress=progress, cluster=on)
     if as_json:
         json.dump({**result.to_dict(), **({"load_file_note": load_note} if load_note else {})}, sys.stdout)
         sys.stdout.write("\n")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from traces import TraceChunk, TraceMetadata, write_trace
+from traces import TraceChunk, TraceMetadata, open_writer, write_trace
 
 
 def tiny_meta(layers: int, experts: int, top_k: int, hidden: int = 8, ffn: int = 4) -> TraceMetadata:
@@ -19,12 +19,18 @@ def tiny_meta(layers: int, experts: int, top_k: int, hidden: int = 8, ffn: int =
 
 
 def write_ids(path: Path, meta: TraceMetadata, ids: np.ndarray, steps: np.ndarray,
-              phases: np.ndarray) -> Path:
+              phases: np.ndarray, append_rows: int | None = None) -> Path:
+    """append_rows: write in appends of this many rows (an Arrow file gets a record batch per append)."""
     t = ids.shape[0]
     chunk = TraceChunk(seq_id=np.zeros(t, np.int32), position=np.arange(t, dtype=np.int32),
                        phase=phases.astype(np.uint8), step=steps.astype(np.int32),
                        expert_ids=ids.astype(meta.id_dtype))
-    return write_trace(path, meta, chunk, force=True)
+    if append_rows is None:
+        return write_trace(path, meta, chunk, force=True)
+    with open_writer(path, meta, force=True) as writer:
+        for start in range(0, t, append_rows):
+            writer.append(chunk.slice(start, start + append_rows))
+    return Path(path)
 
 
 def random_ids(rng: np.random.Generator, tokens: int, layers: int, experts: int, top_k: int,
@@ -40,10 +46,11 @@ def random_ids(rng: np.random.Generator, tokens: int, layers: int, experts: int,
 
 
 def random_trace(path: Path, *, tokens: int = 3000, layers: int = 3, experts: int = 16, top_k: int = 4,
-                 seed: int = 0, step_len: int = 50, skew: float = 1.0, hidden: int = 8, ffn: int = 4) -> Path:
+                 seed: int = 0, step_len: int = 50, skew: float = 1.0, hidden: int = 8, ffn: int = 4,
+                 append_rows: int | None = None) -> Path:
     rng = np.random.default_rng(seed)
     meta = tiny_meta(layers, experts, top_k, hidden, ffn)
     ids = random_ids(rng, tokens, layers, experts, top_k, skew)
     steps = np.cumsum(rng.random(tokens) < 1.0 / step_len)  # ragged recorded steps
     phases = (rng.random(tokens) < 0.4).astype(np.uint8)
-    return write_ids(path, meta, ids, steps, phases)
+    return write_ids(path, meta, ids, steps, phases, append_rows)

@@ -57,10 +57,10 @@ def test_steps_are_announced_and_chromium_named_before_apt_get(tmp_path: Path) -
     steps = [line for line in out.stdout.splitlines() if line.startswith("==> ")]
     assert steps[0] == "==> using the existing .venv" and steps[1].startswith("==> keeping the installed "
                                                                               "torch")
-    assert any("pip install -e '.[dev]'" in s for s in steps)
+    assert any("pip install -e '.[dev,cluster]'" in s for s in steps)
     assert "installing system packages chromium and chromium-driver with apt-get" in steps[-1]
     assert "--no-browser skips this" in steps[-1]
-    assert "pip install -e .[dev]" in calls.splitlines()
+    assert "pip install -e .[dev,cluster]" in calls.splitlines()
     assert "pip install -q" not in calls  # pip's own progress is shown
     assert "apt-get install -y -q chromium chromium-driver" in calls
     assert out.stdout.splitlines()[-1].startswith("moe-trace installed in .venv (torch ")

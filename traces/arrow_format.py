@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from traces import location
 from traces.checksum import checksum, text_digest
 from traces.chunk import TraceChunk
 from traces.errors import InputError
+from traces.location import Location
 from traces.schema import FORMAT_MINOR, TraceMetadata
 
 ARROW_MAGIC = b"ARROW1"
@@ -128,16 +130,22 @@ class ArrowShardReader:
 
     encoding = "arrow"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Location):
         self.path = path
-        # Plain reads, not a memory map: mapped pages count as the reader's resident memory and would grow
-        # with the file; reads keep memory to the batches in flight.
-        self.source = pa.OSFile(str(path), "r")
+        self._batch_rows: list[int] | None = None  # rows of each data batch, read when a range needs them
+        self.source = self._open_source()
         try:
             self._open()
         except BaseException:
             self.source.close()
             raise
+
+    def _open_source(self) -> pa.NativeFile:
+        # Plain reads, not a memory map: mapped pages count as the reader's resident memory and would grow
+        # with the file; reads keep memory to the batches in flight. A URL is read through fsspec.
+        if isinstance(self.path, Path):
+            return pa.OSFile(str(self.path), "r")
+        return pa.PythonFile(location.open_binary(self.path), mode="r")
 
     def _open(self) -> None:
         path = self.path
@@ -202,7 +210,7 @@ class ArrowShardReader:
             raise InputError(f"{self.path}: Arrow file is truncated or corrupt ({_short(exc)})") from exc
 
     def _recover_stream(self) -> tuple[pa.Schema, int]:
-        with pa.OSFile(str(self.path), "r") as src:
+        with self._open_source() as src:
             stream = self._open_stream(src)
             count = rows = 0
             while True:  # count every batch that reads back whole; stop at the first damaged one
@@ -216,9 +224,10 @@ class ArrowShardReader:
         self.recovered_batches = count
         return stream.schema, rows
 
-    def _batches(self, names: list[str]) -> Iterator[tuple[pa.RecordBatch, dict | None]]:
+    def _batches(self, names: list[str], first: int = 0) -> Iterator[tuple[pa.RecordBatch, dict | None]]:
+        """Batches from file batch `first` on (a crashed writer's stream: from the start)."""
         if self.recovered_batches is not None:  # a crashed writer's file: replay its stream
-            with pa.OSFile(str(self.path), "r") as src:
+            with self._open_source() as src:
                 stream = self._open_stream(src)
                 for _ in range(self.recovered_batches):
                     got = stream.read_next_batch_with_custom_metadata()
@@ -230,7 +239,7 @@ class ArrowShardReader:
         reader = pa.ipc.open_file(self.source, options=pa.ipc.IpcReadOptions(included_fields=idx))
         with ThreadPoolExecutor(max_workers=max(1, PREFETCH)) as pool:
             ahead: deque[Future] = deque()
-            for i in range(reader.num_record_batches):
+            for i in range(first, reader.num_record_batches):
                 ahead.append(pool.submit(reader.get_batch_with_custom_metadata, i))
                 if len(ahead) > PREFETCH:
                     got = ahead.popleft().result()
@@ -239,26 +248,52 @@ class ArrowShardReader:
                 got = ahead.popleft().result()
                 yield got.batch, got.custom_metadata
 
-    def iter_blocks(self, names: list[str], block_tokens: int) -> Iterator[TraceChunk]:
+    def iter_blocks(self, names: list[str], block_tokens: int, start: int = 0,
+                    stop: int | None = None) -> Iterator[TraceChunk]:
         del block_tokens  # Arrow batches are read whole; the caller regroups them
+        stop = self.num_tokens if stop is None else min(stop, self.num_tokens)
         try:
-            yield from self._chunks(names)
+            yield from self._chunks(names, start, stop)
         except ARROW_ERRORS as exc:
             raise InputError(f"{self.path}: Arrow data is corrupt ({_short(exc)})") from exc
 
-    def _chunks(self, names: list[str]) -> Iterator[TraceChunk]:
-        index = row0 = 0
-        for batch, custom in self._batches(names):
+    def _chunks(self, names: list[str], start: int, stop: int) -> Iterator[TraceChunk]:
+        """Rows [start, stop): whole batches are read (and verified), then cut."""
+        first = index = row0 = 0
+        if start > 0 and self.recovered_batches is None:  # skip the batches before `start` unread
+            rows = self._data_batch_rows()
+            while first < len(rows) and row0 + rows[first] <= start:
+                index += rows[first] > 0
+                row0 += rows[first]
+                first += 1
+        for batch, custom in self._batches(names, first):
+            if row0 >= stop:
+                return
             if batch.num_rows == 0:
+                continue
+            rows0, row0 = row0, row0 + batch.num_rows
+            if row0 <= start:  # a crashed writer's stream is read from its start
+                index += 1
                 continue
             # O(columns): declared lengths against buffer sizes, before any slicing trusts them
             batch.validate()
             values = {n: _to_numpy(batch.column(n), self.metadata.field_shape(n)) for n in names}
             if self.checked:
-                self._verify(index, row0, batch.num_rows, custom, values)
+                self._verify(index, rows0, batch.num_rows, custom, values)
             index += 1
-            row0 += batch.num_rows
-            yield TraceChunk(**values)
+            chunk = TraceChunk(**values)
+            if rows0 < start or row0 > stop:
+                chunk = chunk.slice(max(start - rows0, 0), min(stop, row0) - rows0)
+            yield chunk
+
+    def _data_batch_rows(self) -> list[int]:
+        """Rows of every batch of the file, from its one-byte phase column only (read once)."""
+        if self._batch_rows is None:
+            assert self.reader is not None
+            index = max(self.schema.get_field_index("phase"), 0)
+            narrow = pa.ipc.open_file(self.source, options=pa.ipc.IpcReadOptions(included_fields=[index]))
+            self._batch_rows = [narrow.get_batch(i).num_rows for i in range(narrow.num_record_batches)]
+        return self._batch_rows
 
     def _verify(self, index: int, row0: int, rows: int, custom: dict | None,
                 values: dict[str, np.ndarray]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -44,3 +45,10 @@ class TraceChunk:
             return chunks[0]
         names = chunks[0].present().keys()
         return TraceChunk(**{n: np.concatenate([getattr(c, n) for c in chunks]) for n in names})
+
+
+def numbered(chunks: Iterable[TraceChunk], t0: int) -> Iterator[tuple[int, TraceChunk]]:
+    """(global index of its first token, chunk) for consecutive chunks whose first token is t0."""
+    for chunk in chunks:
+        yield t0, chunk
+        t0 += chunk.num_tokens

@@ -30,7 +30,8 @@ def convert(
     dst = Path(dst)
     encoding_for(dst)  # unsupported extension: fail before reading anything
     sources = expand_paths(src)
-    if any(p.exists() and dst.exists() and p.resolve() == dst.resolve() for p in sources):
+    if any(isinstance(p, Path) and p.exists() and dst.exists() and p.resolve() == dst.resolve()
+           for p in sources):
         raise InputError(f"{dst}: output is the same file as the input")
     with open_trace(sources) as trace:
         if not trace.complete:

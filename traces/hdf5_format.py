@@ -15,16 +15,17 @@ h5py; "none" stores raw.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import h5py
 import hdf5plugin  # registers the Blosc filter with HDF5, for reading as well as writing
 import numpy as np
 
+from traces import location
 from traces.checksum import BlockSums, checksum, text_digest
 from traces.chunk import TraceChunk
 from traces.errors import InputError
+from traces.location import Location
 from traces.schema import FORMAT_MINOR, FORMAT_NAME, SCHEMA_VERSION, TraceMetadata
 from traces.watchdog import run_bounded
 
@@ -155,15 +156,21 @@ def header_digest(metadata: str, status: str, num_tokens: int, block_rows: int) 
     return text_digest(json.dumps([FORMAT_NAME, SCHEMA_VERSION, metadata, status, num_tokens, block_rows]))
 
 
-def _probe(path: Path, absolute: str) -> dict:
-    """Everything the reader takes from the file's structure, read in the watchdog's helper process (whose
-    working directory may differ from the caller's: it opens the absolute path, and names `path` in
-    errors)."""
+def _open_h5(path: Location, absolute: str) -> h5py.File:
+    """The file read-only: a local file by its absolute path, a URL through fsspec (h5py reads the file
+    object)."""
     try:
-        file = h5py.File(absolute, "r")
+        return h5py.File(absolute if isinstance(path, Path) else location.open_binary(absolute), "r")
     except OSError as exc:
         raise InputError(f"{path}: cannot open as HDF5 ({_short(exc)}); the file may be truncated or "
                          "corrupt") from exc
+
+
+def _probe(path: Location, absolute: str) -> dict:
+    """Everything the reader takes from the file's structure, read in the watchdog's helper process (whose
+    working directory may differ from the caller's: it opens the absolute path, and names `path` in
+    errors)."""
+    file = _open_h5(path, absolute)
     with file:
         attrs = {key: file.attrs[key] for key in ROOT_ATTRS if key in file.attrs}
         datasets = {}
@@ -186,18 +193,14 @@ class Hdf5ShardReader:
 
     encoding = "hdf5"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Location):
         self.path = path
         # a corrupt file may hang libhdf5: never here
-        info = run_bounded(_probe, (path, os.path.abspath(path)), str(path))
+        info = run_bounded(_probe, (path, location.portable(path)), str(path))
         attrs, datasets = info["attrs"], info["datasets"]
         if attrs.get("format") != FORMAT_NAME or "metadata" not in attrs:
             raise InputError(f"{path}: HDF5 file is not a moe-trace trace")
-        try:
-            self.file = h5py.File(path, "r")
-        except OSError as exc:
-            raise InputError(f"{path}: cannot open as HDF5 ({_short(exc)}); the file may be truncated or "
-                             "corrupt") from exc
+        self.file = _open_h5(path, location.portable(path))
         try:
             self._check_structure(attrs, datasets, info["sums"])
         except BaseException:
@@ -271,15 +274,16 @@ class Hdf5ShardReader:
                 raise InputError(f"{self.path}: checksum mismatch in {name} block {block} (rows {first}.."
                                  f"{min(first + CHECK_ROWS, self.num_tokens)}); the file is corrupt")
 
-    def iter_blocks(self, names: list[str], block_tokens: int):
+    def iter_blocks(self, names: list[str], block_tokens: int, start: int = 0, stop: int | None = None):
         # Read whole HDF5 chunks at a time: partial-chunk reads decompress the same chunk twice.
         chunk_rows = max((self.file[n].chunks or (CHUNK_TOKENS,))[0]
                          for n in names) if names else CHUNK_TOKENS
         if self.checked:
             chunk_rows = CHECK_ROWS
         step = max(chunk_rows, (block_tokens // chunk_rows) * chunk_rows)
-        for start in range(0, self.num_tokens, step):
-            yield self.read(names, start, min(start + step, self.num_tokens))
+        stop = self.num_tokens if stop is None else min(stop, self.num_tokens)
+        for lo in range(start - start % step, stop, step):
+            yield self.read(names, max(lo, start), min(lo + step, stop))
 
     def close(self) -> None:
         self.file.close()

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from traces import location
 from traces.reader import DEFAULT_CHUNK_TOKENS, Trace
 from traces.schema import PHASE_DECODE, PHASE_PREFILL
 
@@ -100,7 +101,7 @@ def summarize(
         steps.update(np.unique(chunk.step).tolist())
         if on_chunk is not None:
             on_chunk(chunk.num_tokens)
-    size = sum(p.stat().st_size for p in trace.paths)
+    size = sum(location.size(p) for p in trace.paths)
     n = trace.num_tokens
     return TraceSummary(
         paths=[str(p) for p in trace.paths],

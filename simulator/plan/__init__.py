@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from simulator.cost_model import non_expert_work, pricing_for
 from simulator.options import PHASES
@@ -39,6 +39,9 @@ from simulator.replay import Progress, VariantSummary, fit_statistics, merge_gro
 from traces.errors import InputError
 from traces.reader import Trace
 from traces.schema import PHASE_DECODE, PHASE_PREFILL
+
+if TYPE_CHECKING:
+    from simulator.cluster import Cluster
 
 __all__ = [
     "LATENCY_PERCENTILE", "MIN_FULL_STEPS", "Candidate", "GridPoint", "PlanConfig", "PlanResult",
@@ -83,9 +86,11 @@ class PlanResult:
 
 
 
-def plan(trace: Trace, config: PlanConfig, progress: Progress | None = None) -> PlanResult:
+def plan(trace: Trace, config: PlanConfig, progress: Progress | None = None,
+         cluster: Cluster | None = None) -> PlanResult:
     """Fit every grid placement, replay them all in one pass, price them on every GPU type, and recommend
-    one."""
+    one (the fit counts and the pass's shards on the cluster's workers when one is given: the same
+    result)."""
     meta = trace.metadata
     if trace.num_tokens == 0:
         raise InputError(f"{trace.paths[0]}: trace has no tokens")
@@ -93,7 +98,7 @@ def plan(trace: Trace, config: PlanConfig, progress: Progress | None = None) -> 
     stats = fit_statistics(trace, fit_fraction=config.fit_fraction, phase=config.phase,
                            tokens_per_step=min(steps),
                            with_coselection=any(p in NEEDS_COSELECTION for p in config.placements),
-                           chunk_tokens=config.chunk_tokens)
+                           chunk_tokens=config.chunk_tokens, cluster=cluster)
     if stats.score_start >= trace.num_tokens:
         raise InputError(f"{trace.paths[0]}: nothing left to score after fitting (lower --fit-fraction)")
     scored = scored_phase_tokens(trace, stats.score_start, config.chunk_tokens)
@@ -104,7 +109,7 @@ def plan(trace: Trace, config: PlanConfig, progress: Progress | None = None) -> 
     points, variants, skipped = grid_points(trace, config, stats, scored)
     seg = run_variants(trace, variants, config.hardware, phase=config.phase, score_start=stats.score_start,
                        capacity_factor=config.capacity_factor, chunk_tokens=config.chunk_tokens,
-                       progress=progress)
+                       progress=progress, cluster=cluster)
     prefill = [step_prefill_flags(seg, variants, p.members, config.phase) for p in points]
     merged = merge_groups(seg, [p.members for p in points])  # prefill and decode variants of each point
     summaries = summarise(merged, [p.variant for p in points], config.hardware, meta,

@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from simulator.cli_options import int_list, progress_bars, workers_option
+from simulator.cli_options import cluster_option, int_list, progress_bars, workers_option
+from simulator.cluster import open_cluster
 from simulator.hardware import load_hardware
 from simulator.options import PHASES
 from simulator.rebalance.config import RebalanceConfig, passes_needed, rebalance_trace
@@ -65,9 +66,10 @@ def rebalance_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--json", "as_json", is_flag=True,
               help="Print the results as JSON on stdout instead of a table.")
 @click.option("--series", is_flag=True, help="With --json, include every scored step's imbalance.")
+@cluster_option
 def rebalance(trace: tuple[str, ...], rebalance_every: str | None, window: int | None, tokens_per_step: int,
               phase: str, gpus_per_node: int, quiet: bool, gpus: int, policy: str, redundant_experts: int,
-              hardware: str, margin: float, as_json: bool, series: bool) -> None:
+              hardware: str, margin: float, as_json: bool, series: bool, cluster: str | None) -> None:
     """Replay periodic rebalancing over TRACE: refit the placement every W steps from the last N steps' load.
 
     Each interval is scored on the steps that follow the refit, against a placement fitted once on the first
@@ -85,8 +87,9 @@ def rebalance(trace: tuple[str, ...], rebalance_every: str | None, window: int |
         config.fit_function(tr.metadata.num_experts)  # a layout the policy cannot fill fails before the bar
         config = config.resolve(tr)
         passes = passes_needed(config.every, tr.metadata.num_moe_layers, tr.metadata.num_experts)
-        with progress_bars(quiet or as_json) as bars:
-            results = rebalance_trace(tr, config, progress=bars("rebalance", tr.num_tokens * passes))
+        with open_cluster(cluster) as on, progress_bars(quiet or as_json) as bars:
+            results = rebalance_trace(tr, config, progress=bars("rebalance", tr.num_tokens * passes),
+                                      cluster=on)
     advice = advise(results, config.margin)
     if as_json:
         json.dump({"trace": [str(p) for p in tr.paths], "results": [r.to_dict(series) for r in results],

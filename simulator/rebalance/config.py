@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from simulator.rebalance.schedule import FitFn, RebalanceReplay, replay_rebalanc
 from simulator.rebalance.steps import count_steps, iter_step_loads
 from traces.errors import InputError
 from traces.reader import DEFAULT_CHUNK_TOKENS, Trace
+
+if TYPE_CHECKING:
+    from simulator.cluster import Cluster
 
 MAX_REFITS = 100  # default_intervals() keeps each schedule to this many refits
 WINDOW_CAP = 1000  # vLLM's EPLB default window, in steps
@@ -115,14 +118,26 @@ def rebalance_trace(
     *,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: Callable[[int], None] | None = None,
+    cluster: Cluster | None = None,
 ) -> list[RebalanceResult]:
     """Replay every interval in config.every over the trace: one streamed pass, two when an interval is too
     long to hold its steps in memory (progress then counts both). Defaults are filled in first
-    (RebalanceConfig.resolve)."""
+    (RebalanceConfig.resolve). With a cluster, each interval is one task: a worker streams the trace itself
+    and replays that interval alone, which gives the same result (the intervals share nothing but the
+    steps)."""
     meta = trace.metadata
     config = config.resolve(trace, chunk_tokens)
     assert config.window is not None
     fit = config.fit_function(meta.num_experts)
+    if cluster is not None:
+        total = trace.num_tokens * passes_needed(config.every, meta.num_moe_layers, meta.num_experts)
+        items = [(dataclasses.replace(config, every=(w,)), chunk_tokens) for w in config.every]
+        results = []
+        for i, result in enumerate(cluster.map(rebalance_interval, trace, items)):
+            results.append(result)
+            if progress is not None:
+                progress(total * (i + 1) // len(items) - total * i // len(items))
+        return results
 
     def loads() -> Iterator[np.ndarray]:
         return iter_step_loads(trace, phase=config.phase, tokens_per_step=config.tokens_per_step,
@@ -133,6 +148,12 @@ def rebalance_trace(
                             num_experts=meta.num_experts, expert_bytes=int(expert_weight_bytes(meta)),
                             gpus_per_node=config.gpus_per_node,
                             settings=config.settings(), prices=RefitPrices.for_gpu(config.hardware, meta))
+
+
+def rebalance_interval(trace: Trace, _shared: None, config: RebalanceConfig,
+                       chunk_tokens: int) -> RebalanceResult:
+    """A cluster task: the one interval of a resolved config replayed over the trace."""
+    return rebalance_trace(trace, config, chunk_tokens=chunk_tokens)[0]
 
 
 def passes_needed(every: Sequence[int], num_layers: int, num_experts: int) -> int:

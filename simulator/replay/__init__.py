@@ -14,6 +14,7 @@ G GPUs, S slots per GPU, W accumulator width (see kernels.py).
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from simulator.options import DEFAULT_FIT_FRACTION, PHASES
 from simulator.placement import NEEDS_COSELECTION
@@ -30,6 +31,9 @@ from simulator.replay.segment import Segment, VariantArrays, merge_groups, run_v
 from traces.errors import InputError
 from traces.reader import Trace
 
+if TYPE_CHECKING:
+    from simulator.cluster import Cluster
+
 __all__ = [
     "DEFAULT_FIT_FRACTION", "DEFAULT_PLACEMENTS", "PHASES", "FitStatistics", "HardwareTiming", "Progress",
     "ReplayConfig", "ReplayResult", "Segment", "Variant", "VariantArrays", "VariantSummary",
@@ -39,9 +43,10 @@ __all__ = [
 ]
 
 
-def replay(trace: Trace, config: ReplayConfig, progress: Progress | None = None) -> ReplayResult:
+def replay(trace: Trace, config: ReplayConfig, progress: Progress | None = None,
+           cluster: Cluster | None = None) -> ReplayResult:
     """Fit every placement in config on the fit part of the trace and score them all in one pass over the
-    rest."""
+    rest (its counts and shards on the cluster's workers when one is given: the same result)."""
     meta = trace.metadata
     if trace.num_tokens == 0:
         raise InputError(f"{trace.paths[0]}: trace has no tokens")
@@ -49,7 +54,7 @@ def replay(trace: Trace, config: ReplayConfig, progress: Progress | None = None)
     stats = fit_statistics(
         trace, fit_fraction=config.fit_fraction, phase=config.phase, tokens_per_step=config.tokens_per_step,
         with_coselection=any(p in NEEDS_COSELECTION for p in config.placements),
-        chunk_tokens=config.chunk_tokens,
+        chunk_tokens=config.chunk_tokens, cluster=cluster,
     )
     if stats.score_start >= trace.num_tokens:
         raise InputError(f"{trace.paths[0]}: nothing left to score after fitting on {stats.fit_tokens} "
@@ -63,7 +68,7 @@ def replay(trace: Trace, config: ReplayConfig, progress: Progress | None = None)
     members, groups = split_phases(variants, config.tokens_per_step > 0 and config.phase == "all")
     seg = run_variants(trace, members, [config.hardware], phase=config.phase, score_start=stats.score_start,
                        capacity_factor=config.capacity_factor, chunk_tokens=config.chunk_tokens,
-                       progress=progress)
+                       progress=progress, cluster=cluster)
     seg = merge_groups(seg, groups)
     summaries = summarise(seg, variants, [config.hardware], meta, hbm_reserve=config.hbm_reserve)
     if summaries and summaries[0].tokens == 0:

@@ -6,6 +6,7 @@ Shape legend: L MoE layers, E experts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -13,9 +14,13 @@ from simulator import kernels as K
 from simulator.options import PHASES
 from simulator.placement import Placement, PlacementNotApplicable, fit_placement
 from simulator.replay.config import Variant
+from traces.chunk import numbered
 from traces.errors import InputError
 from traces.reader import DEFAULT_CHUNK_TOKENS, Trace
 from traces.schema import TraceMetadata
+
+if TYPE_CHECKING:
+    from simulator.cluster import Cluster
 
 
 @dataclass
@@ -30,16 +35,15 @@ class FitStatistics:
 
 
 def fit_statistics(trace: Trace, *, fit_fraction: float, phase: str, tokens_per_step: int,
-                   with_coselection: bool, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> FitStatistics:
-    """Load (and co-selection) over the first fit_fraction of the trace's tokens.
+                   with_coselection: bool, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                   cluster: Cluster | None = None) -> FitStatistics:
+    """Load (and co-selection) over the first fit_fraction of the trace's tokens (counted on the cluster's
+    workers, by token range, when one is given: integer sums, so the same counts).
 
     The scored part starts at the first recorded step boundary at or after that point (so no step is split
     between fitting and scoring); with fit_fraction 0 the whole trace is both fitted and scored.
     """
     meta = trace.metadata
-    layers, experts = meta.num_moe_layers, meta.num_experts
-    load = np.zeros((layers, experts), dtype=np.int64)
-    cosel = np.zeros((layers, experts, experts) if with_coselection else (1, 1, 1), dtype=np.int64)
     total = trace.num_tokens
     if fit_fraction <= 0:
         stop = total
@@ -47,34 +51,68 @@ def fit_statistics(trace: Trace, *, fit_fraction: float, phase: str, tokens_per_
     else:
         stop = fit_stop(trace, fit_fraction, phase, chunk_tokens)
         score_start = -1
-    t0 = 0
-    last_step = None
-    for chunk in trace.iter_chunks(("expert_ids", "step", "phase"), chunk_tokens):
-        n = chunk.num_tokens
-        assert chunk.expert_ids is not None and chunk.step is not None and chunk.phase is not None
-        if t0 < stop:
-            K.count_load(chunk.expert_ids, chunk.phase, t0, PHASES[phase], stop, load, cosel,
-                         with_coselection)
-        if score_start < 0 and t0 + n > stop:
-            # first boundary of recorded steps at or after `stop` (regrouped steps start anywhere)
-            local = max(0, stop - t0)
-            if tokens_per_step > 0 or local == 0 and (last_step is None or chunk.step[0] != last_step):
-                score_start = t0 + local
-            else:
-                prev = chunk.step[local - 1] if local > 0 else last_step
-                change = np.flatnonzero(chunk.step[local:] != prev)
-                if change.size:
-                    score_start = t0 + local + int(change[0])
-        last_step = chunk.step[-1] if n else last_step
-        t0 += n
-        if score_start >= 0 and t0 >= stop:
-            break
-    if score_start < 0:
-        score_start = total
+    if cluster is not None:
+        from simulator.replay.distributed import count_on_cluster
+
+        load, cosel = count_on_cluster(cluster, trace, stop, PHASES[phase], with_coselection, chunk_tokens)
+        if score_start < 0:
+            score_start = first_scored_token(trace, stop, tokens_per_step, chunk_tokens)
+    else:
+        load, cosel = zero_counts(meta, with_coselection)
+        t0 = 0
+        last_step = None
+        for chunk in trace.iter_chunks(("expert_ids", "step", "phase"), chunk_tokens):
+            n = chunk.num_tokens
+            assert chunk.expert_ids is not None and chunk.step is not None and chunk.phase is not None
+            if t0 < stop:
+                K.count_load(chunk.expert_ids, chunk.phase, t0, PHASES[phase], stop, load, cosel,
+                             with_coselection)
+            if score_start < 0 and t0 + n > stop:
+                score_start = step_boundary(chunk.step, t0, stop, tokens_per_step, last_step)
+            last_step = chunk.step[-1] if n else last_step
+            t0 += n
+            if score_start >= 0 and t0 >= stop:
+                break
+        if score_start < 0:
+            score_start = total
     if fit_fraction > 0 and load.sum() == 0:
         raise InputError(f"{trace.paths[0]}: the fit part (the first {stop:,} tokens) holds no {phase} "
                          "assignments to fit placements on (raise --fit-fraction, or 0 to fit on everything)")
     return FitStatistics(load, cosel if with_coselection else None, stop, score_start)
+
+
+def zero_counts(meta: TraceMetadata, with_coselection: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Empty load [L, E] and co-selection [L, E, E] ([1, 1, 1] when not counted) int64 counters."""
+    layers, experts = meta.num_moe_layers, meta.num_experts
+    return (np.zeros((layers, experts), dtype=np.int64),
+            np.zeros((layers, experts, experts) if with_coselection else (1, 1, 1), dtype=np.int64))
+
+
+def step_boundary(step: np.ndarray, t0: int, stop: int, tokens_per_step: int, last_step: Any) -> int:
+    """The first token at or after `stop` that starts a recorded step (regrouped steps start anywhere), in a
+    chunk of steps whose first token is t0 and which reaches past stop; -1 when the chunk holds none.
+    last_step: the recorded step of the token before the chunk (None at the trace's start)."""
+    local = max(0, stop - t0)
+    if tokens_per_step > 0 or local == 0 and (last_step is None or step[0] != last_step):
+        return t0 + local
+    prev = step[local - 1] if local > 0 else last_step
+    change = np.flatnonzero(step[local:] != prev)
+    return t0 + local + int(change[0]) if change.size else -1
+
+
+def first_scored_token(trace: Trace, stop: int, tokens_per_step: int, chunk_tokens: int) -> int:
+    """step_boundary over the step column alone, from the chunk holding token stop - 1 (the trace's length
+    when no step starts at or after stop)."""
+    begin = max(stop - 1, 0) // chunk_tokens * chunk_tokens
+    last_step = None
+    for t0, chunk in numbered(trace.iter_chunks(("step",), chunk_tokens, begin), begin):
+        assert chunk.step is not None
+        if t0 + chunk.num_tokens > stop:
+            found = step_boundary(chunk.step, t0, stop, tokens_per_step, last_step)
+            if found >= 0:
+                return found
+        last_step = chunk.step[-1] if chunk.num_tokens else last_step
+    return trace.num_tokens
 
 
 def fit_stop(trace: Trace, fit_fraction: float, phase: str, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> int:

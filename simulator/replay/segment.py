@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,9 +21,14 @@ from simulator.cost_model import cost_matrix, model_vector
 from simulator.hardware import GpuSpec
 from simulator.options import PHASES
 from simulator.replay.config import Progress, Variant
-from traces.chunk import TraceChunk
+from traces.chunk import TraceChunk, numbered
 from traces.reader import DEFAULT_CHUNK_TOKENS, Trace
 from traces.schema import PHASE_DECODE, PHASE_PREFILL
+
+if TYPE_CHECKING:
+    from simulator.cluster import Cluster
+
+FIELDS = ("expert_ids", "step", "phase")  # the columns a replay reads
 
 
 @dataclass
@@ -126,6 +133,23 @@ class Segment:
             step_ntok=[[] for _ in range(v)],
         )
 
+    def state(self) -> dict[str, Any]:
+        """Everything but the inputs all segments of a pass share (variant arrays, model and cost rows): what
+        a cluster worker sends back for from_state to rebuild, bit for bit."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _SHARED}
+
+    @classmethod
+    def from_state(cls, arrays: VariantArrays, model: np.ndarray, cost: np.ndarray,
+                   state: dict[str, Any]) -> Segment:
+        return cls(arrays=arrays, model=model, cost=cost, **state)
+
+    def feed_chunks(self, chunks: Iterable[tuple[int, TraceChunk]], phase_filter: int,
+                    score_start: int) -> None:
+        """feed() every (global index of its first token, chunk)."""
+        for t0, chunk in chunks:
+            assert chunk.expert_ids is not None and chunk.step is not None and chunk.phase is not None
+            self.feed(chunk.expert_ids, chunk.step, chunk.phase, t0, phase_filter, score_start)
+
     def feed(self, ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int, phase_filter: int,
              score_start: int) -> None:
         """Route one chunk (global index of its first token t0) through the kernels."""
@@ -228,30 +252,55 @@ class Segment:
         return imb, tim, ntok
 
 
+_SHARED = ("arrays", "model", "cost")
 SHARD_TOKENS = 1 << 18  # tokens per independently replayed shard; fixed, so results never depend on --workers
+
+
+def shard_ranges(num_tokens: int, score_start: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    """Token ranges [start, stop) of the shards run_variants replays apart: whole chunks from the one holding
+    the first scored token, about SHARD_TOKENS tokens each. They depend on the trace alone."""
+    first = score_start // chunk_tokens * chunk_tokens
+    size = -(-SHARD_TOKENS // chunk_tokens) * chunk_tokens
+    return [(start, min(start + size, num_tokens)) for start in range(first, num_tokens, size)]
+
+
+def scored_phases(phase: np.ndarray, t0: int, score_start: int, phase_filter: int) -> np.ndarray:
+    """[2] scored tokens per phase in a chunk whose first token is t0 (a token before score_start, or of a
+    phase the filter drops, is not scored)."""
+    ph = phase[max(0, score_start - t0):]
+    if phase_filter >= 0:
+        ph = ph[ph == phase_filter]
+    return np.bincount(ph, minlength=2)[:2]
 
 
 def run_variants(trace: Trace, variants: list[Variant], gpus: list[GpuSpec], *, phase: str, score_start: int,
                  capacity_factor: float | None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                 progress: Progress | None = None) -> Segment:
+                 progress: Progress | None = None, cluster: Cluster | None = None) -> Segment:
     """One pass over the scored tokens for every variant; returns the finished segment.
 
-    The trace is read once, in order, and cut into shards of about SHARD_TOKENS tokens (whole chunks). Each
+    The scored part is cut into shards (shard_ranges). Here, the trace is read once, in order, and each
     shard is replayed into its own Segment on a pool of kernels.workers() threads (the kernel releases the
-    GIL) and the segments are absorbed in trace order, exactly. At most two shards per thread are in flight,
-    so memory stays bounded whatever the trace's length. The cut points depend only on the trace, so any
-    worker count gives bit-identical results.
+    GIL); with a cluster, each worker reads and replays its shards itself (replay_range). Either way the
+    segments are absorbed in trace order, exactly, with at most two shards per thread in flight, so memory
+    stays bounded whatever the trace's length. The cut points depend only on the trace, so any worker count,
+    and a cluster, give bit-identical results.
     """
     meta = trace.metadata
     arrays = VariantArrays.build(variants, meta.num_experts)
     model, cost = model_vector(meta, capacity_factor), cost_matrix(gpus, meta)
     phase_filter = PHASES[phase]
+    ranges = shard_ranges(trace.num_tokens, score_start, chunk_tokens)
+    if cluster is not None:
+        from simulator.replay.distributed import run_on_cluster
+
+        joined = run_on_cluster(cluster, trace, arrays, model, cost, ranges, phase_filter, score_start,
+                                chunk_tokens, progress)
+        joined.finish()
+        return joined
 
     def replay_shard(chunks: list[tuple[int, TraceChunk]], sel_offset: tuple[int, int]) -> Segment:
         seg = Segment.empty(arrays, model, cost, meta.num_moe_layers, sel_offset)
-        for t0, chunk in chunks:
-            assert chunk.expert_ids is not None and chunk.step is not None and chunk.phase is not None
-            seg.feed(chunk.expert_ids, chunk.step, chunk.phase, t0, phase_filter, score_start)
+        seg.feed_chunks(chunks, phase_filter, score_start)
         return seg
 
     threads = K.workers()
@@ -269,23 +318,18 @@ def run_variants(trace: Trace, variants: list[Variant], gpus: list[GpuSpec], *, 
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         shard: list[tuple[int, TraceChunk]] = []
-        shard_tokens, offset, t0 = 0, (0, 0), 0
-        for chunk in trace.iter_chunks(("expert_ids", "step", "phase"), chunk_tokens):
+        offset, shard_index = (0, 0), 0
+        for t0, chunk in numbered(trace.iter_chunks(FIELDS, chunk_tokens), 0):
             n = chunk.num_tokens
             if t0 + n > score_start:
                 assert chunk.phase is not None
-                ph = chunk.phase[max(0, score_start - t0):]
-                if phase_filter >= 0:
-                    ph = ph[ph == phase_filter]
-                scored += np.bincount(ph, minlength=2)[:2]
+                scored += scored_phases(chunk.phase, t0, score_start, phase_filter)
                 shard.append((t0, chunk))
-                shard_tokens += n
-                if shard_tokens >= SHARD_TOKENS:
+                if t0 + n >= ranges[shard_index][1]:
                     in_flight.append(pool.submit(replay_shard, shard, offset))
-                    shard, shard_tokens, offset = [], 0, (int(scored[0]), int(scored[1]))
+                    shard, offset, shard_index = [], (int(scored[0]), int(scored[1])), shard_index + 1
                 while len(in_flight) > 2 * threads or (in_flight and in_flight[0].done()):
                     absorb_oldest()
-            t0 += n
             if progress is not None:
                 progress(n)
         if shard or not in_flight:
