@@ -341,15 +341,11 @@ def replay_chunk_dispatch(policy: int, ids: np.ndarray, steps: np.ndarray, phase
         sel_count[:] = sel_start
         off = buf_off[v]
         for i in range(n_tok):
-            ph = phases[i]
             t = t0 + i
-            if (phase_filter >= 0 and ph != phase_filter) or t < score_start:
+            scored, key = K.scored_step_key(phases[i], t, steps[i], sel_count, phase_filter, score_start,
+                                            var_phase[v], var_tps[v])
+            if not scored:
                 continue
-            sel = sel_count[ph]
-            sel_count[ph] += 1
-            if var_phase[v] >= 0 and ph != var_phase[v]:
-                continue
-            key = K.step_key(ph, sel, steps[i], var_tps[v])
             if key != cur_key[v]:
                 n = cur_ntok[v]
                 if n > 0:

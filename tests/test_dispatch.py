@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from sim_fixtures import random_trace, tiny_meta, write_ids
+from sim_fixtures import fitted_variants, random_trace, tiny_meta, write_ids
 
 from simulator import dispatch_kernels as DK
 from simulator import kernels as K
@@ -156,14 +156,8 @@ def _columns(tr) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _variants(path, tps):
     with open_trace(path) as tr:
-        meta = tr.metadata
-    load = np.ones((meta.num_moe_layers, meta.num_experts))
-    load[:, :3] = 5.0
-    out = []
-    for policy, g, gpn, r in (("replicated", 4, 2, 4), ("replicated", 4, 4, 12), ("balanced", 4, 2, 0)):
-        p = fit_placement(policy, load, num_gpus=g, gpus_per_node=gpn, redundant_experts=r)
-        out.append(Variant(f"{policy}+{r}", p, tps, r))
-    return out
+        return fitted_variants(tr.metadata, (("replicated", 4, 2, 4), ("replicated", 4, 4, 12),
+                                             ("balanced", 4, 2, 0)), tps)
 
 
 @pytest.mark.parametrize("dispatch,tps,score_start,tokens", [
