@@ -56,20 +56,21 @@ def waterfill(d: int, e: int, n: int, rep_gpu: np.ndarray, load: np.ndarray, cnt
 
 @njit(cache=True)
 def lower_to(z: int, cnt: np.ndarray, n_rep: np.ndarray, rep_gpu: np.ndarray, load: np.ndarray,
-             members: np.ndarray, n_members: np.ndarray) -> bool:
+             members: np.ndarray, n_members: np.ndarray, scratch: np.ndarray) -> bool:
     """Move tokens between replicas until no GPU carries more than z; False when no split can.
 
     Augmenting paths: from the GPUs over z, a GPU reaches another through an expert with tokens on the first
     and a replica on the second; tokens move along a path to a GPU under z. When none is reachable, the GPUs
     reached hold all of their experts' tokens, whatever the split, and one is over z: z is infeasible.
-    members [G, S] (expert, replica index) pairs of the replicated experts on each GPU, as e * R + j.
+    members [G, S] (expert, replica index) pairs of the replicated experts on each GPU, as e * R + j;
+    scratch [4, G].
     """
     g_count = load.shape[0]
     r_max = cnt.shape[1]
-    parent = np.empty(g_count, dtype=np.int64)
-    via = np.empty(g_count, dtype=np.int64)  # e * R + j of the hop into this GPU, j the replica it comes from
-    to_rep = np.empty(g_count, dtype=np.int64)
-    queue = np.empty(g_count, dtype=np.int64)
+    parent = scratch[0]
+    via = scratch[1]  # e * R + j of the hop into this GPU, j the replica it comes from
+    to_rep = scratch[2]
+    queue = scratch[3]
     while True:
         head = 0
         tail = 0
@@ -191,11 +192,12 @@ def split_layer(policy: int, cnt: np.ndarray, n_rep: np.ndarray, rep_gpu: np.nda
         return
     best = cnt.copy()
     best_load = load.copy()
+    scratch = np.empty((4, g_count), dtype=np.int64)
     while lo < hi:
         mid = (lo + hi) // 2
         cnt[:] = best
         load[:] = best_load
-        if lower_to(mid, cnt, n_rep, rep_gpu, load, members, n_members):
+        if lower_to(mid, cnt, n_rep, rep_gpu, load, members, n_members, scratch):
             best[:] = cnt
             best_load[:] = load
             hi = load.max()
@@ -215,7 +217,9 @@ def route_step(policy: int, tok: np.ndarray, ids: np.ndarray, num_gpus: int, slo
 
     Every policy starts from the static rule's choice. A non-static policy then splits each expert's tokens
     by split_layer and hands them out local-first: a token whose own GPU holds a replica with tokens left to
-    take stays there; the rest fill the replicas with tokens left, first replica first, in token order.
+    take stays there; the rest fill the replicas with tokens left, first replica first, in token order. As
+    the first tokens from a replica's own GPU are the ones that stay, how many stay is known from the counts
+    (min(quota, local tokens)), and one pass hands out both kinds.
     """
     n, layers, top_k = ids.shape
     n_exp = rep_count.shape[1]
@@ -224,51 +228,45 @@ def route_step(policy: int, tok: np.ndarray, ids: np.ndarray, num_gpus: int, slo
     gpn = gpus_per_node
     n_nodes = max(1, num_gpus // gpn)
     rep_gpu = np.zeros((n_exp, r_max), dtype=np.int64)
-    cnt = np.zeros((n_exp, r_max), dtype=np.int64)
+    pos = np.empty((n_exp, num_gpus), dtype=np.int64)  # replica index of expert e on GPU g, -1: none
+    cnt = np.zeros((n_exp, r_max), dtype=np.int64)  # static split, then the policy's
+    stay = np.zeros((n_exp, r_max), dtype=np.int64)  # tokens from the replica's own GPU, then those kept
+    far = np.zeros((n_exp, r_max), dtype=np.int64)  # the replica's tokens from other GPUs still to hand out
+    nxt = np.zeros(n_exp, dtype=np.int64)  # first replica of e with `far` left
     choice = np.empty((n, top_k), dtype=np.int64)
     load = np.zeros(num_gpus, dtype=np.int64)
     mark_gpu = -np.ones(num_gpus, dtype=np.int64)
     mark_node = -np.ones(n_nodes, dtype=np.int64)
+    dynamic = policy != P_STATIC
     for layer in range(layers):
         n_rep = rep_count[layer]
+        pos[:] = -1
         for e in range(n_exp):
             for j in range(n_rep[e]):
                 rep_gpu[e, j] = slot_gpu[rep_slot[layer, e, j]]
+                pos[e, rep_gpu[e, j]] = j
         cnt[:] = 0
+        stay[:] = 0
         for i in range(n):
             t = tok[i]
             src = t % num_gpus
             for k in range(top_k):
                 e = ids[i, layer, k]
-                if local_slot[layer, e, src] >= 0:
-                    g = src
+                j = pos[e, src]
+                if j >= 0:
+                    choice[i, k] = src
+                    stay[e, j] += 1
                 else:
-                    g = slot_gpu[rep_slot[layer, e, (t // num_gpus) % n_rep[e]]]
-                choice[i, k] = g
-                for j in range(n_rep[e]):
-                    if rep_gpu[e, j] == g:
-                        cnt[e, j] += 1
-        if policy != P_STATIC:
+                    j = (t // num_gpus) % n_rep[e]
+                    choice[i, k] = rep_gpu[e, j]
+                cnt[e, j] += 1
+        if dynamic:
             split_layer(policy, cnt, n_rep, rep_gpu, load, slots_per_gpu)
-            for i in range(n):  # local first
-                src = tok[i] % num_gpus
-                for k in range(top_k):
-                    e = ids[i, layer, k]
-                    choice[i, k] = -1
-                    if local_slot[layer, e, src] >= 0:
-                        for j in range(n_rep[e]):
-                            if rep_gpu[e, j] == src and cnt[e, j] > 0:
-                                cnt[e, j] -= 1
-                                choice[i, k] = src
-            for i in range(n):  # the rest, first replica with tokens left first
-                for k in range(top_k):
-                    if choice[i, k] < 0:
-                        e = ids[i, layer, k]
-                        j = 0
-                        while cnt[e, j] == 0:
-                            j += 1
-                        cnt[e, j] -= 1
-                        choice[i, k] = rep_gpu[e, j]
+            for e in range(n_exp):
+                nxt[e] = 0
+                for j in range(n_rep[e]):
+                    stay[e, j] = min(stay[e, j], cnt[e, j])
+                    far[e, j] = cnt[e, j] - stay[e, j]
         for i in range(n):
             src = tok[i] % num_gpus
             src_node = src // gpn
@@ -278,8 +276,21 @@ def route_step(policy: int, tok: np.ndarray, ids: np.ndarray, num_gpus: int, slo
             su_pairs = 0
             so_pairs = 0
             for k in range(top_k):
+                e = ids[i, layer, k]
                 g = choice[i, k]
-                acc[layer, local_slot[layer, ids[i, layer, k], g]] += 1
+                if dynamic:
+                    j = pos[e, src]
+                    if j >= 0 and stay[e, j] > 0:
+                        stay[e, j] -= 1
+                        g = src
+                    else:
+                        j = nxt[e]
+                        while far[e, j] == 0:
+                            j += 1
+                        nxt[e] = j
+                        far[e, j] -= 1
+                        g = rep_gpu[e, j]
+                acc[layer, local_slot[layer, e, g]] += 1
                 if g == src:
                     continue
                 node = g // gpn
