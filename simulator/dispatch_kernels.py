@@ -267,6 +267,8 @@ def route_step(policy: int, tok: np.ndarray, ids: np.ndarray, num_gpus: int, slo
                 for j in range(n_rep[e]):
                     stay[e, j] = min(stay[e, j], cnt[e, j])
                     far[e, j] = cnt[e, j] - stay[e, j]
+        # traffic as kernels.replay_chunk counts it (restated: a helper shared with its inner loop, returning
+        # the counts as a tuple, measured twice as slow for static replay)
         for i in range(n):
             src = tok[i] % num_gpus
             src_node = src // gpn
