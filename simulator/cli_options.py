@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from simulator.options import DISPATCH_POLICIES
 from traces.errors import InputError
 
 ProgressFactory = Callable[[str, int], Callable[[int], None] | None]  # (label, total tokens) -> advance(n)
@@ -41,6 +42,14 @@ cluster_option = click.option(
          "scheduler file (.json), joins a running scheduler. Each worker reads the trace itself: keep it on "
          "a filesystem every worker mounts at the same path, or give an fsspec URL (s3://, gs://). Results "
          "are identical to a run without it (docs/scale.md). Needs pip install 'moe-trace[cluster]'.")
+
+
+dispatch_option = click.option(
+    "--dispatch", type=click.Choice(list(DISPATCH_POLICIES)), default="static", show_default=True,
+    help="How a step's tokens of an expert split over its replicas: static (a token's own GPU if it holds "
+         "one, else a fixed rotation by token index), round-robin (equal shares), least-loaded (waterfill "
+         "the replicas so the busiest GPU stays lowest), lp (the split with the lowest busiest GPU, exact). "
+         "docs/simulator.md defines them.")
 
 
 def int_list(text: str, option: str) -> list[int]:

@@ -9,7 +9,14 @@ import sys
 
 import click
 
-from simulator.cli_options import cluster_option, int_list, names, progress_bar, workers_option
+from simulator.cli_options import (
+    cluster_option,
+    dispatch_option,
+    int_list,
+    names,
+    progress_bar,
+    workers_option,
+)
 from simulator.cluster import open_cluster
 from simulator.cost_model import DEFAULT_CONTEXT_TOKENS, DEFAULT_HBM_RESERVE, DEFAULT_TOKENS_PER_GPU
 from simulator.hardware import COST_MODELS, load_hardware, parse_hardware_list
@@ -55,6 +62,7 @@ from traces.reader import open_trace
                    "none).")
 @click.option("--hbm-reserve", type=float, default=DEFAULT_HBM_RESERVE, show_default=True,
               help="Share of HBM kept for KV cache and activations.")
+@dispatch_option
 @click.option("--per-layer", is_flag=True, help="Also print a per-layer breakdown.")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout instead of tables.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -63,8 +71,8 @@ from traces.reader import open_trace
 def replay_cmd(trace: tuple[str, ...], gpus: int, gpus_per_node: int, hardware: str, cost_model: str,
                placements: str,
                redundant_experts: int | None, tokens_per_step: int, phase: str, fit_fraction: float,
-               capacity_factor: float | None, hbm_reserve: float, per_layer: bool, as_json: bool,
-               quiet: bool, cluster: str | None) -> None:
+               capacity_factor: float | None, hbm_reserve: float, dispatch: str, per_layer: bool,
+               as_json: bool, quiet: bool, cluster: str | None) -> None:
     """Replay TRACE (one file, shards or a glob) on --gpus GPUs and compare expert placements.
 
     Placements are fitted on the first --fit-fraction of the trace and scored on the rest, all in one pass.
@@ -74,7 +82,7 @@ def replay_cmd(trace: tuple[str, ...], gpus: int, gpus_per_node: int, hardware: 
         num_gpus=gpus, gpus_per_node=gpus_per_node, hardware=load_hardware(hardware, cost_model),
         placements=tuple(names(placements)), redundant_experts=redundant_experts,
         tokens_per_step=tokens_per_step, phase=phase, fit_fraction=fit_fraction,
-        capacity_factor=capacity_factor, hbm_reserve=hbm_reserve,
+        capacity_factor=capacity_factor, hbm_reserve=hbm_reserve, dispatch=dispatch,
     )
     with open_trace(list(trace)) as tr, open_cluster(cluster) as on, \
             progress_bar(tr.num_tokens, "replay", quiet or as_json) as progress:
@@ -132,6 +140,7 @@ replay = replay_cmd  # (cli.py looks the command up as simulator.commands:replay
               help="Share of HBM kept for KV cache and activations.")
 @click.option("--context-tokens", type=int, default=DEFAULT_CONTEXT_TOKENS, show_default=True,
               help="Attention context assumed when estimating non-expert FLOPs.")
+@dispatch_option
 @click.option("--gpu-hour-cost", default=None, metavar="GPU=PRICE[,...]",
               help="Price per GPU-hour, e.g. h100=2.5,b200=6 (your prices; none are built in; also "
                    "price_per_gpu_hour in a hardware file). With a price for every GPU type, layouts are "
@@ -145,8 +154,9 @@ def plan_cmd(trace: tuple[str, ...], target_tokens_per_s: float, hardware: str, 
              gpus_per_node: int,
              placements: str, redundant_experts: str, tokens_per_gpu: str | None, tokens_per_step: str | None,
              max_step_ms: float | None, phase: str, fit_fraction: float, capacity_factor: float | None,
-             hbm_reserve: float, context_tokens: int, gpu_hour_cost: str | None, show_all: bool,
-             as_json: bool, quiet: bool, cluster: str | None = None, load_file: str | None = None,
+             hbm_reserve: float, context_tokens: int, dispatch: str, gpu_hour_cost: str | None,
+             show_all: bool, as_json: bool, quiet: bool, cluster: str | None = None,
+             load_file: str | None = None,
              load_model: str | None = None, load_tokens: int = DEFAULT_LOAD_TOKENS) -> None:
     """Sweep hardware x GPUs x placement x redundancy x batch over TRACE in one pass and recommend a layout.
 
@@ -166,7 +176,7 @@ def plan_cmd(trace: tuple[str, ...], target_tokens_per_s: float, hardware: str, 
         tokens_per_gpu=None if tokens_per_gpu is None else int_list(tokens_per_gpu, "--tokens-per-gpu"),
         max_step_ms=max_step_ms, phase=phase,
         fit_fraction=fit_fraction, capacity_factor=capacity_factor, hbm_reserve=hbm_reserve,
-        context_tokens=context_tokens,
+        context_tokens=context_tokens, dispatch=dispatch,
     )
     with trace_or_load_file(trace, load_file, model=load_model, tokens=load_tokens) as (paths, load_note), \
             open_trace(paths) as tr, open_cluster(cluster) as on, \

@@ -97,6 +97,20 @@ def step_key(phase: int, sel_in_phase: int, recorded_step: int, tokens_per_step:
 
 
 @njit(cache=True, inline="always")
+def scored_step_key(ph: int, t: int, step: int, sel_count: np.ndarray, phase_filter: int, score_start: int,
+                    variant_phase: int, tokens_per_step: int) -> tuple[bool, int]:
+    """Whether token t (phase ph, recorded step) is scored for a variant, and its step's key. Counts it into
+    sel_count [2] when the pass scores it, also for a variant that scores only the other phase."""
+    if (phase_filter >= 0 and ph != phase_filter) or t < score_start:
+        return False, 0
+    sel = sel_count[ph]
+    sel_count[ph] += 1
+    if variant_phase >= 0 and ph != variant_phase:
+        return False, 0
+    return True, step_key(ph, sel, step, tokens_per_step)
+
+
+@njit(cache=True, inline="always")
 def profiled_expert_seconds(row: np.ndarray, experts: int, rows: float, assignments: float) -> float:
     """One GPU's expert time in one layer from a profile row (expert_time.expert_seconds is the NumPy twin):
     fixed + per-assignment x a + R(a) + G(x, W), G bilinear on log2 seconds in (log2 x, log2 W), proportional
@@ -302,15 +316,11 @@ def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int
         m = g_count * var_slots[v]
         n_nodes = max(1, g_count // gpn)
         for i in range(n_tok):
-            ph = phases[i]
             t = t0 + i
-            if (phase_filter >= 0 and ph != phase_filter) or t < score_start:
+            scored, key = scored_step_key(phases[i], t, steps[i], sel_count, phase_filter, score_start,
+                                          var_phase[v], var_tps[v])
+            if not scored:
                 continue
-            sel = sel_count[ph]
-            sel_count[ph] += 1
-            if var_phase[v] >= 0 and ph != var_phase[v]:
-                continue
-            key = step_key(ph, sel, steps[i], var_tps[v])
             if key != cur_key[v]:
                 if cur_ntok[v] > 0:
                     if fresh[v]:

@@ -16,6 +16,9 @@ from traces.schema import PHASE_DECODE, PHASE_PREFILL
 
 # --phase name -> phase code (-1: both)
 PHASES = {"all": -1, "prefill": PHASE_PREFILL, "decode": PHASE_DECODE}
+# --dispatch: how a step's tokens of an expert split over its replicas (docs/simulator.md; codes are the
+# positions, dispatch_kernels.P_*)
+DISPATCH_POLICIES = ("static", "round-robin", "least-loaded", "lp")
 # Fit on the first quarter of the (phase-selected) tokens, score on the other three quarters: placements are
 # never scored on the tokens they were fitted to, and the scored part stays the larger one.
 DEFAULT_FIT_FRACTION = 0.25
@@ -32,10 +35,14 @@ class ScoringOptions:
     capacity_factor: float | None = None  # None: no tokens dropped
     hbm_reserve: float = DEFAULT_HBM_RESERVE  # HBM share kept for KV cache and activations
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    dispatch: str = "static"  # how a step's tokens split over an expert's replicas (DISPATCH_POLICIES)
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
             raise InputError(f"--phase must be one of {', '.join(PHASES)}, not {self.phase!r}")
+        if self.dispatch not in DISPATCH_POLICIES:
+            raise InputError(f"--dispatch must be one of {', '.join(DISPATCH_POLICIES)}, "
+                             f"not {self.dispatch!r}")
         if not 0.0 <= self.fit_fraction < 1.0:
             raise InputError(f"--fit-fraction must be in [0, 1), got {self.fit_fraction}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:

@@ -1,6 +1,8 @@
 """Plain NumPy reference of the replay kernels, written independently of them: whole arrays, no carried state.
 
 Used by the tests (identical integer metrics on random traces) and by bench/bench_replay.py (speed ratio).
+The per-step dispatch policies (dispatch_kernels) have their twins here too: one token at a time for
+least-loaded, a linear program (scipy's HiGHS) for lp.
 Shape legend: T tokens, L layers, K top-k, E experts, G GPUs, S slots per GPU, M = G*S, N nodes, P steps.
 """
 
@@ -36,9 +38,121 @@ def _step_ids(keys: np.ndarray) -> np.ndarray:
     return np.cumsum(change)
 
 
+def reference_split(policy: str, static: list[np.ndarray], gpus: list[np.ndarray],
+                    num_gpus: int) -> list[np.ndarray]:
+    """One layer of one step: static[e] [r_e] the static rule's tokens on each of expert e's replicas (on GPUs
+    gpus[e], ascending); returns the policy's tokens per replica."""
+    demand = [int(c.sum()) for c in static]
+    if policy == "static":
+        return [c.copy() for c in static]
+    if policy == "round-robin":  # the step's tokens handed to the replicas in turn
+        return [np.bincount(np.arange(d) % g.size, minlength=g.size)
+                for d, g in zip(demand, gpus, strict=True)]
+    if policy == "lp":
+        return lp_split(static, gpus, num_gpus)
+    load = np.zeros(num_gpus, dtype=np.int64)
+    for c, g in zip(static, gpus, strict=True):
+        np.add.at(load, g, c)
+    split = [c.copy() for c in static]
+    for e in sorted((e for e in range(len(gpus)) if gpus[e].size > 1), key=lambda e: (-demand[e], e)):
+        load[gpus[e]] -= split[e]
+        split[e] = np.zeros(gpus[e].size, dtype=np.int64)
+        for _ in range(demand[e]):  # each token to the replica whose GPU is least loaded now
+            j = int(np.argmin(load[gpus[e]]))
+            split[e][j] += 1
+            load[gpus[e][j]] += 1
+    return split
+
+
+def _split_lp(static: list[np.ndarray], gpus: list[np.ndarray], num_gpus: int) -> dict:
+    """The split as linear constraints: one column per replica of an expert with several (x >= 0), rows
+    A_ub [G, n] summing each GPU's columns, A_eq [experts, n] each expert's; its fixed load per GPU, the
+    demands b_eq."""
+    fixed = np.zeros(num_gpus)
+    multi = [e for e in range(len(gpus)) if gpus[e].size > 1]
+    for c, g in zip(static, gpus, strict=True):
+        if g.size == 1:
+            fixed[g[0]] += c.sum()
+    cols = [(row, int(gpu)) for row, e in enumerate(multi) for gpu in gpus[e]]
+    a_ub, a_eq = np.zeros((num_gpus, len(cols))), np.zeros((len(multi), len(cols)))
+    for i, (row, gpu) in enumerate(cols):
+        a_ub[gpu, i] = a_eq[row, i] = 1.0
+    return {"fixed": fixed, "multi": multi, "a_ub": a_ub, "a_eq": a_eq,
+            "b_eq": np.array([static[e].sum() for e in multi], dtype=np.float64)}
+
+
+def lp_optimum(static: list[np.ndarray], gpus: list[np.ndarray], num_gpus: int) -> float:
+    """The lowest busiest-GPU load of any fractional split (linprog, HiGHS): minimise z with every GPU's
+    fixed load plus its columns at most z."""
+    from scipy.optimize import linprog
+
+    lp = _split_lp(static, gpus, num_gpus)
+    n = lp["a_ub"].shape[1]
+    if n == 0:
+        return float(lp["fixed"].max())
+    a_ub = np.hstack([lp["a_ub"], -np.ones((num_gpus, 1))])
+    a_eq = np.hstack([lp["a_eq"], np.zeros((len(lp["multi"]), 1))])
+    res = linprog(np.r_[np.zeros(n), 1.0], A_ub=a_ub, b_ub=-lp["fixed"], A_eq=a_eq, b_eq=lp["b_eq"],
+                  bounds=[(0, None)] * (n + 1), method="highs")
+    assert res.status == 0, res.message
+    return float(res.fun)
+
+
+def lp_split(static: list[np.ndarray], gpus: list[np.ndarray], num_gpus: int) -> list[np.ndarray]:
+    """The LP's split in whole tokens: its optimum z* rounded up, then a vertex of {splits with every GPU at
+    most that} (integral: the constraints are a bipartite graph's incidence matrix)."""
+    from scipy.optimize import linprog
+
+    lp = _split_lp(static, gpus, num_gpus)
+    split = [c.copy() for c in static]
+    if not lp["multi"]:
+        return split
+    cap = np.ceil(lp_optimum(static, gpus, num_gpus) - 1e-7) - lp["fixed"]
+    res = linprog(np.zeros(lp["a_ub"].shape[1]), A_ub=lp["a_ub"], b_ub=cap, A_eq=lp["a_eq"], b_eq=lp["b_eq"],
+                  bounds=[(0, None)] * lp["a_ub"].shape[1], method="highs-ds")
+    assert res.status == 0, res.message
+    x = np.rint(res.x).astype(np.int64)
+    assert np.allclose(res.x, x, atol=1e-6)
+    i = 0
+    for e in lp["multi"]:
+        split[e] = x[i: i + gpus[e].size]
+        i += gpus[e].size
+    return split
+
+
+def _dispatched_slots(policy: str, slot: np.ndarray, e_l: np.ndarray, src: np.ndarray, sid: np.ndarray,
+                      flat: np.ndarray, s: int, num_gpus: int) -> np.ndarray:
+    """One layer's slots [T', K] under a dispatch policy, from the static rule's: per step, the policy's
+    split handed out local-first (a token whose GPU holds a replica with tokens left stays there; the others
+    fill the replicas with tokens left, first replica first, in token order)."""
+    out = slot.copy()
+    replicas = [np.flatnonzero(flat == e) for e in range(int(flat.max()) + 1)]
+    gpus = [r // s for r in replicas]
+    for step in np.unique(sid):
+        rows = np.flatnonzero(sid == step)
+        e_s, gpu_s = e_l[rows], slot[rows] // s
+        static = [np.array([int(((e_s == e) & (gpu_s == g)).sum()) for g in gpus[e]])
+                  for e in range(len(gpus))]
+        left = reference_split(policy, static, gpus, num_gpus)
+        chosen = -np.ones(e_s.shape, dtype=np.int64)
+        for i, row in enumerate(rows):
+            for k, e in enumerate(e_s[i]):
+                hit = np.flatnonzero(gpus[e] == src[row])
+                if hit.size and left[e][hit[0]] > 0:
+                    left[e][hit[0]] -= 1
+                    chosen[i, k] = replicas[e][hit[0]]
+        for i, k in zip(*np.nonzero(chosen < 0), strict=True):
+            e = e_s[i, k]
+            j = int(np.flatnonzero(left[e] > 0)[0])
+            left[e][j] -= 1
+            chosen[i, k] = replicas[e][j]
+        out[rows] = chosen
+    return out
+
+
 def reference_replay(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, placement: Placement, *,
                      model: np.ndarray, cost_row: np.ndarray, phase_filter: int = -1, score_start: int = 0,
-                     tokens_per_step: int = 0) -> ReferenceResult:
+                     tokens_per_step: int = 0, dispatch: str = "static") -> ReferenceResult:
     """Replay whole arrays ids [T, L, K], steps [T], phases [T] on one placement with the documented rules."""
     from simulator import kernels as K
 
@@ -89,6 +203,8 @@ def reference_replay(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, pla
         loc = local[e_l, src[:, None]]
         fallback = rep[e_l, rr[:, None] % n_rep[e_l]]
         slot = np.where(loc >= 0, loc, fallback)  # [T', K]
+        if dispatch != "static":
+            slot = _dispatched_slots(dispatch, slot, e_l, src, sid, flat, s, g)
         gpu = slot // s
         node = gpu // gpn
         tot_gpu[layer] = np.bincount(gpu.ravel(), minlength=g)

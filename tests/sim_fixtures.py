@@ -54,3 +54,16 @@ def random_trace(path: Path, *, tokens: int = 3000, layers: int = 3, experts: in
     steps = np.cumsum(rng.random(tokens) < 1.0 / step_len)  # ragged recorded steps
     phases = (rng.random(tokens) < 0.4).astype(np.uint8)
     return write_ids(path, meta, ids, steps, phases, append_rows)
+
+
+
+def fitted_variants(meta: TraceMetadata, layouts: tuple[tuple[str, int, int, int], ...], tps: int) -> list:
+    """One replay Variant per (policy, GPUs, GPUs per node, redundant slots) in layouts, fitted on a load
+    where experts 0-2 are five times as hot as the others; labelled by policy."""
+    from simulator.placement import fit_placement
+    from simulator.replay import Variant
+
+    load = np.ones((meta.num_moe_layers, meta.num_experts))
+    load[:, :3] = 5.0
+    return [Variant(policy, fit_placement(policy, load, num_gpus=g, gpus_per_node=gpn, redundant_experts=r),
+                    tps, r) for policy, g, gpn, r in layouts]

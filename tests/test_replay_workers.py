@@ -21,13 +21,14 @@ def _exact(result) -> str:
 
 
 @pytest.mark.skipif(K.available_cores() < 2, reason="needs 2 cores")
-def test_two_workers_match_one_bit_for_bit(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dispatch", ["static", "lp"])
+def test_two_workers_match_one_bit_for_bit(tmp_path, monkeypatch, dispatch):
     monkeypatch.setattr(segment, "SHARD_TOKENS", 300)  # many shards, and steps that cross their edges
     path = random_trace(tmp_path / "t.h5", tokens=4000, layers=3, experts=16, top_k=4)
     config = ReplayConfig(num_gpus=4, gpus_per_node=2, hardware=GpuSpec.from_name("h200"),
                           redundant_experts=4,
                           placements=("contiguous", "round-robin", "balanced", "replicated", "coactivation"),
-                          tokens_per_step=64, fit_fraction=0.25, chunk_tokens=100)
+                          tokens_per_step=64, fit_fraction=0.25, chunk_tokens=100, dispatch=dispatch)
     out = []
     try:
         for workers in (1, 2):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sim_fixtures import random_trace, tiny_meta, write_ids
+from sim_fixtures import fitted_variants, random_trace, tiny_meta, write_ids
 
 from simulator import kernels as K
 from simulator.cost_model import (
@@ -16,7 +16,7 @@ from simulator.cost_model import (
     model_vector,
 )
 from simulator.hardware import GpuSpec
-from simulator.placement import Placement, fit_placement
+from simulator.placement import Placement
 from simulator.replay import PHASES, ReplayConfig, Segment, Variant, VariantArrays, replay, run_variants
 from simulator.replay_reference import reference_replay
 from traces import open_trace
@@ -147,15 +147,8 @@ def test_hand_worked_replica_rule(tmp_path):
 
 def _variants(path, tps):
     with open_trace(path) as tr:
-        meta = tr.metadata
-        load = np.ones((meta.num_moe_layers, meta.num_experts))
-        load[:, :3] = 5.0
-        out = []
-        for policy, g, gpn, r in (("contiguous", 4, 4, 0), ("replicated", 4, 2, 4), ("balanced", 8, 2, 0),
-                                  ("round-robin", 2, 1, 0)):
-            p = fit_placement(policy, load, num_gpus=g, gpus_per_node=gpn, redundant_experts=r)
-            out.append(Variant(policy, p, tps, r))
-    return out
+        return fitted_variants(tr.metadata, (("contiguous", 4, 4, 0), ("replicated", 4, 2, 4),
+                                             ("balanced", 8, 2, 0), ("round-robin", 2, 1, 0)), tps)
 
 
 @pytest.mark.parametrize("tps,phase,score_start,cf", [(0, "all", 0, None), (64, "all", 700, 1.25),

@@ -109,7 +109,7 @@ def plan(trace: Trace, config: PlanConfig, progress: Progress | None = None,
     points, variants, skipped = grid_points(trace, config, stats, scored)
     seg = run_variants(trace, variants, config.hardware, phase=config.phase, score_start=stats.score_start,
                        capacity_factor=config.capacity_factor, chunk_tokens=config.chunk_tokens,
-                       progress=progress, cluster=cluster)
+                       progress=progress, cluster=cluster, dispatch=config.dispatch)
     prefill = [step_prefill_flags(seg, variants, p.members, config.phase) for p in points]
     merged = merge_groups(seg, [p.members for p in points])  # prefill and decode variants of each point
     summaries = summarise(merged, [p.variant for p in points], config.hardware, meta,

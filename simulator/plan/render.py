@@ -23,6 +23,8 @@ def render_plan(result: PlanResult, *, show_all: bool = False, width: int | None
         shown = "; ".join(points[:6]) + (f"; and {len(points) - 6} more" if len(points) > 6 else "")
         items.append(f"[dim]skipped {len(points)} grid point(s) that cannot be built or planned: {shown} "
                      f"(first reason: {first}; --json lists every reason)[/dim]")
+    items.append(f"[dim]replicas: each step's tokens of an expert split by --dispatch "
+                 f"{result.config.get('dispatch', 'static')}[/dim]")
     for name, priced in result.pricing.items():
         items.append(f"[dim]{name}: expert time {priced['expert_time']}; non-expert "
                      f"{priced['non_expert_time']}; all-to-all {priced['all_to_all']}[/dim]")

@@ -68,7 +68,7 @@ def replay(trace: Trace, config: ReplayConfig, progress: Progress | None = None,
     members, groups = split_phases(variants, config.tokens_per_step > 0 and config.phase == "all")
     seg = run_variants(trace, members, [config.hardware], phase=config.phase, score_start=stats.score_start,
                        capacity_factor=config.capacity_factor, chunk_tokens=config.chunk_tokens,
-                       progress=progress, cluster=cluster)
+                       progress=progress, cluster=cluster, dispatch=config.dispatch)
     seg = merge_groups(seg, groups)
     summaries = summarise(seg, variants, [config.hardware], meta, hbm_reserve=config.hbm_reserve)
     if summaries and summaries[0].tokens == 0:

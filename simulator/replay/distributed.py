@@ -12,7 +12,14 @@ from simulator import kernels as K
 from simulator.cluster import Cluster
 from simulator.replay.config import Progress
 from simulator.replay.fitting import zero_counts
-from simulator.replay.segment import FIELDS, Segment, VariantArrays, scored_phases, shard_ranges
+from simulator.replay.segment import (
+    FIELDS,
+    Segment,
+    VariantArrays,
+    new_segment,
+    scored_phases,
+    shard_ranges,
+)
 from traces.chunk import numbered
 from traces.reader import Trace
 
@@ -41,10 +48,10 @@ def count_on_cluster(cluster: Cluster, trace: Trace, stop: int, phase_filter: in
 
 def replay_range(trace: Trace, shared: tuple[VariantArrays, np.ndarray, np.ndarray], start: int, stop: int,
                  sel_offset: tuple[int, int], phase_filter: int, score_start: int,
-                 chunk_tokens: int) -> dict[str, Any]:
+                 chunk_tokens: int, dispatch: str = "static") -> dict[str, Any]:
     """A cluster task: the shard [start, stop) replayed into a fresh segment; returns its state()."""
     arrays, model, cost = shared
-    seg = Segment.empty(arrays, model, cost, trace.metadata.num_moe_layers, sel_offset)
+    seg = new_segment(arrays, model, cost, trace.metadata.num_moe_layers, sel_offset, dispatch)
     seg.feed_chunks(numbered(trace.iter_chunks(FIELDS, chunk_tokens, start, stop), start), phase_filter,
                     score_start)
     return seg.state()
@@ -52,10 +59,10 @@ def replay_range(trace: Trace, shared: tuple[VariantArrays, np.ndarray, np.ndarr
 
 def run_on_cluster(cluster: Cluster, trace: Trace, arrays: VariantArrays, model: np.ndarray, cost: np.ndarray,
                    ranges: list[tuple[int, int]], phase_filter: int, score_start: int, chunk_tokens: int,
-                   progress: Progress | None) -> Segment:
+                   progress: Progress | None, dispatch: str = "static") -> Segment:
     """segment.run_variants' shards replayed on the workers and absorbed here in trace order. Each shard's
     offset (scored tokens per phase before it) comes from one pass over the phase column here."""
-    merged = Segment.empty(arrays, model, cost, trace.metadata.num_moe_layers)
+    merged = new_segment(arrays, model, cost, trace.metadata.num_moe_layers, dispatch=dispatch)
     if progress is not None:
         progress(ranges[0][0] if ranges else trace.num_tokens)
     if not ranges:
@@ -67,11 +74,11 @@ def run_on_cluster(cluster: Cluster, trace: Trace, arrays: VariantArrays, model:
             offsets.append((int(scored[0]), int(scored[1])))
         assert chunk.phase is not None
         scored += scored_phases(chunk.phase, t0, score_start, phase_filter)
-    items = [(a, b, off, phase_filter, score_start, chunk_tokens)
+    items = [(a, b, off, phase_filter, score_start, chunk_tokens, dispatch)
              for (a, b), off in zip(ranges, offsets, strict=True)]
     shared = cluster.share((arrays, model, cost))
     for (a, b), state in zip(ranges, cluster.map(replay_range, trace, items, shared), strict=True):
-        seg = Segment.from_state(arrays, model, cost, state)
+        seg = type(merged).from_state(arrays, model, cost, state)
         if a == ranges[0][0]:
             merged = seg
         else:

@@ -58,9 +58,11 @@ def replay_table(result: ReplayResult) -> Table:
     cfg = result.config
     hw = cfg["hardware"]["name"]
     title = (f"{cfg['num_gpus']} x {hw} ({cfg['gpus_per_node']} per node), phase {cfg['phase']}, "
-             f"fitted on {result.fit_tokens:,} tokens, scored on {result.placements[0].tokens:,}")
+             f"dispatch {cfg['dispatch']}, fitted on {result.fit_tokens:,} tokens, scored on "
+             f"{result.placements[0].tokens:,}")
     priced = result.placements[0].timings[0].priced_by
-    caption = (f"{metrics.STEP_IMBALANCE}; {metrics.STEP_PERCENTILE}; leave: share of assignments sent off "
+    caption = (f"{metrics.STEP_IMBALANCE}; {metrics.STEP_PERCENTILE}; dispatch: how each step's tokens of an "
+               "expert split over its replicas (--dispatch); leave: share of assignments sent off "
                "the token's GPU / node; MoE time: mean predicted time per step of the MoE layers; memory: "
                "expert weights per GPU (share of HBM), 'over' past HBM x (1 - reserve)\n"
                f"expert time priced by: {priced.get('expert_time', '-')}; all-to-all: "

@@ -12,14 +12,14 @@ from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
 from simulator import kernels as K
 from simulator.cost_model import cost_matrix, model_vector
 from simulator.hardware import GpuSpec
-from simulator.options import PHASES
+from simulator.options import DISPATCH_POLICIES, PHASES
 from simulator.replay.config import Progress, Variant
 from traces.chunk import TraceChunk, numbered
 from traces.reader import DEFAULT_CHUNK_TOKENS, Trace
@@ -117,7 +117,7 @@ class Segment:
 
     @classmethod
     def empty(cls, arrays: VariantArrays, model: np.ndarray, cost: np.ndarray, layers: int,
-              sel_offset: tuple[int, int] = (0, 0)) -> Segment:
+              sel_offset: tuple[int, int] = (0, 0)) -> Self:
         v, w, h = arrays.gpus.size, arrays.width, cost.shape[0]
         return cls(
             arrays=arrays, model=model, cost=cost, layers=layers,
@@ -154,28 +154,48 @@ class Segment:
              score_start: int) -> None:
         """Route one chunk (global index of its first token t0) through the kernels."""
         a = self.arrays
-        v, h, cap = a.gpus.size, self.cost.shape[0], ids.shape[0] + 1
-        out_imb = np.empty((v, cap))
-        out_time = np.empty((v, h, cap))
-        out_ntok = np.empty((v, cap), dtype=np.int64)
-        out_n = np.zeros(v, dtype=np.int64)
+        outputs = self._step_outputs(ids.shape[0] + 1)
         K.replay_chunk(ids, steps.astype(np.int64, copy=False), phases, t0, phase_filter, score_start,
                        a.gpus, a.slots, a.gpn, a.tokens_per_step, a.used, a.phase, a.rep_count, a.rep_slot,
                        a.local_slot, a.slot_gpu, self.model, self.cost,
                        self.sel_count, self.cur_key, self.cur_ntok, self.acc, self.fresh, self.head_key,
-                       self.head_ntok, self.head_acc, self.tot_gpu, self.tot_int, self.comp,
-                       out_imb, out_time, out_ntok, out_n)
-        for i in range(v):
+                       self.head_ntok, self.head_acc, self.tot_gpu, self.tot_int, self.comp, *outputs)
+        self._keep_steps(*outputs)
+
+    def _step_outputs(self, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The kernels' per-step outputs for up to `cap` closed steps per variant: imbalance [V, cap], seconds
+        [V, H, cap], tokens [V, cap], and how many closed [V]."""
+        v, h = self.arrays.gpus.size, self.cost.shape[0]
+        return (np.empty((v, cap)), np.empty((v, h, cap)), np.empty((v, cap), dtype=np.int64),
+                np.zeros(v, dtype=np.int64))
+
+    def _keep_steps(self, out_imb: np.ndarray, out_time: np.ndarray, out_ntok: np.ndarray,
+                    out_n: np.ndarray) -> None:
+        for i in range(self.arrays.gpus.size):
             n = int(out_n[i])
             if n:
                 self.step_imb[i].append(out_imb[i, :n].copy())
                 self.step_time[i].append(out_time[i, :, :n].copy())
                 self.step_ntok[i].append(out_ntok[i, :n].copy())
 
-    def _price(self, i: int, acc: np.ndarray, ntok: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # The open (tail) and head steps' contents: the counts kernels.replay_chunk accumulates ([L, W] views).
+    # A subclass that buffers tokens instead (dispatch.DispatchSegment) overrides these five.
+    def _content(self, i: int, head: bool) -> Any:
+        return (self.head_acc if head else self.acc)[i]
+
+    def _join(self, first: Any, second: Any) -> Any:
+        return first + second
+
+    def _store(self, i: int, head: bool, content: Any) -> None:
+        (self.head_acc if head else self.acc)[i] = content
+
+    def _clear_tail(self, i: int) -> None:
+        self.acc[i] = 0
+
+    def _price(self, i: int, content: Any, ntok: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a = self.arrays
         t = np.zeros(self.cost.shape[0])
-        imb = K.price_step(acc, ntok, int(a.gpus[i]), int(a.slots[i]), int(a.gpn[i]), int(a.used[i]),
+        imb = K.price_step(content, ntok, int(a.gpus[i]), int(a.slots[i]), int(a.gpn[i]), int(a.used[i]),
                            self.model, self.cost, self.comp[i], self.tot_int[i], self.tot_gpu[i], t)
         return np.array([imb]), t[:, None], np.array([ntok], dtype=np.int64)
 
@@ -200,48 +220,47 @@ class Segment:
             # the step `later` opened with: its head if it closed one, else its open tail
             first_key = later.head_key[i] if later_has_head else later.cur_key[i]
             first_ntok = later.head_ntok[i] if later_has_head else later.cur_ntok[i]
-            first_acc = later.head_acc[i] if later_has_head else later.acc[i]
             if first_ntok == 0:
                 continue  # nothing scored in `later` for this variant
+            first = later._content(i, later_has_head)
             if out.cur_ntok[i] > 0 and out.cur_key[i] == first_key:
-                joined_acc = out.acc[i] + first_acc
+                joined = out._join(out._content(i, False), first)
                 joined_ntok = out.cur_ntok[i] + first_ntok
             else:
                 if out.cur_ntok[i] > 0:
                     self._close(out, i)
-                joined_acc, joined_ntok = first_acc.copy(), first_ntok
+                joined, joined_ntok = first, first_ntok
+            out.cur_key[i], out.cur_ntok[i] = first_key, joined_ntok
+            out._store(i, False, joined)
             if later_has_head:
-                out.cur_key[i], out.cur_ntok[i], out.acc[i] = first_key, joined_ntok, joined_acc
                 self._close(out, i)
                 for lst, extra in ((out.step_imb, later.step_imb), (out.step_time, later.step_time),
                                    (out.step_ntok, later.step_ntok)):
                     lst[i].extend(extra[i])
                 out.cur_key[i], out.cur_ntok[i] = later.cur_key[i], later.cur_ntok[i]
-                out.acc[i] = later.acc[i]
-            else:
-                out.cur_key[i], out.cur_ntok[i], out.acc[i] = first_key, joined_ntok, joined_acc
+                out._store(i, False, later._content(i, False))
 
     def _close(self, seg: Segment, i: int) -> None:
         """Close seg's open step of variant i: it becomes the head if seg has none yet, else it is priced."""
         if seg.fresh[i]:
             seg.head_key[i], seg.head_ntok[i] = seg.cur_key[i], seg.cur_ntok[i]
-            seg.head_acc[i] = seg.acc[i]
+            seg._store(i, True, seg._content(i, False))
             seg.fresh[i] = 0
         else:
-            seg._append(i, seg._price(i, seg.acc[i], int(seg.cur_ntok[i])))
+            seg._append(i, seg._price(i, seg._content(i, False), int(seg.cur_ntok[i])))
         seg.cur_ntok[i] = 0
-        seg.acc[i] = 0
+        seg._clear_tail(i)
 
     def finish(self) -> None:
         """No segment follows: price the head (in front) and the open tail."""
         for i in range(self.arrays.gpus.size):
             if not self.fresh[i] and self.head_ntok[i] > 0:
-                self._append(i, self._price(i, self.head_acc[i], int(self.head_ntok[i])), front=True)
+                self._append(i, self._price(i, self._content(i, True), int(self.head_ntok[i])), front=True)
                 self.head_ntok[i] = 0
             if self.cur_ntok[i] > 0:
-                self._append(i, self._price(i, self.acc[i], int(self.cur_ntok[i])))
+                self._append(i, self._price(i, self._content(i, False), int(self.cur_ntok[i])))
                 self.cur_ntok[i] = 0
-                self.acc[i] = 0
+                self._clear_tail(i)
 
     def series(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-step imbalance [n], step time [H, n], tokens [n] of variant i, in step order."""
@@ -253,6 +272,19 @@ class Segment:
 
 
 _SHARED = ("arrays", "model", "cost")
+
+
+def new_segment(arrays: VariantArrays, model: np.ndarray, cost: np.ndarray, layers: int,
+                sel_offset: tuple[int, int] = (0, 0), dispatch: str = "static") -> Segment:
+    """An empty segment for the dispatch policy: Segment for static, else a DispatchSegment."""
+    if dispatch == "static":
+        return Segment.empty(arrays, model, cost, layers, sel_offset)
+    from simulator.replay.dispatch import DispatchSegment
+
+    return DispatchSegment.empty(arrays, model, cost, layers, sel_offset).start(
+        DISPATCH_POLICIES.index(dispatch))
+
+
 SHARD_TOKENS = 1 << 18  # tokens per independently replayed shard; fixed, so results never depend on --workers
 
 
@@ -275,7 +307,8 @@ def scored_phases(phase: np.ndarray, t0: int, score_start: int, phase_filter: in
 
 def run_variants(trace: Trace, variants: list[Variant], gpus: list[GpuSpec], *, phase: str, score_start: int,
                  capacity_factor: float | None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                 progress: Progress | None = None, cluster: Cluster | None = None) -> Segment:
+                 progress: Progress | None = None, cluster: Cluster | None = None,
+                 dispatch: str = "static") -> Segment:
     """One pass over the scored tokens for every variant; returns the finished segment.
 
     The scored part is cut into shards (shard_ranges). Here, the trace is read once, in order, and each
@@ -283,7 +316,9 @@ def run_variants(trace: Trace, variants: list[Variant], gpus: list[GpuSpec], *, 
     GIL); with a cluster, each worker reads and replays its shards itself (replay_range). Either way the
     segments are absorbed in trace order, exactly, with at most two shards per thread in flight, so memory
     stays bounded whatever the trace's length. The cut points depend only on the trace, so any worker count,
-    and a cluster, give bit-identical results.
+    and a cluster, give bit-identical results. `dispatch` names the replica dispatch policy
+    (options.DISPATCH_POLICIES); static keeps the token-by-token kernel, the others route each step when it
+    closes (replay.dispatch).
     """
     meta = trace.metadata
     arrays = VariantArrays.build(variants, meta.num_experts)
@@ -294,12 +329,12 @@ def run_variants(trace: Trace, variants: list[Variant], gpus: list[GpuSpec], *, 
         from simulator.replay.distributed import run_on_cluster
 
         joined = run_on_cluster(cluster, trace, arrays, model, cost, ranges, phase_filter, score_start,
-                                chunk_tokens, progress)
+                                chunk_tokens, progress, dispatch)
         joined.finish()
         return joined
 
     def replay_shard(chunks: list[tuple[int, TraceChunk]], sel_offset: tuple[int, int]) -> Segment:
-        seg = Segment.empty(arrays, model, cost, meta.num_moe_layers, sel_offset)
+        seg = new_segment(arrays, model, cost, meta.num_moe_layers, sel_offset, dispatch)
         seg.feed_chunks(chunks, phase_filter, score_start)
         return seg
 

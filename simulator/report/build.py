@@ -181,6 +181,8 @@ def _layouts_section(inputs: ReportInputs) -> Section:
         f"{inputs.steps().sentence()} Per-step imbalance, traffic and time are for steps of "
         f"{fmt_int(_mean_step_tokens(replay))} tokens on average ({fmt_int(_scored_steps(replay))} scored "
         "steps).",
+        "Within each step, an expert's tokens split over its replicas by the "
+        f"{cfg.get('dispatch', 'static')} dispatch policy (--dispatch).",
     ]
     if inputs.steps().tokens_per_step and cfg.get("phase", "all") == "all":
         paragraphs.append("With steps regrouped by phase, the per-step imbalance plot shows the prefill "

@@ -138,6 +138,7 @@ def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFacto
             max_step_ms=options.max_step_ms, phase=options.phase, fit_fraction=options.fit_fraction,
             capacity_factor=options.capacity_factor, hbm_reserve=options.hbm_reserve,
             context_tokens=options.context_tokens, chunk_tokens=options.chunk_tokens,
+            dispatch=options.dispatch,
         )
         plan_result = plan(trace, plan_config, progress=bar("plan"))
 
@@ -163,7 +164,7 @@ def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFacto
         num_gpus=num_gpus, gpus_per_node=options.gpus_per_node, hardware=gpu, placements=placements,
         redundant_experts=redundant, tokens_per_step=tokens_per_step, phase=options.phase,
         fit_fraction=options.fit_fraction, capacity_factor=options.capacity_factor,
-        hbm_reserve=options.hbm_reserve, chunk_tokens=options.chunk_tokens,
+        hbm_reserve=options.hbm_reserve, chunk_tokens=options.chunk_tokens, dispatch=options.dispatch,
     )
     replay_result = replay(trace, replay_config, progress=bar("replay"))
 

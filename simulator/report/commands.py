@@ -38,7 +38,7 @@ def _options_from(source: click.Command, *option_names: str) -> Callable[[click.
 
 @_options_from(plan_cmd, "redundant_experts", "max_step_ms", "fit_fraction", "capacity_factor", "hbm_reserve",
                "context_tokens", "tokens_per_gpu", "gpu_hour_cost", "cost_model", "load_file", "load_model",
-               "load_tokens")
+               "load_tokens", "dispatch")
 @click.command("report")
 @click.argument("trace", nargs=-1, required=False)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
@@ -67,7 +67,7 @@ def _options_from(source: click.Command, *option_names: str) -> Callable[[click.
 def report(trace: tuple[str, ...], output: str, force: bool, target_tokens_per_s: float | None, hardware: str,
            gpus: str, placements: str, plan_placements: str, redundant_experts: str,
            max_step_ms: float | None, fit_fraction: float, capacity_factor: float | None, hbm_reserve: float,
-           context_tokens: int,
+           context_tokens: int, dispatch: str,
            tokens_per_gpu: str | None, gpu_hour_cost: str | None, cost_model: str,
            rebalance_placement: str | None, segments: int, rebalance_every: str | None, window: int | None,
            tokens_per_step: int, phase: str,
@@ -102,7 +102,7 @@ def report(trace: tuple[str, ...], output: str, force: bool, target_tokens_per_s
         phase=phase, fit_fraction=fit_fraction, capacity_factor=capacity_factor, hbm_reserve=hbm_reserve,
         context_tokens=context_tokens, target_tokens_per_s=target_tokens_per_s, max_step_ms=max_step_ms,
         rebalance_every=every_option(rebalance_every), window=window, rebalance_policy=rebalance_placement,
-        segments=segments,
+        segments=segments, dispatch=dispatch,
     )
     if target_tokens_per_s is not None and target_tokens_per_s <= 0:
         raise InputError(f"--target-tokens-per-s must be positive, got {target_tokens_per_s}")
