@@ -70,6 +70,16 @@ def test_replay_matches_the_single_process_run(address, trace_path):
         assert sum(ticks) == 4000
 
 
+@pytest.mark.parametrize("dispatch", ["least-loaded", "lp"])
+def test_a_per_step_dispatch_policy_replays_identically_on_the_cluster(address, trace_path, dispatch):
+    cfg = ReplayConfig(num_gpus=4, gpus_per_node=2, hardware=GpuSpec.from_name("h200"), redundant_experts=4,
+                       placements=("replicated",), tokens_per_step=64, chunk_tokens=100, dispatch=dispatch)
+    with open_trace(trace_path) as tr:
+        alone = _exact(replay(tr, cfg).to_dict())
+    with open_cluster(address) as on, open_trace(trace_path) as tr:
+        assert _exact(replay(tr, cfg, cluster=on).to_dict()) == alone
+
+
 def test_arrow_shards_read_by_range_on_the_workers(address, tmp_path, monkeypatch):
     """An Arrow trace of 500-row record batches cut into 700-token shards: shards start inside batches and
     workers skip the batches before theirs."""
