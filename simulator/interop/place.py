@@ -20,6 +20,7 @@ from simulator.placement import (
     NEEDS_COSELECTION,
     POLICIES,
     Placement,
+    RoutingSample,
     expected_gpu_load,
     fit_placement,
     imbalance,
@@ -34,10 +35,12 @@ EXPORT_SUFFIX = {"sglang": ".sglang.json", "trtllm": ".trtllm.yaml", "eplb": ".e
 
 @dataclass
 class FitSource:
-    """What a placement is fitted on: load [L, E] of the MoE layers, co-selection [L, E, E] when ids exist."""
+    """What a placement is fitted on: load [L, E] of the MoE layers, co-selection [L, E, E] and the routing
+    sample when ids exist."""
 
     load: np.ndarray
     coselection: np.ndarray | None
+    routing: RoutingSample | None
     moe_layers: list[int]
     num_hidden_layers: int
     model_id: str | None
@@ -59,7 +62,8 @@ def load_source(path: str, *, policy: str, model: str | None = None, all_policie
             stats = fit_statistics(trace, fit_fraction=0.0, phase="all", tokens_per_step=0,
                                    with_coselection=policy in NEEDS_COSELECTION or all_policies)
             meta = trace.metadata
-        return FitSource(stats.load.astype(np.float64), stats.coselection, list(meta.moe_layers),
+        return FitSource(stats.load.astype(np.float64), stats.coselection, stats.routing,
+                         list(meta.moe_layers),
                          meta.num_hidden_layers, meta.model_id, "trace")
     lf = read_load_file(path)
     if policy in NEEDS_COSELECTION:
@@ -69,7 +73,7 @@ def load_source(path: str, *, policy: str, model: str | None = None, all_policie
     load = lf.load
     if model is not None:
         layers, load, hidden, model_id = model_rows(lf, model, path)
-    return FitSource(load, None, layers, hidden, model_id, "load file")
+    return FitSource(load, None, None, layers, hidden, model_id, "load file")
 
 
 def model_rows(lf: LoadFile, model: str, source: str) -> tuple[list[int], np.ndarray, int, str]:
@@ -132,7 +136,8 @@ def place(source: str, gpus: int, gpus_per_node: int, policy: str, redundant_exp
     """
     src = load_source(source, policy=policy, model=model, all_policies=explain)
     placement = fit_placement(policy, src.load, num_gpus=gpus, gpus_per_node=gpus_per_node,
-                              redundant_experts=redundant_experts, coselection=src.coselection)
+                              redundant_experts=redundant_experts, coselection=src.coselection,
+                              routing=src.routing)
     placement = Placement(policy, placement.slots, placement.num_experts, gpus_per_node, src.model_id)
     out = Path(output)
     exported = None
@@ -158,7 +163,8 @@ def place(source: str, gpus: int, gpus_per_node: int, policy: str, redundant_exp
         "cannot_show": CANNOT_SHOW if src.kind == "load file" else None}
     if target == "vllm" and doc is not None:
         summary["vllm_reproduces_placement"] = doc["reproduces_placement"]
-    gaps = explain_policies(src.load, src.coselection, num_gpus=gpus, gpus_per_node=gpus_per_node,
+    gaps = explain_policies(src.load, src.coselection, src.routing, num_gpus=gpus,
+                            gpus_per_node=gpus_per_node,
                             redundant_experts=redundant_experts) if explain else None
     if gaps is not None:
         summary["explain"] = [row.to_dict() for row in gaps]

@@ -15,6 +15,7 @@ from simulator.placement import (
     POLICIES,
     USES_REDUNDANCY,
     PlacementNotApplicable,
+    RoutingSample,
     expected_gpu_load,
     fit_placement,
     imbalance,
@@ -45,9 +46,10 @@ class PolicyGap:
         return asdict(self)
 
 
-def explain_policies(load: np.ndarray, coselection: np.ndarray | None, *, num_gpus: int, gpus_per_node: int,
-                     redundant_experts: int) -> list[PolicyGap]:
-    """Fit every policy on load [L, E] (coselection [L, E, E] or None) and score it against the bound."""
+def explain_policies(load: np.ndarray, coselection: np.ndarray | None, routing: RoutingSample | None, *,
+                     num_gpus: int, gpus_per_node: int, redundant_experts: int) -> list[PolicyGap]:
+    """Fit every policy on load [L, E] (coselection [L, E, E] and the routing sample, or None) and score it
+    against the bound."""
     load = np.asarray(load, dtype=np.float64)
     bounds: dict[tuple[int, bytes], LayoutBound] = {}  # one per layout (slots per GPU, filled per layer)
     rows = []
@@ -59,7 +61,7 @@ def explain_policies(load: np.ndarray, coselection: np.ndarray | None, *, num_gp
             continue
         try:
             placement = fit_placement(policy, load, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
-                                      redundant_experts=redundant, coselection=coselection)
+                                      redundant_experts=redundant, coselection=coselection, routing=routing)
         except PlacementNotApplicable as exc:
             rows.append(PolicyGap(policy, redundant, None, None, None, None, None, None, exc.reason))
             continue

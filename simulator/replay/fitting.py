@@ -12,6 +12,7 @@ import numpy as np
 from simulator import kernels as K
 from simulator.options import PHASES
 from simulator.placement import Placement, PlacementNotApplicable, fit_placement
+from simulator.placement.routing import RoutingSample, StepSampler, count_cross_layer
 from simulator.replay.config import Variant
 from traces.errors import InputError
 from traces.reader import DEFAULT_CHUNK_TOKENS, Trace
@@ -21,17 +22,19 @@ from traces.schema import TraceMetadata
 @dataclass
 class FitStatistics:
     """Counts over the fit part. load [L, E]; coselection [L, E, E] or None; score_start: first scored
-    token."""
+    token; routing: sampled steps and cross-layer co-selection, gathered with the co-selection."""
 
     load: np.ndarray
     coselection: np.ndarray | None
     fit_tokens: int
     score_start: int
+    routing: RoutingSample | None = None
 
 
 def fit_statistics(trace: Trace, *, fit_fraction: float, phase: str, tokens_per_step: int,
                    with_coselection: bool, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> FitStatistics:
-    """Load (and co-selection) over the first fit_fraction of the trace's tokens.
+    """Load (and co-selection, cross-layer co-selection and a sample of whole steps, for the traffic-aware
+    policies) over the first fit_fraction of the trace's tokens.
 
     The scored part starts at the first recorded step boundary at or after that point (so no step is split
     between fitting and scoring); with fit_fraction 0 the whole trace is both fitted and scored.
@@ -40,6 +43,10 @@ def fit_statistics(trace: Trace, *, fit_fraction: float, phase: str, tokens_per_
     layers, experts = meta.num_moe_layers, meta.num_experts
     load = np.zeros((layers, experts), dtype=np.int64)
     cosel = np.zeros((layers, experts, experts) if with_coselection else (1, 1, 1), dtype=np.int64)
+    cross = np.zeros((max(layers - 1, 0), experts, experts) if with_coselection else (0, 1, 1),
+                     dtype=np.int64)
+    sampler = StepSampler()
+    sel_count = np.zeros(2, dtype=np.int64)  # fit tokens per phase so far (regrouped step keys)
     total = trace.num_tokens
     if fit_fraction <= 0:
         stop = total
@@ -55,6 +62,9 @@ def fit_statistics(trace: Trace, *, fit_fraction: float, phase: str, tokens_per_
         if t0 < stop:
             K.count_load(chunk.expert_ids, chunk.phase, t0, PHASES[phase], stop, load, cosel,
                          with_coselection)
+            if with_coselection:
+                _sample_chunk(chunk.expert_ids, chunk.step, chunk.phase, t0, stop, PHASES[phase],
+                              tokens_per_step, sel_count, sampler, cross)
         if score_start < 0 and t0 + n > stop:
             # first boundary of recorded steps at or after `stop` (regrouped steps start anywhere)
             local = max(0, stop - t0)
@@ -74,7 +84,34 @@ def fit_statistics(trace: Trace, *, fit_fraction: float, phase: str, tokens_per_
     if fit_fraction > 0 and load.sum() == 0:
         raise InputError(f"{trace.paths[0]}: the fit part (the first {stop:,} tokens) holds no {phase} "
                          "assignments to fit placements on (raise --fit-fraction, or 0 to fit on everything)")
-    return FitStatistics(load, cosel if with_coselection else None, stop, score_start)
+    routing = sampler.sample(cross, layers, meta.top_k) if with_coselection else None
+    return FitStatistics(load, cosel if with_coselection else None, stop, score_start, routing)
+
+
+def _sample_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int, stop: int, phase_code: int,
+                  tokens_per_step: int, sel_count: np.ndarray, sampler: StepSampler,
+                  cross: np.ndarray) -> None:
+    """Feed one chunk's fit tokens to the step sampler (steps keyed as the replay keys them, kernels.step_key)
+    and to the cross-layer counts."""
+    n = min(ids.shape[0], stop - t0)
+    keep = np.zeros(ids.shape[0], dtype=bool)
+    keep[:n] = True
+    if phase_code >= 0:
+        keep &= phases == phase_code
+    if cross.shape[0]:
+        count_cross_layer(ids, keep, cross)
+    rows = np.flatnonzero(keep)
+    if tokens_per_step > 0:
+        ph = phases[rows].astype(np.int64)
+        within = np.empty(rows.size, dtype=np.int64)
+        for p in (0, 1):
+            mask = ph == p
+            within[mask] = sel_count[p] + np.arange(int(mask.sum()))
+            sel_count[p] += int(mask.sum())
+        key = ph * (1 << 40) + within // tokens_per_step
+    else:
+        key = steps[rows].astype(np.int64)
+    sampler.add(ids[rows], t0 + rows, key)
 
 
 def fit_stop(trace: Trace, fit_fraction: float, phase: str, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> int:
@@ -111,7 +148,8 @@ def fit_variants(stats: FitStatistics, meta: TraceMetadata, *, policies: tuple[s
     for policy in policies:
         try:
             placement = fit_placement(policy, stats.load, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
-                                      redundant_experts=redundant_experts, coselection=stats.coselection)
+                                      redundant_experts=redundant_experts, coselection=stats.coselection,
+                                      routing=stats.routing)
         except PlacementNotApplicable as exc:
             if skipped is None:
                 raise
