@@ -20,6 +20,7 @@ import numpy as np
 
 from bench.common import machine, median_time, update_section
 from simulator.placement import fit_placement, imbalance
+from simulator.placement.bound import lower_bound
 
 COUNTS = Path(__file__).resolve().parents[1] / "data" / "olmoe_expert_counts.json"
 
@@ -58,6 +59,16 @@ def slots_imbalance(slots: np.ndarray, load: np.ndarray) -> float:
     return float(np.mean(out))
 
 
+def gap_to_bound(slots: np.ndarray, load: np.ndarray, bound: np.ndarray) -> tuple[float, float]:
+    """(mean, worst) over layers of imbalance / bound - 1 (bound: [L] imbalance lower bound of the layout)."""
+    gaps = []
+    for layer in range(slots.shape[0]):
+        cnt = np.bincount(slots[layer].ravel(), minlength=load.shape[1])
+        per = load[layer] / np.maximum(cnt, 1)
+        gaps.append(float(imbalance(per[slots[layer]].sum(axis=1))) / bound[layer] - 1)
+    return float(np.mean(gaps)), float(np.max(gaps))
+
+
 def zipf_loads(layers: int, experts: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     pop = 1.0 / np.arange(1, experts + 1) ** 0.8
@@ -92,24 +103,35 @@ def main() -> None:
     # compile
     fit_placement("replicated", load[:1], num_gpus=gpus, gpus_per_node=gpn, redundant_experts=redundant)
     rows = []
+    slots_per_gpu = (experts + redundant) // gpus
+    t_bound = time.perf_counter()
+    bound = lower_bound(load, num_gpus=gpus, slots_per_gpu=slots_per_gpu,
+                        filled=experts + redundant).imbalance
+    t_bound = time.perf_counter() - t_bound
     t_greedy = median_time(lambda: greedy_python(load.tolist(), gpus, redundant), repeats=3, warmup=0)
     greedy = np.array(greedy_python(load.tolist(), gpus, redundant), dtype=np.int32)
     b_greedy = slots_imbalance(greedy, load)
-    rows.append(f"| plain-Python greedy (reference) | {t_greedy * 1e3:.0f} | {b_greedy:.4f} | 1.0x |")
+    g_greedy = gap_to_bound(greedy, load, bound)[0]
+    rows.append(f"| plain-Python greedy (reference) | {t_greedy * 1e3:.0f} | {b_greedy:.4f} | "
+                f"{100 * g_greedy:.3f}% | 1.0x |")
     for policy in ("replicated", "replicated-hier"):
         t = median_time(lambda p=policy: fit_placement(p, load, num_gpus=gpus, gpus_per_node=gpn,  # type: ignore[misc]
                                                        redundant_experts=redundant), repeats=3)
         p = fit_placement(policy, load, num_gpus=gpus, gpus_per_node=gpn, redundant_experts=redundant)
         b = slots_imbalance(p.slots, load)
-        rows.append(f"| `{policy}` | {t * 1e3:.0f} | {b:.4f} | {t_greedy / t:.1f}x |")
+        g = gap_to_bound(p.slots, load, bound)[0]
+        rows.append(f"| `{policy}` | {t * 1e3:.0f} | {b:.4f} | {100 * g:.3f}% | {t_greedy / t:.1f}x |")
     cosel = coselection_counts(load)
     fit_placement("coactivation", load[:1], num_gpus=gpus, gpus_per_node=gpn, redundant_experts=redundant,
                   coselection=cosel[:1])  # compile
     t = median_time(lambda: fit_placement("coactivation", load, num_gpus=gpus, gpus_per_node=gpn,
                                           redundant_experts=redundant, coselection=cosel), repeats=3)
-    b = slots_imbalance(fit_placement("coactivation", load, num_gpus=gpus, gpus_per_node=gpn,
-                                      redundant_experts=redundant, coselection=cosel).slots, load)
-    rows.append(f"| `coactivation` (load cap 5% over the mean) | {t * 1e3:.0f} | {b:.4f} | |")
+    co_slots = fit_placement("coactivation", load, num_gpus=gpus, gpus_per_node=gpn,
+                             redundant_experts=redundant, coselection=cosel).slots
+    b = slots_imbalance(co_slots, load)
+    g = gap_to_bound(co_slots, load, bound)[0]
+    rows.append(f"| `coactivation` (load cap 5% over the mean) | {t * 1e3:.0f} | {b:.4f} | {100 * g:.3f}% "
+                "| |")
 
     def fit_defaults() -> None:
         for policy in DEFAULT_POLICIES:
@@ -117,29 +139,48 @@ def main() -> None:
                           coselection=cosel)
 
     t_all = median_time(fit_defaults, repeats=3)
-    rows.append(f"| all of `moe-sim replay`'s default placements | {t_all * 1e3:.0f} | | |")
-    olmoe = []
+    rows.append(f"| all of `moe-sim replay`'s default placements | {t_all * 1e3:.0f} | | | |")
+    rows.append(f"| lower bound (`simulator.placement.bound`) | {t_bound * 1e3:.0f} | {bound.mean():.4f} "
+                "| | |")
+    olmoe: list[str] = []
+    no_replicas: list[str] = []
     if COUNTS.exists():
         data = json.loads(COUNTS.read_text())["domains"]
         for domain in ("arxiv", "github"):
             real = np.array(data[domain], dtype=np.float64)
-            for g, r in ((8, 8), (32, 32)):
+            for g, r in ((8, 8), (16, 16), (32, 32)):
                 t = time.perf_counter()
                 p = fit_placement("replicated", real, num_gpus=g, gpus_per_node=8, redundant_experts=r)
                 dt = time.perf_counter() - t
                 ours = slots_imbalance(p.slots, real)
                 ref = slots_imbalance(np.array(greedy_python(real.tolist(), g, r), dtype=np.int32), real)
+                t = time.perf_counter()
+                real_bound = lower_bound(real, num_gpus=g, slots_per_gpu=p.slots_per_gpu,
+                                         filled=real.shape[1] + r).imbalance
+                dt_bound = time.perf_counter() - t
+                gap_mean, gap_worst = gap_to_bound(p.slots, real, real_bound)
                 olmoe.append(f"| {domain} | {g} + {r} | {ref:.4f} | {ours:.4f} | "
-                             f"{(ours - 1) / (ref - 1):.2f} | {dt * 1e3:.1f} |")
+                             f"{(ours - 1) / (ref - 1):.2f} | {dt * 1e3:.1f} | {real_bound.mean():.4f} | "
+                             f"{100 * gap_mean:.3f}% | {100 * gap_worst:.3f}% | {dt_bound * 1e3:.0f} |")
+            for g in (8, 32):  # no replicas: the bound also counts the experts that must share a GPU
+                p = fit_placement("balanced", real, num_gpus=g, gpus_per_node=8)
+                real_bound = lower_bound(real, num_gpus=g, slots_per_gpu=p.slots_per_gpu,
+                                         filled=real.shape[1]).imbalance
+                gap_mean, gap_worst = gap_to_bound(p.slots, real, real_bound)
+                no_replicas.append(f"| {domain} | {g} | {slots_imbalance(p.slots, real):.4f} | "
+                                   f"{real_bound.mean():.4f} | {100 * gap_mean:.3f}% | "
+                                   f"{100 * gap_worst:.3f}% |")
     text = "\n".join([
         "## Placement fitting (`python -m bench.bench_placement`)",
         "",
         f"Machine: {machine()}. DeepSeek-V3-sized loads: {layers} layers x {experts} experts (Zipf 0.8), "
         f"{redundant} redundant slots, {gpus} GPUs in {gpus // gpn} nodes (9 slots per GPU). Median of 3 "
-        "after a compile warm-up; balance = max/mean GPU load averaged over layers (1.0 is perfect).",
+        "after a compile warm-up; balance = max/mean GPU load averaged over layers (1.0 is perfect); gap to "
+        "bound: per layer, imbalance / lower bound - 1, where no placement of the layout can be below the "
+        "bound (docs/simulator.md, \"Optimality gap\"), averaged over layers.",
         "",
-        "| fitter | ms (58 layers) | max/mean | speed-up |",
-        "|---|---:|---:|---:|",
+        "| fitter | ms (58 layers) | max/mean | gap to bound | speed-up |",
+        "|---|---:|---:|---:|---:|",
         *rows,
         "",
         "Real OLMoE counts (layers 0, 7, 15; `data/olmoe_expert_counts.json`): greedy reference vs "
@@ -147,9 +188,20 @@ def main() -> None:
         "EPLB, github.com/deepseek-ai/EPLB, global policy, on the same counts: arxiv 1.007 at 8+8, 1.083 at "
         "32+32).",
         "",
-        "| domain | GPUs + redundant | greedy | replicated | excess ratio | ms |",
-        "|---|---|---:|---:|---:|---:|",
+        "Gap to bound as above, mean and worst over the three layers; the target is `replicated` within 0.1% "
+        "of the bound.",
+        "",
+        "| domain | GPUs + redundant | greedy | replicated | excess ratio | ms | bound | gap | worst gap | "
+        "bound ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *olmoe,
+        "",
+        "Without replicas (`balanced`, one slot per expert) the bound also counts the experts that must "
+        "share a GPU with the hottest one:",
+        "",
+        "| domain | GPUs | balanced | bound | gap | worst gap |",
+        "|---|---:|---:|---:|---:|---:|",
+        *no_replicas,
     ])
     print(text)
     if not args.no_write:

@@ -46,10 +46,10 @@ from traces.reader import open_trace
                    "(uncalibrated).")
 @click.option("--placements", default=",".join(DEFAULT_PLACEMENTS), show_default=True,
               help="Comma-separated policies to compare: contiguous, round-robin, balanced, replicated, "
-                   "replicated-hier, coactivation, file:PATH.")
+                   "replicated-hier, coactivation, affinity, file:PATH.")
 @click.option("--redundant-experts", type=int, default=None,
-              help="Extra expert slots for replicated / coactivation (default: one per GPU, rounded so that "
-                   "the slots divide over the GPUs).")
+              help="Extra expert slots for replicated / coactivation / affinity (default: one per GPU, "
+                   "rounded so that the slots divide over the GPUs).")
 @click.option("--tokens-per-step", type=int, default=0, show_default=True,
               help="Regroup scored tokens into steps of this many (0: the recorded forward passes).")
 @click.option("--phase", type=click.Choice(list(PHASES)), default="all", show_default=True,

@@ -19,12 +19,13 @@ from report_fixtures import small_report_inputs
 from simulator.rebalance import count_steps
 from simulator.report import build_report, render_html, render_markdown, write_report
 from simulator.report.build import SECTION_KEYS
-from simulator.report.format import fmt_int, fmt_num
+from simulator.report.format import fmt_int, fmt_num, fmt_pct
 from traces import InputError, open_trace
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIGURE_KEYS = {
     "layouts": ["imbalance-over-time", "gpu-load", "node-traffic", "time-breakdown"],
+    "traffic": ["traffic-tradeoff"],
     "rebalance": ["rebalance"],
     "routing": ["load-heatmap", "entropy-gini", "coselection", "phases", "stability"],
 }
@@ -223,7 +224,7 @@ def test_html_is_self_contained(built):
     page = render_html(report)
     parser = _Collect()
     parser.feed(page)
-    assert len(parser.imgs) == len(report.figures) == 10
+    assert len(parser.imgs) == len(report.figures) == 11
     for img, fig in zip(parser.imgs, report.figures, strict=True):
         src = img["src"] or ""
         assert src.startswith("data:image/png;base64,")
@@ -238,7 +239,7 @@ def test_html_is_self_contained(built):
 def test_markdown_links_images_beside_it(built, tmp_path):
     _, _, report = built
     text = render_markdown(report, image_dir="r_files")
-    assert text.count("](r_files/") == 10
+    assert text.count("](r_files/") == 11
     assert all(f"## {s.title}" in text for s in report.sections)
     assert "data:image/png;base64," in render_markdown(report)  # embedded form
     written = write_report(report, tmp_path / "r.md")
@@ -370,3 +371,17 @@ def test_report_marks_the_recommendation_titles_synthetic_traces_and_zooms_stabi
     assert 0.99 < low < 0.9951 and 0.999 < high < 1.0
     flat_low, flat_high = zoom_limits(np.ones(5))
     assert flat_low < 1.0 < flat_high and flat_high - flat_low == pytest.approx(1e-3)
+
+
+def test_traffic_section_shows_the_tradeoff(built):
+    _, inputs, report = built
+    section = report.section("traffic")
+    (table,) = section.tables
+    curve = inputs.traffic
+    assert curve is not None and len(table.rows) == len(curve.points)
+    assert {row[1] for row in table.rows} == {"home", "stay"}
+    balanced = next(row for row in table.rows if row[0] == "balanced" and row[1] == "home")
+    assert balanced[3] == balanced[5] == fmt_pct(0.0)
+    assert any("budget" in row[0] for row in table.rows)
+    assert "step imbalance" in section.paragraphs[1]
+    assert report.data["traffic"][0]["dispatch_model"] == "home"

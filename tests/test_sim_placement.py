@@ -12,6 +12,7 @@ import pytest
 from simulator.hardware import ClusterLayout, GpuSpec, load_hardware
 from simulator.placement import (
     POLICIES,
+    TRAFFIC_AWARE,
     USES_REDUNDANCY,
     Placement,
     PlacementNotApplicable,
@@ -25,9 +26,27 @@ from simulator.placement import (
     pack_items,
     replica_counts_minmax,
 )
+from simulator.placement.routing import RoutingSample
 from traces.errors import InputError
 
 COUNTS = Path(__file__).resolve().parents[1] / "data" / "olmoe_expert_counts.json"
+
+
+def routing_sample(rng: np.random.Generator, layers: int, experts: int, tokens: int = 120) -> RoutingSample:
+    """Random sampled steps (4 experts per token, 10 tokens per step) and their cross-layer counts."""
+    top_k = min(4, experts)
+    ids = np.stack([np.stack([rng.choice(experts, top_k, replace=False) for _ in range(layers)])
+                    for _ in range(tokens)])
+    cross = np.zeros((max(layers - 1, 0), experts, experts), dtype=np.int64)
+    for layer in range(layers - 1):
+        np.add.at(cross[layer], (np.repeat(ids[:, layer, 0], top_k), ids[:, layer + 1].ravel()), 1)
+    token = np.arange(tokens, dtype=np.int64)
+    return RoutingSample(ids, token, token // 10, cross)
+
+
+def traffic_inputs(policy: str, rng: np.random.Generator, layers: int, experts: int) -> dict:
+    """The routing sample a traffic-aware policy fits on (nothing for the others)."""
+    return {"routing": routing_sample(rng, layers, experts)} if policy in TRAFFIC_AWARE else {}
 
 
 def olmoe_counts(domain: str) -> np.ndarray:
@@ -59,8 +78,9 @@ def test_invariants(policy):
     rng = np.random.default_rng(1)
     load = rng.pareto(1.5, size=(3, 32)) + 0.1
     cosel = rng.integers(0, 50, size=(3, 32, 32))
-    r = 8 if policy in ("replicated", "replicated-hier", "coactivation") else 0
-    p = fit_placement(policy, load, num_gpus=8, gpus_per_node=4, redundant_experts=r, coselection=cosel)
+    r = 8 if policy in USES_REDUNDANCY else 0
+    p = fit_placement(policy, load, num_gpus=8, gpus_per_node=4, redundant_experts=r, coselection=cosel,
+                      **traffic_inputs(policy, rng, 3, 32))
     assert p.slots.shape == (3, 8, (32 + r) // 8)
     counts = p.replica_counts
     assert (counts >= 1).all() and (counts.sum(axis=1) == 32 + r).all()
@@ -131,9 +151,9 @@ def test_no_policy_puts_an_expert_twice_on_a_gpu(seed):
             load = _random_load(rng, 5, experts, kind)
             cosel = rng.integers(0, 20, size=(5, experts, experts)) * (load[:, :, None] > 0)
             for policy in POLICIES:
-                r = redundant if policy in ("replicated", "replicated-hier", "coactivation") else 0
+                r = redundant if policy in USES_REDUNDANCY else 0
                 slots = POLICIES[policy](load, num_gpus=gpus, gpus_per_node=per_node, redundant_experts=r,
-                                         coselection=cosel)
+                                         coselection=cosel, **traffic_inputs(policy, rng, 5, experts))
                 check_slots(slots, experts, f"{policy} {kind} G={gpus} R={r}")
                 assert ((slots >= 0).sum(axis=(1, 2)) == experts + r).all()
 
@@ -245,7 +265,7 @@ def test_uneven_layouts(policy, experts, gpus, per_node, redundant):
     cosel = rng.integers(0, 20, size=(3, experts, experts))
     r = redundant if policy in USES_REDUNDANCY else 0
     p = fit_placement(policy, load, num_gpus=gpus, gpus_per_node=per_node, redundant_experts=r,
-                      coselection=cosel)
+                      coselection=cosel, **traffic_inputs(policy, rng, 3, experts))
     filled = experts + r
     assert p.slots.shape == (3, gpus, -(-filled // gpus))
     counts = _slot_counts(p)
@@ -286,11 +306,13 @@ def test_default_redundancy_rounds_to_one_that_divides():
 
 
 def coactivation_reference(slots: np.ndarray, load: np.ndarray, cosel: np.ndarray, gpus_per_node: int,
-                           node_weight: float, cap: float, max_passes: int) -> np.ndarray:
+                           node_weight: float, cap: float, max_passes: int,
+                           attraction: np.ndarray) -> np.ndarray:
     """The coactivation swap search in plain Python, every candidate scored from scratch: each pass applies
     the swap of two slots on different GPUs that most raises the summed pair weight cosel[e, f] / (r_e r_f) of
-    pairs sharing a GPU plus node_weight x pairs sharing a node (several nodes only), keeping GPU loads <= cap
-    and no expert twice on a GPU."""
+    pairs sharing a GPU plus node_weight x pairs sharing a node (several nodes only), counted from both
+    sides, plus twice the attraction [E, G] of each replica to its GPU (both in tokens), keeping GPU loads <=
+    cap and no expert twice on a GPU."""
     out = slots.copy()
     g_count, s_count = out.shape
     counts = np.bincount(out[out >= 0], minlength=load.size).astype(float)
@@ -300,6 +322,7 @@ def coactivation_reference(slots: np.ndarray, load: np.ndarray, cosel: np.ndarra
     def score(o: np.ndarray) -> float:
         total = 0.0
         cells = [(g, int(e)) for g in range(g_count) for e in o[g] if e >= 0]
+        total += 2 * sum(attraction[e, g] for g, e in cells)
         for g, e in cells:
             for h, f in cells:
                 if e == f:
@@ -347,8 +370,10 @@ def test_coactivation_kernel_matches_plain_reference(seed):
     slots = replicated(load, num_gpus=gpus, gpus_per_node=per_node,
                        redundant_experts=redundant)[0].astype(np.int64)
     cap = 1.3 * load.sum() / gpus
-    fast = coactivation_layer(slots, load[0], cosel, per_node, 4.0, cap, 50)
-    slow = coactivation_reference(slots, load[0], cosel, per_node, 4.0, cap, 50)
+    # half the seeds add an attraction of replicas to GPUs (the affinity policy's cross-layer term)
+    attraction = rng.random((experts, gpus)) * 80 if seed >= 2 else np.zeros((experts, gpus))
+    fast = coactivation_layer(slots, load[0], cosel, per_node, 4.0, cap, 50, attraction)
+    slow = coactivation_reference(slots, load[0], cosel, per_node, 4.0, cap, 50, attraction)
     assert not np.array_equal(fast, slots)  # some swap was worth making
     np.testing.assert_array_equal(fast, slow)
 

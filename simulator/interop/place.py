@@ -15,10 +15,12 @@ import click
 import numpy as np
 
 from simulator.interop.export import TARGETS, export_document, write_export
+from simulator.interop.place_explain import explain_policies, render_explain
 from simulator.placement import (
     NEEDS_COSELECTION,
     POLICIES,
     Placement,
+    RoutingSample,
     expected_gpu_load,
     fit_placement,
     imbalance,
@@ -33,10 +35,12 @@ EXPORT_SUFFIX = {"sglang": ".sglang.json", "trtllm": ".trtllm.yaml", "eplb": ".e
 
 @dataclass
 class FitSource:
-    """What a placement is fitted on: load [L, E] of the MoE layers, co-selection [L, E, E] when ids exist."""
+    """What a placement is fitted on: load [L, E] of the MoE layers, co-selection [L, E, E] and the routing
+    sample when ids exist."""
 
     load: np.ndarray
     coselection: np.ndarray | None
+    routing: RoutingSample | None
     moe_layers: list[int]
     num_hidden_layers: int
     model_id: str | None
@@ -47,17 +51,19 @@ def is_trace_path(path: str) -> bool:
     return Path(path).suffix.lower() in HDF5_SUFFIXES + ARROW_SUFFIXES
 
 
-def load_source(path: str, *, policy: str, model: str | None = None) -> FitSource:
-    """Counts from a trace (read in chunks) or a load file; coactivation needs a trace's co-selection."""
+def load_source(path: str, *, policy: str, model: str | None = None, all_policies: bool = False) -> FitSource:
+    """Counts from a trace (read in chunks) or a load file; coactivation needs a trace's co-selection, which
+    is also counted when `all_policies` are to be fitted (--explain)."""
     if is_trace_path(path):
         from simulator.replay import fit_statistics
         from traces.reader import open_trace
 
         with open_trace(path) as trace:
             stats = fit_statistics(trace, fit_fraction=0.0, phase="all", tokens_per_step=0,
-                                   with_coselection=policy in NEEDS_COSELECTION)
+                                   with_coselection=policy in NEEDS_COSELECTION or all_policies)
             meta = trace.metadata
-        return FitSource(stats.load.astype(np.float64), stats.coselection, list(meta.moe_layers),
+        return FitSource(stats.load.astype(np.float64), stats.coselection, stats.routing,
+                         list(meta.moe_layers),
                          meta.num_hidden_layers, meta.model_id, "trace")
     lf = read_load_file(path)
     if policy in NEEDS_COSELECTION:
@@ -67,7 +73,7 @@ def load_source(path: str, *, policy: str, model: str | None = None) -> FitSourc
     load = lf.load
     if model is not None:
         layers, load, hidden, model_id = model_rows(lf, model, path)
-    return FitSource(load, None, layers, hidden, model_id, "load file")
+    return FitSource(load, None, None, layers, hidden, model_id, "load file")
 
 
 def model_rows(lf: LoadFile, model: str, source: str) -> tuple[list[int], np.ndarray, int, str]:
@@ -109,9 +115,12 @@ def placement_document(placement: Placement, src: FitSource, source: str, redund
 @click.option("--model", default=None, help="Model preset whose MoE layers a load file covers (default: the "
                                             "file's own layers).")
 @click.option("--force", is_flag=True, help="Overwrite outputs that exist.")
+@click.option("--explain", is_flag=True,
+              help="Also fit every policy on the same load and GPUs and show each one's gap to the lower "
+                   "bound on any placement's imbalance (per layer).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def place(source: str, gpus: int, gpus_per_node: int, policy: str, redundant_experts: int, output: str,
-          target: str | None, export_output: str | None, model: str | None, force: bool,
+          target: str | None, export_output: str | None, model: str | None, force: bool, explain: bool,
           as_json: bool) -> None:
     """Fit one expert placement to TRACE (a trace file) or LOADFILE (per-layer expert counts) and write it.
 
@@ -122,10 +131,13 @@ def place(source: str, gpus: int, gpus_per_node: int, policy: str, redundant_exp
 
     Example: moe-sim place trace.h5 --gpus 8 --policy replicated --redundant-experts 8 -o p.json --export
     sglang
+
+    --explain adds a table of every policy's expected imbalance, the lower bound of its layout and the gap.
     """
-    src = load_source(source, policy=policy, model=model)
+    src = load_source(source, policy=policy, model=model, all_policies=explain)
     placement = fit_placement(policy, src.load, num_gpus=gpus, gpus_per_node=gpus_per_node,
-                              redundant_experts=redundant_experts, coselection=src.coselection)
+                              redundant_experts=redundant_experts, coselection=src.coselection,
+                              routing=src.routing)
     placement = Placement(policy, placement.slots, placement.num_experts, gpus_per_node, src.model_id)
     out = Path(output)
     exported = None
@@ -143,13 +155,19 @@ def place(source: str, gpus: int, gpus_per_node: int, policy: str, redundant_exp
     if doc is not None and target is not None and exported is not None:
         write_export(exported, doc, target, force=True)
     ratio = imbalance(expected_gpu_load(placement, src.load))  # [L] max / mean GPU load
-    summary = {"placement": str(out), "export": str(exported) if exported else None, "policy": policy,
-               "gpus": gpus, "slots_per_gpu": placement.slots_per_gpu, "layers": placement.num_layers,
-               "fitted_on": src.kind, "expected_imbalance_mean": float(ratio.mean()),
-               "expected_imbalance_worst": float(ratio.max()),
-               "cannot_show": CANNOT_SHOW if src.kind == "load file" else None}
+    summary: dict[str, Any] = {
+        "placement": str(out), "export": str(exported) if exported else None, "policy": policy,
+        "gpus": gpus, "slots_per_gpu": placement.slots_per_gpu, "layers": placement.num_layers,
+        "fitted_on": src.kind, "expected_imbalance_mean": float(ratio.mean()),
+        "expected_imbalance_worst": float(ratio.max()),
+        "cannot_show": CANNOT_SHOW if src.kind == "load file" else None}
     if target == "vllm" and doc is not None:
         summary["vllm_reproduces_placement"] = doc["reproduces_placement"]
+    gaps = explain_policies(src.load, src.coselection, src.routing, num_gpus=gpus,
+                            gpus_per_node=gpus_per_node,
+                            redundant_experts=redundant_experts) if explain else None
+    if gaps is not None:
+        summary["explain"] = [row.to_dict() for row in gaps]
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -162,5 +180,8 @@ def place(source: str, gpus: int, gpus_per_node: int, policy: str, redundant_exp
             click.echo(f"note: {doc['cannot_load']}; "
                        + ("the strategy written reproduces this placement" if doc["reproduces_placement"]
                           else "the file gives EPLB settings and the map for reference, not this placement"))
+    if gaps is not None:
+        for line in render_explain(gaps):
+            click.echo(line)
     if src.kind == "load file":
         click.echo(f"note: a load file cannot show {CANNOT_SHOW}")

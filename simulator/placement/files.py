@@ -7,13 +7,16 @@ from pathlib import Path
 import numpy as np
 
 from simulator.placement.core import Placement, PlacementNotApplicable
-from simulator.placement.policies import POLICIES, USES_REDUNDANCY
+from simulator.placement.policies import POLICIES, TRAFFIC_AWARE, USES_REDUNDANCY
+from simulator.placement.routing import RoutingSample
 from traces.errors import InputError, read_json
 
 
 def fit_placement(policy: str, load: np.ndarray, *, num_gpus: int, gpus_per_node: int,
-                  redundant_experts: int = 0, coselection: np.ndarray | None = None) -> Placement:
-    """Fit a named policy (or `file:PATH`) to a load [L, E]; coselection [L, E, E] for coactivation."""
+                  redundant_experts: int = 0, coselection: np.ndarray | None = None,
+                  routing: RoutingSample | None = None, step_budget: float | None = None) -> Placement:
+    """Fit a named policy (or `file:PATH`) to a load [L, E]; coselection [L, E, E] for coactivation and
+    affinity, which also use `routing` (a trace's sampled steps) and `step_budget` when given."""
     load = np.asarray(load, dtype=np.float64)
     if policy.startswith("file:"):
         placement = load_placement_file(policy[5:], num_experts=load.shape[1], num_layers=load.shape[0])
@@ -26,8 +29,13 @@ def fit_placement(policy: str, load: np.ndarray, *, num_gpus: int, gpus_per_node
                          "file:PATH")
     if redundant_experts and policy not in USES_REDUNDANCY:
         redundant_experts = 0
+    extra: dict[str, object] = {}
+    if policy in TRAFFIC_AWARE:
+        extra["routing"] = routing
+        if step_budget is not None:
+            extra["step_budget"] = step_budget
     slots = POLICIES[policy](load, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
-                             redundant_experts=redundant_experts, coselection=coselection)
+                             redundant_experts=redundant_experts, coselection=coselection, **extra)
     return Placement(policy, slots, int(load.shape[1]), gpus_per_node)
 
 

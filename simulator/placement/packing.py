@@ -280,13 +280,16 @@ def _peak(load: np.ndarray, counts: np.ndarray, slots: np.ndarray) -> float:
 
 @njit(cache=True)
 def coactivation_layer(slots: np.ndarray, load: np.ndarray, cosel: np.ndarray, gpus_per_node: int,
-                        node_weight: float, cap: float, max_passes: int) -> np.ndarray:
-    """Swap slots between GPUs to raise co-selected pairs sharing a GPU (weight 1) or a node (node_weight).
+                        node_weight: float, cap: float, max_passes: int,
+                        attraction: np.ndarray) -> np.ndarray:
+    """Swap slots between GPUs to raise co-selected pairs sharing a GPU (weight 1) or a node (node_weight),
+    plus the attraction of each replica to its GPU.
 
     slots: [G, S] expert ids (-1 empty); load: [E]; cosel: [E, E] tokens choosing both experts (diagonal
-    ignored). Each pass applies the single best swap; a swap is allowed only if both GPUs stay at or under
-    `cap` load and no GPU holds an expert twice. A pair's weight is cosel[e, f] / (replicas of e x replicas of
-    f).
+    ignored); attraction [E, G]: tokens that arrive on GPU g and choose e (the stay dispatch model's
+    cross-layer affinity; zeros for none), worth as much as a co-selected pair's tokens. Each pass applies the
+    single best swap; a swap is allowed only if both GPUs stay at or under `cap` load and no GPU holds an
+    expert twice. A pair's weight is cosel[e, f] / (replicas of e x replicas of f).
 
     Kept incrementally so that a swap is scored in O(1) instead of by rescanning the GPU and node:
     on_gpu [E, G]: summed pair weight of e with the experts on GPU g; on_node [E, N]: the same over node n's
@@ -335,14 +338,14 @@ def coactivation_layer(slots: np.ndarray, load: np.ndarray, cosel: np.ndarray, g
                 e1 = out[g1, s1]
                 if e1 < 0:
                     continue
-                here1 = on_gpu[e1, g1] + node_w * on_node[e1, n1]
+                here1 = on_gpu[e1, g1] + node_w * on_node[e1, n1] + attraction[e1, g1]
                 for g2 in range(g1 + 1, g_count):
                     if held[g2, e1]:
                         continue
                     n2 = g2 // gpus_per_node
                     # the pair itself stops sharing GPU (and node)
                     split = 1.0 + (node_w if n1 != n2 else 0.0)
-                    there1 = on_gpu[e1, g2] + node_w * on_node[e1, n2]
+                    there1 = on_gpu[e1, g2] + node_w * on_node[e1, n2] + attraction[e1, g2]
                     for s2 in range(s_count):
                         e2 = out[g2, s2]
                         if e2 < 0 or e2 == e1 or held[g1, e2]:
@@ -351,9 +354,9 @@ def coactivation_layer(slots: np.ndarray, load: np.ndarray, cosel: np.ndarray, g
                         l2 = gpu_load[g2] - per[e2] + per[e1]
                         if l1 > cap or l2 > cap:
                             continue
-                        before = here1 + on_gpu[e2, g2] + node_w * on_node[e2, n2]
-                        after = there1 + on_gpu[e2, g1] + node_w * on_node[e2, n1] - split * (pair[e1, e2]
-                                                                                              + pair[e2, e1])
+                        before = here1 + on_gpu[e2, g2] + node_w * on_node[e2, n2] + attraction[e2, g2]
+                        after = (there1 + on_gpu[e2, g1] + node_w * on_node[e2, n1] + attraction[e2, g1]
+                                 - split * (pair[e1, e2] + pair[e2, e1]))
                         if after - before > best:
                             best, bg1, bs1, bg2, bs2 = after - before, g1, s1, g2, s2
         if bg1 < 0:

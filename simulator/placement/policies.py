@@ -20,6 +20,8 @@ from simulator.placement.packing import (
     pack_items,
     replica_counts_minmax,
 )
+from simulator.placement.routing import RoutingSample
+from simulator.placement.traffic import STEP_BUDGET, traffic_layers
 from traces.errors import InputError
 
 # Coactivation policy: a GPU may carry this much more load than the mean (or the balanced packing's own
@@ -168,20 +170,25 @@ def replicated_hierarchical(load: np.ndarray, *, num_gpus: int, gpus_per_node: i
 
 
 def coactivation(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant_experts: int = 0,
-                 coselection: np.ndarray | None = None) -> np.ndarray:
-    """Keep experts that tokens choose together on one GPU (and one node), under a load cap.
+                 coselection: np.ndarray | None = None, routing: RoutingSample | None = None,
+                 step_budget: float = STEP_BUDGET) -> np.ndarray:
+    """Keep experts that tokens choose together on one GPU (and one node), under load caps.
 
     load: [L, E]; coselection: [L, E, E] tokens choosing both experts. Starts from `balanced` (or `replicated`
     when R > 0) and swaps slots between GPUs while co-selected pairs sharing a GPU (weight 1) or a node
     (weight COACTIVATION_NODE_WEIGHT) increase and every GPU stays under max(start max, mean x (1 + slack)).
-    Returns slots [L, G, S] int32.
+    With `routing` (sampled steps of a trace), then searches swaps on the sampled tokens' unique (token, GPU)
+    pairs, the all-to-all the cost model charges, within `step_budget` of the start's sampled step load
+    (simulator.placement.traffic). Returns slots [L, G, S] int32.
     """
-    layers, experts = _check_common(load, num_gpus, gpus_per_node)
-    if coselection is None or coselection.shape != (layers, experts, experts):
-        raise PlacementNotApplicable("coactivation", "needs co-selection counts [layers, experts, experts]")
-    base_policy = replicated if redundant_experts else balanced
-    base = base_policy(load, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
-                       redundant_experts=redundant_experts)
+    base = _traffic_start(load, "coactivation", num_gpus=num_gpus, gpus_per_node=gpus_per_node,
+                          redundant_experts=redundant_experts, coselection=coselection)
+    assert coselection is not None
+    if routing is not None:
+        return traffic_layers(load, base, coselection, routing, gpus_per_node=gpus_per_node,
+                              node_weight=COACTIVATION_NODE_WEIGHT, stay=False,
+                              load_slack=COACTIVATION_LOAD_SLACK, step_budget=step_budget)
+    layers, experts = load.shape
     out = np.empty_like(base)
     for layer in range(layers):
         lw = load[layer].astype(np.float64)
@@ -191,8 +198,40 @@ def coactivation(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redunda
         cap = max(gpu.max(), lw.sum() / num_gpus * (1 + COACTIVATION_LOAD_SLACK))
         co = coselection[layer].astype(np.float64)
         out[layer] = coactivation_layer(slots, lw, co, gpus_per_node, COACTIVATION_NODE_WEIGHT, cap,
-                                         4 * experts)
+                                         4 * experts, np.zeros((experts, num_gpus)))
     return out
+
+
+def affinity(load: np.ndarray, *, num_gpus: int, gpus_per_node: int, redundant_experts: int = 0,
+             coselection: np.ndarray | None = None, routing: RoutingSample | None = None,
+             step_budget: float = STEP_BUDGET) -> np.ndarray:
+    """Cross-layer affinity for the stay dispatch model (a token stays on the GPU of its last top-1 expert
+    instead of returning home, as ExFlow assumes): coactivation whose swaps also pull each expert of layer
+    l + 1 toward the GPUs that tokens choosing it arrive from (co-selection between consecutive layers,
+    counted over the fit part), then the token-level search with each token's source where its previous
+    layer's top-1 expert ran. Layers are fitted in order, each on the one before. Needs a trace's routing
+    (`routing`). Returns slots [L, G, S] int32.
+    """
+    base = _traffic_start(load, "affinity", num_gpus=num_gpus, gpus_per_node=gpus_per_node,
+                          redundant_experts=redundant_experts, coselection=coselection)
+    if routing is None:
+        raise PlacementNotApplicable("affinity",
+                                     "needs a trace's routing (steps and cross-layer co-selection)")
+    assert coselection is not None
+    return traffic_layers(load, base, coselection, routing, gpus_per_node=gpus_per_node,
+                          node_weight=COACTIVATION_NODE_WEIGHT, stay=True, load_slack=COACTIVATION_LOAD_SLACK,
+                          step_budget=step_budget)
+
+
+def _traffic_start(load: np.ndarray, policy: str, *, num_gpus: int, gpus_per_node: int,
+                   redundant_experts: int, coselection: np.ndarray | None) -> np.ndarray:
+    """The packing a traffic-aware policy starts from: balanced, or replicated with redundant slots."""
+    layers, experts = _check_common(load, num_gpus, gpus_per_node)
+    if coselection is None or coselection.shape != (layers, experts, experts):
+        raise PlacementNotApplicable(policy, "needs co-selection counts [layers, experts, experts]")
+    base_policy = replicated if redundant_experts else balanced
+    return base_policy(load, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
+                       redundant_experts=redundant_experts)
 
 
 @dataclass(frozen=True)
@@ -232,6 +271,9 @@ POLICIES: dict[str, PolicyFn] = {
     "replicated": replicated,
     "replicated-hier": replicated_hierarchical,
     "coactivation": coactivation,
+    "affinity": affinity,
 }
-NEEDS_COSELECTION = frozenset({"coactivation"})
-USES_REDUNDANCY = frozenset({"replicated", "replicated-hier", "coactivation"})
+NEEDS_COSELECTION = frozenset({"coactivation", "affinity"})
+# fitted on a trace's routing sample too (fit_placement passes `routing` and `step_budget` to these only)
+TRAFFIC_AWARE = frozenset({"coactivation", "affinity"})
+USES_REDUNDANCY = frozenset({"replicated", "replicated-hier", "coactivation", "affinity"})

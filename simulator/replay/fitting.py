@@ -13,6 +13,7 @@ import numpy as np
 from simulator import kernels as K
 from simulator.options import PHASES
 from simulator.placement import Placement, PlacementNotApplicable, fit_placement
+from simulator.placement.routing import RoutingSample, StepSampler, count_cross_layer
 from simulator.replay.config import Variant
 from traces.chunk import numbered
 from traces.errors import InputError
@@ -26,24 +27,32 @@ if TYPE_CHECKING:
 @dataclass
 class FitStatistics:
     """Counts over the fit part. load [L, E]; coselection [L, E, E] or None; score_start: first scored
-    token."""
+    token; routing: sampled steps and cross-layer co-selection, gathered with the co-selection."""
 
     load: np.ndarray
     coselection: np.ndarray | None
     fit_tokens: int
     score_start: int
+    routing: RoutingSample | None = None
 
 
 def fit_statistics(trace: Trace, *, fit_fraction: float, phase: str, tokens_per_step: int,
                    with_coselection: bool, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                    cluster: Cluster | None = None) -> FitStatistics:
-    """Load (and co-selection) over the first fit_fraction of the trace's tokens (counted on the cluster's
-    workers, by token range, when one is given: integer sums, so the same counts).
+    """Load (and co-selection, cross-layer co-selection and a sample of whole steps, for the traffic-aware
+    policies) over the first fit_fraction of the trace's tokens. With a cluster, load and co-selection are
+    counted on its workers by token range (integer sums: the same counts); the traffic sample needs the
+    tokens in order, so with co-selection the count stays here.
 
     The scored part starts at the first recorded step boundary at or after that point (so no step is split
     between fitting and scoring); with fit_fraction 0 the whole trace is both fitted and scored.
     """
     meta = trace.metadata
+    layers, experts = meta.num_moe_layers, meta.num_experts
+    cross = np.zeros((max(layers - 1, 0), experts, experts) if with_coselection else (0, 1, 1),
+                     dtype=np.int64)
+    sampler = StepSampler()
+    sel_count = np.zeros(2, dtype=np.int64)  # fit tokens per phase so far (regrouped step keys)
     total = trace.num_tokens
     if fit_fraction <= 0:
         stop = total
@@ -51,7 +60,7 @@ def fit_statistics(trace: Trace, *, fit_fraction: float, phase: str, tokens_per_
     else:
         stop = fit_stop(trace, fit_fraction, phase, chunk_tokens)
         score_start = -1
-    if cluster is not None:
+    if cluster is not None and not with_coselection:
         from simulator.replay.distributed import count_on_cluster
 
         load, cosel = count_on_cluster(cluster, trace, stop, PHASES[phase], with_coselection, chunk_tokens)
@@ -67,6 +76,9 @@ def fit_statistics(trace: Trace, *, fit_fraction: float, phase: str, tokens_per_
             if t0 < stop:
                 K.count_load(chunk.expert_ids, chunk.phase, t0, PHASES[phase], stop, load, cosel,
                              with_coselection)
+                if with_coselection:
+                    _sample_chunk(chunk.expert_ids, chunk.step, chunk.phase, t0, stop, PHASES[phase],
+                                  tokens_per_step, sel_count, sampler, cross)
             if score_start < 0 and t0 + n > stop:
                 score_start = step_boundary(chunk.step, t0, stop, tokens_per_step, last_step)
             last_step = chunk.step[-1] if n else last_step
@@ -78,7 +90,34 @@ def fit_statistics(trace: Trace, *, fit_fraction: float, phase: str, tokens_per_
     if fit_fraction > 0 and load.sum() == 0:
         raise InputError(f"{trace.paths[0]}: the fit part (the first {stop:,} tokens) holds no {phase} "
                          "assignments to fit placements on (raise --fit-fraction, or 0 to fit on everything)")
-    return FitStatistics(load, cosel if with_coselection else None, stop, score_start)
+    routing = sampler.sample(cross, layers, meta.top_k) if with_coselection else None
+    return FitStatistics(load, cosel if with_coselection else None, stop, score_start, routing)
+
+
+def _sample_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int, stop: int, phase_code: int,
+                  tokens_per_step: int, sel_count: np.ndarray, sampler: StepSampler,
+                  cross: np.ndarray) -> None:
+    """Feed one chunk's fit tokens to the step sampler (steps keyed as the replay keys them, kernels.step_key)
+    and to the cross-layer counts."""
+    n = min(ids.shape[0], stop - t0)
+    keep = np.zeros(ids.shape[0], dtype=bool)
+    keep[:n] = True
+    if phase_code >= 0:
+        keep &= phases == phase_code
+    if cross.shape[0]:
+        count_cross_layer(ids, keep, cross)
+    rows = np.flatnonzero(keep)
+    if tokens_per_step > 0:
+        ph = phases[rows].astype(np.int64)
+        within = np.empty(rows.size, dtype=np.int64)
+        for p in (0, 1):
+            mask = ph == p
+            within[mask] = sel_count[p] + np.arange(int(mask.sum()))
+            sel_count[p] += int(mask.sum())
+        key = ph * (1 << 40) + within // tokens_per_step
+    else:
+        key = steps[rows].astype(np.int64)
+    sampler.add(ids[rows], t0 + rows, key)
 
 
 def zero_counts(meta: TraceMetadata, with_coselection: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +188,8 @@ def fit_variants(stats: FitStatistics, meta: TraceMetadata, *, policies: tuple[s
     for policy in policies:
         try:
             placement = fit_placement(policy, stats.load, num_gpus=num_gpus, gpus_per_node=gpus_per_node,
-                                      redundant_experts=redundant_experts, coselection=stats.coselection)
+                                      redundant_experts=redundant_experts, coselection=stats.coselection,
+                                      routing=stats.routing)
         except PlacementNotApplicable as exc:
             if skipped is None:
                 raise

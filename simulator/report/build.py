@@ -25,11 +25,13 @@ from simulator.report import figures
 from simulator.report.format import fmt_bytes, fmt_int, fmt_ms, fmt_num, fmt_pct
 from simulator.report.model import Report, Section, Table
 from simulator.report.plan_section import plan_section, time_breakdown_figure
+from simulator.report.traffic_section import traffic_section
 from simulator.routing_analysis import RoutingAnalysis
+from simulator.traffic.tradeoff import TradeoffCurve
 from traces.presets import PRESETS
 from traces.schema import PHASE_NAMES, TraceMetadata
 
-SECTION_KEYS = ("recommendation", "layouts", "rebalance", "routing", "inputs")
+SECTION_KEYS = ("recommendation", "layouts", "traffic", "rebalance", "routing", "inputs")
 COSELECTION_LAYERS = 3  # co-selection matrices drawn: first, middle and last MoE layer
 # expert pairs listed only if at least this share of tokens chose both (lift is noisy below)
 PAIR_MIN_SHARE = 0.005
@@ -98,6 +100,7 @@ class ReportInputs:
     created_at: str = ""
     step_basis: StepBasis | None = None  # None: the replay's own tokens_per_step, no plan point behind it
     rebalance_advice: RebalanceAdvice | None = None  # None: advise() with the default margin
+    traffic: TradeoffCurve | None = None  # None: the traffic section says it was not computed
 
     def steps(self) -> StepBasis:
         if self.step_basis is not None:
@@ -411,6 +414,7 @@ def build_report(inputs: ReportInputs) -> Report:
     sections = [
         _recommendation_section(inputs),
         _layouts_section(inputs),
+        traffic_section(inputs.traffic),
         _rebalance_section(inputs),
         _routing_section(inputs),
         _inputs_section(inputs),
@@ -422,6 +426,7 @@ def build_report(inputs: ReportInputs) -> Report:
         "model_id": meta.model_id,
         "plan": inputs.plan.to_dict() if inputs.plan is not None else None,
         "replay": inputs.replay.to_dict(),
+        "traffic": [p.to_dict() for p in inputs.traffic.points] if inputs.traffic is not None else None,
         "rebalance": [r.to_dict() for r in inputs.rebalance],
         "rebalance_advice": (inputs.rebalance_advice or advise(inputs.rebalance)).to_dict()
         if inputs.rebalance

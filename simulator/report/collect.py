@@ -32,8 +32,12 @@ from simulator.rebalance import (
 from simulator.replay import DEFAULT_PLACEMENTS, ReplayConfig, replay
 from simulator.report.build import ReportInputs, StepBasis
 from simulator.routing_analysis import DEFAULT_SEGMENTS, analyze_routing
+from simulator.traffic.tradeoff import tradeoff_curve
 from traces.errors import InputError
 from traces.reader import Trace
+
+# step budgets of the traffic section's curves (fewer than the benchmark's: each is a fit of two policies)
+REPORT_BUDGETS = (0.0, 0.02, 0.05, 0.2)
 
 
 @dataclass(kw_only=True)
@@ -189,6 +193,12 @@ def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFacto
 
     routing = analyze_routing(trace, segments=options.segments, chunk_tokens=options.chunk_tokens,
                               progress=bar("routing"))
+    traffic = tradeoff_curve(trace, num_gpus=num_gpus, gpus_per_node=options.gpus_per_node,
+                             redundant_experts=redundant, budgets=REPORT_BUDGETS,
+                             policies=("balanced", "replicated", "coactivation", "affinity") if redundant
+                             else ("balanced", "coactivation", "affinity"),
+                             fit_fraction=options.fit_fraction, tokens_per_step=tokens_per_step,
+                             phase=options.phase, chunk_tokens=options.chunk_tokens)
     shown = dict(settings or {})
     if skipped:
         shown["placements not buildable on this layout"] = skipped
@@ -197,5 +207,6 @@ def collect_inputs(trace: Trace, options: ReportOptions, progress: ProgressFacto
         replay=replay_result, rebalance=rebalance_results, rebalance_advice=rebalance_advice,
         hardware=list(options.hardware), plan=plan_result, settings=shown,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), step_basis=basis,
+        traffic=traffic,
     )
 

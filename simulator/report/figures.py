@@ -260,6 +260,33 @@ def node_traffic(names: Sequence[str], intra: Sequence[float], inter: Sequence[f
                    "links, and between nodes over the network, per placement.")
 
 
+def traffic_tradeoff(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                     points: Mapping[str, tuple[float, float]]) -> Figure:
+    """All-to-all bytes per token against step imbalance. curves: label -> (step imbalances, bytes) of a
+    policy fitted at rising step budgets under one dispatch model; points: label -> (step imbalance, bytes) of
+    a policy without a budget."""
+    fig = MplFigure(figsize=(8, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    policies = list(dict.fromkeys(label.split(" (")[0] for label in curves))  # one colour per policy
+    for label, (imb, nbytes) in curves.items():
+        style = "--" if label.endswith("(stay)") else "-"
+        color = COLORS[policies.index(label.split(" (")[0]) % len(COLORS)]
+        ax.plot(imb, np.asarray(nbytes) / 2**10, style, marker="o", ms=4, color=color, label=label)
+    for j, (label, (imb1, nbytes1)) in enumerate(points.items()):
+        ax.scatter([imb1], [nbytes1 / 2**10], marker="s", s=40, color="black" if j == 0 else COLORS[-1],
+                   zorder=3, label=label)
+    ax.set_xlabel("step imbalance")
+    ax.set_ylabel("all-to-all KiB per token (dispatch + combine)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _finish(fig, "traffic-tradeoff", "All-to-all bytes against step imbalance",
+                   "Each curve is one traffic-aware policy fitted at rising step budgets (left to right: the "
+                   "sampled steps' load may grow more over the balanced start's), scored on the tokens after "
+                   "the fit part with tokens returning home after every layer (solid) or staying on the GPU "
+                   "of their top-1 expert (dashed); squares are policies without a budget. Down and left is "
+                   "better.")
+
+
 def time_breakdown(names: Sequence[str], parts: Mapping[str, Sequence[float]],
                    highlight: int | None = None) -> Figure:
     """Stacked MoE time per step by component for each layout. parts: component -> [P] seconds; highlight: the
