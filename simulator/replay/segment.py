@@ -105,6 +105,7 @@ class Segment:
     tot_int: np.ndarray  # [V, L, 8] integer totals (kernels.I_*)
     comp: np.ndarray  # [V, H, L, 4] seconds per time component (kernels.COMPONENTS)
     step_imb: list[list[np.ndarray]]  # per variant, [n] arrays of each priced step's imbalance, in order
+    step_sglang: list[list[np.ndarray]]  # per variant, [n] arrays: sum over layers of SGLang's balancedness
     step_time: list[list[np.ndarray]]  # per variant, [H, n] arrays of step seconds
     step_ntok: list[list[np.ndarray]]  # per variant, [n] arrays of tokens per step
 
@@ -122,8 +123,8 @@ class Segment:
             tot_gpu=np.zeros((v, layers, arrays.g_max), dtype=np.int64),
             tot_int=np.zeros((v, layers, K.NUM_INT_TOTALS), dtype=np.int64),
             comp=np.zeros((v, h, layers, len(K.COMPONENTS))),
-            step_imb=[[] for _ in range(v)], step_time=[[] for _ in range(v)],
-            step_ntok=[[] for _ in range(v)],
+            step_imb=[[] for _ in range(v)], step_sglang=[[] for _ in range(v)],
+            step_time=[[] for _ in range(v)], step_ntok=[[] for _ in range(v)],
         )
 
     def feed(self, ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int, phase_filter: int,
@@ -132,6 +133,7 @@ class Segment:
         a = self.arrays
         v, h, cap = a.gpus.size, self.cost.shape[0], ids.shape[0] + 1
         out_imb = np.empty((v, cap))
+        out_sglang = np.empty((v, cap))
         out_time = np.empty((v, h, cap))
         out_ntok = np.empty((v, cap), dtype=np.int64)
         out_n = np.zeros(v, dtype=np.int64)
@@ -140,23 +142,24 @@ class Segment:
                        a.local_slot, a.slot_gpu, self.model, self.cost,
                        self.sel_count, self.cur_key, self.cur_ntok, self.acc, self.fresh, self.head_key,
                        self.head_ntok, self.head_acc, self.tot_gpu, self.tot_int, self.comp,
-                       out_imb, out_time, out_ntok, out_n)
+                       out_imb, out_sglang, out_time, out_ntok, out_n)
         for i in range(v):
             n = int(out_n[i])
             if n:
                 self.step_imb[i].append(out_imb[i, :n].copy())
+                self.step_sglang[i].append(out_sglang[i, :n].copy())
                 self.step_time[i].append(out_time[i, :, :n].copy())
                 self.step_ntok[i].append(out_ntok[i, :n].copy())
 
-    def _price(self, i: int, acc: np.ndarray, ntok: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _price(self, i: int, acc: np.ndarray, ntok: int) -> tuple[np.ndarray, ...]:
         a = self.arrays
         t = np.zeros(self.cost.shape[0])
-        imb = K.price_step(acc, ntok, int(a.gpus[i]), int(a.slots[i]), int(a.gpn[i]), int(a.used[i]),
-                           self.model, self.cost, self.comp[i], self.tot_int[i], self.tot_gpu[i], t)
-        return np.array([imb]), t[:, None], np.array([ntok], dtype=np.int64)
+        imb, sglang = K.price_step(acc, ntok, int(a.gpus[i]), int(a.slots[i]), int(a.gpn[i]), int(a.used[i]),
+                                   self.model, self.cost, self.comp[i], self.tot_int[i], self.tot_gpu[i], t)
+        return np.array([imb]), np.array([sglang]), t[:, None], np.array([ntok], dtype=np.int64)
 
-    def _append(self, i: int, priced: tuple[np.ndarray, np.ndarray, np.ndarray], front: bool = False) -> None:
-        lists = (self.step_imb[i], self.step_time[i], self.step_ntok[i])
+    def _append(self, i: int, priced: tuple[np.ndarray, ...], front: bool = False) -> None:
+        lists = (self.step_imb[i], self.step_sglang[i], self.step_time[i], self.step_ntok[i])
         for lst, arr in zip(lists, priced, strict=True):
             if front:
                 lst.insert(0, arr)
@@ -189,8 +192,8 @@ class Segment:
             if later_has_head:
                 out.cur_key[i], out.cur_ntok[i], out.acc[i] = first_key, joined_ntok, joined_acc
                 self._close(out, i)
-                for lst, extra in ((out.step_imb, later.step_imb), (out.step_time, later.step_time),
-                                   (out.step_ntok, later.step_ntok)):
+                for lst, extra in ((out.step_imb, later.step_imb), (out.step_sglang, later.step_sglang),
+                                   (out.step_time, later.step_time), (out.step_ntok, later.step_ntok)):
                     lst[i].extend(extra[i])
                 out.cur_key[i], out.cur_ntok[i] = later.cur_key[i], later.cur_ntok[i]
                 out.acc[i] = later.acc[i]
@@ -226,6 +229,11 @@ class Segment:
         tim = np.concatenate(self.step_time[i], axis=1) if self.step_time[i] else np.zeros((h, 0))
         ntok = np.concatenate(self.step_ntok[i]) if self.step_ntok[i] else np.zeros(0, dtype=np.int64)
         return imb, tim, ntok
+
+    def sglang_layer_sums(self, i: int) -> np.ndarray:
+        """[n] each priced step's sum over layers of SGLang's balancedness (simulator.metrics), in step
+        order."""
+        return np.concatenate(self.step_sglang[i]) if self.step_sglang[i] else np.zeros(0)
 
 
 SHARD_TOKENS = 1 << 18  # tokens per independently replayed shard; fixed, so results never depend on --workers
@@ -321,7 +329,7 @@ def merge_groups(seg: Segment, groups: list[tuple[int, ...]]) -> Segment:
         return [[arr for i in g for arr in lists[i]] for g in groups]
 
     return dataclasses.replace(seg, tot_gpu=rows(seg.tot_gpu), tot_int=rows(seg.tot_int), comp=rows(seg.comp),
-                               step_imb=steps(seg.step_imb), step_time=steps(seg.step_time),
-                               step_ntok=steps(seg.step_ntok))
+                               step_imb=steps(seg.step_imb), step_sglang=steps(seg.step_sglang),
+                               step_time=steps(seg.step_time), step_ntok=steps(seg.step_ntok))
 
 
