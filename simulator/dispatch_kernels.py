@@ -321,8 +321,9 @@ def route_and_price(policy: int, tok: np.ndarray, ids: np.ndarray, v: int, var_g
                     var_slots: np.ndarray, var_gpn: np.ndarray, var_used: np.ndarray, rep_count: np.ndarray,
                     rep_slot: np.ndarray, local_slot: np.ndarray, slot_gpu: np.ndarray, model: np.ndarray,
                     cost: np.ndarray, width: int, tot_int: np.ndarray, tot_gpu: np.ndarray, comp: np.ndarray,
-                    step_time: np.ndarray) -> float:
-    """route_step then kernels.price_step for variant v's closed step; returns its step imbalance."""
+                    step_time: np.ndarray) -> tuple[float, float]:
+    """route_step then kernels.price_step for variant v's closed step; returns its step imbalance and its sum
+    over layers of SGLang's balancedness (price_step's pair)."""
     acc = np.zeros((ids.shape[1], width), dtype=np.int64)
     route_step(policy, tok, ids, var_gpus[v], var_slots[v], var_gpn[v], rep_count[v], rep_slot[v],
                local_slot[v], slot_gpu[v], acc, tot_int[v])
@@ -340,8 +341,8 @@ def replay_chunk_dispatch(policy: int, ids: np.ndarray, steps: np.ndarray, phase
                           fresh: np.ndarray, head_key: np.ndarray, head_ntok: np.ndarray, buf_off: np.ndarray,
                           buf_tok: np.ndarray, buf_ids: np.ndarray, head_tok: np.ndarray,
                           head_ids: np.ndarray, tot_gpu: np.ndarray, tot_int: np.ndarray, comp: np.ndarray,
-                          out_imb: np.ndarray, out_time: np.ndarray, out_ntok: np.ndarray,
-                          out_n: np.ndarray) -> None:
+                          out_imb: np.ndarray, out_sglang: np.ndarray, out_time: np.ndarray,
+                          out_ntok: np.ndarray, out_n: np.ndarray) -> None:
     """kernels.replay_chunk for a per-step dispatch policy: the same steps, state and outputs, but a step's
     tokens are buffered (variant v's open step in buf_tok / buf_ids [buf_off[v] : ...], its unpriced head
     step in head_tok / head_ids at the same place; the caller makes room for cur_ntok + this chunk's tokens)
@@ -370,7 +371,7 @@ def replay_chunk_dispatch(policy: int, ids: np.ndarray, steps: np.ndarray, phase
                         fresh[v] = 0
                     else:
                         c = out_n[v]
-                        out_imb[v, c] = route_and_price(
+                        out_imb[v, c], out_sglang[v, c] = route_and_price(
                             policy, buf_tok[off: off + n], buf_ids[off: off + n], v, var_gpus, var_slots,
                             var_gpn, var_used, rep_count, rep_slot, local_slot, slot_gpu, model, cost, width,
                             tot_int, tot_gpu, comp, step_time)

@@ -19,10 +19,13 @@ spreads every source GPU's tokens evenly over the replicas.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 from numba import njit
 
+from simulator.metrics import sglang_layer_balancedness
 from simulator.profiles import GRID_LOG2_ASSIGNMENTS, GRID_LOG2_EXPERTS, GRID_ROWS
 from traces.errors import InputError
 
@@ -58,6 +61,10 @@ COMPONENTS = ("compute", "weights", "dispatch", "combine")
 I_LEAVE_GPU, I_LEAVE_NODE, I_SU_PAIRS, I_SO_PAIRS, I_DROPPED, I_ACTIVE, I_PEAK, I_STEPS = range(8)
 NUM_INT_TOTALS = 8
 
+
+# the one definition, compiled for the kernel
+_sglang_layer = cast(Callable[[float, float], float],
+                     njit(cache=True, inline="always")(sglang_layer_balancedness))
 
 _WORKERS = [0]  # threads run_variants replays shards of the trace on; 0: every core this process may use
 
@@ -168,9 +175,9 @@ def profiled_gemm_seconds(row: np.ndarray, experts: int, rows: float) -> float:
 @njit(cache=True)
 def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gpus_per_node: int,
                used_slots: int, model: np.ndarray, cost: np.ndarray, comp: np.ndarray, tot_int: np.ndarray,
-               tot_gpu: np.ndarray, step_time: np.ndarray) -> float:
+               tot_gpu: np.ndarray, step_time: np.ndarray) -> tuple[float, float]:
     """Price one finished step of one variant; return its load imbalance (sum of layer max / sum of layer
-    mean).
+    mean) and its sum over layers of SGLang's per-layer balancedness (simulator.metrics).
 
     acc [L, W] counts as in the module docstring; model [6]; cost [H, NUM_COST_COLUMNS].
     Adds seconds into comp [H, L, 4], dropped / active slots / busiest-GPU assignments / steps into
@@ -202,6 +209,7 @@ def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gp
                 n_tiles = n_hw
     sum_max = 0.0
     sum_mean = 0.0
+    sglang_sum = 0.0
     for layer in range(layers):
         row = acc[layer]
         t_expert[:] = 0.0
@@ -245,6 +253,7 @@ def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gp
         tot_int[layer, I_STEPS] += 1
         sum_max += gpu_max
         sum_mean += total / num_gpus
+        sglang_sum += _sglang_layer(total / num_gpus, float(gpu_max))
         su_max = 0
         for g in range(num_gpus):
             su_max = max(su_max, row[m + g], row[m + num_gpus + g])
@@ -269,8 +278,8 @@ def price_step(acc: np.ndarray, ntok: int, num_gpus: int, slots_per_gpu: int, gp
             comp[h, layer, 3] += comb
             step_time[h] += t_expert[h] + disp + comb
     if sum_mean <= 0:
-        return 1.0
-    return sum_max / sum_mean
+        return 1.0, sglang_sum
+    return sum_max / sum_mean, sglang_sum
 
 
 @njit(cache=True, nogil=True)
@@ -282,7 +291,8 @@ def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int
                  acc: np.ndarray,
                  fresh: np.ndarray, head_key: np.ndarray, head_ntok: np.ndarray, head_acc: np.ndarray,
                  tot_gpu: np.ndarray, tot_int: np.ndarray, comp: np.ndarray,
-                 out_imb: np.ndarray, out_time: np.ndarray, out_ntok: np.ndarray, out_n: np.ndarray) -> None:
+                 out_imb: np.ndarray, out_sglang: np.ndarray, out_time: np.ndarray, out_ntok: np.ndarray,
+                 out_n: np.ndarray) -> None:
     """Route one chunk of tokens for every variant; price each step as it closes. Holds no GIL, so
     run_variants replays shards of the trace on several threads at once.
 
@@ -299,7 +309,8 @@ def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int
     segment before it (replay.Segment.merge).
     Totals: tot_gpu [V, L, G] assignments per GPU (added when a step is priced); tot_int [V, L, 8] (I_*
     columns); comp [V, H, L, 4] seconds.
-    Per closed step: out_imb [V, T + 1], out_time [V, H, T + 1], out_ntok [V, T + 1]; out_n [V] counts them.
+    Per closed step: out_imb [V, T + 1], out_sglang [V, T + 1] (price_step's layer sum),
+    out_time [V, H, T + 1], out_ntok [V, T + 1]; out_n [V] counts them.
     """
     n_tok, layers, top_k = ids.shape
     n_var = var_gpus.shape[0]
@@ -330,9 +341,9 @@ def replay_chunk(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, t0: int
                         fresh[v] = 0
                     else:
                         c = out_n[v]
-                        out_imb[v, c] = price_step(acc[v], cur_ntok[v], g_count, var_slots[v], gpn,
-                                                   var_used[v], model, cost, comp[v], tot_int[v], tot_gpu[v],
-                                                   step_time)
+                        out_imb[v, c], out_sglang[v, c] = price_step(
+                            acc[v], cur_ntok[v], g_count, var_slots[v], gpn, var_used[v], model, cost,
+                            comp[v], tot_int[v], tot_gpu[v], step_time)
                         out_time[v, :, c] = step_time
                         out_ntok[v, c] = cur_ntok[v]
                         out_n[v] = c + 1

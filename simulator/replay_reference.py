@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from simulator.metrics import sglang_layer_balancedness
 from simulator.placement import Placement
 
 
@@ -27,6 +28,7 @@ class ReferenceResult:
     peak: np.ndarray  # [L] summed over steps: the busiest GPU's assignments
     step_ntok: np.ndarray  # [P]
     step_imbalance: np.ndarray  # [P]
+    step_sglang_sum: np.ndarray  # [P] sum over layers of SGLang's per-layer balancedness (simulator.metrics)
     step_time: np.ndarray  # [P] seconds on the one cost row given
 
 
@@ -243,6 +245,7 @@ def reference_replay(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, pla
     per_gpu = slot_cnt.reshape(n_steps, layers, g, s).sum(axis=3)  # [P, L, G]
     out["peak"] = per_gpu.max(axis=2).sum(axis=0) if n_steps else np.zeros(layers, dtype=np.int64)
     step_imb = per_gpu.max(axis=2).sum(axis=1) / (per_gpu.sum(axis=2) / g).sum(axis=1)
+    step_sglang = sglang_layer_balancedness(per_gpu.mean(axis=2), per_gpu.max(axis=2).astype(np.float64))
     flops = kept.reshape(n_steps, layers, g, s).sum(axis=3) * model[K.M_FLOPS]
     t_exp = np.maximum(flops / cost_row[K.C_FLOPS],
                        act * model[K.M_EXPERT_BYTES] / cost_row[K.C_HBM]).max(axis=2)
@@ -255,4 +258,4 @@ def reference_replay(ids: np.ndarray, steps: np.ndarray, phases: np.ndarray, pla
         t_so = np.where(so_max > 0, so_max / gpn * nbytes / cost_row[so_col] + cost_row[K.C_SO_LAT], 0.0)
         times += np.maximum(t_su, t_so)
     return ReferenceResult(tot_gpu=tot_gpu, step_ntok=step_ntok, step_imbalance=step_imb,
-                           step_time=times.sum(axis=1), **out)
+                           step_sglang_sum=step_sglang.sum(axis=1), step_time=times.sum(axis=1), **out)

@@ -13,6 +13,7 @@ from sim_fixtures import fitted_variants, random_trace, tiny_meta, write_ids
 
 from simulator import dispatch_kernels as DK
 from simulator import kernels as K
+from simulator import metrics
 from simulator.commands import plan as plan_cli
 from simulator.commands import replay as replay_cli
 from simulator.cost_model import cost_matrix, model_vector
@@ -106,6 +107,30 @@ def test_route_step_hand_worked():
         assert acc[0, 4:6].sum() == acc[0, 6:8].sum() == leave  # sends and receives per GPU
 
 
+def test_route_and_price_reports_balancedness_hand_worked():
+    """The step of test_route_step_hand_worked, priced: a mean of 3 assignments per GPU, the busiest GPU at 6
+    (static), 5 (round-robin) or 4 (least-loaded, lp). Step imbalance busiest / 3; SGLang's one-layer ratio
+    (3 + 1e-5) / (busiest + 1e-5); vLLM's 1 / the imbalance."""
+    placement = Placement(slots=np.array([[[0, -1], [0, 1]]]), num_experts=2, gpus_per_node=2, policy="hand")
+    arrays = VariantArrays.build([Variant("hand", placement, 0, 0)], 2)
+    ids = np.array([1, 0, 1, 0, 1, 1], dtype=np.uint8).reshape(6, 1, 1)
+    tok = np.arange(6, dtype=np.int64)
+    meta = tiny_meta(1, 2, 1)
+    model, cost = model_vector(meta, None), cost_matrix([GpuSpec.from_name("h100")])
+    eps = metrics.SGLANG_EPSILON
+    for policy, busiest in {"static": 6, "round-robin": 5, "least-loaded": 4, "lp": 4}.items():
+        tot_int = np.zeros((1, 1, K.NUM_INT_TOTALS), dtype=np.int64)
+        tot_gpu = np.zeros((1, 1, arrays.g_max), dtype=np.int64)
+        comp = np.zeros((1, 1, 1, len(K.COMPONENTS)))
+        imb, sglang = DK.route_and_price(POLICY[policy], tok, ids, 0, arrays.gpus, arrays.slots, arrays.gpn,
+                                         arrays.used, arrays.rep_count, arrays.rep_slot, arrays.local_slot,
+                                         arrays.slot_gpu, model, cost, arrays.width, tot_int, tot_gpu, comp,
+                                         np.zeros(1))
+        assert imb == pytest.approx(busiest / 3, rel=1e-12), policy
+        assert sglang == pytest.approx((3 + eps) / (busiest + eps), rel=1e-12), policy
+        assert metrics.vllm_step_balancedness(np.array([imb]))[0] == pytest.approx(3 / busiest), policy
+
+
 def random_layer(rng: np.random.Generator) -> tuple[list[list[int]], list[list[int]], int]:
     """A random step of one layer: G GPUs, experts with 1 to 3 replicas on distinct GPUs, Zipf-like loads
     put on the replicas at random (as some static rule might)."""
@@ -183,6 +208,8 @@ def test_dispatch_kernels_match_numpy_reference(tmp_path, dispatch, tps, score_s
         assert np.array_equal(ti[:, K.I_PEAK], ref.peak)
         assert np.array_equal(ntok, ref.step_ntok)
         np.testing.assert_allclose(imb, ref.step_imbalance, rtol=1e-12)
+        # each layer's busiest GPU is the policy's optimum even for lp, so SGLang's ratio is exact for all
+        np.testing.assert_allclose(seg.sglang_layer_sums(i), ref.step_sglang_sum, rtol=1e-12)
         assert seg.tot_gpu[i].sum(axis=1).tolist() == ref.tot_gpu.sum(axis=1).tolist()
         if exact:
             assert np.array_equal(seg.tot_gpu[i, :, : v.placement.num_gpus], ref.tot_gpu)
@@ -214,6 +241,7 @@ def test_buffered_static_matches_the_token_kernel(tmp_path):
     for i in range(len(variants)):
         for x, y in zip(token.series(i), buffered.series(i), strict=True):
             np.testing.assert_allclose(x, y, rtol=1e-12)
+        np.testing.assert_allclose(token.sglang_layer_sums(i), buffered.sglang_layer_sums(i), rtol=1e-12)
 
 
 def test_dispatch_segments_merge_exactly(tmp_path):
@@ -245,6 +273,7 @@ def test_dispatch_segments_merge_exactly(tmp_path):
         for i in range(len(variants)):
             for x, y in zip(other.series(i), whole.series(i), strict=True):
                 np.testing.assert_allclose(x, y, rtol=1e-12)
+            np.testing.assert_allclose(other.sglang_layer_sums(i), whole.sglang_layer_sums(i), rtol=1e-12)
 
 
 def test_long_recorded_step_grows_the_buffer(tmp_path):
@@ -277,6 +306,11 @@ def test_replay_cli_names_the_dispatch_policy(tmp_path):
     imb = {p: {s["label"]: s["step_imbalance"] for s in out[p]["placements"]} for p in out}
     assert imb["lp"]["replicated+4"] < imb["static"]["replicated+4"]
     assert imb["lp"]["balanced"] == imb["static"]["balanced"]  # no replicas: nothing to split
+    # lp lowers every layer's busiest GPU: both engines' balancedness rise with it, and only where it splits
+    for engine in ("sglang_balancedness", "vllm_balancedness"):
+        got = {p: {s["label"]: s[engine] for s in out[p]["placements"]} for p in out}
+        assert got["lp"]["replicated+4"] > got["static"]["replicated+4"], engine
+        assert got["lp"]["balanced"] == got["static"]["balanced"], engine
     table = runner.invoke(replay_cli, [*common, "--dispatch", "least-loaded"])
     assert table.exit_code == 0, table.output
     assert "dispatch least-loaded" in " ".join(table.output.split())

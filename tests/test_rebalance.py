@@ -108,7 +108,8 @@ def test_weight_reads_can_set_the_step_time():
     # a GPU holding two experts with work but little load: reads (2 x 10 s) outweigh compute (2 x 1 s)
     loads = np.array([[[1, 1, 0, 0]]], dtype=np.int32)  # [W=1, L=1, E=4]
     share = gpu_share(np.array([[[0, 1], [2, 3]]]), 4)
-    _, _, gpu, seconds = score_steps(loads, share, seconds_per_assignment=1.0, seconds_per_expert_read=10.0)
+    _, _, gpu, seconds, _ = score_steps(loads, share, seconds_per_assignment=1.0,
+                                        seconds_per_expert_read=10.0)
     assert gpu.tolist() == [[2.0, 0.0]] and seconds.tolist() == [20.0]
 
 
@@ -351,3 +352,6 @@ def test_replay_and_rebalance_mean_the_same_step_imbalance(tmp_path):
     assert replayed.aggregate_imbalance == pytest.approx(refits.aggregate_imbalance("fixed"), rel=1e-12)
     assert replayed.step_imbalance_percentiles["p95"] == pytest.approx(refits.percentile("fixed", 95),
                                                                        rel=1e-12)
+    # and the engines' balancedness, from each one's own per-step loads
+    assert replayed.sglang_balancedness == pytest.approx(refits.sglang_balancedness("fixed"), rel=1e-12)
+    assert replayed.vllm_balancedness == pytest.approx(refits.vllm_balancedness("fixed"), rel=1e-12)

@@ -126,7 +126,8 @@ def test_layouts_match_replay(built):
     assert [r[0] for r in table.rows] == [p.label for p in replay.placements]
     for row, p in zip(table.rows, replay.placements, strict=True):
         assert row[1] == fmt_num(p.step_imbalance) and row[2] == fmt_num(p.aggregate_imbalance)
-        assert row[8] == f"{p.timings[0].step_time['mean'] * 1e3:.3f}"
+        assert row[5:7] == [fmt_num(p.sglang_balancedness), fmt_num(p.vllm_balancedness)]
+        assert row[10] == f"{p.timings[0].step_time['mean'] * 1e3:.3f}"
     assert report.data["replay"]["placements"][0]["label"] == replay.placements[0].label
 
 
@@ -184,7 +185,9 @@ def test_rebalance_and_routing_match_results(built):
     for row, r in zip(table.rows, inputs.rebalance, strict=True):
         assert row[2] == fmt_num(r.step_imbalance("rebalanced"))
         assert row[4] == fmt_num(r.step_imbalance("fixed")) and row[5] == fmt_num(r.step_imbalance("oracle"))
-        assert row[8] == f"{-r.gain():+.1%}"
+        assert row[6:8] == [fmt_num(r.sglang_balancedness("rebalanced")),
+                            fmt_num(r.vllm_balancedness("rebalanced"))]
+        assert row[10] == f"{-r.gain():+.1%}"
         assert r.window == 10 and r.scored_steps == r.steps - 10
     routing = report.section("routing")
     stats, pairs = routing.tables

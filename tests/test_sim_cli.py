@@ -55,15 +55,17 @@ def test_replay_table_fits_120_columns(tmp_path):
     data = json.loads(moe_sim("replay", str(path), "--gpus", "4", "--gpus-per-node", "2", "--json").stdout)
     # one line per placement in each table; its cells are the JSON numbers through the shared formatter
     rows = [line.split() for line in lines if line.split() and line.split()[0] == "replicated+4"]
-    assert len(rows) == 2
+    assert len(rows) == 3
     summary = data["placements"][3]
-    headline, breakdown = rows
+    headline, breakdown, balance = rows
     assert headline[1:5] == [units.sig(summary["step_imbalance"]),
                              units.sig(summary["step_imbalance_percentiles"]["p95"]),
                              units.share(summary["leave_gpu_share"]),
                              units.share(summary["leave_node_share"])]
     compute = summary["timings"][0]["breakdown"]["compute"]
     assert " ".join(breakdown[1:3]) == units.seconds(compute)
+    assert balance[1:] == [units.sig(summary[k]) for k in ("step_imbalance", "aggregate_imbalance",
+                                                           "sglang_balancedness", "vllm_balancedness")]
     out = moe_sim("plan", str(path), "--target-tokens-per-s", "1e3", "--gpus", "2,4", "--gpus-per-node", "2",
                   "--hardware", "h100,b200", "--redundant-experts", "0,4", "--tokens-per-step", "0", "--all",
                   "--quiet", columns=120)

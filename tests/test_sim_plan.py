@@ -209,7 +209,8 @@ def _candidate(num_gpus: int, tokens_per_s: float, p95: float, fits: bool = True
         redundant_experts=0, tokens_per_step=0, mean_tokens_per_step=1.0, step_ms=p95, step_ms_p95=p95,
         step_ms_p99=p95, moe_ms=p95, non_expert_ms=0.0, breakdown_ms={}, tokens_per_s=tokens_per_s,
         tokens_per_s_per_gpu=tokens_per_s / num_gpus, step_imbalance=1.0, aggregate_imbalance=1.0,
-        leave_node_share=0.0, memory_per_gpu_bytes=1.0, usable_hbm_bytes=2.0, fits_memory=fits,
+        sglang_balancedness=1.0, vllm_balancedness=1.0, leave_node_share=0.0, memory_per_gpu_bytes=1.0,
+        usable_hbm_bytes=2.0, fits_memory=fits,
         meets_throughput=True, meets_latency=True, meets_target=fits, price_per_hour=price,
     )
 

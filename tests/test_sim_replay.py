@@ -182,6 +182,7 @@ def test_kernels_match_numpy_reference(tmp_path, tps, phase, score_start, cf):
         imb, tim, ntok = seg.series(i)
         assert np.array_equal(ntok, ref.step_ntok)
         np.testing.assert_allclose(imb, ref.step_imbalance, rtol=1e-12)
+        np.testing.assert_allclose(seg.sglang_layer_sums(i), ref.step_sglang_sum, rtol=1e-12)
         np.testing.assert_allclose(tim[1], ref.step_time, rtol=1e-9)
     if cf:
         assert seg.tot_int[:, :, K.I_DROPPED].sum() > 0  # the capacity case really drops something
@@ -218,6 +219,7 @@ def test_chunk_size_and_segment_merge_are_exact(tmp_path):
             a, b = other.series(i), whole.series(i)
             for x, y in zip(a, b, strict=True):
                 np.testing.assert_allclose(x, y, rtol=1e-12)
+            np.testing.assert_allclose(other.sglang_layer_sums(i), whole.sglang_layer_sums(i), rtol=1e-12)
 
 
 def test_fit_and_score_split_is_honest(tmp_path):

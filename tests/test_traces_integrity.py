@@ -17,7 +17,7 @@ from trace_fixtures import assert_same, make_chunk, make_meta
 
 from traces import open_trace, open_writer, write_trace
 from traces.arrow_format import BLOCK_KEY
-from traces.checksum import checksum, checksum_numpy
+from traces.checksum import block_checksums, checksum, checksum_numpy
 from traces.errors import InputError
 from traces.fuzz import BAD_OUTCOMES, fuzz_traces
 from traces.schema import FORMAT_MINOR
@@ -35,6 +35,13 @@ def test_checksum_kernel_matches_numpy_reference() -> None:
     weights = rng.random((300, 4, 2)).astype(np.float16)
     assert checksum(weights) == checksum_numpy(weights)
     assert checksum(weights)[0] == weights.nbytes
+    # the reader's batched form: every block in one kernel call, the same sums as block by block
+    for rows, block in ((300, 64), (256, 64), (10, 64), (0, 64), (301, 7)):
+        part = weights[:rows]
+        want = [checksum_numpy(part[r:r + block]) for r in range(0, rows, block)]
+        assert block_checksums(part, block) == want, (rows, block)
+    odd = rng.integers(0, 256, 23, dtype=np.uint8)  # 5-byte blocks are not whole words: block by block
+    assert block_checksums(odd, 5) == [checksum_numpy(odd[r:r + 5]) for r in range(0, 23, 5)]
 
 
 def test_checksum_sees_moved_and_changed_bytes() -> None:

@@ -22,7 +22,7 @@ import hdf5plugin  # registers the Blosc filter with HDF5, for reading as well a
 import numpy as np
 
 from traces import location
-from traces.checksum import BlockSums, checksum, text_digest
+from traces.checksum import BlockSums, block_checksums, text_digest
 from traces.chunk import TraceChunk
 from traces.errors import InputError
 from traces.location import Location
@@ -264,13 +264,14 @@ class Hdf5ShardReader:
         return TraceChunk(**out)
 
     def _verify(self, name: str, values: np.ndarray, row0: int) -> None:
+        """Each block of the rows read from row0 (a block boundary) against its stored checksum, the full
+        blocks hashed in one kernel call."""
         column = self.metadata.stored_fields().index(name)
-        for offset in range(0, len(values), CHECK_ROWS):
-            block = (row0 + offset) // CHECK_ROWS
+        for i, got in enumerate(block_checksums(values, CHECK_ROWS)):
+            block = row0 // CHECK_ROWS + i
             want = self.block_sums[block, column] if block < len(self.block_sums) else self.tail_sums[column]
-            got = checksum(values[offset:offset + CHECK_ROWS])
             if got != (int(want[0]), int(want[1])):
-                first = row0 + offset
+                first = block * CHECK_ROWS
                 raise InputError(f"{self.path}: checksum mismatch in {name} block {block} (rows {first}.."
                                  f"{min(first + CHECK_ROWS, self.num_tokens)}); the file is corrupt")
 

@@ -34,6 +34,8 @@ class Candidate:
     tokens_per_s_per_gpu: float
     step_imbalance: float  # simulator.metrics: the headline, per-step busiest over mean GPU load
     aggregate_imbalance: float  # simulator.metrics: the whole scored part as one step
+    sglang_balancedness: float  # simulator.metrics: the engines' own figures over the same steps
+    vllm_balancedness: float
     leave_node_share: float
     memory_per_gpu_bytes: float  # expert weights with replicas + non-expert weights
     usable_hbm_bytes: float  # HBM x (1 - reserve)
@@ -88,6 +90,7 @@ def price_candidates(summaries: list[VariantSummary], ntoks: list[np.ndarray], p
                 breakdown_ms={k: v * 1e3 for k, v in timing.breakdown.items()} | {"non_expert": ne_ms},
                 tokens_per_s=tokens_per_s, tokens_per_s_per_gpu=tokens_per_s / s.num_gpus,
                 step_imbalance=s.step_imbalance, aggregate_imbalance=s.aggregate_imbalance,
+                sglang_balancedness=s.sglang_balancedness, vllm_balancedness=s.vllm_balancedness,
                 leave_node_share=s.leave_node_share, memory_per_gpu_bytes=memory, usable_hbm_bytes=usable,
                 fits_memory=fits, meets_throughput=meets_tp, meets_latency=meets_lat,
                 meets_target=fits and meets_tp and meets_lat, price_per_hour=price,

@@ -25,12 +25,22 @@ def render_plan(result: PlanResult, *, show_all: bool = False, width: int | None
                      f"(first reason: {first}; --json lists every reason)[/dim]")
     items.append(f"[dim]replicas: each step's tokens of an expert split by --dispatch "
                  f"{result.config.get('dispatch', 'static')}[/dim]")
+    if rows:
+        items.append(balancedness_line(result.recommendation or rows[0]))
     for name, priced in result.pricing.items():
         items.append(f"[dim]{name}: expert time {priced['expert_time']}; non-expert "
                      f"{priced['non_expert_time']}; all-to-all {priced['all_to_all']}[/dim]")
     items.append(f"[bold]{'Recommendation' if result.recommendation else 'No recommendation'}[/bold]")
     items += [f"  - {reason}" for reason in result.reasons]
     return tables.to_text(*items, width=width, color=color)
+
+
+def balancedness_line(c: Candidate) -> str:
+    """The serving engines' balance figures for one candidate, beside moe-trace's (the table has no room)."""
+    return (f"[dim]{c.describe()}: SGLang balancedness {units.sig(c.sglang_balancedness)}, vLLM balancedness "
+            f"{units.sig(c.vllm_balancedness)} against step imbalance {units.sig(c.step_imbalance)} (mean "
+            "over steps of each step's mean over busiest GPU load, per layer for SGLang, layer-summed for "
+            "vLLM; --json has every candidate's)[/dim]")
 
 
 def _batch_cell(c: Candidate) -> str:

@@ -147,7 +147,8 @@ def rebalance_trace(
     return replay_rebalance(loads, fit, every=config.every, window=config.window,
                             num_experts=meta.num_experts, expert_bytes=int(expert_weight_bytes(meta)),
                             gpus_per_node=config.gpus_per_node,
-                            settings=config.settings(), prices=RefitPrices.for_gpu(config.hardware, meta))
+                            settings=config.settings(), prices=RefitPrices.for_gpu(config.hardware, meta),
+                            dense_layers=meta.num_hidden_layers - meta.num_moe_layers)
 
 
 def rebalance_interval(trace: Trace, _shared: None, config: RebalanceConfig,

@@ -63,7 +63,8 @@ class RebalanceResult:
     per_step: name -> [scored steps] each step's own imbalance; peak_load / mean_load: name -> the scored
     steps' sums of the layer-summed busiest and mean GPU load (their ratio is the step imbalance); gpu_load:
     name -> [L, G] load per GPU over the scored steps (the oracle's GPUs numbered as each of its fits has
-    them); expert_seconds: name -> predicted expert time summed over the scored steps (RefitPrices).
+    them); expert_seconds: name -> predicted expert time summed over the scored steps (RefitPrices);
+    sglang_per_step: name -> [scored steps] SGLang's balancedness of each step (simulator.metrics).
     """
 
     every: int
@@ -81,6 +82,7 @@ class RebalanceResult:
     busiest_copies: np.ndarray
     expert_bytes: int  # bytes of one expert's weights
     prices: RefitPrices = field(default_factory=RefitPrices.unit)
+    sglang_per_step: dict[str, np.ndarray] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)  # policy, GPUs, redundancy, phase, ...
 
     @property
@@ -98,6 +100,12 @@ class RebalanceResult:
 
     def aggregate_imbalance(self, name: str) -> float:
         return metrics.aggregate_imbalance(self.gpu_load[name])
+
+    def sglang_balancedness(self, name: str) -> float:
+        return metrics.mean_over_steps(self.sglang_per_step.get(name, np.zeros(0)))
+
+    def vllm_balancedness(self, name: str) -> float:
+        return metrics.mean_over_steps(metrics.vllm_step_balancedness(self.per_step[name]))
 
     def seconds_per_step(self, name: str) -> float:
         """Mean predicted expert time per scored step of a schedule (moves not included)."""
@@ -145,6 +153,8 @@ class RebalanceResult:
             out[name] = {
                 "step_imbalance": self.step_imbalance(name),
                 "aggregate_imbalance": self.aggregate_imbalance(name),
+                "sglang_balancedness": self.sglang_balancedness(name),
+                "vllm_balancedness": self.vllm_balancedness(name),
                 "seconds_per_step": self.seconds_per_step(name),
                 "p50": self.percentile(name, 50),
                 "p95": self.percentile(name, 95),

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from simulator import metrics
 from simulator.rebalance.result import SCHEDULES, RebalanceResult, RefitPrices
 from simulator.rebalance.scoring import align_gpus, copies_received, gpu_share, score_steps
 from traces.errors import InputError
@@ -35,7 +36,7 @@ class RebalanceReplay:
 
     def __init__(self, every: int, window: int, fit: FitFn, num_experts: int, expert_bytes: int,
                  gpus_per_node: int | None = None, buffer_steps: int | None = None,
-                 prices: RefitPrices | None = None):
+                 prices: RefitPrices | None = None, dense_layers: int = 0):
         if every < 1:
             raise InputError(f"--rebalance-every must be at least 1 step, not {every}")
         if window < 1:
@@ -43,6 +44,7 @@ class RebalanceReplay:
         self.every, self.window, self.fit = every, window, fit
         self.num_experts, self.expert_bytes = num_experts, expert_bytes
         self.prices = prices or RefitPrices.unit()
+        self.dense_layers = dense_layers  # decoder layers without experts (SGLang's balancedness counts them)
         self.gpus_per_node = gpus_per_node  # None: one node (GPUs renumbered freely)
         self.buffer_steps = buffer_steps  # None: from BUFFER_BYTES and the first step's size
         self.steps = 0
@@ -55,6 +57,7 @@ class RebalanceReplay:
         self._current_slots: np.ndarray | None = None
         self._peaks: dict[str, list[np.ndarray]] = {name: [] for name in SCHEDULES}
         self._means: dict[str, list[np.ndarray]] = {name: [] for name in SCHEDULES}
+        self._sglang: dict[str, list[np.ndarray]] = {name: [] for name in SCHEDULES}  # per-step layer sums
         self._gpu_load: dict[str, np.ndarray] = {}  # schedule -> [L, G] load summed over the scored steps
         # schedule -> expert seconds, scored steps
         self._seconds: dict[str, float] = dict.fromkeys(SCHEDULES, 0.0)
@@ -104,8 +107,9 @@ class RebalanceReplay:
         self._interval = []
 
     def _score(self, name: str, loads: np.ndarray, share: np.ndarray) -> None:
-        peak, mean, gpu, seconds = score_steps(loads, share, self.prices.seconds_per_assignment,
-                                               self.prices.seconds_per_expert_read)
+        peak, mean, gpu, seconds, sglang = score_steps(loads, share, self.prices.seconds_per_assignment,
+                                                       self.prices.seconds_per_expert_read)
+        self._sglang[name].append(sglang)
         self._seconds[name] += float(seconds.sum())
         self._peaks[name].append(peak)
         self._means[name].append(mean)
@@ -154,11 +158,14 @@ class RebalanceReplay:
         per_step: dict[str, np.ndarray] = {}
         peak_load: dict[str, float] = {}
         mean_load: dict[str, float] = {}
+        sglang: dict[str, np.ndarray] = {}
         for name in SCHEDULES:
             peaks = np.concatenate(self._peaks[name])
             means = np.concatenate(self._means[name])
             per_step[name] = np.divide(peaks, means, out=np.ones_like(peaks), where=means > 0)
             peak_load[name], mean_load[name] = float(peaks.sum()), float(means.sum())
+            sglang[name] = metrics.sglang_step_balancedness(np.concatenate(self._sglang[name]),
+                                                            self._gpu_load[name].shape[0], self.dense_layers)
         return RebalanceResult(
             every=self.every,
             window=self.window,
@@ -168,6 +175,7 @@ class RebalanceReplay:
             per_step=per_step,
             peak_load=peak_load,
             mean_load=mean_load,
+            sglang_per_step=sglang,
             gpu_load=self._gpu_load,
             expert_seconds=self._seconds,
             moved_copies=np.array(self._moved, dtype=np.int64),
@@ -199,14 +207,15 @@ def replay_rebalance(
     settings: dict[str, Any] | None = None,
     buffer_steps: int | None = None,
     prices: RefitPrices | None = None,
+    dense_layers: int = 0,
 ) -> list[RebalanceResult]:
     """Replay several rebalance intervals (one result per value of `every`) over the per-step loads.
 
     step_loads() must yield the same per-step loads [L, E] each time it is called: it is called a second time
     only when an interval is too long to hold in memory (RebalanceReplay.needs_second_pass).
     """
-    replays = [RebalanceReplay(w, window, fit, num_experts, expert_bytes, gpus_per_node, buffer_steps, prices)
-               for w in every]
+    replays = [RebalanceReplay(w, window, fit, num_experts, expert_bytes, gpus_per_node, buffer_steps, prices,
+                               dense_layers) for w in every]
     for load in step_loads():
         for r in replays:
             r.push(load)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from simulator import metrics
+
 
 def gpu_share(slots: np.ndarray, num_experts: int) -> np.ndarray:
     """[L, E, G] fraction of each expert's load that lands on each GPU (even split over replicas).
@@ -29,24 +31,25 @@ def step_peaks_means(loads: np.ndarray, share: np.ndarray) -> tuple[np.ndarray, 
 
     loads: [W, L, E]; share: [L, E, G]. Returns two [W] float64 arrays; their ratio is the step's imbalance.
     """
-    peaks, means, _, _ = score_steps(loads, share)
+    peaks, means, *_ = score_steps(loads, share)
     return peaks, means
 
 
 def score_steps(loads: np.ndarray, share: np.ndarray, seconds_per_assignment: float = 1.0,
-                seconds_per_expert_read: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                               np.ndarray]:
-    """step_peaks_means; each GPU's load summed over the steps [L, G] (for the aggregate imbalance); and each
+                seconds_per_expert_read: float = 0.0) -> tuple[np.ndarray, ...]:
+    """step_peaks_means; each GPU's load summed over the steps [L, G] (for the aggregate imbalance); each
     step's roofline expert time [W]: per layer the slowest GPU's max(load x seconds_per_assignment, experts
-    with work x seconds_per_expert_read), summed over layers (result.RefitPrices)."""
+    with work x seconds_per_expert_read), summed over layers (result.RefitPrices); and each step's sum over
+    layers of SGLang's balancedness [W] (simulator.metrics)."""
     per_layer = loads.astype(np.float64).transpose(1, 0, 2)  # [L, W, E]
     gpu = np.matmul(per_layer, share)  # [L, W, G]
     seconds = gpu * seconds_per_assignment
     if seconds_per_expert_read > 0:
         active = np.matmul((per_layer > 0).astype(np.float64), (share > 0).astype(np.float64))  # [L, W, G]
         seconds = np.maximum(seconds, active * seconds_per_expert_read)
-    return (gpu.max(axis=2).sum(axis=0), gpu.mean(axis=2).sum(axis=0), gpu.sum(axis=1),
-            seconds.max(axis=2).sum(axis=0))
+    peak, mean = gpu.max(axis=2), gpu.mean(axis=2)  # [L, W]
+    return (peak.sum(axis=0), mean.sum(axis=0), gpu.sum(axis=1), seconds.max(axis=2).sum(axis=0),
+            metrics.sglang_layer_balancedness(mean, peak).sum(axis=0))
 
 
 def presence(slots: np.ndarray, num_experts: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from simulator import dispatch_kernels as DK
-from simulator.replay.segment import Segment
+from simulator.replay.segment import Segment, step_series
 
 PIECE_TOKENS = 4096  # tokens per kernel call: bounds how far a recorded step's buffer grows past the step
 FIRST_CAP = 1024  # first room per variant for recorded steps (regrouped steps get exactly their size)
@@ -120,11 +120,12 @@ class DispatchSegment(Segment):
     def _clear_tail(self, i: int) -> None:
         pass  # cur_ntok = 0 empties it
 
-    def _price(self, i: int, content: Any, ntok: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _price(self, i: int, content: Any, ntok: int) -> tuple[np.ndarray, ...]:
         tok, ids = content
         a = self.arrays
         t = np.zeros(self.cost.shape[0])
-        imb = DK.route_and_price(self.policy, np.ascontiguousarray(tok), np.ascontiguousarray(ids), i, a.gpus,
-                                 a.slots, a.gpn, a.used, a.rep_count, a.rep_slot, a.local_slot, a.slot_gpu,
-                                 self.model, self.cost, a.width, self.tot_int, self.tot_gpu, self.comp, t)
-        return np.array([imb]), t[:, None], np.array([ntok], dtype=np.int64)
+        imb, sglang = DK.route_and_price(
+            self.policy, np.ascontiguousarray(tok), np.ascontiguousarray(ids), i, a.gpus, a.slots, a.gpn,
+            a.used, a.rep_count, a.rep_slot, a.local_slot, a.slot_gpu, self.model, self.cost, a.width,
+            self.tot_int, self.tot_gpu, self.comp, t)
+        return step_series(imb, sglang, t, ntok)

@@ -13,7 +13,8 @@ def render_replay(result: ReplayResult, *, per_layer: bool = False, width: int |
                   color: bool = False) -> str:
     """Everything `moe-sim replay` prints, as text (rich markup as colour only with `color`)."""
     best = min(result.placements, key=lambda s: s.timings[0].step_time["mean"])
-    items: list[str | Table] = [*step_size_lines(result), replay_table(result), breakdown_table(result)]
+    items: list[str | Table] = [*step_size_lines(result), replay_table(result), breakdown_table(result),
+                                balancedness_table(result)]
     if per_layer:
         items.append(per_layer_table(result))
     items += [f"Skipped {policy}: {reason}." for policy, reason in result.skipped]
@@ -103,6 +104,19 @@ def breakdown_table(result: ReplayResult) -> Table:
                       *(units.seconds(q[k]) for k in ("p50", "p95", "p99")),
                       f"{units.sig(s.step_imbalance_percentiles['p50'])}/"
                       f"{units.sig(s.step_imbalance_percentiles['p99'])}", units.sig(s.aggregate_imbalance))
+    return table
+
+
+def balancedness_table(result: ReplayResult) -> Table:
+    """The serving engines' own balance figures beside moe-trace's, over the same scored steps."""
+    columns = [("placement", "left"), ("step\nimbalance", "right"), ("aggregate\nimbalance", "right"),
+               ("SGLang\nbalancedness", "right"), ("vLLM\nbalancedness", "right")]
+    table = tables.table("Balance as the engines log it, beside moe-trace's imbalance", columns,
+                         f"{metrics.SGLANG_BALANCEDNESS}; {metrics.VLLM_BALANCEDNESS}; both weight every "
+                         "step alike, the step imbalance weights a step by its load")
+    for s in result.placements:
+        table.add_row(s.label, units.sig(s.step_imbalance), units.sig(s.aggregate_imbalance),
+                      units.sig(s.sglang_balancedness), units.sig(s.vllm_balancedness))
     return table
 
 

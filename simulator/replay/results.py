@@ -71,6 +71,8 @@ class VariantSummary:
     step_imbalance: float
     aggregate_imbalance: float  # the same with the whole scored part as one step (simulator.metrics)
     step_imbalance_percentiles: dict[str, float]  # of each step's own ratio: p50 / p95 / p99 / mean
+    sglang_balancedness: float  # the engines' own figures, over the same steps (simulator.metrics)
+    vllm_balancedness: float
     leave_gpu_share: float  # assignments served by another GPU than the token's source
     leave_node_share: float  # assignments served on another node
     scale_up_bytes_per_step: float  # dispatch + combine bytes over NVLink-class links
@@ -100,6 +102,8 @@ def summarise(seg: Segment, variants: list[Variant], gpus: list[GpuSpec], meta: 
         tot_gpu = seg.tot_gpu[i, :, :g].astype(np.float64)  # [L, G]
         ti = seg.tot_int[i]  # [L, 8]
         imb, tim, ntok = seg.series(i)
+        sglang = metrics.sglang_step_balancedness(seg.sglang_layer_sums(i), p.num_layers,
+                                                  meta.num_hidden_layers - meta.num_moe_layers)
         steps = int(imb.size)
         tokens = int(ntok.sum())
         assignments = int(tot_gpu.sum())
@@ -143,6 +147,8 @@ def summarise(seg: Segment, variants: list[Variant], gpus: list[GpuSpec], meta: 
             assignments=assignments,
             step_imbalance=metrics.ratio(float(ti[:, K.I_PEAK].sum()), float(tot_gpu.mean(axis=1).sum())),
             aggregate_imbalance=metrics.aggregate_imbalance(tot_gpu), step_imbalance_percentiles=_pcts(imb),
+            sglang_balancedness=metrics.mean_over_steps(sglang),
+            vllm_balancedness=metrics.mean_over_steps(metrics.vllm_step_balancedness(imb)),
             leave_gpu_share=float(ti[:, K.I_LEAVE_GPU].sum() / assignments) if assignments else 0.0,
             leave_node_share=float(ti[:, K.I_LEAVE_NODE].sum() / assignments) if assignments else 0.0,
             scale_up_bytes_per_step=float(ti[:, K.I_SU_PAIRS].sum() * per_copy / max(steps, 1)),

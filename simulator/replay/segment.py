@@ -112,6 +112,7 @@ class Segment:
     tot_int: np.ndarray  # [V, L, 8] integer totals (kernels.I_*)
     comp: np.ndarray  # [V, H, L, 4] seconds per time component (kernels.COMPONENTS)
     step_imb: list[list[np.ndarray]]  # per variant, [n] arrays of each priced step's imbalance, in order
+    step_sglang: list[list[np.ndarray]]  # per variant, [n] arrays: sum over layers of SGLang's balancedness
     step_time: list[list[np.ndarray]]  # per variant, [H, n] arrays of step seconds
     step_ntok: list[list[np.ndarray]]  # per variant, [n] arrays of tokens per step
 
@@ -129,8 +130,8 @@ class Segment:
             tot_gpu=np.zeros((v, layers, arrays.g_max), dtype=np.int64),
             tot_int=np.zeros((v, layers, K.NUM_INT_TOTALS), dtype=np.int64),
             comp=np.zeros((v, h, layers, len(K.COMPONENTS))),
-            step_imb=[[] for _ in range(v)], step_time=[[] for _ in range(v)],
-            step_ntok=[[] for _ in range(v)],
+            step_imb=[[] for _ in range(v)], step_sglang=[[] for _ in range(v)],
+            step_time=[[] for _ in range(v)], step_ntok=[[] for _ in range(v)],
         )
 
     def state(self) -> dict[str, Any]:
@@ -162,19 +163,21 @@ class Segment:
                        self.head_ntok, self.head_acc, self.tot_gpu, self.tot_int, self.comp, *outputs)
         self._keep_steps(*outputs)
 
-    def _step_outputs(self, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The kernels' per-step outputs for up to `cap` closed steps per variant: imbalance [V, cap], seconds
-        [V, H, cap], tokens [V, cap], and how many closed [V]."""
+    def _step_outputs(self, cap: int) -> tuple[np.ndarray, ...]:
+        """The kernels' per-step outputs for up to `cap` closed steps per variant: imbalance [V, cap], SGLang
+        balancedness summed over layers [V, cap], seconds [V, H, cap], tokens [V, cap], and how many closed
+        [V]."""
         v, h = self.arrays.gpus.size, self.cost.shape[0]
-        return (np.empty((v, cap)), np.empty((v, h, cap)), np.empty((v, cap), dtype=np.int64),
-                np.zeros(v, dtype=np.int64))
+        return (np.empty((v, cap)), np.empty((v, cap)), np.empty((v, h, cap)),
+                np.empty((v, cap), dtype=np.int64), np.zeros(v, dtype=np.int64))
 
-    def _keep_steps(self, out_imb: np.ndarray, out_time: np.ndarray, out_ntok: np.ndarray,
-                    out_n: np.ndarray) -> None:
+    def _keep_steps(self, out_imb: np.ndarray, out_sglang: np.ndarray, out_time: np.ndarray,
+                    out_ntok: np.ndarray, out_n: np.ndarray) -> None:
         for i in range(self.arrays.gpus.size):
             n = int(out_n[i])
             if n:
                 self.step_imb[i].append(out_imb[i, :n].copy())
+                self.step_sglang[i].append(out_sglang[i, :n].copy())
                 self.step_time[i].append(out_time[i, :, :n].copy())
                 self.step_ntok[i].append(out_ntok[i, :n].copy())
 
@@ -192,15 +195,18 @@ class Segment:
     def _clear_tail(self, i: int) -> None:
         self.acc[i] = 0
 
-    def _price(self, i: int, content: Any, ntok: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _price(self, i: int, content: Any, ntok: int) -> tuple[np.ndarray, ...]:
+        """Price one closed step of variant i: the _keep_steps series for it (imbalance, SGLang layer sum,
+        seconds [H, 1], tokens), to _append."""
         a = self.arrays
         t = np.zeros(self.cost.shape[0])
-        imb = K.price_step(content, ntok, int(a.gpus[i]), int(a.slots[i]), int(a.gpn[i]), int(a.used[i]),
-                           self.model, self.cost, self.comp[i], self.tot_int[i], self.tot_gpu[i], t)
-        return np.array([imb]), t[:, None], np.array([ntok], dtype=np.int64)
+        imb, sglang = K.price_step(content, ntok, int(a.gpus[i]), int(a.slots[i]), int(a.gpn[i]),
+                                   int(a.used[i]), self.model, self.cost, self.comp[i], self.tot_int[i],
+                                   self.tot_gpu[i], t)
+        return step_series(imb, sglang, t, ntok)
 
-    def _append(self, i: int, priced: tuple[np.ndarray, np.ndarray, np.ndarray], front: bool = False) -> None:
-        lists = (self.step_imb[i], self.step_time[i], self.step_ntok[i])
+    def _append(self, i: int, priced: tuple[np.ndarray, ...], front: bool = False) -> None:
+        lists = (self.step_imb[i], self.step_sglang[i], self.step_time[i], self.step_ntok[i])
         for lst, arr in zip(lists, priced, strict=True):
             if front:
                 lst.insert(0, arr)
@@ -234,8 +240,8 @@ class Segment:
             out._store(i, False, joined)
             if later_has_head:
                 self._close(out, i)
-                for lst, extra in ((out.step_imb, later.step_imb), (out.step_time, later.step_time),
-                                   (out.step_ntok, later.step_ntok)):
+                for lst, extra in ((out.step_imb, later.step_imb), (out.step_sglang, later.step_sglang),
+                                   (out.step_time, later.step_time), (out.step_ntok, later.step_ntok)):
                     lst[i].extend(extra[i])
                 out.cur_key[i], out.cur_ntok[i] = later.cur_key[i], later.cur_ntok[i]
                 out._store(i, False, later._content(i, False))
@@ -270,8 +276,18 @@ class Segment:
         ntok = np.concatenate(self.step_ntok[i]) if self.step_ntok[i] else np.zeros(0, dtype=np.int64)
         return imb, tim, ntok
 
+    def sglang_layer_sums(self, i: int) -> np.ndarray:
+        """[n] each priced step's sum over layers of SGLang's balancedness (simulator.metrics), in step
+        order."""
+        return np.concatenate(self.step_sglang[i]) if self.step_sglang[i] else np.zeros(0)
+
 
 _SHARED = ("arrays", "model", "cost")
+
+
+def step_series(imb: float, sglang: float, seconds: np.ndarray, ntok: int) -> tuple[np.ndarray, ...]:
+    """One priced step as the per-step series Segment keeps (step_imb, step_sglang, step_time, step_ntok)."""
+    return np.array([imb]), np.array([sglang]), seconds[:, None], np.array([ntok], dtype=np.int64)
 
 
 def new_segment(arrays: VariantArrays, model: np.ndarray, cost: np.ndarray, layers: int,
@@ -400,7 +416,7 @@ def merge_groups(seg: Segment, groups: list[tuple[int, ...]]) -> Segment:
         return [[arr for i in g for arr in lists[i]] for g in groups]
 
     return dataclasses.replace(seg, tot_gpu=rows(seg.tot_gpu), tot_int=rows(seg.tot_int), comp=rows(seg.comp),
-                               step_imb=steps(seg.step_imb), step_time=steps(seg.step_time),
-                               step_ntok=steps(seg.step_ntok))
+                               step_imb=steps(seg.step_imb), step_sglang=steps(seg.step_sglang),
+                               step_time=steps(seg.step_time), step_ntok=steps(seg.step_ntok))
 
 

@@ -141,6 +141,7 @@ def _layouts_section(inputs: ReportInputs) -> Section:
         rows.append([
             p.label, fmt_num(p.step_imbalance), fmt_num(p.aggregate_imbalance),
             fmt_num(p.step_imbalance_percentiles["p95"]), fmt_num(p.step_imbalance_percentiles["p99"]),
+            fmt_num(p.sglang_balancedness), fmt_num(p.vllm_balancedness),
             fmt_pct(p.leave_gpu_share), fmt_pct(p.leave_node_share),
             fmt_bytes(p.all_to_all_bytes_per_step), fmt_ms(t.step_time["mean"]),
             fmt_int(t.tokens_per_s_per_gpu),
@@ -148,17 +149,16 @@ def _layouts_section(inputs: ReportInputs) -> Section:
             fmt_pct(p.dropped_share, 2),
         ])
     table = Table(
-        columns=["placement", "step imbalance", "aggregate imbalance", "step p95", "step p99", "leave GPU",
-                 "leave node",
-                 "all-to-all / step", "MoE ms / step", "tokens/s / GPU", "expert memory / GPU (of HBM)",
-                 "dropped"],
-        rows=rows, numeric=[False] + [True] * 11,
+        columns=["placement", "step imbalance", "aggregate imbalance", "step p95", "step p99",
+                 "SGLang balancedness", "vLLM balancedness", "leave GPU", "leave node", "all-to-all / step",
+                 "MoE ms / step", "tokens/s / GPU", "expert memory / GPU (of HBM)", "dropped"],
+        rows=rows, numeric=[False] + [True] * 13,
         caption=f"Placements on {gpus} x {hw} ({nodes} node{'s' if nodes > 1 else ''} of {min(gpn, gpus)}), "
                 f"steps: {inputs.steps().size()}",
         legend=f"{metrics.STEP_IMBALANCE}; {metrics.AGGREGATE_IMBALANCE}; step p95 / p99: percentiles of "
-               "each step's own imbalance; leave GPU / node: share of assignments served off the token's GPU "
-               "/ node; MoE ms: mean predicted time per step of the MoE layers; dropped: assignments over "
-               "the capacity factor",
+               f"each step's own imbalance; {metrics.SGLANG_BALANCEDNESS}; {metrics.VLLM_BALANCEDNESS}; "
+               "leave GPU / node: share of assignments served off the token's GPU / node; MoE ms: mean "
+               "predicted time per step of the MoE layers; dropped: assignments over the capacity factor",
     )
     series = {p.label: np.asarray(p.step_imbalance_series) for p in replay.placements}
     scored = _scored_load(inputs)
@@ -216,15 +216,17 @@ def _rebalance_section(inputs: ReportInputs) -> Section:
         rows.append([
             str(r.every), str(r.rebalances), fmt_num(r.step_imbalance("rebalanced")),
             fmt_num(r.percentile("rebalanced", 95)), fmt_num(r.step_imbalance("fixed")),
-            fmt_num(r.step_imbalance("oracle")),
+            fmt_num(r.step_imbalance("oracle")), fmt_num(r.sglang_balancedness("rebalanced")),
+            fmt_num(r.vllm_balancedness("rebalanced")),
             fmt_bytes(float(r.moved_bytes.mean())) if r.rebalances else "0 B", step_time(r),
             f"{-r.gain():+.1%}",
         ])
     hw = "" if first.prices.hardware == UNIT_PRICES else f" on {first.prices.hardware}"
     table = Table(
         columns=["refit every W steps", "refits", "step imbalance", "step p95", "fixed", "oracle",
-                 "weights moved / refit", "time / step with moves", "vs fixed"],
-        rows=rows, numeric=[True] * 9,
+                 "SGLang balancedness", "vLLM balancedness", "weights moved / refit",
+                 "time / step with moves", "vs fixed"],
+        rows=rows, numeric=[True] * 11,
         caption=f"Refit from the last N = {first.window} steps with the {first.settings.get('policy', '?')} "
                 f"policy on {first.settings.get('num_gpus', '?')} GPUs{hw}; steps: {inputs.steps().size()}",
         legend=REBALANCE_LEGEND,

@@ -41,7 +41,8 @@ def best_per_layout(plan: PlanResult) -> list[Candidate]:
 
 CANDIDATE_LEGEND = (
     "rec.: the recommended layout; step ms / p95: predicted whole-model step time; tokens/s: whole cluster, "
-    f"whole model; {metrics.STEP_IMBALANCE}; leave node: share of assignments served on another node; "
+    f"whole model; {metrics.STEP_IMBALANCE}; {metrics.SGLANG_BALANCEDNESS}; {metrics.VLLM_BALANCEDNESS}; "
+    "leave node: share of assignments served on another node; "
     "memory: expert weights with replicas plus non-expert weights per GPU, against HBM x (1 - reserve); "
     "meets target: fits in memory, reaches the throughput target and keeps p95 within the latency bound")
 
@@ -55,17 +56,18 @@ def candidate_table(plan: PlanResult, rows_in: list[Candidate], caption: str) ->
             "yes" if c is rec else "", c.hardware, str(c.num_gpus), c.placement,
             _batch(c), fmt_num(c.step_ms),
             fmt_num(c.step_ms_p95), fmt_int(c.tokens_per_s), fmt_int(c.tokens_per_s_per_gpu),
-            fmt_num(c.step_imbalance), fmt_pct(c.leave_node_share),
+            fmt_num(c.step_imbalance), fmt_num(c.sglang_balancedness), fmt_num(c.vllm_balancedness),
+            fmt_pct(c.leave_node_share),
             f"{c.memory_per_gpu_bytes / 2**30:.2f} / {c.usable_hbm_bytes / 2**30:.2f}",
             "yes" if c.meets_target else "no",
         ] + ([_price(c.price_per_hour), _price(c.cost_per_million_tokens)] if priced else []))
     return Table(
         columns=["rec.", "GPU", "GPUs", "placement", "tokens/step (per GPU x GPUs)", "step ms", "step ms p95",
-                 "tokens/s", "tokens/s / GPU", "step imbalance", "leave node", "memory / usable GiB",
-                 "meets target"]
+                 "tokens/s", "tokens/s / GPU", "step imbalance", "SGLang balancedness", "vLLM balancedness",
+                 "leave node", "memory / usable GiB", "meets target"]
         + (["cost / hour", "cost / M tokens"] if priced else []),
         rows=rows,
-        numeric=[False, False, True, False, True, True, True, True, True, True, True, True, False]
+        numeric=[False, False, True, False, True, True, True, True, True, True, True, True, True, True, False]
         + ([True, True] if priced else []),
         caption=caption,
         legend=CANDIDATE_LEGEND,

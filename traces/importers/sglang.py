@@ -13,17 +13,21 @@ L).
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from traces.errors import InputError
+from traces.importers.id_kernels import PAST_MAP, WRONG_COUNT, physical_to_logical
 from traces.importers.safe_load import as_int_array, load_torch, require
 from traces.importers.sink import TraceSink, fingerprint
+from traces.importers.torch_zip import TensorRef, TorchZip, Unsupported
 from traces.schema import PHASE_DECODE, PHASE_PREFILL, TraceMetadata
 
 MODE_EXTEND, MODE_DECODE, MODE_MIXED, MODE_IDLE = 1, 2, 3, 4  # sglang ForwardMode values
@@ -104,55 +108,109 @@ def _segments(record: dict[str, Any], mode: int, n: int, where: str) -> list[int
     return seg
 
 
+@dataclass
+class RankFile:
+    """One rank's per_token dump, scanned once: its expert map and what identifies its passes."""
+
+    path: Path
+    p2l: np.ndarray  # [R, P]
+    rows: np.ndarray  # [L] rows of the recorder's layer axis that hold the MoE layers
+    passes_key: bytes  # digest of its passes' positions, token ids and id-array shapes (not the rank)
+    records: Callable[[], Iterator[Any]]  # the records again, in file order, tensors as arrays
+
+
 def import_per_token(paths: list[Path], sink: TraceSink) -> dict[str, Any]:
     """Import per-rank per_token dumps; returns what the summary reports (ranks, duplicate passes skipped).
 
     Ranks run their forward passes in lockstep (data-parallel attention ranks meet in every MoE layer), so the
     same forward_pass_id on several ranks is one pass: the files are merged by it. A rank file identical to an
-    earlier one (tensor-parallel ranks record the same batches) is imported once. Each file is one pickle,
-    loaded with its tensors memory-mapped.
+    earlier one (tensor-parallel ranks record the same batches) is imported once. Each file is read twice,
+    streamed (torch_zip): a first pass for its expert map, which the pickle holds after the records, and for
+    what identifies its passes; a second to import the records one at a time. Memory thus holds one record
+    per rank file.
     """
     meta = sink.metadata
-    first_map: np.ndarray | None = None
     next_id = [0]
     ranks: set[int] = set()
-    streams = []
-    seen: set[bytes] = set()
+    kept: list[RankFile] = []
     duplicates = 0
     for path in paths:
-        data = load_torch(path)
-        require(data, ("records", "last_physical_to_logical_map"), str(path))
-        p2l = read_map(data["last_physical_to_logical_map"], meta, str(path))
-        if first_map is None:
-            first_map = p2l
-        elif first_map.shape != p2l.shape or not np.array_equal(first_map, p2l):
+        rank_file = open_rank_file(path, meta)
+        first = kept[0].p2l if kept else rank_file.p2l
+        if first.shape != rank_file.p2l.shape or not np.array_equal(first, rank_file.p2l):
             raise InputError(f"{path}: last_physical_to_logical_map disagrees with {paths[0]}'s "
                              "(the ranks' expert locations differ)")
-        rows = layer_rows(meta, p2l.shape[0], f"{path}: last_physical_to_logical_map")
-        if not isinstance(data["records"], list):
-            raise InputError(f"{path}: 'records' is not a list")
-        _compact(path, data["records"])
-        key = _file_fingerprint(path, data["records"])
-        if key in seen:  # plain tensor parallelism: this rank recorded exactly another rank's batches
+        # plain tensor parallelism: this rank recorded exactly another rank's batches
+        if any(f.passes_key == rank_file.passes_key and _same_routing(f, rank_file) for f in kept):
             duplicates += 1
             continue
-        seen.add(key)
-        streams.append(_records(path, data["records"], rows, p2l, SequenceTracker(next_id), ranks))
-    for _, where, record, rows, p2l, tracker in heapq.merge(*streams, key=lambda item: item[0]):
-        _import_record(record, where, rows, p2l, tracker, sink, meta.top_k)
+        kept.append(rank_file)
+    streams = [_records(f, SequenceTracker(next_id), ranks) for f in kept]
+    for _, where, record, f, tracker in heapq.merge(*streams, key=lambda item: item[0]):
+        _import_record(record, where, f.rows, f.p2l, tracker, sink, meta.top_k)
     return {"ranks": sorted(ranks), "duplicate_rank_files": duplicates}
 
 
-def _file_fingerprint(path: Path, records: list[Any]) -> bytes:
-    """Digest of a rank file's passes (ids, positions, expert ids), the rank number left out."""
-    parts: list[Any] = []
+def open_rank_file(path: Path, meta: TraceMetadata) -> RankFile:
+    """Scan one rank file (torch_zip's streamed reader; torch.load(weights_only=True) for what it does not
+    handle, which then holds the file in memory)."""
+    try:
+        return _scan(path, meta)
+    except Unsupported:
+        pass
+    data = load_torch(path)
+    require(data, ("records", "last_physical_to_logical_map"), str(path))
+    if not isinstance(data["records"], list):
+        raise InputError(f"{path}: 'records' is not a list")
+    _compact(path, data["records"])
+    p2l = read_map(data["last_physical_to_logical_map"], meta, str(path))
+    rows = layer_rows(meta, p2l.shape[0], f"{path}: last_physical_to_logical_map")
+    records = data["records"]
+    return RankFile(path, p2l, rows, _passes_key(path, iter(records)), lambda: iter(records))
+
+
+def _scan(path: Path, meta: TraceMetadata) -> RankFile:
+    with TorchZip(path) as archive:
+        key = _passes_key(path, archive.records(read_tensors=False))
+        data = archive.top
+    require(data, ("records", "last_physical_to_logical_map"), str(path))
+    if not isinstance(data["records"], list):
+        raise InputError(f"{path}: 'records' is not a list")
+    p2l = read_map(data["last_physical_to_logical_map"], meta, str(path))
+    rows = layer_rows(meta, p2l.shape[0], f"{path}: last_physical_to_logical_map")
+
+    def records() -> Iterator[Any]:
+        try:
+            with TorchZip(path) as again:
+                yield from again.records()
+        except Unsupported as exc:  # the first pass read the same bytes: only a file changed since fails
+            raise InputError(f"{path}: changed while it was imported ({exc})") from exc
+
+    return RankFile(path, p2l, rows, key, records)
+
+
+def _passes_key(path: Path, records: Iterator[Any]) -> bytes:
+    """Digest of a rank file's passes: forward_pass_id, positions, token ids and the shape of the ids."""
+    h = hashlib.blake2b(digest_size=16)
     for i, record in enumerate(records):
-        require(record, RECORD_KEYS, f"{path}: record {i}")
-        parts += [repr(record["forward_pass_id"]),
-                  as_int_array(record["input_ids"], f"{path}: record {i}: input_ids", 1),
-                  as_int_array(record["positions"], f"{path}: record {i}: positions", 1),
-                  as_int_array(record["topk_ids_of_layer"], f"{path}: record {i}: topk_ids_of_layer", 3)]
-    return fingerprint(parts)
+        where = f"{path}: record {i}"
+        require(record, RECORD_KEYS, where)
+        topk = record["topk_ids_of_layer"]
+        shape = topk.shape if isinstance(topk, (TensorRef, np.ndarray)) else np.shape(topk)
+        h.update(f"{record['forward_pass_id']!r}|{tuple(shape)}|".encode())
+        for name in ("input_ids", "positions"):
+            h.update(fingerprint([as_int_array(record[name], f"{where}: {name}", 1).astype(np.int64)]))
+    return h.digest()
+
+
+def _same_routing(a: RankFile, b: RankFile) -> bool:
+    """Whether two rank files with the same passes also chose the same experts (read side by side)."""
+    for i, (x, y) in enumerate(zip(a.records(), b.records(), strict=True)):
+        ids = [as_int_array(r["topk_ids_of_layer"], f"{f.path}: record {i}: topk_ids_of_layer", 3)
+               for r, f in ((x, a), (y, b))]
+        if ids[0].shape != ids[1].shape or not np.array_equal(ids[0], ids[1]):
+            return False
+    return True
 
 
 def _compact(path: Path, records: list[Any]) -> None:
@@ -165,13 +223,12 @@ def _compact(path: Path, records: list[Any]) -> None:
                     record[key] = as_int_array(record[key], f"{path}: record {i}: {key}", 1)
 
 
-def _records(path: Path, records: list[Any], rows: np.ndarray, p2l: np.ndarray, tracker: SequenceTracker,
-             ranks: set[int]) -> Iterator[tuple[int, str, dict[str, Any], np.ndarray, np.ndarray,
-                                                SequenceTracker]]:
+def _records(f: RankFile, tracker: SequenceTracker,
+             ranks: set[int]) -> Iterator[tuple[int, str, dict[str, Any], RankFile, SequenceTracker]]:
     """One rank's records with their forward_pass_id (checked to increase), for merging by pass."""
     last = -1
-    for i, record in enumerate(records):
-        where = f"{path}: record {i}"
+    for i, record in enumerate(f.records()):
+        where = f"{f.path}: record {i}"
         require(record, RECORD_KEYS, where)
         step = record["forward_pass_id"]
         if not isinstance(step, int) or step < last:
@@ -179,7 +236,7 @@ def _records(path: Path, records: list[Any], rows: np.ndarray, p2l: np.ndarray, 
         last = step
         if isinstance(record.get("rank"), int):
             ranks.add(record["rank"])
-        yield step, where, record, rows, p2l, tracker
+        yield step, where, record, f, tracker
 
 
 def _import_record(record: dict[str, Any], where: str, rows: np.ndarray, p2l: np.ndarray,
@@ -201,17 +258,16 @@ def _import_record(record: dict[str, Any], where: str, rows: np.ndarray, p2l: np
         raise InputError(f"{where}: topk_ids_of_layer holds {topk.shape[2]} ids per token, fewer than top-k "
                          f"{k}")
     step = int(record["forward_pass_id"])
-    phys = topk[rows].transpose(1, 0, 2)  # [T, L, K']
-    chosen, pad = phys[..., :k], phys[..., k:]
-    if (chosen < 0).any() or (pad != -1).any():
-        t, layer = np.argwhere((chosen < 0).any(-1) | (pad != -1).any(-1))[0]
-        count = int((phys[t, layer] >= 0).sum())
+    logical = np.empty((n, rows.shape[0], k), dtype=sink.metadata.id_dtype)
+    kind, t, layer = physical_to_logical(np.ascontiguousarray(topk), rows, p2l, k, logical)
+    if kind == WRONG_COUNT:
+        count = int((topk[rows[layer], t] >= 0).sum())
         raise InputError(f"{where}: token {t}, layer {int(rows[layer])} chose {count} experts, not top-k {k} "
                          "(the top-k changes within the file, or --model is not the served model)")
-    if chosen.max() >= p2l.shape[1]:
-        raise InputError(f"{where}: physical expert id {int(chosen.max())} is out of range "
+    if kind == PAST_MAP:
+        worst = int(topk[rows[layer], t, :k].max())
+        raise InputError(f"{where}: physical expert id {worst} is out of range "
                          f"(the expert map has {p2l.shape[1]} physical experts)")
-    logical = p2l[rows[None, :, None], chosen]  # [T, L, K]
     seg = _segments(record, mode, n, where)
     phase = _phases(mode, positions, seg, where)
     seq = np.empty(n, dtype=np.int64)

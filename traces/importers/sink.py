@@ -18,6 +18,7 @@ import numpy as np
 
 from traces.chunk import TraceChunk
 from traces.errors import InputError
+from traces.importers.id_kernels import OUT_OF_RANGE, TWICE, first_bad_id
 from traces.schema import PHASE_NAMES, TraceMetadata
 from traces.writer import TraceWriter, open_writer, partial_path
 
@@ -68,7 +69,8 @@ class TraceSink:
     def add(self, *, seq_id: np.ndarray, position: np.ndarray, phase: np.ndarray, step: np.ndarray,
             expert_ids: np.ndarray, where: str, token_id: np.ndarray | None = None,
             expert_weights: np.ndarray | None = None, router_logits: np.ndarray | None = None) -> None:
-        """Add T tokens: per-token columns [T], expert_ids (logical ids) and expert_weights [T, L, K]."""
+        """Add T tokens: per-token columns [T], expert_ids (logical ids) and expert_weights [T, L, K]. The
+        sink may keep the arrays until it writes them: pass arrays the caller will not change."""
         meta = self.metadata
         n = int(expert_ids.shape[0]) if expert_ids.ndim else 0
         want = (n, meta.num_moe_layers, meta.top_k)
@@ -110,7 +112,7 @@ class TraceSink:
             seq_id=seq_id.astype(np.int32), position=position.astype(np.int32),
             token_id=None if token_id is None else token_id.astype(np.int32),
             phase=phase.astype(np.uint8), step=step.astype(np.int32),
-            expert_ids=expert_ids.astype(meta.id_dtype),
+            expert_ids=expert_ids.astype(meta.id_dtype, copy=False),
             expert_weights=None if expert_weights is None else expert_weights.astype(meta.weights_dtype),
             router_logits=None if router_logits is None else router_logits.astype(np.float16),
         )
@@ -124,16 +126,12 @@ class TraceSink:
 
     def _check_ids(self, ids: np.ndarray, where: str) -> None:
         meta = self.metadata
-        bad = (ids < 0) | (ids >= meta.num_experts)
-        if bad.any():
-            t, layer, j = np.argwhere(bad)[0]
+        kind, t, layer, j = first_bad_id(np.ascontiguousarray(ids), meta.num_experts)
+        if kind == OUT_OF_RANGE:
             raise InputError(f"{where}: token {t}, layer {meta.moe_layers[layer]}: expert id "
                              f"{int(ids[t, layer, j])} is out of range (model has {meta.num_experts} "
                              "experts)")
-        srt = np.sort(ids, axis=-1)
-        twice = srt[..., 1:] == srt[..., :-1]
-        if twice.any():
-            t, layer, _ = np.argwhere(twice)[0]
+        if kind == TWICE:
             raise InputError(f"{where}: token {t}, layer {meta.moe_layers[layer]}: an expert appears twice "
                              "in one top-k")
 
