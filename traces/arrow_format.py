@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +22,7 @@ from traces.checksum import checksum, text_digest
 from traces.chunk import TraceChunk
 from traces.errors import InputError
 from traces.schema import FORMAT_MINOR, TraceMetadata
+from traces.watchdog import bounded_read
 
 ARROW_MAGIC = b"ARROW1"
 META_KEY = b"moe_trace"
@@ -134,7 +136,8 @@ class ArrowShardReader:
         # with the file; reads keep memory to the batches in flight.
         self.source = pa.OSFile(str(path), "r")
         try:
-            self._open()
+            with bounded_read(str(path)):  # the footer, the completion mark and the row counts
+                self._open()
         except BaseException:
             self.source.close()
             raise
@@ -221,7 +224,8 @@ class ArrowShardReader:
             with pa.OSFile(str(self.path), "r") as src:
                 stream = self._open_stream(src)
                 for _ in range(self.recovered_batches):
-                    got = stream.read_next_batch_with_custom_metadata()
+                    with bounded_read(str(self.path)):
+                        got = stream.read_next_batch_with_custom_metadata()
                     yield got.batch.select(names), got.custom_metadata
             return
         # Re-open with only the wanted columns so the others are never decompressed, and decompress the next
@@ -231,7 +235,7 @@ class ArrowShardReader:
         with ThreadPoolExecutor(max_workers=max(1, PREFETCH)) as pool:
             ahead: deque[Future] = deque()
             for i in range(reader.num_record_batches):
-                ahead.append(pool.submit(reader.get_batch_with_custom_metadata, i))
+                ahead.append(pool.submit(_read_batch, reader, i, str(self.path)))
                 if len(ahead) > PREFETCH:
                     got = ahead.popleft().result()
                     yield got.batch, got.custom_metadata
@@ -279,6 +283,12 @@ class ArrowShardReader:
 
     def close(self) -> None:
         self.source.close()
+
+
+def _read_batch(reader: pa.ipc.RecordBatchFileReader, index: int, what: str) -> Any:
+    """Batch `index` with its custom metadata, under the data-read deadline (traces.watchdog)."""
+    with bounded_read(what):
+        return reader.get_batch_with_custom_metadata(index)
 
 
 def _short(exc: BaseException) -> str:
