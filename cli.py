@@ -83,6 +83,9 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         debug = bool(ctx.params.get("debug")) or bool(ctx.meta.get("moe_trace.debug")) \
             or os.environ.get("MOE_TRACE_DEBUG") == "1"
+        from traces.watchdog import exit_on_stuck_reads
+
+        exit_on_stuck_reads()  # a data read stuck inside a C library ends the command with a one-line error
         try:
             return super().invoke(ctx)
         except InputError as exc:

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +24,7 @@ from traces.chunk import TraceChunk
 from traces.errors import InputError
 from traces.location import Location
 from traces.schema import FORMAT_MINOR, TraceMetadata
+from traces.watchdog import bounded_read
 
 ARROW_MAGIC = b"ARROW1"
 META_KEY = b"moe_trace"
@@ -135,7 +137,8 @@ class ArrowShardReader:
         self._batch_rows: list[int] | None = None  # rows of each data batch, read when a range needs them
         self.source = self._open_source()
         try:
-            self._open()
+            with bounded_read(str(path)):  # the footer, the completion mark and the row counts
+                self._open()
         except BaseException:
             self.source.close()
             raise
@@ -230,7 +233,8 @@ class ArrowShardReader:
             with self._open_source() as src:
                 stream = self._open_stream(src)
                 for _ in range(self.recovered_batches):
-                    got = stream.read_next_batch_with_custom_metadata()
+                    with bounded_read(str(self.path)):
+                        got = stream.read_next_batch_with_custom_metadata()
                     yield got.batch.select(names), got.custom_metadata
             return
         # Re-open with only the wanted columns so the others are never decompressed, and decompress the next
@@ -240,7 +244,7 @@ class ArrowShardReader:
         with ThreadPoolExecutor(max_workers=max(1, PREFETCH)) as pool:
             ahead: deque[Future] = deque()
             for i in range(first, reader.num_record_batches):
-                ahead.append(pool.submit(reader.get_batch_with_custom_metadata, i))
+                ahead.append(pool.submit(_read_batch, reader, i, str(self.path)))
                 if len(ahead) > PREFETCH:
                     got = ahead.popleft().result()
                     yield got.batch, got.custom_metadata
@@ -314,6 +318,12 @@ class ArrowShardReader:
 
     def close(self) -> None:
         self.source.close()
+
+
+def _read_batch(reader: pa.ipc.RecordBatchFileReader, index: int, what: str) -> Any:
+    """Batch `index` with its custom metadata, under the data-read deadline (traces.watchdog)."""
+    with bounded_read(what):
+        return reader.get_batch_with_custom_metadata(index)
 
 
 def _short(exc: BaseException) -> str:

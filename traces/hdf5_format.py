@@ -27,7 +27,7 @@ from traces.chunk import TraceChunk
 from traces.errors import InputError
 from traces.location import Location
 from traces.schema import FORMAT_MINOR, FORMAT_NAME, SCHEMA_VERSION, TraceMetadata
-from traces.watchdog import run_bounded
+from traces.watchdog import bounded_read, run_bounded
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 CHUNK_TOKENS = 8192  # HDF5 chunk along tokens: 1 MiB of OLMoE ids, large enough for fast sequential reads
@@ -254,7 +254,8 @@ class Hdf5ShardReader:
         out = {}
         for name in names:
             try:
-                values = self.file[name][lo:hi]
+                with bounded_read(str(self.path)):
+                    values = self.file[name][lo:hi]
             except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:  # a damaged chunk
                 raise InputError(f"{self.path}: cannot read {name} rows {start}..{stop} "
                                  f"({_short(exc)})") from exc
