@@ -175,8 +175,13 @@ def test_refit_rewrites_a_profile_from_its_measurements_and_refuses_one_without(
                       communication=None, tick=lambda n: None, device="cpu")
     src, out = tmp_path / "p.yaml", tmp_path / "refit.yaml"
     profiles.write_profile(p, src)
-    res = _moe_sim("calibrate", "--refit", str(src), "-o", str(out), cwd=tmp_path)
+    res = _moe_sim("calibrate", "--refit", str(src), "-o", str(out), "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["format"] == profiles.PROFILE_FORMAT
+    res = _moe_sim("calibrate", "--refit", str(src), "-o", str(tmp_path / "y.yaml"), "--quick", "--model",
+                   "olmoe-1b-7b", cwd=tmp_path)
+    assert res.returncode == 2 and "takes no --model, --quick" in res.stderr
+    assert not (tmp_path / "y.yaml").exists()
     new, old = profiles.load_profile(out), profiles.load_profile(src)
     assert new.created_at == old.created_at and new.gpu == old.gpu
     assert new.shapes[0].expert.tile_rows == old.shapes[0].expert.tile_rows

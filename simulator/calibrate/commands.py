@@ -136,24 +136,28 @@ def calibrate(output: str, models: str | None, trace: str | None, backend: str, 
     if models is not None and trace is not None:
         raise InputError("--model and --trace exclude each other")
     if refit is not None:
+        # what is measured, and how, is the stored profile's: a measuring option here would be ignored
+        given = [name for name, value in (("--model", models), ("--trace", trace), ("--hardware", hardware),
+                                          ("--quick", quick)) if value] \
+            + [name for name, value, default in (("--backend", backend, DEFAULT_BACKEND),
+                                                 ("--device", device, "cuda")) if value != default]
+        if given:
+            raise InputError(f"--refit re-fits the stored measurements; it takes no {', '.join(given)}")
         profile = run.refit_profile(load_profile(refit))
-        write_profile(profile, out)
-        click.echo(_summary(profile))
-        click.echo(f"Re-fitted {refit} into {out}")
-        return
-    metas, ids = _shapes(models, trace)
-    run.require_device(device)
-    if device == "cpu" and hardware is None:
-        raise InputError("calibrate --device cpu: name the hardware preset the profile stands for with "
-                         "--hardware")
-    total = run.work_units(metas, run.Plan(quick))
-    console = Console(stderr=True)
-    columns = (TextColumn("calibrate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True, disable=quiet or as_json) as bar:
-        task = bar.add_task("calibrate", total=total)
-        comm = _communication(metas, ids, quick) if device == "cuda" else Communication("deepep")
-        profile = run.calibrate(metas, backend=backend, quick=quick, hardware=hardware, communication=comm,
-                                tick=lambda n: bar.advance(task, n), device=device)
+    else:
+        metas, ids = _shapes(models, trace)
+        run.require_device(device)
+        if device == "cpu" and hardware is None:
+            raise InputError("calibrate --device cpu: name the hardware preset the profile stands for with "
+                             "--hardware")
+        total = run.work_units(metas, run.Plan(quick))
+        console = Console(stderr=True)
+        columns = (TextColumn("calibrate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True, disable=quiet or as_json) as bar:
+            task = bar.add_task("calibrate", total=total)
+            comm = _communication(metas, ids, quick) if device == "cuda" else Communication("deepep")
+            profile = run.calibrate(metas, backend=backend, quick=quick, hardware=hardware,
+                                    communication=comm, tick=lambda n: bar.advance(task, n), device=device)
     write_profile(profile, out)
     if as_json:
         json.dump(profile_to_dict(profile), sys.stdout)
